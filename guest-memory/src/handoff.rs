@@ -1,0 +1,288 @@
+//! The hand-off: how a VMM gives its guest memory to an agent.
+//!
+//! An agent cannot register userfaultfd on another process's memory, so the
+//! VMM does it and passes the descriptors over a Unix stream socket that the
+//! agent listens on, in the shape of Firecracker's page-fault-handler
+//! hand-off:
+//!
+//! 1. VMM → agent, one `sendmsg`: a JSON [`HandoffMessage`] ending in `\n`,
+//!    with the descriptors attached (SCM_RIGHTS) in the order its `fds` names
+//!    them:
+//!    - source: `memory` (the guest-memory file; the agent maps it
+//!      read-only), `uffd` (registered WP with WP_ASYNC over the VMM's
+//!      mapping), `pagemap` (the VMM's own `/proc/self/pagemap`, on which
+//!      PAGEMAP_SCAN scans the VMM's address space);
+//!    - target: `memory` (mapped read-write by the agent) and `uffd`
+//!      (registered MINOR + MISSING over the VMM's mapping).
+//! 2. agent → VMM: a [`HandoffReply`] line, `{"ok":true}` or
+//!    `{"ok":false,"error":"..."}`. A refused hand-off leaves the agent
+//!    waiting for another.
+//! 3. VMM → agent, for as long as the connection lives: [`VmmEvent`] lines,
+//!    e.g. `{"event":"paused","at_ns":...}` once the vCPUs are stopped.
+//!    EOF means the VMM is gone.
+#![forbid(unsafe_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::net::UnixStream;
+
+use serde::{Deserialize, Serialize};
+
+use crate::layout::{GuestLayout, LayoutError, RegionLayout};
+use crate::sys::{self, Userfaultfd};
+
+pub const HANDOFF_VERSION: u32 = 1;
+const MAX_MESSAGE_BYTES: usize = 1 << 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Source,
+    Target,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FdKind {
+    Memory,
+    Uffd,
+    Pagemap,
+}
+
+impl Role {
+    /// The descriptors a hand-off for this role carries, in order.
+    pub fn fds(self) -> &'static [FdKind] {
+        match self {
+            Role::Source => &[FdKind::Memory, FdKind::Uffd, FdKind::Pagemap],
+            Role::Target => &[FdKind::Memory, FdKind::Uffd],
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HandoffMessage {
+    pub version: u32,
+    pub role: Role,
+    /// The VM's name, for logs and metrics.
+    pub vm: String,
+    /// The VMM's process id.
+    pub pid: u32,
+    pub regions: Vec<RegionLayout>,
+    pub fds: Vec<FdKind>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HandoffReply {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// What the VMM reports after the hand-off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "kebab-case")]
+pub enum VmmEvent {
+    /// The vCPUs are stopped: guest memory no longer changes.
+    Paused {
+        at_ns: u64,
+    },
+    Resumed,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HandoffError {
+    #[error("{context}: {source}")]
+    Io {
+        context: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("malformed hand-off message: {0}")]
+    Json(#[source] serde_json::Error),
+    #[error("hand-off message larger than {MAX_MESSAGE_BYTES} bytes or not newline-terminated")]
+    TooLarge,
+    #[error("hand-off version {got} is not supported (this agent speaks {HANDOFF_VERSION})")]
+    Version { got: u32 },
+    #[error("hand-off is for the {got:?} role, this agent is the {expected:?}")]
+    WrongRole { expected: Role, got: Role },
+    #[error("hand-off names descriptors {named:?} but {expected:?} are required")]
+    FdKinds { named: Vec<FdKind>, expected: &'static [FdKind] },
+    #[error("hand-off names {named} descriptors but {attached} are attached")]
+    FdCount { named: usize, attached: usize },
+    #[error("descriptor {kind:?} is not what it claims to be (it is {actual})")]
+    FdType { kind: FdKind, actual: String },
+    #[error("invalid layout: {0}")]
+    Layout(#[from] LayoutError),
+    #[error("memory file has {have} bytes, the layout needs {need}")]
+    MemoryTooSmall { need: u64, have: u64 },
+    #[error("memory file's page size is {file} bytes, the layout says {layout}")]
+    PageSizeMismatch { file: u64, layout: u64 },
+    #[error("agent refused the hand-off: {0}")]
+    Refused(String),
+    #[error("connection closed")]
+    Closed,
+}
+
+fn io(context: &'static str) -> impl FnOnce(std::io::Error) -> HandoffError {
+    move |source| HandoffError::Io { context, source }
+}
+
+/// Guest memory received from a VMM, validated.
+#[derive(Debug)]
+pub struct Handoff {
+    pub message: HandoffMessage,
+    pub layout: GuestLayout,
+    pub memory: OwnedFd,
+    pub uffd: Userfaultfd,
+    pub pagemap: Option<OwnedFd>,
+    /// The connection, for [`VmmEvent`]s.
+    pub events: EventReader,
+}
+
+// ---------------------------------------------------------------------------
+// VMM side.
+
+/// Sends the hand-off and waits for the agent's verdict.
+pub fn send_handoff(stream: &UnixStream, message: &HandoffMessage, fds: &[BorrowedFd<'_>]) -> Result<(), HandoffError> {
+    let mut line = serde_json::to_vec(message).map_err(HandoffError::Json)?;
+    line.push(b'\n');
+    let sent = sys::send_with_fds(stream.as_fd(), &line, fds).map_err(io("sending hand-off"))?;
+    (&*stream).write_all(&line[sent..]).map_err(io("sending hand-off"))?;
+    let mut reply = String::new();
+    BufReader::new(stream).read_line(&mut reply).map_err(io("reading hand-off reply"))?;
+    if reply.is_empty() {
+        return Err(HandoffError::Closed);
+    }
+    let reply: HandoffReply = serde_json::from_str(&reply).map_err(HandoffError::Json)?;
+    if reply.ok { Ok(()) } else { Err(HandoffError::Refused(reply.error.unwrap_or_default())) }
+}
+
+/// Reports an event to the agent.
+pub fn send_event(mut stream: &UnixStream, event: VmmEvent) -> Result<(), HandoffError> {
+    let mut line = serde_json::to_vec(&event).map_err(HandoffError::Json)?;
+    line.push(b'\n');
+    stream.write_all(&line).map_err(io("sending event"))
+}
+
+// ---------------------------------------------------------------------------
+// Agent side.
+
+/// Reads and validates a hand-off for `role`, then answers the VMM. On error
+/// the VMM is told why (best effort) and the error is returned.
+pub fn receive_handoff(stream: UnixStream, role: Role) -> Result<Handoff, HandoffError> {
+    let result = read_and_validate(&stream, role);
+    let reply = match &result {
+        Ok(_) => HandoffReply { ok: true, error: None },
+        Err(e) => HandoffReply { ok: false, error: Some(e.to_string()) },
+    };
+    if let Ok(mut line) = serde_json::to_vec(&reply) {
+        line.push(b'\n');
+        let _ = (&stream).write_all(&line);
+    }
+    let (message, layout, memory, uffd, pagemap) = result?;
+    Ok(Handoff { message, layout, memory, uffd, pagemap, events: EventReader { reader: BufReader::new(stream) } })
+}
+
+type Parts = (HandoffMessage, GuestLayout, OwnedFd, Userfaultfd, Option<OwnedFd>);
+
+fn read_and_validate(stream: &UnixStream, role: Role) -> Result<Parts, HandoffError> {
+    let mut buf = vec![0u8; 64 << 10];
+    let (mut len, fds) = sys::recv_with_fds(stream.as_fd(), &mut buf).map_err(io("receiving hand-off"))?;
+    if len == 0 {
+        return Err(HandoffError::Closed);
+    }
+    // The JSON may arrive in more than one read; the fds come with the first.
+    while !buf[..len].contains(&b'\n') {
+        if len == buf.len() {
+            if buf.len() >= MAX_MESSAGE_BYTES {
+                return Err(HandoffError::TooLarge);
+            }
+            buf.resize(buf.len() * 2, 0);
+        }
+        let n = (&*stream).read(&mut buf[len..]).map_err(io("receiving hand-off"))?;
+        if n == 0 {
+            return Err(HandoffError::TooLarge);
+        }
+        len += n;
+    }
+    let end = buf[..len].iter().position(|&b| b == b'\n').unwrap_or(len);
+    let message: HandoffMessage = serde_json::from_slice(&buf[..end]).map_err(HandoffError::Json)?;
+    if message.version != HANDOFF_VERSION {
+        return Err(HandoffError::Version { got: message.version });
+    }
+    if message.role != role {
+        return Err(HandoffError::WrongRole { expected: role, got: message.role });
+    }
+    let expected = role.fds();
+    let mut named = message.fds.clone();
+    named.sort_by_key(|k| *k as u8);
+    let mut want = expected.to_vec();
+    want.sort_by_key(|k| *k as u8);
+    if named != want {
+        return Err(HandoffError::FdKinds { named: message.fds.clone(), expected });
+    }
+    if fds.len() != message.fds.len() {
+        return Err(HandoffError::FdCount { named: message.fds.len(), attached: fds.len() });
+    }
+    let layout = GuestLayout::new(message.regions.clone())?;
+    let (mut memory, mut uffd, mut pagemap) = (None, None, None);
+    for (kind, fd) in message.fds.iter().zip(fds) {
+        let actual = std::fs::read_link(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd)))
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let fits = match kind {
+            FdKind::Uffd => actual == "anon_inode:[userfaultfd]",
+            FdKind::Pagemap => actual.starts_with("/proc/") && actual.ends_with("/pagemap"),
+            FdKind::Memory => !actual.starts_with("anon_inode:") && !actual.starts_with("socket:"),
+        };
+        if !fits {
+            return Err(HandoffError::FdType { kind: *kind, actual });
+        }
+        match kind {
+            FdKind::Memory => memory = Some(fd),
+            FdKind::Uffd => uffd = Some(Userfaultfd::from_fd(fd)),
+            FdKind::Pagemap => pagemap = Some(fd),
+        }
+    }
+    let (memory, uffd) = match (memory, uffd) {
+        (Some(m), Some(u)) => (m, u),
+        _ => {
+            return Err(HandoffError::FdKinds { named: message.fds.clone(), expected });
+        }
+    };
+    let meta = std::fs::File::from(memory.try_clone().map_err(io("duplicating memory fd"))?)
+        .metadata()
+        .map_err(io("inspecting memory file"))?;
+    if meta.size() < layout.file_len() {
+        return Err(HandoffError::MemoryTooSmall { need: layout.file_len(), have: meta.size() });
+    }
+    if meta.blksize() != layout.page_size() {
+        return Err(HandoffError::PageSizeMismatch { file: meta.blksize(), layout: layout.page_size() });
+    }
+    Ok((message, layout, memory, uffd, pagemap))
+}
+
+/// Reads [`VmmEvent`]s from the hand-off connection.
+#[derive(Debug)]
+pub struct EventReader {
+    reader: BufReader<UnixStream>,
+}
+
+impl EventReader {
+    /// The next event; `Ok(None)` when the VMM closed the connection.
+    pub fn next_event(&mut self) -> Result<Option<VmmEvent>, HandoffError> {
+        let mut line = String::new();
+        loop {
+            line.clear();
+            let n = self.reader.read_line(&mut line).map_err(io("reading VMM event"))?;
+            if n == 0 {
+                return Ok(None);
+            }
+            if !line.trim().is_empty() {
+                return serde_json::from_str(&line).map(Some).map_err(HandoffError::Json);
+            }
+        }
+    }
+}
