@@ -185,6 +185,32 @@ pub fn receive_handoff(stream: UnixStream, role: Role) -> Result<Handoff, Handof
     Ok(Handoff { message, layout, memory, uffd, pagemap, events: EventReader { reader: BufReader::new(stream) } })
 }
 
+/// Like [`receive_handoff`], but the VMM is answered only after `accept` has
+/// taken the validated hand-off: `{"ok":true}` once the agent really serves
+/// it, or `accept`'s error as the refusal (also returned, as `Refused`).
+pub fn receive_handoff_with<T, E: std::fmt::Display>(
+    stream: UnixStream,
+    role: Role,
+    accept: impl FnOnce(Handoff) -> Result<T, E>,
+) -> Result<T, HandoffError> {
+    let replies = stream.try_clone().map_err(io("duplicating the hand-off socket"))?;
+    let result = read_and_validate(&stream, role).and_then(|(message, layout, memory, uffd, pagemap)| {
+        let events = EventReader { reader: BufReader::new(stream) };
+        accept(Handoff { message, layout, memory, uffd, pagemap, events })
+            .map_err(|e| HandoffError::Refused(e.to_string()))
+    });
+    let reply = match &result {
+        Ok(_) => HandoffReply { ok: true, error: None },
+        Err(HandoffError::Refused(reason)) => HandoffReply { ok: false, error: Some(reason.clone()) },
+        Err(e) => HandoffReply { ok: false, error: Some(e.to_string()) },
+    };
+    if let Ok(mut line) = serde_json::to_vec(&reply) {
+        line.push(b'\n');
+        let _ = (&replies).write_all(&line);
+    }
+    result
+}
+
 type Parts = (HandoffMessage, GuestLayout, OwnedFd, Userfaultfd, Option<OwnedFd>);
 
 fn read_and_validate(stream: &UnixStream, role: Role) -> Result<Parts, HandoffError> {

@@ -1,1 +1,30 @@
-//! stub
+//! The source agent of a post-copy migration: it serves one VM's memory
+//! (pages and dirty bitmaps) over gRPC (`pageserver.v1.PageServer`).
+//!
+//! - [`memory`]: the guest memory, mapped read-only, from a VMM's hand-off or
+//!   a plain memory file;
+//! - [`dirty`]: dirty tracking with epochs (userfaultfd WP-async +
+//!   PAGEMAP_SCAN), and the rules that make bitmaps safe to retry;
+//! - [`bitmap`]: the bitmap's wire encoding and its decoder (used by the
+//!   target agent);
+//! - [`service`] and [`server`]: the gRPC service and server (with health and
+//!   reflection);
+//! - [`handoff`]: the Unix socket on which the VMM hands its memory over;
+//! - [`agent`]: the agent's state and counters.
+#![forbid(unsafe_code)]
+
+pub mod agent;
+pub mod bitmap;
+pub mod dirty;
+pub mod handoff;
+pub mod memory;
+pub mod server;
+pub mod service;
+pub mod wire;
+
+pub use agent::{ServeCounters, SourceAgent};
+pub use bitmap::{BitmapDecoder, BitmapError, DirtyBitmap, DirtyRun, decode_chunks, encode_chunks};
+pub use dirty::{DirtyError, DirtyTracker};
+pub use handoff::{HandoffListener, listen_for_handoff};
+pub use memory::{MemoryError, MemoryOrigin, SourceMemory};
+pub use server::{ServeError, serve};

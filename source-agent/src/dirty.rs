@@ -1,0 +1,357 @@
+//! Dirty-page tracking with epochs.
+//!
+//! # How pages are found dirty
+//!
+//! The VMM registers its guest-memory mapping with userfaultfd in
+//! write-protect mode with `UFFD_FEATURE_WP_ASYNC`: a write to a protected
+//! page does not stop the vCPU, the kernel just clears the page's protection.
+//! A *scan* is PAGEMAP_SCAN over every region on the VMM's `/proc/PID/pagemap`
+//! (passed in the hand-off) with `PM_SCAN_WP_MATCHING`: it reports the pages
+//! written since they were last protected (`PAGE_IS_WRITTEN`) and protects
+//! them again, atomically, page by page. The first scan, at the hand-off,
+//! protects every page ([`DirtyTracker::start_tracking`]).
+//!
+//! # Epoch rules
+//!
+//! - Epochs count scans. The current epoch starts at 1, and every page starts
+//!   as "last dirty at epoch 1": "since epoch 0" means every page.
+//! - Each scan makes a new epoch E and records E as the last-dirty epoch of
+//!   every page it reports. The new epoch is published (to `GetLayout`) only
+//!   once the scan is complete.
+//! - "Dirty since N" is every page whose last-dirty epoch is > N, after a
+//!   fresh scan. Pages are never un-dirtied, so asking twice for "since N"
+//!   returns the same pages or more, never fewer: a lost response loses no
+//!   page. N may not be newer than the current epoch (a client holding such an
+//!   epoch talks to a restarted agent, and must start over from 0).
+//! - A scan that fails half-way has already re-protected some pages that the
+//!   kernel did not get to report; every page from the failed position to the
+//!   end of that region is therefore counted dirty at the new epoch.
+//! - Only a scan that *started after the pause* is final: `paused` is read
+//!   before scanning and reported with the result.
+//! - When the VMM pauses, the tracker scans at once (the "pause scan"), while
+//!   the VMM's page tables still exist. If the VMM then goes away (its
+//!   hand-off connection closes), its memory can no longer change: later scans
+//!   find nothing new. If it goes away *without* such a scan (it died while
+//!   running), the writes since the last scan are unknowable, so every page is
+//!   counted dirty at a new epoch: the target fetches too much rather than
+//!   keep a stale page. (PAGEMAP_SCAN on the pagemap of an exited process
+//!   fails with ESRCH, so a pause scan that comes too late fails and does not
+//!   count as one.)
+//! - A memory file never changes: every page is dirty at epoch 1, nothing
+//!   after, and the VM counts as paused.
+#![forbid(unsafe_code)]
+
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::time::Instant;
+
+use guest_memory::GuestLayout;
+use guest_memory::sys::{PageRegion, ScanRequest, pagemap_flags, pagemap_scan};
+
+use crate::bitmap::DirtyRun;
+
+/// Regions one PAGEMAP_SCAN call may return before we call again.
+const SCAN_BATCH_REGIONS: usize = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DirtyError {
+    #[error("epoch {since} is newer than this source's newest epoch {newest} (was the source agent restarted?)")]
+    EpochTooNew { since: u64, newest: u64 },
+    #[error("dirty scan (PAGEMAP_SCAN) of region {region} at {addr:#x} failed: {source}")]
+    Scan {
+        region: u32,
+        addr: u64,
+        #[source]
+        source: io::Error,
+    },
+    #[error("dirty scan (PAGEMAP_SCAN) of region {region} made no progress at {addr:#x}")]
+    NoProgress { region: u32, addr: u64 },
+    #[error("the dirty epoch counter is exhausted")]
+    EpochOverflow,
+}
+
+/// Scan statistics, for metrics.
+#[derive(Debug, Default)]
+pub struct ScanCounters {
+    pub scans: AtomicU64,
+    pub failed_scans: AtomicU64,
+    /// Pages found written, summed over scans.
+    pub pages_found_dirty: AtomicU64,
+    /// Time spent scanning, summed over scans.
+    pub scan_nanos: AtomicU64,
+}
+
+/// The pages dirty since some epoch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirtySnapshot {
+    /// The epoch this snapshot brings the caller to.
+    pub epoch: u64,
+    /// Sorted, maximal runs.
+    pub runs: Vec<DirtyRun>,
+    pub dirty_pages: u64,
+}
+
+#[derive(Debug)]
+struct EpochState {
+    epoch: u32,
+    /// Per global page: the epoch at which it was last found dirty.
+    last_dirty: Vec<u32>,
+    scan_buf: Vec<PageRegion>,
+    /// A complete scan started while the VM was paused, and it has not
+    /// resumed since (or the memory can no longer change at all).
+    settled: bool,
+}
+
+/// Dirty epochs of one VM's memory.
+#[derive(Debug)]
+pub struct DirtyTracker {
+    layout: GuestLayout,
+    /// The VMM's pagemap; `None` for a memory file, which never changes.
+    pagemap: Option<OwnedFd>,
+    state: Mutex<EpochState>,
+    /// The newest epoch whose scan is complete (readable without the lock).
+    newest_epoch: AtomicU64,
+    paused: AtomicBool,
+    vmm_gone: AtomicBool,
+    pub counters: ScanCounters,
+}
+
+impl DirtyTracker {
+    fn new(layout: GuestLayout, pagemap: Option<OwnedFd>, paused: bool) -> Self {
+        let pages = usize::try_from(layout.total_pages()).unwrap_or(usize::MAX);
+        let state = EpochState {
+            epoch: 1,
+            last_dirty: vec![1; pages],
+            scan_buf: Vec::with_capacity(SCAN_BATCH_REGIONS),
+            settled: pagemap.is_none(),
+        };
+        Self {
+            layout,
+            pagemap,
+            state: Mutex::new(state),
+            newest_epoch: AtomicU64::new(1),
+            paused: AtomicBool::new(paused),
+            vmm_gone: AtomicBool::new(false),
+            counters: ScanCounters::default(),
+        }
+    }
+
+    /// A memory file: every page dirty at epoch 1, always paused.
+    pub fn for_file(layout: GuestLayout) -> Self {
+        Self::new(layout, None, true)
+    }
+
+    /// A running VMM's memory, scanned through its pagemap.
+    pub fn for_vmm(layout: GuestLayout, pagemap: OwnedFd) -> Self {
+        Self::new(layout, Some(pagemap), false)
+    }
+
+    /// The newest complete epoch.
+    pub fn epoch(&self) -> u64 {
+        self.newest_epoch.load(Ordering::Acquire)
+    }
+
+    /// Whether the VM is paused (or gone, or a file): its memory does not change.
+    pub fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::Acquire)
+    }
+
+    /// Whether the VMM closed its hand-off connection.
+    pub fn is_vmm_gone(&self) -> bool {
+        self.vmm_gone.load(Ordering::Acquire)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, EpochState> {
+        // Page epochs only ever grow, so the state a panicking holder left
+        // behind is still safe to use.
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The initial scan: write-protects every written page so that the next
+    /// scan reports only what changes from now on. Everything is already
+    /// dirty at epoch 1, so what it finds changes nothing.
+    pub fn start_tracking(&self) -> Result<(), DirtyError> {
+        let mut state = self.lock();
+        let epoch = state.epoch;
+        self.scan_regions(&mut state, epoch).map(drop)
+    }
+
+    /// The VMM stopped its vCPUs: mark paused, then scan while its page
+    /// tables still exist (see the module docs). Returns the new epoch.
+    pub fn vm_paused(&self) -> Result<u64, DirtyError> {
+        self.paused.store(true, Ordering::Release);
+        let mut state = self.lock();
+        self.scan_locked(&mut state)
+    }
+
+    /// The VMM resumed its vCPUs: the memory changes again.
+    pub fn vm_resumed(&self) {
+        let mut state = self.lock();
+        self.paused.store(false, Ordering::Release);
+        state.settled = self.is_vmm_gone();
+    }
+
+    /// The VMM closed its hand-off connection: its memory no longer changes.
+    /// If no scan ran since it paused, every page becomes dirty (module docs).
+    pub fn vmm_gone(&self) {
+        let mut state = self.lock();
+        if !state.settled {
+            match state.epoch.checked_add(1) {
+                Some(epoch) => {
+                    state.epoch = epoch;
+                    state.last_dirty.fill(epoch);
+                    tracing::warn!(
+                        epoch,
+                        "the VMM went away without a scan after a pause: its writes since the last scan are \
+                         unknown, so every page is dirty at epoch {epoch}"
+                    );
+                }
+                None => tracing::error!("the dirty epoch counter is exhausted; cannot record the VMM's exit"),
+            }
+            state.settled = true;
+        }
+        self.vmm_gone.store(true, Ordering::Release);
+        self.paused.store(true, Ordering::Release);
+        self.newest_epoch.store(u64::from(state.epoch), Ordering::Release);
+    }
+
+    /// Scans (a new epoch, unless this is a memory file), then returns every
+    /// page dirty since `since`. Blocking: run it off the async runtime.
+    pub fn dirty_since(&self, since: u64) -> Result<DirtySnapshot, DirtyError> {
+        let mut state = self.lock();
+        let newest = u64::from(state.epoch);
+        if since > newest {
+            return Err(DirtyError::EpochTooNew { since, newest });
+        }
+        let epoch = self.scan_locked(&mut state)?;
+        let (runs, dirty_pages) = self.collect_runs(&state, since);
+        Ok(DirtySnapshot { epoch, runs, dirty_pages })
+    }
+
+    /// A scan at a new epoch; returns it. Memory files are never scanned.
+    fn scan_locked(&self, state: &mut EpochState) -> Result<u64, DirtyError> {
+        if self.pagemap.is_none() {
+            return Ok(u64::from(state.epoch));
+        }
+        let paused_at_start = self.is_paused();
+        let epoch = state.epoch.checked_add(1).ok_or(DirtyError::EpochOverflow)?;
+        state.epoch = epoch;
+        let result = if self.is_vmm_gone() {
+            // Nothing can change any more; the PTEs may already be torn down.
+            Ok(0)
+        } else {
+            self.scan_regions(state, epoch)
+        };
+        self.newest_epoch.store(u64::from(epoch), Ordering::Release);
+        match result {
+            Ok(found) => {
+                tracing::debug!(epoch, found, "dirty scan");
+                if paused_at_start && self.is_paused() {
+                    state.settled = true;
+                }
+                Ok(u64::from(epoch))
+            }
+            // The VMM left during the scan: what it wrote is accounted for by
+            // `vmm_gone` (or by the pause scan before it).
+            Err(e) if self.is_vmm_gone() => {
+                tracing::debug!(error = %e, "dirty scan failed after the VMM went away");
+                Ok(u64::from(epoch))
+            }
+            Err(e) => {
+                self.counters.failed_scans.fetch_add(1, Ordering::Relaxed);
+                Err(e)
+            }
+        }
+    }
+
+    /// One PAGEMAP_SCAN pass over every region, recording what it reports
+    /// (and, after a failure, the rest of the region) at `epoch`. Returns the
+    /// number of pages found written.
+    fn scan_regions(&self, state: &mut EpochState, epoch: u32) -> Result<u64, DirtyError> {
+        let Some(pagemap) = self.pagemap.as_ref() else { return Ok(0) };
+        let started = Instant::now();
+        let page_size = self.layout.page_size();
+        let mut found = 0u64;
+        let mut first_error = None;
+        let EpochState { last_dirty, scan_buf, .. } = state;
+        for (region_index, region) in self.layout.regions().iter().enumerate() {
+            let region_id = region_index as u32;
+            let first_page = self.layout.region_first_page(region_id).unwrap_or(0) as usize;
+            let pages = &mut last_dirty[first_page..first_page + (region.size / page_size) as usize];
+            let base = region.base_host_virt_addr;
+            let end = base + region.size;
+            let mut mark = |from: u64, to: u64| {
+                let first = ((from.max(base) - base) / page_size) as usize;
+                let last = (to.min(end).saturating_sub(base).div_ceil(page_size)) as usize;
+                if first < last {
+                    pages[first..last].fill(epoch);
+                    (last - first) as u64
+                } else {
+                    0
+                }
+            };
+            let mut position = base;
+            while position < end {
+                let request = ScanRequest {
+                    start: position,
+                    end,
+                    flags: pagemap_flags::PM_SCAN_WP_MATCHING | pagemap_flags::PM_SCAN_CHECK_WPASYNC,
+                    category_mask: pagemap_flags::PAGE_IS_WRITTEN,
+                    return_mask: pagemap_flags::PAGE_IS_WRITTEN,
+                };
+                let error = match pagemap_scan(pagemap.as_fd(), request, scan_buf) {
+                    Ok(walk_end) => {
+                        for written in scan_buf.iter() {
+                            found += mark(written.start, written.end);
+                        }
+                        if walk_end > position {
+                            position = walk_end.min(end);
+                            continue;
+                        }
+                        DirtyError::NoProgress { region: region_id, addr: position }
+                    }
+                    Err(source) => DirtyError::Scan { region: region_id, addr: position, source },
+                };
+                // The failed call may have re-protected pages it did not
+                // report: count the rest of the region as dirty.
+                mark(position, end);
+                first_error.get_or_insert(error);
+                break;
+            }
+        }
+        let counters = &self.counters;
+        counters.scans.fetch_add(1, Ordering::Relaxed);
+        counters.pages_found_dirty.fetch_add(found, Ordering::Relaxed);
+        counters.scan_nanos.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        match first_error {
+            Some(error) => Err(error),
+            None => Ok(found),
+        }
+    }
+
+    /// Maximal runs of pages whose last-dirty epoch is newer than `since`.
+    fn collect_runs(&self, state: &EpochState, since: u64) -> (Vec<DirtyRun>, u64) {
+        let mut runs = Vec::new();
+        let mut total = 0u64;
+        for region in 0..self.layout.regions().len() as u32 {
+            let first_page = self.layout.region_first_page(region).unwrap_or(0) as usize;
+            let count = self.layout.region_pages(region).unwrap_or(0) as usize;
+            let mut open: Option<DirtyRun> = None;
+            for (index, &last_dirty) in state.last_dirty[first_page..first_page + count].iter().enumerate() {
+                if u64::from(last_dirty) <= since {
+                    runs.extend(open.take());
+                    continue;
+                }
+                total += 1;
+                match open.as_mut() {
+                    Some(run) => run.len += 1,
+                    None => open = Some(DirtyRun { region, first_index: index as u64, len: 1 }),
+                }
+            }
+            runs.extend(open);
+        }
+        (runs, total)
+    }
+}

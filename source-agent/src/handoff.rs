@@ -1,0 +1,247 @@
+//! Accepting the VMM's hand-off on a Unix socket.
+//!
+//! The agent binds the socket (replacing a stale one, mode 0600) and accepts
+//! connections one at a time on a dedicated thread. Each connection gets
+//! [`HANDOFF_READ_TIMEOUT`] to deliver its hand-off message, which
+//! `guest_memory::handoff::receive_handoff_with` validates. A valid one is
+//! mapped read-only, dirty tracking starts (the initial write-protecting
+//! scan, which also proves the uffd is registered WP-async), and the memory
+//! is attached to the agent; only then is the VMM answered `ok`, so an `ok`
+//! means the agent is serving. Any failure on the way is sent to the VMM as
+//! the refusal's message, logged, and the agent keeps waiting. After a
+//! success, further connections are told that this agent already has its
+//! VM's memory.
+//!
+//! The accepted connection then carries the VMM's events, followed on a
+//! second thread: `paused` / `resumed` switch the VM's paused flag (a pause
+//! also triggers a dirty scan), and end-of-file or a malformed event means
+//! the VMM is gone: its memory can no longer change, so the VM counts as
+//! paused from then on (see [`crate::dirty`] for what that does to epochs).
+#![forbid(unsafe_code)]
+
+use std::io::Write;
+use std::os::fd::AsFd;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use guest_memory::handoff::{self, EventReader, Handoff, HandoffError, HandoffReply, Role, VmmEvent};
+
+use crate::agent::SourceAgent;
+use crate::memory::{MemoryError, SourceMemory};
+
+/// How long a connection may take to deliver its hand-off message.
+pub const HANDOFF_READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Bytes read from a refused hand-off before answering anyway.
+const REFUSED_MESSAGE_LIMIT: usize = 1 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum HandoffSocketError {
+    #[error("{path} exists and is not a socket; refusing to replace it", path = path.display())]
+    NotASocket { path: PathBuf },
+    #[error("another process is already listening on {path}", path = path.display())]
+    InUse { path: PathBuf },
+    #[error("{context} {path}: {source}", path = path.display())]
+    Io {
+        context: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Why one hand-off connection did not give the agent its memory.
+#[derive(Debug, thiserror::Error)]
+enum AcceptError {
+    #[error("{0}")]
+    Handoff(#[from] HandoffError),
+    #[error("setting the socket timeout: {0}")]
+    Timeout(#[source] std::io::Error),
+    #[error("its memory cannot be served: {0}")]
+    Memory(#[from] MemoryError),
+    #[error("{0}")]
+    AlreadyAttached(#[from] crate::agent::AlreadyAttached),
+}
+
+/// The listening hand-off socket. Dropping it stops accepting and removes the
+/// socket file.
+#[derive(Debug)]
+pub struct HandoffListener {
+    path: PathBuf,
+    stop: Arc<AtomicBool>,
+}
+
+impl HandoffListener {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for HandoffListener {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        // Wake the accept thread so that it sees the flag.
+        let _ = UnixStream::connect(&self.path);
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn bind(path: &Path) -> Result<UnixListener, HandoffSocketError> {
+    let io_error = |context| move |source| HandoffSocketError::Io { context, path: path.to_owned(), source };
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if !meta.file_type().is_socket() => {
+            return Err(HandoffSocketError::NotASocket { path: path.to_owned() });
+        }
+        Ok(_) => {
+            if UnixStream::connect(path).is_ok() {
+                return Err(HandoffSocketError::InUse { path: path.to_owned() });
+            }
+            std::fs::remove_file(path).map_err(io_error("removing stale socket"))?;
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_error("inspecting")(e)),
+    }
+    let listener = UnixListener::bind(path).map_err(io_error("binding"))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io_error("restricting"))?;
+    Ok(listener)
+}
+
+/// Binds `path` and accepts the VMM's hand-off for `agent` on a new thread.
+pub fn listen_for_handoff(path: &Path, agent: Arc<SourceAgent>) -> Result<HandoffListener, HandoffSocketError> {
+    let listener = bind(path)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let accepting_stop = stop.clone();
+    std::thread::Builder::new()
+        .name("handoff-accept".into())
+        .spawn(move || accept_loop(listener, agent, accepting_stop))
+        .map_err(|source| HandoffSocketError::Io {
+            context: "starting the accept thread for",
+            path: path.into(),
+            source,
+        })?;
+    tracing::info!(socket = %path.display(), "waiting for the VMM hand-off");
+    Ok(HandoffListener { path: path.to_owned(), stop })
+}
+
+fn accept_loop(listener: UnixListener, agent: Arc<SourceAgent>, stop: Arc<AtomicBool>) {
+    for connection in listener.incoming() {
+        if stop.load(Ordering::Acquire) {
+            break;
+        }
+        let stream = match connection {
+            Ok(stream) => stream,
+            Err(error) => {
+                tracing::warn!(%error, "accepting a hand-off connection failed");
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
+        if let Some(memory) = agent.memory() {
+            refuse(stream, &format!("this agent already serves the memory of {}", memory.origin()));
+            continue;
+        }
+        match accept_one(stream, &agent) {
+            Ok(()) => {}
+            Err(error) => tracing::error!(%error, "hand-off failed; still waiting for one"),
+        }
+    }
+}
+
+/// Tells a VMM that this agent will not take its hand-off. Its message is
+/// read (and its descriptors closed) first, so that its send does not fail
+/// before it can read why.
+fn refuse(mut stream: UnixStream, reason: &str) {
+    tracing::warn!(reason, "refusing a second hand-off");
+    let _ = stream.set_read_timeout(Some(HANDOFF_READ_TIMEOUT));
+    let _ = stream.set_write_timeout(Some(HANDOFF_READ_TIMEOUT));
+    let mut buffer = vec![0u8; 64 << 10];
+    let mut received = 0;
+    while received < REFUSED_MESSAGE_LIMIT {
+        // Any descriptors attached are dropped (closed) right away.
+        match guest_memory::sys::recv_with_fds(stream.as_fd(), &mut buffer) {
+            Ok((0, _)) | Err(_) => break,
+            Ok((n, _fds)) if buffer[..n].contains(&b'\n') => break,
+            Ok((n, _fds)) => received += n,
+        }
+    }
+    let reply = HandoffReply { ok: false, error: Some(reason.to_owned()) };
+    if let Ok(mut line) = serde_json::to_vec(&reply) {
+        line.push(b'\n');
+        let _ = stream.write_all(&line);
+    }
+}
+
+fn accept_one(stream: UnixStream, agent: &SourceAgent) -> Result<(), AcceptError> {
+    // The timeout is a socket option: setting it through a clone sets it on
+    // `stream` too, and lets us clear it once the hand-off is in.
+    let control = stream.try_clone().map_err(AcceptError::Timeout)?;
+    control.set_read_timeout(Some(HANDOFF_READ_TIMEOUT)).map_err(AcceptError::Timeout)?;
+    // The VMM is told "ok" only once the memory is mapped, tracked and
+    // attached; a failure on the way is its refusal message.
+    let (memory, events) = handoff::receive_handoff_with(stream, Role::Source, |handoff| {
+        let Handoff { message, layout, memory, uffd, pagemap, events } = handoff;
+        if message.vm != agent.vm() {
+            tracing::warn!(handoff_vm = %message.vm, agent_vm = %agent.vm(), "the VMM names its VM differently");
+        }
+        let memory = SourceMemory::from_handoff(&message, layout, memory, uffd, pagemap)?;
+        let memory = agent.attach(memory)?;
+        tracing::info!(
+            vm = %message.vm,
+            pid = message.pid,
+            regions = memory.layout().regions().len(),
+            pages = memory.layout().total_pages(),
+            page_size = memory.page_size(),
+            "VMM memory handed off; serving"
+        );
+        Ok::<_, AcceptError>((memory, events))
+    })?;
+    if let Err(error) = control.set_read_timeout(None) {
+        // A timeout would end the event stream early: the VMM would count as gone.
+        tracing::error!(%error, "cannot clear the hand-off socket's timeout; treating the VMM as gone");
+        memory.dirty().vmm_gone();
+        return Ok(());
+    }
+    let events_memory = memory.clone();
+    if let Err(error) =
+        std::thread::Builder::new().name("vmm-events".into()).spawn(move || follow_vmm_events(events, &events_memory))
+    {
+        // Without the events we cannot know when the VM pauses: treat the VMM
+        // as gone rather than never allow a final bitmap.
+        tracing::error!(%error, "cannot start the VMM event thread; treating the VMM as gone");
+        memory.dirty().vmm_gone();
+    }
+    Ok(())
+}
+
+fn follow_vmm_events(mut events: EventReader, memory: &SourceMemory) {
+    let dirty = memory.dirty();
+    loop {
+        match events.next_event() {
+            Ok(Some(VmmEvent::Paused { at_ns })) => {
+                tracing::info!(at_ns, "the VM is paused");
+                match dirty.vm_paused() {
+                    Ok(epoch) => tracing::info!(epoch, "scanned dirty pages at the pause"),
+                    Err(error) => tracing::warn!(%error, "dirty scan at the pause failed"),
+                }
+            }
+            Ok(Some(VmmEvent::Resumed)) => {
+                tracing::info!("the VM resumed");
+                dirty.vm_resumed();
+            }
+            Ok(None) => {
+                tracing::warn!("the VMM closed the hand-off connection: its memory no longer changes");
+                dirty.vmm_gone();
+                return;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "reading the VMM's events failed; treating the VMM as gone");
+                dirty.vmm_gone();
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,208 @@
+//! The guest memory a source agent serves: read-only mappings of every region,
+//! where they came from, and their dirty tracking.
+//!
+//! Memory comes either from a VMM's hand-off (the memory file's descriptor,
+//! plus the userfaultfd and pagemap descriptors that dirty tracking needs,
+//! all kept open for the life of the agent) or from a plain memory file (one
+//! region at host address 0, never changing). Either way the agent maps the
+//! memory read-only: it cannot corrupt the guest it serves.
+#![forbid(unsafe_code)]
+
+use std::fs::File;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use guest_memory::handoff::HandoffMessage;
+use guest_memory::layout::LayoutError;
+use guest_memory::{GuestLayout, MemoryMap, RegionLayout, Userfaultfd};
+
+use crate::dirty::{DirtyError, DirtyTracker};
+
+/// Where the memory came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MemoryOrigin {
+    /// Handed off by a VMM process.
+    Vmm { vm: String, pid: u32 },
+    /// A plain memory file.
+    File { path: PathBuf },
+}
+
+impl std::fmt::Display for MemoryOrigin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MemoryOrigin::Vmm { vm, pid } => write!(f, "VM {vm:?} (VMM pid {pid})"),
+            MemoryOrigin::File { path } => write!(f, "memory file {}", path.display()),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    #[error("opening memory file {path}: {source}", path = path.display())]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("memory file {path} holds {len} bytes, less than one {page_size}-byte page", path = path.display())]
+    TooSmall { path: PathBuf, len: u64, page_size: u64 },
+    #[error("invalid memory layout: {0}")]
+    Layout(#[from] LayoutError),
+    #[error("region {region} is {size} bytes, more than this host can map")]
+    TooLarge { region: usize, size: u64 },
+    #[error("mapping region {region} ({size} bytes at file offset {offset:#x}) read-only: {source}")]
+    Map {
+        region: usize,
+        size: u64,
+        offset: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the hand-off carries no pagemap descriptor, which dirty tracking needs")]
+    NoPagemap,
+    #[error("starting dirty tracking on the VMM's memory (is it registered with a WP_ASYNC userfaultfd?): {0}")]
+    StartTracking(#[source] DirtyError),
+}
+
+/// Why a page range cannot be served.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PageRangeError {
+    #[error("unknown region {region} (the layout has {count} regions)")]
+    UnknownRegion { region: u32, count: usize },
+    #[error("page {index} is out of range for region {region} ({pages} pages)")]
+    OutOfRange { region: u32, index: u64, pages: u64 },
+    #[error("pages {first}..{end} of region {region} run past its end ({pages} pages)")]
+    PastEnd { region: u32, first: u64, end: u64, pages: u64 },
+}
+
+/// Descriptors from the VMM that must stay open while we serve its memory.
+#[derive(Debug)]
+struct VmmDescriptors {
+    _memory: OwnedFd,
+    /// The WP-async registration lives as long as some copy of this uffd.
+    _uffd: Userfaultfd,
+}
+
+/// Read-only guest memory with its layout and dirty epochs.
+#[derive(Debug)]
+pub struct SourceMemory {
+    layout: GuestLayout,
+    /// One read-only mapping per region, in region order.
+    maps: Vec<MemoryMap>,
+    dirty: DirtyTracker,
+    origin: MemoryOrigin,
+    _vmm: Option<VmmDescriptors>,
+}
+
+fn map_regions(fd: &impl AsFd, layout: &GuestLayout) -> Result<Vec<MemoryMap>, MemoryError> {
+    layout
+        .regions()
+        .iter()
+        .enumerate()
+        .map(|(region, r)| {
+            let len = usize::try_from(r.size).map_err(|_| MemoryError::TooLarge { region, size: r.size })?;
+            MemoryMap::map(fd.as_fd(), r.offset, len, false).map_err(|source| MemoryError::Map {
+                region,
+                size: r.size,
+                offset: r.offset,
+                source,
+            })
+        })
+        .collect()
+}
+
+impl SourceMemory {
+    /// Maps a memory file read-only as one region of whole pages.
+    pub fn open_file(path: &Path, page_size: u64) -> Result<Self, MemoryError> {
+        let open_error = |source| MemoryError::Open { path: path.to_owned(), source };
+        let file = File::open(path).map_err(open_error)?;
+        let len = file.metadata().map_err(open_error)?.len();
+        let size = if page_size == 0 { 0 } else { len - len % page_size };
+        if size == 0 && page_size != 0 {
+            return Err(MemoryError::TooSmall { path: path.to_owned(), len, page_size });
+        }
+        let layout = GuestLayout::new(vec![RegionLayout { base_host_virt_addr: 0, size, offset: 0, page_size }])?;
+        let maps = map_regions(&file, &layout)?;
+        Ok(Self {
+            dirty: DirtyTracker::for_file(layout.clone()),
+            layout,
+            maps,
+            origin: MemoryOrigin::File { path: path.to_owned() },
+            _vmm: None,
+        })
+    }
+
+    /// Maps a VMM's handed-off memory read-only and starts dirty tracking
+    /// (the initial scan that write-protects every page).
+    pub fn from_handoff(
+        message: &HandoffMessage,
+        layout: GuestLayout,
+        memory: OwnedFd,
+        uffd: Userfaultfd,
+        pagemap: Option<OwnedFd>,
+    ) -> Result<Self, MemoryError> {
+        let pagemap = pagemap.ok_or(MemoryError::NoPagemap)?;
+        let maps = map_regions(&memory, &layout)?;
+        let dirty = DirtyTracker::for_vmm(layout.clone(), pagemap);
+        dirty.start_tracking().map_err(MemoryError::StartTracking)?;
+        Ok(Self {
+            layout,
+            maps,
+            dirty,
+            origin: MemoryOrigin::Vmm { vm: message.vm.clone(), pid: message.pid },
+            _vmm: Some(VmmDescriptors { _memory: memory, _uffd: uffd }),
+        })
+    }
+
+    pub fn layout(&self) -> &GuestLayout {
+        &self.layout
+    }
+
+    pub fn page_size(&self) -> u64 {
+        self.layout.page_size()
+    }
+
+    pub fn dirty(&self) -> &DirtyTracker {
+        &self.dirty
+    }
+
+    pub fn origin(&self) -> &MemoryOrigin {
+        &self.origin
+    }
+
+    /// `"vmm"` or `"file"`, as `GetLayout` reports it.
+    pub fn source_kind(&self) -> &'static str {
+        match self.origin {
+            MemoryOrigin::Vmm { .. } => "vmm",
+            MemoryOrigin::File { .. } => "file",
+        }
+    }
+
+    /// Checks that pages `first..first+count` of `region` exist (count ≥ 1).
+    pub fn check_pages(&self, region: u32, first: u64, count: u64) -> Result<(), PageRangeError> {
+        let count_regions = self.layout.regions().len();
+        let pages = self
+            .layout
+            .region_pages(region)
+            .map_err(|_| PageRangeError::UnknownRegion { region, count: count_regions })?;
+        if first >= pages {
+            return Err(PageRangeError::OutOfRange { region, index: first, pages });
+        }
+        match first.checked_add(count) {
+            Some(end) if end <= pages => Ok(()),
+            end => Err(PageRangeError::PastEnd { region, first, end: end.unwrap_or(u64::MAX), pages }),
+        }
+    }
+
+    /// Copies pages `first..` of `region` into `dst` (a whole number of
+    /// pages), after checking that they exist.
+    pub fn read_pages(&self, region: u32, first: u64, dst: &mut [u8]) -> Result<(), PageRangeError> {
+        let page_size = self.page_size();
+        let count = dst.len() as u64 / page_size;
+        self.check_pages(region, first, count.max(1))?;
+        let map = &self.maps[region as usize];
+        let len = (count * page_size) as usize;
+        map.copy_out((first * page_size) as usize, &mut dst[..len]);
+        Ok(())
+    }
+}

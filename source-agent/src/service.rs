@@ -1,0 +1,230 @@
+//! The `pageserver.v1.PageServer` service.
+//!
+//! - Before memory is attached (the VMM has not handed it off yet) every RPC
+//!   fails with UNAVAILABLE, naming the socket the agent waits on.
+//! - `GetPage` / `GetPages` address pages by (region, index). An unknown
+//!   region is NOT_FOUND, an index (or a range's end) past the region is
+//!   OUT_OF_RANGE, and a `GetPages` batch of 0 pages or of more than
+//!   `MAX_REQUEST_BYTES` is INVALID_ARGUMENT; messages name the region, index
+//!   and limit. In the `GetPages` stream a bad request is answered by a
+//!   `PagesReply` carrying only its `request_id` and the error, and the stream
+//!   goes on. A good request is answered by exactly one reply holding all its
+//!   pages. Zero pages are sent as `zero = true` without data.
+//! - `GetDirtyBitmap` follows the epoch rules of [`crate::dirty`]: a
+//!   `since_epoch` newer than the newest epoch is INVALID_ARGUMENT; a final
+//!   bitmap while the VM runs is FAILED_PRECONDITION; `paused` is read before
+//!   the scan and reported in every chunk (see [`crate::bitmap`] for the
+//!   encoding).
+#![forbid(unsafe_code)]
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use guest_memory::sys::is_zero;
+use pageserver_proto::MAX_REQUEST_BYTES;
+use pageserver_proto::v1 as pb;
+use pageserver_proto::v1::page_server_server::PageServer;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::agent::SourceAgent;
+use crate::bitmap::encode_chunks;
+use crate::dirty::DirtyError;
+use crate::memory::{PageRangeError, SourceMemory};
+use crate::wire::{page_range_code, regions_to_proto};
+
+/// Replies a `GetPages` stream may queue before it stops reading requests.
+const PAGES_REPLY_QUEUE: usize = 64;
+
+/// The PageServer implementation over one agent.
+#[derive(Debug, Clone)]
+pub struct PageService {
+    agent: Arc<SourceAgent>,
+}
+
+impl PageService {
+    pub fn new(agent: Arc<SourceAgent>) -> Self {
+        Self { agent }
+    }
+
+    fn memory(&self) -> Result<Arc<SourceMemory>, Status> {
+        self.agent.memory_or_reason().cloned().map_err(Status::unavailable)
+    }
+}
+
+fn range_status(error: &PageRangeError) -> Status {
+    Status::new(page_range_code(error), error.to_string())
+}
+
+/// Why a GetPages request is refused before any page is read.
+fn check_batch(memory: &SourceMemory, request: &pb::PagesRequest) -> Result<(), Status> {
+    let page_size = memory.page_size();
+    let count = u64::from(request.count);
+    if count == 0 {
+        return Err(Status::invalid_argument(format!(
+            "empty batch: request {} asks for 0 pages of region {}",
+            request.request_id, request.region
+        )));
+    }
+    let bytes = count * page_size;
+    if bytes > MAX_REQUEST_BYTES {
+        return Err(Status::invalid_argument(format!(
+            "oversized batch: request {} asks for {count} pages of {page_size} bytes ({bytes} bytes), more than \
+             the {MAX_REQUEST_BYTES} bytes ({} pages) one request may ask for",
+            request.request_id,
+            MAX_REQUEST_BYTES / page_size
+        )));
+    }
+    memory.check_pages(request.region, request.first_index, count).map_err(|e| range_status(&e))
+}
+
+/// Reads `count` pages into `Page` messages (one buffer for all of them).
+fn read_pages(
+    memory: &SourceMemory,
+    agent: &SourceAgent,
+    region: u32,
+    first: u64,
+    count: u64,
+) -> Result<Vec<pb::Page>, PageRangeError> {
+    let page_size = memory.page_size() as usize;
+    let mut buffer = vec![0u8; count as usize * page_size];
+    memory.read_pages(region, first, &mut buffer)?;
+    let buffer = Bytes::from(buffer);
+    let mut zero_pages = 0u64;
+    let pages: Vec<pb::Page> = (0..count as usize)
+        .map(|i| {
+            let data = buffer.slice(i * page_size..(i + 1) * page_size);
+            let zero = is_zero(&data);
+            zero_pages += u64::from(zero);
+            pb::Page { region, index: first + i as u64, zero, data: if zero { Bytes::new() } else { data } }
+        })
+        .collect();
+    let counters = &agent.counters;
+    counters.pages_served.fetch_add(count, Ordering::Relaxed);
+    counters.zero_pages_served.fetch_add(zero_pages, Ordering::Relaxed);
+    counters.bytes_served.fetch_add((count - zero_pages) * page_size as u64, Ordering::Relaxed);
+    Ok(pages)
+}
+
+/// The one reply to a GetPages request.
+fn answer_pages_request(memory: &SourceMemory, agent: &SourceAgent, request: &pb::PagesRequest) -> pb::PagesReply {
+    let result = check_batch(memory, request).and_then(|()| {
+        read_pages(memory, agent, request.region, request.first_index, u64::from(request.count))
+            .map_err(|e| range_status(&e))
+    });
+    match result {
+        Ok(pages) => pb::PagesReply { request_id: request.request_id, pages, error: None },
+        Err(status) => {
+            agent.counters.page_requests_rejected.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(request_id = request.request_id, error = %status.message(), "GetPages request refused");
+            pb::PagesReply {
+                request_id: request.request_id,
+                pages: Vec::new(),
+                error: Some(pb::RequestError { code: status.code() as i32, message: status.message().to_owned() }),
+            }
+        }
+    }
+}
+
+fn dirty_status(error: DirtyError) -> Status {
+    match error {
+        DirtyError::EpochTooNew { .. } => Status::invalid_argument(error.to_string()),
+        DirtyError::Scan { .. } | DirtyError::NoProgress { .. } | DirtyError::EpochOverflow => {
+            Status::internal(error.to_string())
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl PageServer for PageService {
+    async fn get_layout(&self, _request: Request<pb::GetLayoutRequest>) -> Result<Response<pb::Layout>, Status> {
+        let memory = self.memory()?;
+        let layout = memory.layout();
+        Ok(Response::new(pb::Layout {
+            regions: regions_to_proto(layout),
+            page_size: layout.page_size(),
+            total_pages: layout.total_pages(),
+            epoch: memory.dirty().epoch(),
+            paused: memory.dirty().is_paused(),
+            vm: self.agent.vm().to_owned(),
+            memory_source: memory.source_kind().to_owned(),
+        }))
+    }
+
+    async fn get_page(&self, request: Request<pb::GetPageRequest>) -> Result<Response<pb::Page>, Status> {
+        let memory = self.memory()?;
+        let pb::GetPageRequest { region, index } = request.into_inner();
+        memory.check_pages(region, index, 1).map_err(|e| range_status(&e))?;
+        let mut pages = read_pages(&memory, &self.agent, region, index, 1).map_err(|e| range_status(&e))?;
+        pages.pop().map(Response::new).ok_or_else(|| Status::internal("no page read"))
+    }
+
+    type GetPagesStream = ReceiverStream<Result<pb::PagesReply, Status>>;
+
+    async fn get_pages(
+        &self,
+        request: Request<Streaming<pb::PagesRequest>>,
+    ) -> Result<Response<Self::GetPagesStream>, Status> {
+        let memory = self.memory()?;
+        let agent = self.agent.clone();
+        let mut requests = request.into_inner();
+        let (replies, reply_stream) = mpsc::channel(PAGES_REPLY_QUEUE);
+        tokio::spawn(async move {
+            loop {
+                let request = match requests.message().await {
+                    Ok(Some(request)) => request,
+                    // The client finished its requests: the stream ends after
+                    // the replies already queued.
+                    Ok(None) => break,
+                    Err(status) => {
+                        tracing::debug!(%status, "GetPages request stream ended with an error");
+                        break;
+                    }
+                };
+                let reply = answer_pages_request(&memory, &agent, &request);
+                if replies.send(Ok(reply)).await.is_err() {
+                    break; // The client went away.
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(reply_stream)))
+    }
+
+    type GetDirtyBitmapStream = tokio_stream::Iter<std::vec::IntoIter<Result<pb::DirtyBitmapChunk, Status>>>;
+
+    async fn get_dirty_bitmap(
+        &self,
+        request: Request<pb::DirtyBitmapRequest>,
+    ) -> Result<Response<Self::GetDirtyBitmapStream>, Status> {
+        let memory = self.memory()?;
+        let pb::DirtyBitmapRequest { since_epoch, r#final } = request.into_inner();
+        let newest = memory.dirty().epoch();
+        if since_epoch > newest {
+            return Err(dirty_status(DirtyError::EpochTooNew { since: since_epoch, newest }));
+        }
+        // Read before scanning: only a scan that started after the pause is final.
+        let paused = memory.dirty().is_paused();
+        if r#final && !paused {
+            return Err(Status::failed_precondition("the VM is still running; a final bitmap needs it paused"));
+        }
+        let scanning = memory.clone();
+        let snapshot = tokio::task::spawn_blocking(move || scanning.dirty().dirty_since(since_epoch))
+            .await
+            .map_err(|e| Status::internal(format!("dirty scan task failed: {e}")))?
+            .map_err(dirty_status)?;
+        let chunks = encode_chunks(snapshot.epoch, paused, &snapshot.runs)
+            .map_err(|e| Status::internal(format!("encoding the dirty bitmap: {e}")))?;
+        self.agent.counters.bitmaps_served.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(
+            since_epoch,
+            epoch = snapshot.epoch,
+            paused,
+            dirty_pages = snapshot.dirty_pages,
+            chunks = chunks.len(),
+            "dirty bitmap"
+        );
+        Ok(Response::new(tokio_stream::iter(chunks.into_iter().map(Ok).collect::<Vec<_>>())))
+    }
+}

@@ -1,0 +1,224 @@
+//! The target's side of the `pageserver.v1.PageServer` protocol: connecting
+//! to the source agent, its layout, dirty bitmaps, and windowed page
+//! streams.
+//!
+//! Demand fetches and background transfers use separate connections (see
+//! [`connect`]), so a page a vCPU waits for never queues behind bulk data
+//! (DESIGN.md rule 4).
+#![forbid(unsafe_code)]
+
+use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
+
+use guest_memory::GuestLayout;
+use pageserver_proto::v1::page_server_client::PageServerClient;
+use pageserver_proto::v1::{DirtyBitmapRequest, GetLayoutRequest, Layout, PagesReply, PagesRequest};
+use pageserver_proto::{MAX_MESSAGE_BYTES, MAX_REQUEST_BYTES};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+
+pub type Client = PageServerClient<Channel>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("bad source address {url:?}: {source}")]
+    Address {
+        url: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    #[error("connecting to the source at {url}: {source}")]
+    Connect {
+        url: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    #[error("{rpc} failed: {status}")]
+    Rpc { rpc: &'static str, status: tonic::Status },
+    #[error("source refused request {request_id}: code {code}: {message}")]
+    Refused { request_id: u64, code: i32, message: String },
+    #[error("the source's layout does not match the target's: {0}")]
+    LayoutMismatch(String),
+    #[error("malformed bitmap from the source: {0}")]
+    BadBitmap(String),
+    #[error("the page stream ended with {0} requests unanswered")]
+    StreamEnded(usize),
+}
+
+/// Opens a new HTTP/2 connection to the source (one per traffic class).
+pub async fn connect(url: &str) -> Result<Client, SourceError> {
+    let endpoint = Endpoint::from_shared(url.to_string())
+        .map_err(|source| SourceError::Address { url: url.to_string(), source })?
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(5))
+        .initial_stream_window_size(8 << 20)
+        .initial_connection_window_size(16 << 20)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(20));
+    let channel = endpoint.connect().await.map_err(|source| SourceError::Connect { url: url.to_string(), source })?;
+    Ok(PageServerClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES))
+}
+
+pub async fn get_layout(client: &mut Client) -> Result<Layout, SourceError> {
+    client
+        .get_layout(GetLayoutRequest {})
+        .await
+        .map(|r| r.into_inner())
+        .map_err(|status| SourceError::Rpc { rpc: "GetLayout", status })
+}
+
+/// Checks that the source's memory and the target's have the same shape.
+pub fn check_layout(source: &Layout, target: &GuestLayout) -> Result<(), SourceError> {
+    let mismatch = |m: String| Err(SourceError::LayoutMismatch(m));
+    if source.page_size != target.page_size() {
+        return mismatch(format!("page size {} vs {}", source.page_size, target.page_size()));
+    }
+    if source.regions.len() != target.regions().len() {
+        return mismatch(format!("{} regions vs {}", source.regions.len(), target.regions().len()));
+    }
+    for (i, (s, t)) in source.regions.iter().zip(target.regions()).enumerate() {
+        if s.size_bytes != t.size {
+            return mismatch(format!("region {i}: {} bytes vs {}", s.size_bytes, t.size));
+        }
+    }
+    Ok(())
+}
+
+/// A dirty bitmap, decoded to global page numbers (ascending per region).
+#[derive(Debug, Clone, Default)]
+pub struct DirtyPages {
+    pub epoch: u64,
+    pub paused: bool,
+    pub pages: Vec<u64>,
+}
+
+/// GetDirtyBitmap, decoded. `runs` are (gap, length) pairs.
+pub async fn get_dirty_pages(
+    client: &mut Client,
+    layout: &GuestLayout,
+    since_epoch: u64,
+    final_: bool,
+) -> Result<DirtyPages, SourceError> {
+    let rpc = |status| SourceError::Rpc { rpc: "GetDirtyBitmap", status };
+    let mut stream =
+        client.get_dirty_bitmap(DirtyBitmapRequest { since_epoch, r#final: final_ }).await.map_err(rpc)?.into_inner();
+    let mut out = DirtyPages::default();
+    while let Some(chunk) = stream.message().await.map_err(rpc)? {
+        out.epoch = chunk.epoch;
+        out.paused = chunk.paused;
+        let first = layout.region_first_page(chunk.region).map_err(|e| SourceError::BadBitmap(e.to_string()))?;
+        let pages = layout.region_pages(chunk.region).map_err(|e| SourceError::BadBitmap(e.to_string()))?;
+        if chunk.runs.len() % 2 != 0 {
+            return Err(SourceError::BadBitmap("odd number of run values".into()));
+        }
+        let mut cursor = chunk.base_index;
+        for pair in chunk.runs.chunks_exact(2) {
+            let start = cursor.checked_add(pair[0]);
+            let end = start.and_then(|s| s.checked_add(pair[1]));
+            match (start, end) {
+                (Some(s), Some(e)) if e <= pages => {
+                    out.pages.extend((s..e).map(|i| first + i));
+                    cursor = e;
+                }
+                _ => return Err(SourceError::BadBitmap(format!("run past the end of region {}", chunk.region))),
+            }
+        }
+        if chunk.last {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+/// Splits ascending global pages into requests of consecutive pages, within
+/// one region and at most MAX_REQUEST_BYTES each.
+pub fn batch_requests(layout: &GuestLayout, pages: &[u64], first_id: u64) -> Vec<PagesRequest> {
+    let max = (MAX_REQUEST_BYTES / layout.page_size()).max(1);
+    let mut out: Vec<PagesRequest> = Vec::new();
+    for &page in pages {
+        let (region, index) = layout.locate(page);
+        if let Some(last) = out.last_mut()
+            && last.region == region
+            && last.first_index + last.count as u64 == index
+            && (last.count as u64) < max
+        {
+            last.count += 1;
+            continue;
+        }
+        out.push(PagesRequest { request_id: first_id + out.len() as u64, region, first_index: index, count: 1 });
+    }
+    out
+}
+
+/// Runs requests over one GetPages stream with at most `window` in flight,
+/// handing each reply to `on_reply`. `next` is asked for another request
+/// whenever a slot frees, so a caller can choose late (e.g. near recent
+/// faults). On a broken stream the unanswered requests are returned in the
+/// error path via `unanswered`, so the caller can retry them.
+pub async fn run_window(
+    client: &mut Client,
+    window: usize,
+    mut next: impl FnMut() -> Option<PagesRequest>,
+    mut on_reply: impl FnMut(PagesReply) -> Result<(), SourceError>,
+    unanswered: &mut VecDeque<PagesRequest>,
+) -> Result<(), SourceError> {
+    let (tx, rx) = mpsc::channel::<PagesRequest>(window.max(1));
+    let rpc = |status| SourceError::Rpc { rpc: "GetPages", status };
+    let mut in_flight: HashMap<u64, PagesRequest> = HashMap::new();
+    let mut exhausted = false;
+    // Fill the window before opening the stream so the first requests go
+    // out with the headers.
+    while in_flight.len() < window {
+        match unanswered.pop_front().or_else(&mut next) {
+            Some(req) => {
+                in_flight.insert(req.request_id, req);
+                let _ = tx.try_send(req);
+            }
+            None => {
+                exhausted = true;
+                break;
+            }
+        }
+    }
+    if in_flight.is_empty() {
+        return Ok(());
+    }
+    let result: Result<(), SourceError> = async {
+        let mut replies = client.get_pages(ReceiverStream::new(rx)).await.map_err(rpc)?.into_inner();
+        while !in_flight.is_empty() {
+            let Some(reply) = replies.message().await.map_err(rpc)? else {
+                return Err(SourceError::StreamEnded(in_flight.len()));
+            };
+            if let Some(err) = &reply.error {
+                return Err(SourceError::Refused {
+                    request_id: reply.request_id,
+                    code: err.code,
+                    message: err.message.clone(),
+                });
+            }
+            let id = reply.request_id;
+            on_reply(reply)?;
+            in_flight.remove(&id);
+            while !exhausted && in_flight.len() < window {
+                match unanswered.pop_front().or_else(&mut next) {
+                    Some(req) => {
+                        in_flight.insert(req.request_id, req);
+                        if tx.send(req).await.is_err() {
+                            return Err(SourceError::StreamEnded(in_flight.len()));
+                        }
+                    }
+                    None => exhausted = true,
+                }
+            }
+        }
+        Ok(())
+    }
+    .await;
+    if result.is_err() {
+        unanswered.extend(in_flight.into_values());
+    }
+    result
+}
