@@ -166,7 +166,8 @@ mod tests {
 
     #[test]
     fn numbering_spans_regions() {
-        let l = GuestLayout::new(vec![region(0x10000, 0x4000, 0), region(0x80000, 0x2000, 0x4000)]).unwrap();
+        let l =
+            GuestLayout::new(vec![region(0x10000, 0x4000, 0), region(0x80000, 0x2000, 0x4000)]).expect("valid layout");
         assert_eq!(l.total_pages(), 6);
         assert_eq!(l.global_page(1, 1), Ok(5));
         assert_eq!(l.locate(5), (1, 1));

@@ -189,7 +189,7 @@ impl MemoryMap {
     /// Reads the aligned 64-bit word at `offset`.
     pub fn read_u64(&self, offset: usize) -> u64 {
         self.check(offset, 8);
-        assert!(offset % 8 == 0, "unaligned word {offset:#x}");
+        assert!(offset.is_multiple_of(8), "unaligned word {offset:#x}");
         // SAFETY: in bounds (checked) and 8-byte aligned (mappings are page
         // aligned); volatile because other threads and processes write here.
         unsafe { std::ptr::read_volatile(self.ptr.as_ptr().add(offset).cast::<u64>()) }
@@ -199,7 +199,7 @@ impl MemoryMap {
     pub fn write_u64(&self, offset: usize, value: u64) {
         assert!(self.writable, "write_u64 on a read-only mapping");
         self.check(offset, 8);
-        assert!(offset % 8 == 0, "unaligned word {offset:#x}");
+        assert!(offset.is_multiple_of(8), "unaligned word {offset:#x}");
         // SAFETY: in bounds, aligned, writable (checked above).
         unsafe { std::ptr::write_volatile(self.ptr.as_ptr().add(offset).cast::<u64>(), value) }
     }

@@ -1,9 +1,11 @@
 //! Generated code of the `pageserver.v1` protocol, and its descriptor set for
 //! gRPC server reflection. The protocol itself is documented in
 //! `proto/pageserver.proto`.
-#![allow(clippy::all, missing_debug_implementations)]
+
+pub mod bitmap;
 
 /// Package `pageserver.v1`.
+#[allow(clippy::all, missing_debug_implementations)]
 pub mod v1 {
     tonic::include_proto!("pageserver.v1");
 }

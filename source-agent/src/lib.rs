@@ -14,7 +14,7 @@
 #![forbid(unsafe_code)]
 
 pub mod agent;
-pub mod bitmap;
+pub use pageserver_proto::bitmap;
 pub mod dirty;
 pub mod handoff;
 pub mod memory;

@@ -38,6 +38,8 @@ impl std::fmt::Display for MemoryOrigin {
 
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
+    #[error("write-protecting the VMM's guest memory (is the uffd registered in WP mode?): {0}")]
+    WriteProtect(#[source] guest_memory::UffdError),
     #[error("opening memory file {path}: {source}", path = path.display())]
     Open {
         path: PathBuf,
@@ -143,6 +145,13 @@ impl SourceMemory {
     ) -> Result<Self, MemoryError> {
         let pagemap = pagemap.ok_or(MemoryError::NoPagemap)?;
         let maps = map_regions(&memory, &layout)?;
+        // Write-protect the whole range first: on shmem and hugetlbfs this
+        // also leaves a marker in every empty page-table entry, so a page
+        // the VMM merely *reads* later (a hole faulted in) is not reported
+        // as written; PAGEMAP_SCAN alone protects only present pages.
+        for r in layout.regions() {
+            uffd.write_protect(r.base_host_virt_addr, r.size, true).map_err(MemoryError::WriteProtect)?;
+        }
         let dirty = DirtyTracker::for_vmm(layout.clone(), pagemap);
         dirty.start_tracking().map_err(MemoryError::StartTracking)?;
         Ok(Self {

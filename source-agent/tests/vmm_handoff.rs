@@ -175,7 +175,7 @@ async fn malformed_handoffs_are_refused_and_the_agent_keeps_waiting() {
         // the agent finds out with its first scan and says so.
         let mut untracked = TestVmm::with_tracking(8, false);
         match untracked.hand_off(&socket) {
-            Err(HandoffError::Refused(message)) => assert!(message.contains("dirty tracking"), "{message}"),
+            Err(HandoffError::Refused(message)) => assert!(message.contains("WP mode"), "{message}"),
             other => panic!("an untrackable hand-off must be refused, got {other:?}"),
         }
 

@@ -11,6 +11,7 @@ use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
 use guest_memory::GuestLayout;
+use pageserver_proto::bitmap::{BitmapDecoder, BitmapError};
 use pageserver_proto::v1::page_server_client::PageServerClient;
 use pageserver_proto::v1::{DirtyBitmapRequest, GetLayoutRequest, Layout, PagesReply, PagesRequest};
 use pageserver_proto::{MAX_MESSAGE_BYTES, MAX_REQUEST_BYTES};
@@ -95,7 +96,8 @@ pub struct DirtyPages {
     pub pages: Vec<u64>,
 }
 
-/// GetDirtyBitmap, decoded. `runs` are (gap, length) pairs.
+/// GetDirtyBitmap, decoded and checked (a corrupt or truncated stream is an
+/// error, never a smaller set of dirty pages).
 pub async fn get_dirty_pages(
     client: &mut Client,
     layout: &GuestLayout,
@@ -103,34 +105,17 @@ pub async fn get_dirty_pages(
     final_: bool,
 ) -> Result<DirtyPages, SourceError> {
     let rpc = |status| SourceError::Rpc { rpc: "GetDirtyBitmap", status };
+    let bad = |e: BitmapError| SourceError::BadBitmap(e.to_string());
     let mut stream =
         client.get_dirty_bitmap(DirtyBitmapRequest { since_epoch, r#final: final_ }).await.map_err(rpc)?.into_inner();
-    let mut out = DirtyPages::default();
+    let mut decoder = BitmapDecoder::new();
     while let Some(chunk) = stream.message().await.map_err(rpc)? {
-        out.epoch = chunk.epoch;
-        out.paused = chunk.paused;
-        let first = layout.region_first_page(chunk.region).map_err(|e| SourceError::BadBitmap(e.to_string()))?;
-        let pages = layout.region_pages(chunk.region).map_err(|e| SourceError::BadBitmap(e.to_string()))?;
-        if chunk.runs.len() % 2 != 0 {
-            return Err(SourceError::BadBitmap("odd number of run values".into()));
-        }
-        let mut cursor = chunk.base_index;
-        for pair in chunk.runs.chunks_exact(2) {
-            let start = cursor.checked_add(pair[0]);
-            let end = start.and_then(|s| s.checked_add(pair[1]));
-            match (start, end) {
-                (Some(s), Some(e)) if e <= pages => {
-                    out.pages.extend((s..e).map(|i| first + i));
-                    cursor = e;
-                }
-                _ => return Err(SourceError::BadBitmap(format!("run past the end of region {}", chunk.region))),
-            }
-        }
-        if chunk.last {
+        if decoder.push(&chunk).map_err(bad)? {
             break;
         }
     }
-    Ok(out)
+    let bitmap = decoder.finish().map_err(bad)?;
+    Ok(DirtyPages { epoch: bitmap.epoch, paused: bitmap.paused, pages: bitmap.global_pages(layout).map_err(bad)? })
 }
 
 /// Splits ascending global pages into requests of consecutive pages, within

@@ -21,8 +21,8 @@
 //! silently smaller set of dirty pages.
 #![forbid(unsafe_code)]
 
+use crate::v1::DirtyBitmapChunk;
 use guest_memory::GuestLayout;
-use pageserver_proto::v1::DirtyBitmapChunk;
 
 /// Most runs (pairs) one chunk carries: 32768 runs are at most ~640 KiB.
 pub const MAX_RUNS_PER_CHUNK: usize = 32_768;

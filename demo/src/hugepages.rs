@@ -1,0 +1,86 @@
+//! Reserving 2 MiB huge pages for hugetlbfs guests, and giving them back.
+//!
+//! A hugetlbfs guest needs free huge pages for its memory on the source and
+//! on the target. When too few are free and we are root, the pool
+//! (`/proc/sys/vm/nr_hugepages`) is grown by what is missing and shrunk by
+//! the same amount when the reservation is dropped; concurrent
+//! reservations in one process are counted together.
+#![forbid(unsafe_code)]
+
+use std::sync::Mutex;
+
+const POOL: &str = "/proc/sys/vm/nr_hugepages";
+
+#[derive(Debug, thiserror::Error)]
+pub enum HugePageError {
+    #[error("reading {what}: {source}")]
+    Read {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "{need} free 2 MiB huge pages are needed, {free} are free{hint}; as root: echo {want} > /proc/sys/vm/nr_hugepages"
+    )]
+    TooFew { need: u64, free: u64, want: u64, hint: &'static str },
+}
+
+/// Pages this process added to the pool and has not given back yet.
+static ADDED: Mutex<u64> = Mutex::new(0);
+
+/// Huge pages added for one migration; given back on drop.
+#[derive(Debug)]
+pub struct HugePageReservation {
+    added: u64,
+}
+
+fn meminfo(field: &str) -> Result<u64, HugePageError> {
+    let text = std::fs::read_to_string("/proc/meminfo")
+        .map_err(|source| HugePageError::Read { what: "/proc/meminfo", source })?;
+    Ok(text.lines().find_map(|l| l.strip_prefix(field)?.split_whitespace().next()?.parse().ok()).unwrap_or(0))
+}
+
+fn pool_size() -> Result<u64, HugePageError> {
+    let text = std::fs::read_to_string(POOL).map_err(|source| HugePageError::Read { what: POOL, source })?;
+    Ok(text.trim().parse().unwrap_or(0))
+}
+
+/// Makes sure `need` huge pages are free, growing the pool if we may.
+pub fn reserve(need: u64) -> Result<HugePageReservation, HugePageError> {
+    let mut added_total = ADDED.lock().unwrap_or_else(|e| e.into_inner());
+    let free = meminfo("HugePages_Free:")?;
+    if free >= need {
+        return Ok(HugePageReservation { added: 0 });
+    }
+    let missing = need - free;
+    let want = pool_size()? + missing;
+    if std::fs::write(POOL, want.to_string()).is_err() {
+        return Err(HugePageError::TooFew { need, free, want, hint: " and the pool cannot be grown (not root?)" });
+    }
+    let now_free = meminfo("HugePages_Free:")?;
+    let added = pool_size()?.saturating_sub(want - missing);
+    *added_total += added;
+    let reservation = HugePageReservation { added };
+    if now_free < need {
+        return Err(HugePageError::TooFew {
+            need,
+            free: now_free,
+            want,
+            hint: " even after growing the pool (memory too fragmented or too small?)",
+        });
+    }
+    Ok(reservation)
+}
+
+impl Drop for HugePageReservation {
+    fn drop(&mut self) {
+        if self.added == 0 {
+            return;
+        }
+        let mut added_total = ADDED.lock().unwrap_or_else(|e| e.into_inner());
+        if let Ok(size) = pool_size() {
+            let _ = std::fs::write(POOL, size.saturating_sub(self.added).to_string());
+        }
+        *added_total = added_total.saturating_sub(self.added);
+    }
+}

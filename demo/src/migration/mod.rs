@@ -1,0 +1,384 @@
+//! One whole migration on this machine: the source agent, the source VMM
+//! stand-in, the target agent and the target VMM stand-in as separate
+//! processes talking over 127.0.0.1 and Unix sockets in a fresh directory
+//! under /dev/shm.
+//!
+//! Sequence: both agents and both VMs start; pre-copy runs until the target
+//! agent reports "precopy-converged"; optional writes on the source; the
+//! source pauses (and then writes a snapshot of its frozen memory);
+//! `Switchover`; optional concurrent touches on the target; the target guest
+//! runs; every page of the target is compared with the snapshot; the target
+//! agent reaches "complete".
+
+mod options;
+mod waits;
+
+use std::ffi::OsStr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use pageserver_proto::v1::migration_target_client::MigrationTargetClient;
+use pageserver_proto::v1::{GetStatusRequest, SwitchoverRequest};
+use tonic::transport::Channel;
+
+pub use options::{MigrationError, MigrationOptions};
+
+use crate::process::{Binaries, ChildProcess, ProcessError, WorkDir};
+use crate::report::Report;
+use crate::status_watch::StatusWatch;
+use crate::vmm::protocol::StandinEvent;
+use waits::{connect, deadline, unless_failed, wait_for, wait_for_precopy, wait_for_state, wait_listening};
+
+/// Runs one migration and returns what it measured. A report whose
+/// verification failed is still `Ok`: see [`Report::verification_passed`].
+/// Every child is killed and the work directory removed, also on error.
+pub async fn run_migration(opts: &MigrationOptions) -> Result<Report, MigrationError> {
+    opts.validate()?;
+    // Source and target guests, each its own huge pages (+ slack).
+    let _huge_pages = if opts.hugetlb {
+        Some(
+            crate::hugepages::reserve(2 * opts.memory_bytes.div_ceil(2 << 20) + 8)
+                .map_err(|e| MigrationError::InvalidOptions(e.to_string()))?,
+        )
+    } else {
+        None
+    };
+    let binaries = Binaries::locate().await?;
+    let work = WorkDir::create().map_err(MigrationError::WorkDir)?;
+    let mut migration = Migration {
+        opts,
+        binaries,
+        work: work.path(),
+        progress: Progress { started: Instant::now(), quiet: opts.quiet },
+        children: Children::default(),
+        report: Report {
+            guest_bytes: opts.memory_bytes,
+            hugetlb: opts.hugetlb,
+            vcpus: u64::from(opts.vcpus),
+            seed: opts.seed,
+            ..Report::default()
+        },
+    };
+    let result = migration.execute().await;
+    let grace = if result.is_ok() { Duration::from_secs(5) } else { Duration::from_secs(1) };
+    migration.children.shut_down(grace).await;
+    if result.is_err() {
+        migration.children.print_logs();
+    }
+    result?;
+    migration.report.total_seconds = migration.progress.started.elapsed().as_secs_f64();
+    Ok(migration.report)
+}
+
+/// The four processes, as far as they were started.
+#[derive(Debug, Default)]
+struct Children {
+    source_agent: Option<ChildProcess>,
+    source_vm: Option<ChildProcess>,
+    target_agent: Option<ChildProcess>,
+    target_vm: Option<ChildProcess>,
+}
+
+impl Children {
+    async fn shut_down(&mut self, grace: Duration) {
+        for vm in [&mut self.target_vm, &mut self.source_vm].into_iter().flatten() {
+            vm.shut_down(Some("quit"), grace).await;
+        }
+        for agent in [&mut self.target_agent, &mut self.source_agent].into_iter().flatten() {
+            agent.shut_down(None, Duration::ZERO).await;
+        }
+    }
+
+    fn print_logs(&self) {
+        for child in [&self.source_agent, &self.source_vm, &self.target_agent, &self.target_vm].into_iter().flatten() {
+            eprintln!("--- {} stderr (last lines) ---\n{}", child.name(), child.log_tail());
+        }
+    }
+}
+
+/// The child in `slot`, which an earlier step started.
+fn running<'a>(slot: &'a mut Option<ChildProcess>, what: &str) -> Result<&'a mut ChildProcess, MigrationError> {
+    slot.as_mut().ok_or_else(|| MigrationError::AgentFailed(format!("internal error: the {what} was not started")))
+}
+
+fn spawn(name: &str, program: &Path, args: &[impl AsRef<OsStr>], work: &Path) -> Result<ChildProcess, ProcessError> {
+    ChildProcess::spawn(name, program, args, work)
+}
+
+/// Progress lines on stdout, stamped with the time since the start.
+#[derive(Debug)]
+struct Progress {
+    started: Instant,
+    quiet: bool,
+}
+
+impl Progress {
+    fn say(&self, message: impl AsRef<str>) {
+        if !self.quiet {
+            println!("[{:7.2}s] {}", self.started.elapsed().as_secs_f64(), message.as_ref());
+        }
+    }
+}
+
+/// One migration in progress.
+struct Migration<'a> {
+    opts: &'a MigrationOptions,
+    binaries: Binaries,
+    work: &'a Path,
+    progress: Progress,
+    children: Children,
+    report: Report,
+}
+
+impl Migration<'_> {
+    async fn execute(&mut self) -> Result<(), MigrationError> {
+        let source_addr = self.start_source().await?;
+        let client = self.start_target(&source_addr).await?;
+        let watch = StatusWatch::start(client.clone());
+        self.precopy(&watch).await?;
+        let paused = self.pause_and_switch_over(&client).await?;
+        self.run_target_guest(&watch, &client).await?;
+        self.verify(&watch).await?;
+        self.complete(&watch, client, paused).await
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.work.join(name).display().to_string()
+    }
+
+    fn timeout(&self) -> Duration {
+        self.opts.phase_timeout
+    }
+
+    /// The arguments both stand-ins share.
+    fn vm_args(&self, role: &str, socket: &str) -> Vec<String> {
+        let opts = self.opts;
+        let mut args = vec![
+            format!("--role={role}"),
+            format!("--memory={}", opts.memory_bytes),
+            format!("--vcpus={}", opts.vcpus),
+            format!("--seed={}", opts.seed),
+            format!("--handoff-socket={socket}"),
+            format!("--vm={}", opts.vm_name),
+        ];
+        if opts.hugetlb {
+            args.push("--hugetlb".to_owned());
+        }
+        args
+    }
+
+    /// Starts the source agent, then the source VM; returns the agent's
+    /// gRPC address.
+    async fn start_source(&mut self) -> Result<String, MigrationError> {
+        let socket = self.path("source.sock");
+        let args = ["--listen", "127.0.0.1:0", "--handoff-socket", &socket, "--vm", &self.opts.vm_name];
+        let agent =
+            self.children.source_agent.insert(spawn("source-agent", &self.binaries.source_agent, &args, self.work)?);
+        let addr = wait_listening(agent, deadline(self.opts.phase_timeout)).await?;
+        self.progress.say(format!("source agent serving on {addr}"));
+
+        let mut args = self.vm_args("source", &socket);
+        args.push(format!("--dirty-rate={}", self.opts.dirty_rate));
+        args.push(format!("--snapshot={}", self.path("snapshot")));
+        let vm =
+            self.children.source_vm.insert(spawn("vmm-standin-source", &self.binaries.vmm_standin, &args, self.work)?);
+        let (page_size, total_pages, zero_pages) =
+            wait_for(vm, "ready", deadline(self.opts.phase_timeout), |e| match e {
+                StandinEvent::Ready { page_size, total_pages, zero_pages, .. } => {
+                    Some((*page_size, *total_pages, zero_pages.clone()))
+                }
+                _ => None,
+            })
+            .await?;
+        self.report.page_size = page_size;
+        self.report.total_pages = total_pages;
+        self.report.zero_pages = zero_pages;
+        self.progress.say(format!(
+            "source VM running: {total_pages} pages of {page_size} bytes, {} vCPUs writing {} pages/s",
+            self.opts.vcpus, self.opts.dirty_rate
+        ));
+        Ok(addr)
+    }
+
+    /// Starts the target agent (pointed at the source agent), then the
+    /// target VM; returns a client of the target agent.
+    async fn start_target(&mut self, source_addr: &str) -> Result<MigrationTargetClient<Channel>, MigrationError> {
+        let socket = self.path("target.sock");
+        let args = [
+            "--listen=127.0.0.1:0".to_owned(),
+            format!("--source=http://{source_addr}"),
+            format!("--handoff-socket={socket}"),
+            format!("--vm={}", self.opts.vm_name),
+            format!("--max-precopy-rounds={}", self.opts.max_precopy_rounds),
+        ];
+        let agent =
+            self.children.target_agent.insert(spawn("target-agent", &self.binaries.target_agent, &args, self.work)?);
+        let addr = wait_listening(agent, deadline(self.opts.phase_timeout)).await?;
+        let client = connect(&addr).await?;
+        self.progress.say(format!("target agent serving on {addr}"));
+
+        let mut args = self.vm_args("target", &socket);
+        args.push(format!("--run-ms={}", self.opts.run_ms));
+        args.push(format!("--max-written-pages={}", self.opts.max_written_pages));
+        let vm =
+            self.children.target_vm.insert(spawn("vmm-standin-target", &self.binaries.vmm_standin, &args, self.work)?);
+        wait_for(vm, "ready", deadline(self.opts.phase_timeout), |e| {
+            matches!(e, StandinEvent::Ready { .. }).then_some(())
+        })
+        .await?;
+        self.progress.say("target VM handed its memory to the target agent");
+        self.report.setup_seconds = self.progress.started.elapsed().as_secs_f64();
+        Ok(client)
+    }
+
+    async fn precopy(&mut self, watch: &StatusWatch) -> Result<(), MigrationError> {
+        let started = Instant::now();
+        wait_for_precopy(watch, deadline(self.opts.phase_timeout), self.timeout(), &self.progress).await?;
+        self.report.precopy_seconds = started.elapsed().as_secs_f64();
+        self.progress.say(format!("pre-copy converged after {:.2} s", self.report.precopy_seconds));
+        Ok(())
+    }
+
+    /// The optional source writes, the pause, and `Switchover`; returns when
+    /// the pause was seen.
+    async fn pause_and_switch_over(
+        &mut self,
+        client: &MigrationTargetClient<Channel>,
+    ) -> Result<Instant, MigrationError> {
+        let timeout = self.timeout();
+        let vm = running(&mut self.children.source_vm, "source VM")?;
+        for &page in &self.opts.write_before_pause {
+            vm.send(&format!("write {page}")).await?;
+            wait_for(vm, "written", deadline(timeout), |e| {
+                matches!(e, StandinEvent::Written { page: p } if *p == page).then_some(())
+            })
+            .await?;
+        }
+        if !self.opts.write_before_pause.is_empty() {
+            self.progress.say(format!("source wrote pages {:?} just before the pause", self.opts.write_before_pause));
+        }
+        vm.send("pause").await?;
+        let at_ns = wait_for(vm, "paused", deadline(timeout), |e| match e {
+            StandinEvent::Paused { at_ns } => Some(*at_ns),
+            _ => None,
+        })
+        .await?;
+        let paused = Instant::now();
+        self.report.paused_at_ns = at_ns;
+        self.progress.say("source VM paused");
+
+        let request = SwitchoverRequest {
+            bitmap_after_faults: self.opts.bitmap_after_faults,
+            bitmap_delay_ms: self.opts.bitmap_delay_ms,
+        };
+        let reply = client
+            .clone()
+            .switchover(request)
+            .await
+            .map_err(|status| MigrationError::Rpc { call: "Switchover", status: Box::new(status) })?
+            .into_inner();
+        self.report.switchover_rpc_ms = paused.elapsed().as_secs_f64() * 1e3;
+        self.progress.say(format!(
+            "switchover: target agent in phase {:?} ({:.2} ms)",
+            reply.phase, self.report.switchover_rpc_ms
+        ));
+        Ok(paused)
+    }
+
+    /// The optional concurrent touches, then the guest's run.
+    async fn run_target_guest(
+        &mut self,
+        watch: &StatusWatch,
+        client: &MigrationTargetClient<Channel>,
+    ) -> Result<(), MigrationError> {
+        let timeout = self.timeout();
+        let vm = running(&mut self.children.target_vm, "target VM")?;
+        if !self.opts.touch_after_resume.is_empty() {
+            let pages: Vec<String> = self.opts.touch_after_resume.iter().map(u64::to_string).collect();
+            vm.send(&format!("touch {}", pages.join(" "))).await?;
+            let touched =
+                wait_for(vm, "touched", deadline(timeout), |e| matches!(e, StandinEvent::Touched { .. }).then_some(()));
+            unless_failed(watch, touched).await?;
+            let status = client
+                .clone()
+                .get_status(GetStatusRequest {})
+                .await
+                .map_err(|status| MigrationError::Rpc { call: "GetStatus", status: Box::new(status) })?
+                .into_inner();
+            self.report.status_after_touch = Some(crate::report::StatusAfterTouch::from(&status));
+            self.progress
+                .say(format!("{} target vCPUs touched pages {:?}", self.opts.vcpus, self.opts.touch_after_resume));
+        }
+        vm.send("resume").await?;
+        let done =
+            wait_for(vm, "guest-done", deadline(timeout + Duration::from_millis(self.opts.run_ms)), |e| match e {
+                StandinEvent::GuestDone { first_access_done_ns, accesses, pages_written } => {
+                    Some((*first_access_done_ns, *accesses, *pages_written))
+                }
+                _ => None,
+            });
+        let (first_access_done_ns, accesses, pages_written) = unless_failed(watch, done).await?;
+        let report = &mut self.report;
+        report.first_access_done_ns = first_access_done_ns;
+        report.downtime_ms = first_access_done_ns.saturating_sub(report.paused_at_ns) as f64 / 1e6;
+        report.guest_accesses = accesses;
+        report.guest_pages_written = pages_written;
+        self.progress.say(format!(
+            "target guest ran {} ms: {accesses} accesses, {pages_written} pages written; downtime {:.3} ms",
+            self.opts.run_ms, self.report.downtime_ms
+        ));
+        Ok(())
+    }
+
+    /// Compares every page of the target with the source's snapshot.
+    async fn verify(&mut self, watch: &StatusWatch) -> Result<(), MigrationError> {
+        let timeout = self.timeout();
+        let snapshot = self.path("snapshot");
+        let source_vm = running(&mut self.children.source_vm, "source VM")?;
+        let written = |e: &StandinEvent| matches!(e, StandinEvent::SnapshotWritten { .. }).then_some(());
+        wait_for(source_vm, "snapshot-written", deadline(timeout), written).await?;
+
+        let started = Instant::now();
+        let target_vm = running(&mut self.children.target_vm, "target VM")?;
+        target_vm.send(&format!("verify {snapshot}")).await?;
+        let verified = wait_for(target_vm, "verified", deadline(timeout), |e| match e {
+            StandinEvent::Verified { verified_pages, mismatched_pages, first_mismatches } => {
+                Some((*verified_pages, *mismatched_pages, first_mismatches.clone()))
+            }
+            _ => None,
+        });
+        let (verified_pages, mismatched_pages, first_mismatches) = unless_failed(watch, verified).await?;
+        self.report.verify_seconds = started.elapsed().as_secs_f64();
+        self.report.verified_pages = verified_pages;
+        self.report.mismatched_pages = mismatched_pages;
+        self.report.first_mismatches = first_mismatches;
+        self.progress.say(format!("verified {verified_pages} pages: {mismatched_pages} mismatched"));
+        Ok(())
+    }
+
+    /// Waits for "complete" and takes the final status.
+    async fn complete(
+        &mut self,
+        watch: &StatusWatch,
+        mut client: MigrationTargetClient<Channel>,
+        paused: Instant,
+    ) -> Result<(), MigrationError> {
+        let timeout = self.timeout();
+        let state =
+            wait_for_state(watch, deadline(timeout), timeout, "phase complete", |s| s.complete_at.is_some()).await?;
+        let complete_at = state.complete_at.unwrap_or_else(Instant::now);
+        self.report.postcopy_seconds = complete_at.saturating_duration_since(paused).as_secs_f64();
+        self.progress.say(format!("post-copy complete {:.2} s after the pause", self.report.postcopy_seconds));
+        let status = client
+            .get_status(GetStatusRequest {})
+            .await
+            .map_err(|status| MigrationError::Rpc { call: "GetStatus", status: Box::new(status) })?
+            .into_inner();
+        // The stand-in's geometry is authoritative; the rest is the agent's.
+        let (page_size, total_pages) = (self.report.page_size, self.report.total_pages);
+        self.report.apply_status(&status);
+        self.report.page_size = page_size;
+        self.report.total_pages = total_pages;
+        Ok(())
+    }
+}

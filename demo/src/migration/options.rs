@@ -1,0 +1,108 @@
+//! What a migration is asked to do, and why it may fail.
+
+use std::time::Duration;
+
+use crate::process::ProcessError;
+
+/// What to migrate and how.
+#[derive(Debug, Clone)]
+pub struct MigrationOptions {
+    pub memory_bytes: u64,
+    /// 2 MiB pages (MFD_HUGETLB); needs free huge pages for both VMs.
+    pub hugetlb: bool,
+    pub vcpus: u32,
+    pub seed: u64,
+    /// Source page writes per second across all vCPUs.
+    pub dirty_rate: u64,
+    /// How long the target guest runs after the switchover.
+    pub run_ms: u64,
+    pub max_precopy_rounds: u32,
+    /// Pages the source writes (`write P`) after pre-copy converged and
+    /// before the pause.
+    pub write_before_pause: Vec<u64>,
+    /// Pages every target vCPU reads at once after `Switchover`, before the
+    /// guest runs.
+    pub touch_after_resume: Vec<u64>,
+    pub bitmap_after_faults: u64,
+    pub bitmap_delay_ms: u64,
+    /// No progress output (errors still go to stderr).
+    pub quiet: bool,
+    pub vm_name: String,
+    /// At most this many pages written by the target guest (undo copies).
+    pub max_written_pages: u64,
+    /// Longest wait for any one step (startup, pre-copy, verify, ...).
+    pub phase_timeout: Duration,
+}
+
+impl Default for MigrationOptions {
+    fn default() -> Self {
+        Self {
+            memory_bytes: 1 << 30,
+            hugetlb: false,
+            vcpus: 4,
+            seed: 1,
+            dirty_rate: 20_000,
+            run_ms: 1000,
+            max_precopy_rounds: 8,
+            write_before_pause: Vec::new(),
+            touch_after_resume: Vec::new(),
+            bitmap_after_faults: 0,
+            bitmap_delay_ms: 0,
+            quiet: false,
+            vm_name: "demo-vm".to_owned(),
+            max_written_pages: 4096,
+            phase_timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+impl MigrationOptions {
+    pub fn page_size(&self) -> u64 {
+        if self.hugetlb { 2 << 20 } else { 4096 }
+    }
+
+    /// Checks the options before anything is started.
+    pub fn validate(&self) -> Result<(), MigrationError> {
+        let page_size = self.page_size();
+        if self.memory_bytes == 0 || self.memory_bytes.checked_rem(page_size) != Some(0) {
+            return Err(MigrationError::InvalidOptions(format!(
+                "memory size {} is not a positive multiple of the page size {page_size}",
+                self.memory_bytes
+            )));
+        }
+        if self.vcpus == 0 {
+            return Err(MigrationError::InvalidOptions("at least one vCPU is needed".into()));
+        }
+        let total_pages = self.memory_bytes / page_size;
+        if let Some(page) = self.write_before_pause.iter().chain(&self.touch_after_resume).find(|&&p| p >= total_pages)
+        {
+            return Err(MigrationError::InvalidOptions(format!(
+                "page {page} is beyond the guest's {total_pages} pages"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Why a migration did not run to the end.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    #[error("invalid options: {0}")]
+    InvalidOptions(String),
+    #[error("creating the work directory under /dev/shm: {0}")]
+    WorkDir(#[source] std::io::Error),
+    #[error(transparent)]
+    Process(#[from] ProcessError),
+    #[error("connecting to the target agent at {addr}: {source}")]
+    Connect {
+        addr: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    #[error("{call} on the target agent failed: {status}")]
+    Rpc { call: &'static str, status: Box<tonic::Status> },
+    #[error("{0}")]
+    AgentFailed(String),
+    #[error("timed out after {after:.1?} waiting for {what}")]
+    Timeout { what: String, after: Duration },
+}

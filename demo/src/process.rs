@@ -1,0 +1,337 @@
+//! The child processes of a migration: finding (and if needed building) the
+//! binaries, spawning them with piped stdin/stdout and stderr in a log file,
+//! reading their JSON event lines, and killing them when the migration ends
+//! (also on error: every child is killed when dropped).
+
+use std::ffi::OsStr;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::process::{ChildStdin, ChildStdout};
+
+/// Overrides the directory the binaries are taken from.
+pub const BIN_DIR_ENV: &str = "PAGESERVER_BIN_DIR";
+/// The workspace root, for building missing binaries.
+const WORKSPACE_ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+/// Lines of a child's log shown when it fails.
+const LOG_TAIL_LINES: usize = 30;
+
+/// Why a child process could not be found, started or understood.
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    #[error("cannot locate the current executable: {0}")]
+    CurrentExe(#[source] io::Error),
+    #[error("{binary} not found in {dir} (set by {BIN_DIR_ENV})")]
+    Missing { binary: &'static str, dir: PathBuf },
+    #[error("`{command}` failed: {detail}")]
+    Build { command: String, detail: String },
+    #[error("starting {name} ({program}): {source}")]
+    Spawn {
+        name: String,
+        program: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{name}: {context}: {source}")]
+    Io {
+        name: String,
+        context: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{name} exited ({status}); last lines of its log:\n{log_tail}")]
+    Exited { name: String, status: String, log_tail: String },
+    #[error("timed out after {after:.1?} waiting for {what} from {name}")]
+    Timeout { name: String, what: String, after: Duration },
+    #[error("{name} reported an error: {message}")]
+    Reported { name: String, message: String },
+    #[error("{name} printed an unexpected line {line:?}: {reason}")]
+    Protocol { name: String, line: String, reason: String },
+}
+
+/// Where the three binaries a migration runs live.
+#[derive(Debug, Clone)]
+pub struct Binaries {
+    pub source_agent: PathBuf,
+    pub target_agent: PathBuf,
+    pub vmm_standin: PathBuf,
+}
+
+const BINARY_NAMES: [&str; 3] = ["source-agent", "target-agent", "vmm-standin"];
+
+impl Binaries {
+    fn in_dir(dir: &Path) -> Self {
+        Self {
+            source_agent: dir.join(BINARY_NAMES[0]),
+            target_agent: dir.join(BINARY_NAMES[1]),
+            vmm_standin: dir.join(BINARY_NAMES[2]),
+        }
+    }
+
+    fn missing(&self) -> Option<&'static str> {
+        [&self.source_agent, &self.target_agent, &self.vmm_standin]
+            .into_iter()
+            .zip(BINARY_NAMES)
+            .find_map(|(path, name)| (!path.is_file()).then_some(name))
+    }
+
+    /// Finds the binaries: in `$PAGESERVER_BIN_DIR` if set, else next to the
+    /// current executable (or one level up from a `deps` directory, as for
+    /// integration tests). Missing ones are built with cargo, unless the
+    /// directory was given explicitly.
+    pub async fn locate() -> Result<Self, ProcessError> {
+        if let Some(dir) = std::env::var_os(BIN_DIR_ENV) {
+            let dir = PathBuf::from(dir);
+            let binaries = Self::in_dir(&dir);
+            return match binaries.missing() {
+                Some(binary) => Err(ProcessError::Missing { binary, dir }),
+                None => Ok(binaries),
+            };
+        }
+        let exe = std::env::current_exe().map_err(ProcessError::CurrentExe)?;
+        let dir = bin_dir_of(&exe);
+        let binaries = Self::in_dir(&dir);
+        if binaries.missing().is_none() {
+            return Ok(binaries);
+        }
+        build_binaries(dir.file_name().is_some_and(|name| name == "release")).await?;
+        match binaries.missing() {
+            Some(binary) => Err(ProcessError::Build {
+                command: "cargo build --bins".into(),
+                detail: format!("{binary} is still missing from {}", dir.display()),
+            }),
+            None => Ok(binaries),
+        }
+    }
+}
+
+/// The directory cargo puts binaries in, seen from `exe`.
+pub fn bin_dir_of(exe: &Path) -> PathBuf {
+    let dir = exe.parent().unwrap_or(Path::new("."));
+    if dir.file_name().is_some_and(|name| name == "deps") { dir.parent().unwrap_or(dir) } else { dir }.to_path_buf()
+}
+
+/// Runs `$CARGO build [--release] --bins` in the workspace root.
+async fn build_binaries(release: bool) -> Result<(), ProcessError> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut args = vec!["build", "--bins"];
+    if release {
+        args.push("--release");
+    }
+    let command = format!("{} {}", cargo.to_string_lossy(), args.join(" "));
+    eprintln!("pageserver-demo: binaries missing, building them: {command} (in {WORKSPACE_ROOT})");
+    let status = tokio::process::Command::new(&cargo)
+        .args(&args)
+        .current_dir(WORKSPACE_ROOT)
+        .stdin(Stdio::null())
+        .status()
+        .await
+        .map_err(|e| ProcessError::Build { command: command.clone(), detail: e.to_string() })?;
+    if status.success() { Ok(()) } else { Err(ProcessError::Build { command, detail: status.to_string() }) }
+}
+
+/// A fresh directory under /dev/shm, removed when dropped.
+#[derive(Debug)]
+pub struct WorkDir {
+    path: PathBuf,
+}
+
+impl WorkDir {
+    pub fn create() -> io::Result<Self> {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        let path = PathBuf::from(format!(
+            "/dev/shm/pageserver-demo-{}-{}-{nanos}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir(&path)?;
+        Ok(Self { path })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.path) {
+            eprintln!("pageserver-demo: cannot remove {}: {e}", self.path.display());
+        }
+    }
+}
+
+/// A running child: commands go to its stdin, JSON lines come from its
+/// stdout, stderr goes to `<log dir>/<name>.log`. Killed when dropped.
+#[derive(Debug)]
+pub struct ChildProcess {
+    name: String,
+    child: tokio::process::Child,
+    stdin: Option<ChildStdin>,
+    stdout: Option<Lines<BufReader<ChildStdout>>>,
+    log_path: PathBuf,
+}
+
+impl ChildProcess {
+    pub fn spawn(name: &str, program: &Path, args: &[impl AsRef<OsStr>], log_dir: &Path) -> Result<Self, ProcessError> {
+        let spawn_error = |source| ProcessError::Spawn { name: name.to_owned(), program: program.to_owned(), source };
+        let log_path = log_dir.join(format!("{name}.log"));
+        let log = std::fs::File::create(&log_path).map_err(spawn_error)?;
+        let mut child = tokio::process::Command::new(program)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(spawn_error)?;
+        let stdin = child.stdin.take();
+        let stdout = child.stdout.take().map(|out| BufReader::new(out).lines());
+        Ok(Self { name: name.to_owned(), child, stdin, stdout, log_path })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn log_path(&self) -> &Path {
+        &self.log_path
+    }
+
+    /// Sends one command line.
+    pub async fn send(&mut self, command: &str) -> Result<(), ProcessError> {
+        let name = self.name.clone();
+        let io_error = |source| ProcessError::Io { name: name.clone(), context: "writing a command", source };
+        let stdin = self.stdin.as_mut().ok_or_else(|| io_error(io::ErrorKind::BrokenPipe.into()))?;
+        let line = format!("{command}\n");
+        match stdin.write_all(line.as_bytes()).await {
+            Ok(()) => stdin.flush().await.map_err(io_error),
+            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Err(self.exited().await),
+            Err(e) => Err(io_error(e)),
+        }
+    }
+
+    /// The next JSON line on stdout (other lines are skipped), waiting at
+    /// most until `deadline`. `what` names what we wait for, for errors.
+    pub async fn next_json(&mut self, what: &str, deadline: Instant) -> Result<serde_json::Value, ProcessError> {
+        loop {
+            let lines = self.stdout.as_mut().ok_or_else(|| ProcessError::Io {
+                name: self.name.clone(),
+                context: "reading stdout",
+                source: io::ErrorKind::BrokenPipe.into(),
+            })?;
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let line = match tokio::time::timeout(remaining, lines.next_line()).await {
+                Err(_) => {
+                    return Err(ProcessError::Timeout {
+                        name: self.name.clone(),
+                        what: what.to_owned(),
+                        after: remaining,
+                    });
+                }
+                Ok(Err(source)) => {
+                    return Err(ProcessError::Io { name: self.name.clone(), context: "reading stdout", source });
+                }
+                Ok(Ok(None)) => return Err(self.exited().await),
+                Ok(Ok(Some(line))) => line,
+            };
+            match serde_json::from_str::<serde_json::Value>(&line) {
+                Ok(value) if value.is_object() => return Ok(value),
+                _ if line.trim().is_empty() => {}
+                _ => eprintln!("pageserver-demo: {} said: {line}", self.name),
+            }
+        }
+    }
+
+    /// Keeps reading (and dropping) stdout in the background, so that a
+    /// chatty child never blocks on a full pipe once we stop listening.
+    pub fn drain_stdout(&mut self) {
+        if let Some(mut lines) = self.stdout.take() {
+            tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        }
+    }
+
+    /// Whether the child has exited (without waiting).
+    pub fn has_exited(&mut self) -> bool {
+        !matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// The error describing the child's exit (waits briefly for it).
+    pub async fn exited(&mut self) -> ProcessError {
+        let status = match tokio::time::timeout(Duration::from_secs(2), self.child.wait()).await {
+            Ok(Ok(status)) => status.to_string(),
+            Ok(Err(e)) => format!("status unknown: {e}"),
+            Err(_) => "closed its output but still runs".to_owned(),
+        };
+        ProcessError::Exited { name: self.name.clone(), status, log_tail: self.log_tail() }
+    }
+
+    /// The last lines of the child's stderr.
+    pub fn log_tail(&self) -> String {
+        tail_of_file(&self.log_path, LOG_TAIL_LINES)
+    }
+
+    /// Asks the child to quit (closes stdin after `quit`), waits up to
+    /// `grace`, then kills it.
+    pub async fn shut_down(&mut self, quit_command: Option<&str>, grace: Duration) {
+        if let (Some(command), Some(stdin)) = (quit_command, self.stdin.as_mut()) {
+            let _ = stdin.write_all(format!("{command}\n").as_bytes()).await;
+            let _ = stdin.flush().await;
+        }
+        self.stdin = None;
+        if tokio::time::timeout(grace, self.child.wait()).await.is_err() {
+            let _ = self.child.kill().await;
+        }
+    }
+}
+
+/// The last `lines` lines of a text file, indented, or why there are none.
+pub fn tail_of_file(path: &Path, lines: usize) -> String {
+    match std::fs::read(path) {
+        Ok(bytes) => {
+            let text = String::from_utf8_lossy(&bytes);
+            let all: Vec<&str> = text.lines().collect();
+            let tail = &all[all.len().saturating_sub(lines)..];
+            if tail.is_empty() {
+                "    (empty)".to_owned()
+            } else {
+                tail.iter().map(|l| format!("    {l}")).collect::<Vec<_>>().join("\n")
+            }
+        }
+        Err(e) => format!("    (cannot read {}: {e})", path.display()),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bin_dir_skips_deps() {
+        assert_eq!(bin_dir_of(Path::new("/t/debug/deps/migration-123")), PathBuf::from("/t/debug"));
+        assert_eq!(bin_dir_of(Path::new("/t/release/pageserver-demo")), PathBuf::from("/t/release"));
+    }
+
+    #[test]
+    fn work_dir_is_removed_on_drop() {
+        let dir = WorkDir::create().unwrap();
+        let path = dir.path().to_owned();
+        std::fs::write(path.join("x"), b"y").unwrap();
+        drop(dir);
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn tail_keeps_the_last_lines() {
+        let dir = WorkDir::create().unwrap();
+        let path = dir.path().join("log");
+        std::fs::write(&path, "a\nb\nc\n").unwrap();
+        assert_eq!(tail_of_file(&path, 2), "    b\n    c");
+    }
+}

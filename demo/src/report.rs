@@ -1,0 +1,261 @@
+//! What a migration measured: the target agent's final status, the guest's
+//! view (downtime, verification) and the orchestrator's phase timings.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use pageserver_proto::v1::MigrationStatus;
+use serde::{Deserialize, Serialize};
+
+/// The fault-resolution kinds the report always lists.
+pub const FAULT_KINDS: [&str; 3] = ["fresh", "fetched", "missing"];
+
+/// Fault latency percentiles, in microseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct LatencyPercentiles {
+    pub p50: f64,
+    pub p99: f64,
+    pub max: f64,
+}
+
+/// The result of one migration. Serialised as the `--report-json` file.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    pub guest_bytes: u64,
+    pub page_size: u64,
+    pub total_pages: u64,
+    pub hugetlb: bool,
+    pub vcpus: u64,
+    pub seed: u64,
+    /// Holes of the source memory when it became ready (up to 16).
+    pub zero_pages: Vec<u64>,
+    /// The target agent's counters right after the `touch` hook, before the
+    /// guest's run (for tests of concurrent faults).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status_after_touch: Option<StatusAfterTouch>,
+
+    pub precopy_rounds: u64,
+    pub pages_sent_precopy: u64,
+    pub dirty_pages_per_round: Vec<u64>,
+    pub stale_pages_at_switchover: u64,
+
+    /// From the source's pause to the end of the target guest's first access.
+    pub downtime_ms: f64,
+    pub paused_at_ns: u64,
+    pub first_access_done_ns: u64,
+
+    pub faults_total: u64,
+    pub faults_fresh: u64,
+    pub faults_fetched: u64,
+    pub faults_missing: u64,
+    /// MISSING faults (holes on the target) whose page had to come from the
+    /// source: zero at its last copy, written since.
+    pub faults_missing_fetched: u64,
+    /// Faults on pages whose state was unknown (before the final bitmap).
+    pub faults_unknown: u64,
+    /// Pages the final bitmap turned from unknown to stale.
+    pub pages_marked_stale: u64,
+    pub final_bitmap_applied: bool,
+    pub pages_fetched_on_demand: u64,
+    pub pages_fetched_background: u64,
+    pub pages_fetched_unknown: u64,
+    pub pages_installed_bulk: u64,
+    pub pages_fetched_twice: u64,
+    pub bytes_received: u64,
+    /// Keyed by "fresh", "fetched", "missing" (and any other kind the agent
+    /// reports).
+    pub fault_latency_us: BTreeMap<String, LatencyPercentiles>,
+    pub pages_by_state: BTreeMap<String, u64>,
+
+    pub guest_accesses: u64,
+    pub guest_pages_written: u64,
+    pub verified_pages: u64,
+    pub mismatched_pages: u64,
+    pub first_mismatches: Vec<u64>,
+
+    /// Until both VMs were ready.
+    pub setup_seconds: f64,
+    /// From the target VM's hand-off to pre-copy convergence.
+    pub precopy_seconds: f64,
+    /// The Switchover call, as the orchestrator saw it.
+    pub switchover_rpc_ms: f64,
+    /// From the source's pause to the target agent's "complete".
+    pub postcopy_seconds: f64,
+    pub verify_seconds: f64,
+    pub total_seconds: f64,
+}
+
+impl Report {
+    /// Copies the target agent's counters into the report.
+    pub fn apply_status(&mut self, status: &MigrationStatus) {
+        self.page_size = status.page_size;
+        self.total_pages = status.total_pages;
+        self.precopy_rounds = u64::from(status.precopy_rounds);
+        self.pages_sent_precopy = status.pages_sent_precopy;
+        self.dirty_pages_per_round = status.dirty_pages_per_round.clone();
+        self.stale_pages_at_switchover = status.stale_pages_at_switchover;
+        self.faults_total = status.faults_total;
+        self.faults_fresh = status.faults_fresh;
+        self.faults_fetched = status.faults_fetched;
+        self.faults_missing = status.faults_missing;
+        self.faults_missing_fetched = status.faults_missing_fetched;
+        self.faults_unknown = status.faults_unknown;
+        self.pages_marked_stale = status.pages_marked_stale;
+        self.final_bitmap_applied = status.final_bitmap_applied;
+        self.pages_fetched_on_demand = status.pages_fetched_on_demand;
+        self.pages_fetched_background = status.pages_fetched_background;
+        self.pages_fetched_unknown = status.pages_fetched_unknown;
+        self.pages_installed_bulk = status.pages_installed_bulk;
+        self.pages_fetched_twice = status.pages_fetched_twice;
+        self.bytes_received = status.bytes_received;
+        self.pages_by_state = status.pages_by_state.clone().into_iter().collect();
+        self.fault_latency_us =
+            FAULT_KINDS.iter().map(|kind| (kind.to_string(), LatencyPercentiles::default())).collect();
+        for (kind, summary) in &status.fault_latency {
+            self.fault_latency_us.insert(
+                kind.clone(),
+                LatencyPercentiles { p50: summary.p50_us, p99: summary.p99_us, max: summary.max_us },
+            );
+        }
+    }
+
+    /// Every page was compared and none differed.
+    pub fn verification_passed(&self) -> bool {
+        self.mismatched_pages == 0 && self.total_pages > 0 && self.verified_pages == self.total_pages
+    }
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1 << 20) as f64
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "guest:      {:.0} MiB, {} pages of {} bytes{}, {} vCPUs, seed {}",
+            mib(self.guest_bytes),
+            self.total_pages,
+            self.page_size,
+            if self.hugetlb { " (hugetlbfs)" } else { "" },
+            self.vcpus,
+            self.seed
+        )?;
+        writeln!(
+            f,
+            "pre-copy:   {} rounds in {:.2} s, {} pages sent, dirty pages per round {:?}",
+            self.precopy_rounds, self.precopy_seconds, self.pages_sent_precopy, self.dirty_pages_per_round
+        )?;
+        writeln!(
+            f,
+            "switchover: {} stale pages ({} of them still unfetched when the final bitmap came), \
+             Switchover RPC {:.2} ms, downtime {:.3} ms",
+            self.stale_pages_at_switchover, self.pages_marked_stale, self.switchover_rpc_ms, self.downtime_ms
+        )?;
+        writeln!(
+            f,
+            "post-copy:  {:.2} s; faults {} (fresh {}, fetched {}, missing {} of which {} fetched; {} on unknown \
+             pages); pages fetched on demand {}, in the background {}, of unknown state {}; installed in bulk {}; \
+             fetched twice {}; {:.1} MiB received",
+            self.postcopy_seconds,
+            self.faults_total,
+            self.faults_fresh,
+            self.faults_fetched,
+            self.faults_missing,
+            self.faults_missing_fetched,
+            self.faults_unknown,
+            self.pages_fetched_on_demand,
+            self.pages_fetched_background,
+            self.pages_fetched_unknown,
+            self.pages_installed_bulk,
+            self.pages_fetched_twice,
+            mib(self.bytes_received)
+        )?;
+        for (kind, l) in &self.fault_latency_us {
+            writeln!(f, "  fault latency {kind:>8}: p50 {:8.1} µs  p99 {:8.1} µs  max {:8.1} µs", l.p50, l.p99, l.max)?;
+        }
+        writeln!(f, "guest:      {} accesses, {} pages written", self.guest_accesses, self.guest_pages_written)?;
+        writeln!(
+            f,
+            "verify:     {} of {} pages compared in {:.2} s, {} mismatched{}",
+            self.verified_pages,
+            self.total_pages,
+            self.verify_seconds,
+            self.mismatched_pages,
+            if self.first_mismatches.is_empty() { String::new() } else { format!(" {:?}", self.first_mismatches) }
+        )?;
+        write!(
+            f,
+            "total:      {:.2} s ({})",
+            self.total_seconds,
+            if self.verification_passed() {
+                "target memory equals source memory at pause"
+            } else {
+                "VERIFICATION FAILED"
+            }
+        )
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use pageserver_proto::v1::LatencySummary;
+
+    #[test]
+    fn status_fills_counters_and_latency_keys() {
+        let status = MigrationStatus {
+            page_size: 4096,
+            total_pages: 10,
+            precopy_rounds: 2,
+            dirty_pages_per_round: vec![10, 3],
+            faults_fetched: 4,
+            fault_latency: [(
+                "fetched".to_owned(),
+                LatencySummary { count: 4, p50_us: 50.0, p99_us: 90.0, max_us: 99.0 },
+            )]
+            .into_iter()
+            .collect(),
+            ..Default::default()
+        };
+        let mut report = Report::default();
+        report.apply_status(&status);
+        assert_eq!(report.precopy_rounds, 2);
+        assert_eq!(report.fault_latency_us["fetched"], LatencyPercentiles { p50: 50.0, p99: 90.0, max: 99.0 });
+        assert_eq!(report.fault_latency_us["fresh"], LatencyPercentiles::default());
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["fault_latency_us"]["fetched"]["p99"], 90.0);
+        assert_eq!(json["dirty_pages_per_round"], serde_json::json!([10, 3]));
+        assert!(!report.verification_passed());
+        report.verified_pages = 10;
+        assert!(report.verification_passed());
+        assert!(report.to_string().contains("10 of 10 pages"));
+    }
+}
+
+/// Fault counters of the target agent at one moment.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusAfterTouch {
+    pub faults_total: u64,
+    pub faults_fetched: u64,
+    pub faults_unknown: u64,
+    pub faults_missing_fetched: u64,
+    pub pages_fetched_on_demand: u64,
+    pub pages_fetched_unknown: u64,
+    pub pages_fetched_twice: u64,
+}
+
+impl From<&pageserver_proto::v1::MigrationStatus> for StatusAfterTouch {
+    fn from(s: &pageserver_proto::v1::MigrationStatus) -> Self {
+        Self {
+            faults_total: s.faults_total,
+            faults_fetched: s.faults_fetched,
+            faults_unknown: s.faults_unknown,
+            faults_missing_fetched: s.faults_missing_fetched,
+            pages_fetched_on_demand: s.pages_fetched_on_demand,
+            pages_fetched_unknown: s.pages_fetched_unknown,
+            pages_fetched_twice: s.pages_fetched_twice,
+        }
+    }
+}

@@ -1,0 +1,188 @@
+//! End-to-end migrations: both agents and two VMM stand-ins as separate
+//! processes, real userfaultfd (MINOR + MISSING on the target, WP_ASYNC +
+//! PAGEMAP_SCAN on the source), real memfd / hugetlbfs, real gRPC over
+//! 127.0.0.1. After every migration every byte of the target's memory is
+//! compared with the source's memory at pause time (by the target stand-in,
+//! against a snapshot the source stand-in took while paused).
+//!
+//! Needs root (userfaultfd, huge pages) and the workspace's binaries built in
+//! the same profile (`scripts/test` does both).
+
+use pageserver_demo::vmm::pattern;
+use pageserver_demo::{MigrationOptions, Report, run_migration};
+
+/// One migration at a time: each already runs five busy processes on two
+/// cores, and hugetlbfs guests share one huge-page pool.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+const MIB: u64 = 1 << 20;
+
+fn options(memory_bytes: u64) -> MigrationOptions {
+    MigrationOptions { memory_bytes, quiet: true, run_ms: 300, ..MigrationOptions::default() }
+}
+
+async fn migrate(opts: MigrationOptions) -> Report {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let report = run_migration(&opts).await.unwrap_or_else(|e| panic!("migration failed: {e}"));
+    println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+    report
+}
+
+/// Every byte of every page equals the source's memory at pause time.
+fn assert_every_byte_verified(r: &Report) {
+    assert_eq!(r.mismatched_pages, 0, "pages differing from the source at pause time: {:?}", r.first_mismatches);
+    assert_eq!(r.verified_pages, r.total_pages, "not every page was compared");
+    assert_eq!(r.total_pages * r.page_size, r.guest_bytes);
+}
+
+/// Only stale pages cross the network after switchover, each exactly once.
+fn assert_only_stale_pages_fetched(r: &Report) {
+    let fetched = r.pages_fetched_on_demand + r.pages_fetched_background;
+    assert!(r.final_bitmap_applied, "the final bitmap never arrived");
+    assert!(
+        fetched <= r.stale_pages_at_switchover + r.pages_fetched_unknown,
+        "{fetched} pages fetched after switchover, but only {} were stale and {} unknown",
+        r.stale_pages_at_switchover,
+        r.pages_fetched_unknown
+    );
+    // Pages fetched after switchover are exactly those fetched while unknown
+    // plus every page the bitmap marked stale: each stale page once.
+    assert_eq!(fetched, r.pages_marked_stale + r.pages_fetched_unknown, "a stale page was not fetched exactly once");
+    assert_eq!(r.pages_fetched_twice, 0, "a page was fetched twice");
+    assert_eq!(r.pages_by_state.get("stale").copied().unwrap_or(0), 0, "stale pages left behind");
+    assert_eq!(r.faults_total, r.faults_fresh + r.faults_fetched + r.faults_missing);
+}
+
+/// `count` pages, spread over the guest, that are holes (never written) in
+/// the source's initial memory for `seed`.
+fn holes(seed: u64, total_pages: u64, count: usize) -> Vec<u64> {
+    spread((0..total_pages).filter(|&p| pattern::is_initial_hole(seed, p)).collect(), count)
+}
+
+fn non_holes(seed: u64, total_pages: u64, count: usize) -> Vec<u64> {
+    spread((0..total_pages).filter(|&p| !pattern::is_initial_hole(seed, p)).collect(), count)
+}
+
+/// `count` of `pages`, evenly spread.
+fn spread(pages: Vec<u64>, count: usize) -> Vec<u64> {
+    assert!(pages.len() >= count, "only {} candidate pages", pages.len());
+    (0..count).map(|i| pages[i * pages.len() / count]).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shmem_migration_with_a_dirtying_guest_verifies_every_byte() {
+    let r = migrate(MigrationOptions { dirty_rate: 20_000, ..options(128 * MIB) }).await;
+    assert_eq!(r.page_size, 4096);
+    assert_every_byte_verified(&r);
+    assert_only_stale_pages_fetched(&r);
+    assert!(r.precopy_rounds >= 2, "pre-copy stopped after round 0");
+    assert_eq!(r.dirty_pages_per_round[0], r.total_pages, "round 0 sends every page");
+    assert!(r.stale_pages_at_switchover > 0, "the guest dirtied nothing after the last round");
+    assert!(r.pages_installed_bulk > 0, "no fresh page was installed in bulk");
+    assert!(r.faults_total > 0, "the target guest never faulted");
+    assert!(r.guest_pages_written > 0, "the target guest never wrote");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hugetlbfs_migration_with_a_dirtying_guest_verifies_every_byte() {
+    let r = migrate(MigrationOptions { hugetlb: true, dirty_rate: 400, ..options(128 * MIB) }).await;
+    assert_eq!(r.page_size, 2 * MIB);
+    assert_every_byte_verified(&r);
+    assert_only_stale_pages_fetched(&r);
+    assert!(r.faults_total > 0, "the target guest never faulted");
+}
+
+/// The trap: a page that was a hole when last copied (so it is a hole in
+/// the target's file, and a guest access raises MISSING, not MINOR) and that
+/// the source writes after the last pre-copy round. Touched on the target
+/// before the final bitmap is in, it must come from the source.
+async fn hole_written_after_last_copy(hugetlb: bool, memory_bytes: u64) {
+    let opts = options(memory_bytes);
+    let total_pages = memory_bytes / if hugetlb { 2 * MIB } else { 4096 };
+    let trap = holes(opts.seed, total_pages, 2);
+    assert_eq!(trap.len(), 2);
+    let r = migrate(MigrationOptions {
+        hugetlb,
+        dirty_rate: 0,
+        write_before_pause: trap.clone(),
+        touch_after_resume: trap.clone(),
+        bitmap_after_faults: u64::MAX,
+        bitmap_delay_ms: 1500,
+        ..opts
+    })
+    .await;
+    assert_every_byte_verified(&r);
+    assert_only_stale_pages_fetched(&r);
+    assert_eq!(r.stale_pages_at_switchover, 2, "only the two written holes changed after the last round");
+    let touch = r.status_after_touch.clone().expect("status after the touch");
+    assert!(touch.faults_missing_fetched >= 2, "the holes did not fault as MISSING and get fetched: {touch:?}");
+    assert_eq!(touch.pages_fetched_on_demand, 2, "{touch:?}");
+    assert_eq!(touch.pages_fetched_unknown, 2, "{touch:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shmem_hole_written_after_last_copy_is_fetched_not_zero_filled() {
+    hole_written_after_last_copy(false, 64 * MIB).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hugetlbfs_hole_written_after_last_copy_is_fetched_not_zero_filled() {
+    hole_written_after_last_copy(true, 64 * MIB).await;
+}
+
+/// The same trap with the final bitmap in first: the holes are known stale.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hole_written_after_last_copy_and_known_stale_is_fetched() {
+    let opts = options(64 * MIB);
+    let trap = holes(opts.seed, 64 * MIB / 4096, 3);
+    let r =
+        migrate(MigrationOptions { dirty_rate: 0, write_before_pause: trap.clone(), touch_after_resume: trap, ..opts })
+            .await;
+    assert_every_byte_verified(&r);
+    assert_only_stale_pages_fetched(&r);
+    assert_eq!(r.stale_pages_at_switchover, 3);
+}
+
+/// The guest runs before the final bitmap arrives: its faults hit pages of
+/// unknown state, which are fetched from the paused source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn faults_on_unknown_pages_before_the_bitmap_are_served_from_the_source() {
+    let r = migrate(MigrationOptions {
+        dirty_rate: 20_000,
+        bitmap_after_faults: u64::MAX,
+        bitmap_delay_ms: 2000,
+        run_ms: 300,
+        ..options(64 * MIB)
+    })
+    .await;
+    assert_every_byte_verified(&r);
+    assert_only_stale_pages_fetched(&r);
+    assert!(r.faults_unknown > 0, "no fault hit a page of unknown state");
+    assert!(r.pages_fetched_unknown > 0, "no page of unknown state was fetched");
+}
+
+/// Every vCPU thread reads the same pages at once: each page is fetched
+/// once, the other faults wait for that fetch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_threads_faulting_one_page_fetch_it_once() {
+    let opts = options(64 * MIB);
+    let pages = non_holes(opts.seed, 64 * MIB / 4096, 8);
+    let r = migrate(MigrationOptions {
+        vcpus: 4,
+        dirty_rate: 0,
+        touch_after_resume: pages.clone(),
+        bitmap_after_faults: u64::MAX,
+        bitmap_delay_ms: 1500,
+        ..opts
+    })
+    .await;
+    assert_every_byte_verified(&r);
+    assert_only_stale_pages_fetched(&r);
+    let touch = r.status_after_touch.clone().expect("status after the touch");
+    assert_eq!(touch.pages_fetched_on_demand, pages.len() as u64, "{touch:?}");
+    assert_eq!(touch.pages_fetched_twice, 0, "{touch:?}");
+    assert!(
+        touch.faults_fetched > pages.len() as u64,
+        "no second thread faulted on a page while it was being fetched: {touch:?}"
+    );
+}
