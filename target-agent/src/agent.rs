@@ -13,7 +13,6 @@
 #![forbid(unsafe_code)]
 
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -211,27 +210,36 @@ async fn final_bitmap(client: &mut source::Client, guest: &GuestMemory, since: u
 }
 
 /// Listens on the hand-off socket until one valid target hand-off arrives.
+/// A refused hand-off is logged and the next connection awaited.
 async fn accept_handoff(path: PathBuf) -> Result<Handoff, TargetError> {
     let err = |source| TargetError::HandoffSocket { path: path.clone(), source };
     let _ = std::fs::remove_file(&path);
-    let listener = UnixListener::bind(&path).map_err(err)?;
+    let listener = tokio::net::UnixListener::bind(&path).map_err(err)?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
     tracing::info!("waiting for the VMM hand-off on {}", path.display());
-    tokio::task::spawn_blocking(move || {
-        loop {
-            let stream = match listener.accept() {
-                Ok((s, _)) => s,
-                Err(e) => {
-                    tracing::warn!("hand-off accept: {e}");
-                    continue;
-                }
-            };
-            match receive_handoff(stream, Role::Target) {
-                Ok(h) => return Ok(h),
-                Err(e) => tracing::warn!("refused a hand-off: {e}"),
+    loop {
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s.into_std().and_then(|s| {
+                s.set_nonblocking(false)?;
+                // A peer that connects and says nothing must not block us.
+                s.set_read_timeout(Some(Duration::from_secs(5)))?;
+                Ok(s)
+            }),
+            Err(e) => Err(e),
+        };
+        let stream = match stream {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!("hand-off accept: {e}");
+                continue;
             }
+        };
+        let received = tokio::task::spawn_blocking(move || receive_handoff(stream, Role::Target))
+            .await
+            .map_err(|e| TargetError::Internal(e.to_string()))?;
+        match received {
+            Ok(h) => return Ok(h),
+            Err(e) => tracing::warn!("refused a hand-off: {e}"),
         }
-    })
-    .await
-    .map_err(|e| TargetError::Internal(e.to_string()))?
+    }
 }

@@ -1,0 +1,115 @@
+//! The target agent's gRPC API and hand-off socket before any migration:
+//! a real server on 127.0.0.1 and a real Unix socket.
+
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use guest_memory::RegionLayout;
+use guest_memory::handoff::{FdKind, HANDOFF_VERSION, HandoffError, HandoffMessage, Role, send_handoff};
+use guest_memory::sys::{self, MemoryMap, Userfaultfd, uffd_flags};
+use pageserver_proto::v1::migration_target_client::MigrationTargetClient;
+use pageserver_proto::v1::{GetStatusRequest, SwitchoverRequest};
+use target_agent::agent::{TargetAgent, TargetConfig};
+
+struct Running {
+    client: MigrationTargetClient<tonic::transport::Channel>,
+    socket: std::path::PathBuf,
+    _dir: TempDir,
+}
+
+struct TempDir(std::path::PathBuf);
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+async fn start(name: &str) -> Running {
+    let dir = std::env::temp_dir().join(format!("target-agent-test-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let socket = dir.join("target.sock");
+    let agent = TargetAgent::new(TargetConfig {
+        // Nothing listens there: the agent must not need the source before
+        // a VMM has handed its memory over.
+        source_url: "http://127.0.0.1:9".into(),
+        handoff_socket: socket.clone(),
+        vm: "test-vm".into(),
+        max_precopy_rounds: 4,
+    });
+    tokio::spawn(agent.clone().run());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(target_agent::service::serve(listener, agent, std::future::pending()));
+    let client = MigrationTargetClient::connect(format!("http://{addr}")).await.expect("connect");
+    for _ in 0..200 {
+        if socket.exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Running { client, socket, _dir: TempDir(dir) }
+}
+
+#[tokio::test]
+async fn switchover_before_the_handoff_is_refused() {
+    let mut t = start("early").await;
+    let status = t.client.get_status(GetStatusRequest {}).await.expect("GetStatus").into_inner();
+    assert_eq!(status.phase, "waiting-for-handoff");
+    let err = t.client.switchover(SwitchoverRequest::default()).await.expect_err("Switchover must be refused");
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err}");
+    assert!(err.message().contains("hand-off"), "{err}");
+}
+
+/// A target VMM's memory, registered MINOR|MISSING like the real thing.
+fn target_vmm(pages: u64) -> (std::os::fd::OwnedFd, MemoryMap, Userfaultfd) {
+    let len = pages * 4096;
+    let memfd = sys::memfd_create("target-test", false).expect("memfd");
+    sys::ftruncate(memfd.as_fd(), len).expect("ftruncate");
+    let map = MemoryMap::map(memfd.as_fd(), 0, len as usize, true).expect("mmap");
+    let uffd = Userfaultfd::new(false).expect("userfaultfd");
+    uffd.api(uffd_flags::FEATURE_MINOR_SHMEM | uffd_flags::FEATURE_MISSING_SHMEM).expect("UFFDIO_API");
+    uffd.register(map.addr(), len, uffd_flags::MODE_MINOR | uffd_flags::MODE_MISSING).expect("register");
+    (memfd, map, uffd)
+}
+
+#[tokio::test]
+async fn malformed_handoffs_get_a_clear_refusal() {
+    let t = start("malformed").await;
+    let socket = t.socket.clone();
+    tokio::task::spawn_blocking(move || {
+        let (memfd, map, uffd) = target_vmm(16);
+        let message = |role, fds, size| HandoffMessage {
+            version: HANDOFF_VERSION,
+            role,
+            vm: "test-vm".into(),
+            pid: std::process::id(),
+            regions: vec![RegionLayout { base_host_virt_addr: map.addr(), size, offset: 0, page_size: 4096 }],
+            fds,
+        };
+        let refusal = |msg: &HandoffMessage, fds: &[std::os::fd::BorrowedFd<'_>]| {
+            let stream = UnixStream::connect(&socket).expect("connect");
+            match send_handoff(&stream, msg, fds) {
+                Err(HandoffError::Refused(why)) => why,
+                other => panic!("expected a refusal, got {other:?}"),
+            }
+        };
+        let both = [memfd.as_fd(), uffd.as_fd()];
+        let kinds = vec![FdKind::Memory, FdKind::Uffd];
+        let why =
+            refusal(&message(Role::Source, vec![FdKind::Memory, FdKind::Uffd, FdKind::Pagemap], 16 * 4096), &both);
+        assert!(why.contains("Source") && why.contains("Target"), "{why}");
+        let why = refusal(&message(Role::Target, kinds.clone(), 64 * 4096), &both);
+        assert!(why.contains("memory file has"), "{why}");
+        let why = refusal(&message(Role::Target, kinds.clone(), 16 * 4096), &[memfd.as_fd()]);
+        assert!(why.contains("attached"), "{why}");
+        // The descriptors swapped: the "uffd" is a memfd.
+        let why = refusal(&message(Role::Target, kinds, 16 * 4096), &[uffd.as_fd(), memfd.as_fd()]);
+        assert!(why.contains("not what it claims"), "{why}");
+    })
+    .await
+    .expect("hand-off attempts");
+    let mut client = t.client.clone();
+    let status = client.get_status(GetStatusRequest {}).await.expect("GetStatus").into_inner();
+    assert_eq!(status.phase, "waiting-for-handoff", "a refused hand-off must leave the agent waiting");
+}
