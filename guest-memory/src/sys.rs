@@ -38,12 +38,15 @@ const _: () = assert!(size_of::<k::uffdio_range>() == 16);
 const _: () = assert!(kio::UFFDIO_CONTINUE == iowr(0xAA, 0x07, size_of::<k::uffdio_continue>()));
 const _: () = assert!(kio::UFFDIO_COPY == iowr(0xAA, 0x03, size_of::<k::uffdio_copy>()));
 const _: () = assert!(kio::UFFDIO_API == iowr(0xAA, 0x3F, size_of::<k::uffdio_api>()));
+const _: () = assert!(kio::UFFDIO_ZEROPAGE == iowr(0xAA, 0x04, size_of::<k::uffdio_zeropage>()));
 /// `_IO(0xAA, 0x00)` on /dev/userfaultfd (linux/userfaultfd.h, 6.1+).
 const USERFAULTFD_IOC_NEW: u32 = 0xAA00;
 
 const UFFD_MSG_SIZE: usize = 32;
 /// linux/userfaultfd.h: `UFFDIO_CONTINUE_MODE_DONTWAKE ((__u64)1<<0)`.
 const UFFDIO_CONTINUE_MODE_DONTWAKE: u64 = 1;
+/// linux/userfaultfd.h: `UFFDIO_ZEROPAGE_MODE_DONTWAKE ((__u64)1<<0)`.
+const UFFDIO_ZEROPAGE_MODE_DONTWAKE: u64 = 1;
 /// linux/userfaultfd.h: `UFFDIO_WRITEPROTECT_MODE_WP ((__u64)1<<0)`.
 const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1;
 
@@ -413,6 +416,25 @@ impl Userfaultfd {
             return Ok(arg.copy as u64);
         }
         Err(Self::range_error("UFFDIO_COPY", dst, len, errno))
+    }
+
+    /// UFFDIO_ZEROPAGE: resolves MISSING faults on [addr, addr+len) with
+    /// zeroed pages (shmem allocates them in the page cache). Not supported
+    /// on hugetlbfs (EINVAL).
+    pub fn zeropage(&self, addr: u64, len: u64, wake: bool) -> Result<u64, UffdError> {
+        let mode = if wake { 0 } else { UFFDIO_ZEROPAGE_MODE_DONTWAKE };
+        let mut arg = k::uffdio_zeropage { range: k::uffdio_range { start: addr, len }, mode, zeropage: 0 };
+        // SAFETY: `arg` is a valid uffdio_zeropage the kernel reads and writes;
+        // the range is in the VMM's address space, not ours.
+        let r = unsafe { libc::ioctl(self.fd.as_raw_fd(), kio::UFFDIO_ZEROPAGE as _, &mut arg) };
+        if r == 0 {
+            return Ok(len);
+        }
+        let errno = io::Error::last_os_error().raw_os_error().unwrap_or(0);
+        if arg.zeropage > 0 {
+            return Ok(arg.zeropage as u64);
+        }
+        Err(Self::range_error("UFFDIO_ZEROPAGE", addr, len, errno))
     }
 
     /// UFFDIO_WAKE: wakes threads blocked on faults in [addr, addr+len).

@@ -191,19 +191,41 @@ impl GuestMemory {
                 // Only the fault loop handles fresh holes, one fault at a
                 // time, so no one else writes this page meanwhile.
                 let kind = if entry.present {
+                    self.continue_page(page)?;
                     FaultKind::Fresh
                 } else {
-                    let (map, off) = self.locate(page);
-                    map.fill_zero(off, self.page_size() as usize);
-                    self.states.set_present(page);
+                    self.zero_fill(page)?;
                     FaultKind::Missing
                 };
-                self.continue_page(page)?;
                 self.states.transition(page, PageState::Fresh, PageState::Installed);
                 Ok(Some(kind))
             }
             _ => Ok(None),
         }
+    }
+
+    /// Resolves a MISSING fault on a hole known to be zero: UFFDIO_ZEROPAGE
+    /// where the kernel has it (shmem), else zeros written through our
+    /// mapping (allocating the page) and UFFDIO_CONTINUE (hugetlbfs).
+    fn zero_fill(&self, page: u64) -> Result<(), InstallError> {
+        let addr = self.layout.host_addr(page);
+        let len = self.page_size();
+        if len == 4096 {
+            match self.uffd.zeropage(addr, len, true) {
+                Ok(_) => {
+                    self.states.set_present(page);
+                    return Ok(());
+                }
+                // Allocated meanwhile: map what is there.
+                Err(UffdError::Exists { .. }) => {}
+                Err(source) => return Err(InstallError::Uffd { page, source }),
+            }
+        } else {
+            let (map, off) = self.locate(page);
+            map.fill_zero(off, len as usize);
+        }
+        self.states.set_present(page);
+        self.continue_page(page)
     }
 
     /// Maps every fresh page that the file holds, one UFFDIO_CONTINUE per run
