@@ -103,6 +103,21 @@ pub fn fallocate_keep_size(fd: BorrowedFd<'_>, offset: u64, len: u64) -> io::Res
     .map(drop)
 }
 
+/// Deallocates `len` bytes at `offset` of `fd` (they read back as zeros and
+/// are holes again); the file keeps its size.
+pub fn punch_hole(fd: BorrowedFd<'_>, offset: u64, len: u64) -> io::Result<()> {
+    // SAFETY: plain syscall on a borrowed, open fd.
+    cvt(unsafe {
+        libc::fallocate(
+            fd.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset as libc::off_t,
+            len as libc::off_t,
+        )
+    })
+    .map(drop)
+}
+
 // ---------------------------------------------------------------------------
 // Mappings.
 

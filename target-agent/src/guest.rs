@@ -35,6 +35,12 @@ pub enum InstallError {
         #[source]
         source: UffdError,
     },
+    #[error("emptying region {region} of the target's memory file: {source}")]
+    Empty {
+        region: usize,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("reply names a page outside the layout: {0}")]
     BadPage(#[from] LayoutError),
     #[error("page {page}: got {got} bytes, expected {expected}")]
@@ -67,6 +73,11 @@ impl GuestMemory {
         let layout = handoff.layout;
         let mut maps = Vec::with_capacity(layout.regions().len());
         for (i, r) in layout.regions().iter().enumerate() {
+            // Start from an empty file: the page states say every page is a
+            // hole until pre-copy writes it, and a page left over from an
+            // earlier use of the file must never be mapped as if fresh.
+            sys::punch_hole(handoff.memory.as_fd(), r.offset, r.size)
+                .map_err(|source| InstallError::Empty { region: i, source })?;
             let map = MemoryMap::map(handoff.memory.as_fd(), r.offset, r.size as usize, true)
                 .map_err(|source| InstallError::Map { region: i, source })?;
             maps.push(map);
