@@ -16,16 +16,18 @@ struct Args {
     /// Guest memory size: 1G, 256M, 64MiB or bytes.
     #[arg(long, value_parser = parse_size, default_value = "1G")]
     memory: u64,
-    /// Back guest memory with 2 MiB huge pages (needs /proc/sys/vm/nr_hugepages).
+    /// Back guest memory with 2 MiB huge pages (reserved in
+    /// /proc/sys/vm/nr_hugepages for the run when too few are free).
     #[arg(long)]
     hugetlb: bool,
     #[arg(long, default_value_t = 4)]
     vcpus: u32,
     #[arg(long, default_value_t = 1)]
     seed: u64,
-    /// Source page writes per second across all vCPUs.
-    #[arg(long, default_value_t = 20_000)]
-    dirty_rate: u64,
+    /// Source page writes per second across all vCPUs [default: 20000, or
+    /// 100 with --hugetlb, where one write dirties a whole 2 MiB page].
+    #[arg(long)]
+    dirty_rate: Option<u64>,
     /// How long the target guest runs after the switchover, in milliseconds.
     #[arg(long, default_value_t = 1000)]
     run_ms: u64,
@@ -59,7 +61,7 @@ async fn main() -> anyhow::Result<()> {
         hugetlb: args.hugetlb,
         vcpus: args.vcpus,
         seed: args.seed,
-        dirty_rate: args.dirty_rate,
+        dirty_rate: args.dirty_rate.unwrap_or(if args.hugetlb { 100 } else { 20_000 }),
         run_ms: args.run_ms,
         max_precopy_rounds: args.max_precopy_rounds,
         write_before_pause: args.write_before_pause,

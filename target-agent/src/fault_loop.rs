@@ -36,6 +36,10 @@ use crate::page_state::PageState;
 use crate::source;
 use crate::stats::FaultKind;
 
+/// Nice value of the fault-loop thread: a vCPU waits on every fault it
+/// handles, so it must not queue behind other vCPUs for a CPU.
+const FAULT_LOOP_NICE: i32 = -10;
+
 /// Shared with the background puller: where the guest faulted last.
 #[derive(Debug, Default)]
 pub struct FaultHint {
@@ -67,6 +71,9 @@ impl FaultLoop {
     /// Starts the loop on its own thread.
     pub fn spawn(self) -> std::io::Result<std::thread::JoinHandle<()>> {
         std::thread::Builder::new().name("fault-loop".into()).spawn(move || {
+            if let Err(e) = crate::sys::raise_thread_priority(FAULT_LOOP_NICE) {
+                tracing::warn!("fault loop keeps normal priority ({e}): busy vCPUs may delay it");
+            }
             let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                 Ok(rt) => rt,
                 Err(e) => {

@@ -41,6 +41,12 @@ pub enum InstallError {
         #[source]
         source: std::io::Error,
     },
+    #[error("allocating page {page} in the target's memory file: {source}")]
+    Allocate {
+        page: u64,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("reply names a page outside the layout: {0}")]
     BadPage(#[from] LayoutError),
     #[error("page {page}: got {got} bytes, expected {expected}")]
@@ -48,6 +54,9 @@ pub enum InstallError {
     #[error("page {page} arrived but is {state:?}, not claimed for fetching")]
     NotClaimed { page: u64, state: PageState },
 }
+
+/// Largest range one bulk UFFDIO_CONTINUE maps.
+const BULK_CHUNK_BYTES: u64 = 32 << 20;
 
 /// Who fetched a page after switchover.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -232,8 +241,10 @@ impl GuestMemory {
                 Err(source) => return Err(InstallError::Uffd { page, source }),
             }
         } else {
-            let (map, off) = self.locate(page);
-            map.fill_zero(off, len as usize);
+            // The kernel allocates a zeroed huge page in the file; writing
+            // zeros through our mapping would clear it twice.
+            sys::fallocate_keep_size(self.memory.as_fd(), self.layout.file_offset(page), len)
+                .map_err(|source| InstallError::Allocate { page, source })?;
         }
         self.states.set_present(page);
         self.continue_page(page)
@@ -256,7 +267,9 @@ impl GuestMemory {
                 let mut cursor = page;
                 while cursor < run_end {
                     let addr = self.layout.host_addr(cursor);
-                    let len = (run_end - cursor) * ps;
+                    // Bounded chunks: the kernel holds the VMM's mmap lock
+                    // for a whole call, so faults interleave between them.
+                    let len = (run_end - cursor).min((BULK_CHUNK_BYTES / ps).max(1)) * ps;
                     match self.uffd.continue_range(addr, len, true) {
                         Ok(n) => cursor += n / ps,
                         Err(UffdError::Again { .. }) => std::thread::yield_now(),

@@ -26,9 +26,10 @@ use crate::source::{self, Client, SourceError};
 
 /// Requests in flight on the background connection during pre-copy.
 const PRECOPY_WINDOW: usize = 16;
-/// Bytes per background request after switchover, and requests in flight.
+/// Bytes per background request after switchover, and bytes in flight: a
+/// fault that joins a background fetch waits for at most about this much.
 const PULL_REQUEST_BYTES: u64 = 64 << 10;
-const PULL_WINDOW: usize = 8;
+const PULL_WINDOW_BYTES: u64 = 512 << 10;
 const RETRIES: u32 = 8;
 
 #[derive(Debug, thiserror::Error)]
@@ -172,10 +173,11 @@ pub async fn pull_stale(
     hint: Arc<FaultHint>,
 ) -> Result<(), TransferError> {
     let batch = (PULL_REQUEST_BYTES / guest.page_size()).max(1);
+    let window = (PULL_WINDOW_BYTES / (batch * guest.page_size())).max(1) as usize;
     let mut picker =
         StalePicker { guest: &guest, stale, cursor: 0, last_hint: u64::MAX, hint: &hint, batch, next_id: 0 };
     let g = guest.clone();
-    run_with_retries(client, url, PULL_WINDOW, || picker.next(), |r| store_reply(&g, r, Some(FetchOrigin::Background)))
+    run_with_retries(client, url, window, || picker.next(), |r| store_reply(&g, r, Some(FetchOrigin::Background)))
         .await?;
     Ok(())
 }
