@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use guest_memory::handoff::{Role, VmmEvent, receive_handoff};
 use guest_memory::sys::{MemoryMap, PageRegion, ScanRequest, is_zero, pagemap_flags, pagemap_scan};
-use harness::{HandoffListener, Standin, huge_pages_available, standin_args};
+use harness::{HandoffListener, Standin, reserve_huge_pages, standin_args};
 use pageserver_demo::process::WorkDir;
 use pageserver_demo::vmm::pattern;
 use pageserver_demo::vmm::protocol::StandinEvent;
@@ -121,9 +121,8 @@ fn source_handoff_write_pause_snapshot_shmem() {
 
 #[test]
 fn source_handoff_write_pause_snapshot_hugetlb() {
-    if huge_pages_available(16) {
-        source_handoff_write_pause_snapshot(true);
-    }
+    let _huge_pages = reserve_huge_pages(16);
+    source_handoff_write_pause_snapshot(true);
 }
 
 /// With a dirty rate, the vCPUs change memory until the pause and never

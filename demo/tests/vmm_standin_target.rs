@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use guest_memory::handoff::{Role, receive_handoff};
 use guest_memory::sys::{MemoryMap, UffdError, UffdEvent, Userfaultfd};
-use harness::{HandoffListener, Standin, huge_pages_available, standin_args};
+use harness::{HandoffListener, Standin, reserve_huge_pages, standin_args};
 use pageserver_demo::process::WorkDir;
 use pageserver_demo::vmm::pattern;
 use pageserver_demo::vmm::protocol::StandinEvent;
@@ -150,7 +150,6 @@ fn target_faults_touch_resume_verify_shmem() {
 
 #[test]
 fn target_faults_touch_resume_verify_hugetlb() {
-    if huge_pages_available(16) {
-        target_faults_touch_resume_verify(true);
-    }
+    let _huge_pages = reserve_huge_pages(16);
+    target_faults_touch_resume_verify(true);
 }

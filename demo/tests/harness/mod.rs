@@ -137,17 +137,9 @@ pub fn standin_args(role: &str, memory: &str, socket: &Path, extra: &[&str]) -> 
     args
 }
 
-/// Whether `pages` free 2 MiB huge pages are available; if not, the test
-/// that needs them says so and is skipped.
-pub fn huge_pages_available(pages: u64) -> bool {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let free = meminfo
-        .lines()
-        .find_map(|l| l.strip_prefix("HugePages_Free:"))
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .unwrap_or(0);
-    if free < pages {
-        eprintln!("skipped: needs {pages} free huge pages, {free} free (echo N > /proc/sys/vm/nr_hugepages)");
-    }
-    free >= pages
+/// Makes `pages` free 2 MiB huge pages available for the test (growing the
+/// pool as root, given back when the guard drops); fails the test if it
+/// cannot.
+pub fn reserve_huge_pages(pages: u64) -> pageserver_demo::hugepages::HugePageReservation {
+    pageserver_demo::hugepages::reserve(pages).unwrap_or_else(|e| panic!("huge pages: {e}"))
 }
