@@ -10,11 +10,14 @@
 //! - [`service`] and [`server`]: the gRPC service and server (with health and
 //!   reflection);
 //! - [`handoff`]: the Unix socket on which the VMM hands its memory over;
+//! - [`control`]: `pageserver.v1.MigrationSource`, for an orchestrator to
+//!   report the VM paused (QEMU cannot say so over the hand-off);
 //! - [`agent`]: the agent's state and counters.
 #![forbid(unsafe_code)]
 
 pub mod agent;
 pub use pageserver_proto::bitmap;
+pub mod control;
 pub mod dirty;
 pub mod handoff;
 pub mod memory;

@@ -9,6 +9,7 @@
 use std::future::Future;
 use std::sync::Arc;
 
+use pageserver_proto::v1::migration_source_server::MigrationSourceServer;
 use pageserver_proto::v1::page_server_server::PageServerServer;
 use pageserver_proto::{FILE_DESCRIPTOR_SET, MAX_MESSAGE_BYTES};
 use tokio::net::TcpListener;
@@ -61,6 +62,7 @@ pub async fn serve(
     };
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
+    let control = MigrationSourceServer::new(crate::control::ControlService::new(agent.clone()));
     let page_server = PageServerServer::new(PageService::new(agent))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
@@ -72,6 +74,7 @@ pub async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(page_server)
+        .add_service(control)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await;
     health_updater.abort();

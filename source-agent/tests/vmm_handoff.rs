@@ -254,3 +254,38 @@ async fn a_vmm_gone_after_a_pause_loses_nothing_and_adds_nothing() {
     assert_eq!(pages, [5]);
     setup.server.stop().await;
 }
+
+/// For VMMs that cannot report their pause (QEMU), the orchestrator does:
+/// `MigrationSource/SetPaused`. Before it, a final bitmap is refused; after
+/// it, the final bitmap holds exactly what was written before the pause.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_orchestrator_reports_the_pause_over_grpc() {
+    use pageserver_proto::v1::SetPausedRequest;
+    use pageserver_proto::v1::migration_source_client::MigrationSourceClient;
+
+    let setup = start_waiting_agent().await;
+    let mut control = MigrationSourceClient::new(setup.server.channel().await);
+    let early = control.set_paused(SetPausedRequest { paused: true }).await.expect_err("no memory yet");
+    assert_eq!(early.code(), Code::Unavailable, "{early}");
+
+    let mut client = setup.server.client().await;
+    let vmm = hand_off(&setup.socket, PAGES).await;
+    let (bitmap, _) = dirty_pages(&mut client, 0, false).await.expect("since 0");
+    let e1 = bitmap.epoch;
+    vmm.write_page(9, 1);
+    let running = bitmap_chunks(&mut client, e1, true).await.expect_err("final while running");
+    assert_eq!(running.code(), Code::FailedPrecondition);
+
+    let reply = control.set_paused(SetPausedRequest { paused: true }).await.expect("SetPaused").into_inner();
+    assert!(reply.paused);
+    assert!(reply.epoch > e1, "the pause scans at once");
+    assert!(paused(&mut client).await);
+    let (bitmap, pages) = dirty_pages(&mut client, e1, true).await.expect("final bitmap");
+    assert!(bitmap.paused);
+    assert_eq!(pages, [9]);
+
+    let reply = control.set_paused(SetPausedRequest { paused: false }).await.expect("SetPaused").into_inner();
+    assert!(!reply.paused);
+    assert!(!paused(&mut client).await);
+    setup.server.stop().await;
+}
