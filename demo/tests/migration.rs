@@ -186,3 +186,23 @@ async fn many_threads_faulting_one_page_fetch_it_once() {
         "no second thread faulted on a page while it was being fetched: {touch:?}"
     );
 }
+
+/// The verification can fail: a target agent told to install stale pages as
+/// if fresh (fault injection) must be caught, page by page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_pages_installed_as_fresh_are_caught() {
+    let opts = options(64 * MIB);
+    let written = non_holes(opts.seed, 64 * MIB / 4096, 3);
+    let r = migrate(MigrationOptions {
+        dirty_rate: 0,
+        write_before_pause: written.clone(),
+        withhold_stale_pages: 3,
+        ..opts
+    })
+    .await;
+    assert!(!r.verification_passed());
+    assert_eq!(r.mismatched_pages, 3, "every withheld page must show up: {:?}", r.first_mismatches);
+    let mut caught = r.first_mismatches.clone();
+    caught.sort_unstable();
+    assert_eq!(caught, written);
+}

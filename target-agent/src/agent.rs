@@ -36,6 +36,10 @@ pub struct TargetConfig {
     pub handoff_socket: PathBuf,
     pub vm: String,
     pub max_precopy_rounds: u32,
+    /// FAULT INJECTION, for proving that verification catches stale pages:
+    /// treat this many pages of the final bitmap as fresh, so their stale
+    /// pre-copied content is installed. Never set outside such tests.
+    pub withhold_stale_pages: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -147,7 +151,11 @@ impl TargetAgent {
 
         self.wait_before_bitmap(&req).await;
         let dirty = final_bitmap(&mut client, &guest, epoch).await?;
-        let stale = guest.states.apply_final_bitmap(&dirty);
+        let withheld = (self.config.withhold_stale_pages as usize).min(dirty.len());
+        if withheld > 0 {
+            tracing::warn!("FAULT INJECTION: treating {withheld} stale pages as fresh; the guest will see stale data");
+        }
+        let stale = guest.states.apply_final_bitmap(&dirty[withheld..]);
         self.stats.stale_pages_at_switchover.store(dirty.len() as u64, Ordering::Relaxed);
         self.stats.pages_marked_stale.store(stale.len() as u64, Ordering::Relaxed);
         self.stats.final_bitmap_applied.store(true, Ordering::Release);

@@ -26,6 +26,10 @@ struct Args {
     /// Most pre-copy rounds before waiting for switchover.
     #[arg(long, env = "PAGESERVER_MAX_PRECOPY_ROUNDS", default_value_t = 8)]
     max_precopy_rounds: u32,
+    /// FAULT INJECTION for tests of the verification: install this many
+    /// stale pages as if fresh. Breaks the product's guarantee on purpose.
+    #[arg(long, hide = true, default_value_t = 0)]
+    fault_injection_withhold_stale_pages: u64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -47,6 +51,7 @@ fn main() -> anyhow::Result<()> {
             handoff_socket: args.handoff_socket,
             vm: args.vm,
             max_precopy_rounds: args.max_precopy_rounds,
+            withhold_stale_pages: args.fault_injection_withhold_stale_pages,
         });
         tokio::spawn(agent.clone().run());
         let shutdown = async {

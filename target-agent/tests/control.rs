@@ -36,6 +36,7 @@ async fn start(name: &str) -> Running {
         handoff_socket: socket.clone(),
         vm: "test-vm".into(),
         max_precopy_rounds: 4,
+        withhold_stale_pages: 0,
     });
     tokio::spawn(agent.clone().run());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");

@@ -204,13 +204,16 @@ impl Migration<'_> {
     /// target VM; returns a client of the target agent.
     async fn start_target(&mut self, source_addr: &str) -> Result<MigrationTargetClient<Channel>, MigrationError> {
         let socket = self.path("target.sock");
-        let args = [
+        let mut args = vec![
             "--listen=127.0.0.1:0".to_owned(),
             format!("--source=http://{source_addr}"),
             format!("--handoff-socket={socket}"),
             format!("--vm={}", self.opts.vm_name),
             format!("--max-precopy-rounds={}", self.opts.max_precopy_rounds),
         ];
+        if self.opts.withhold_stale_pages > 0 {
+            args.push(format!("--fault-injection-withhold-stale-pages={}", self.opts.withhold_stale_pages));
+        }
         let agent =
             self.children.target_agent.insert(spawn("target-agent", &self.binaries.target_agent, &args, self.work)?);
         let addr = wait_listening(agent, deadline(self.opts.phase_timeout)).await?;

@@ -32,6 +32,9 @@ pub struct MigrationOptions {
     pub max_written_pages: u64,
     /// Longest wait for any one step (startup, pre-copy, verify, ...).
     pub phase_timeout: Duration,
+    /// FAULT INJECTION: the target agent installs this many stale pages as
+    /// if fresh (to prove that the verification catches it).
+    pub withhold_stale_pages: u64,
 }
 
 impl Default for MigrationOptions {
@@ -52,6 +55,7 @@ impl Default for MigrationOptions {
             vm_name: "demo-vm".to_owned(),
             max_written_pages: 4096,
             phase_timeout: Duration::from_secs(300),
+            withhold_stale_pages: 0,
         }
     }
 }
