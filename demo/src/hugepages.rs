@@ -40,6 +40,13 @@ fn meminfo(field: &str) -> Result<u64, HugePageError> {
     Ok(text.lines().find_map(|l| l.strip_prefix(field)?.split_whitespace().next()?.parse().ok()).unwrap_or(0))
 }
 
+/// Free huge pages that no mapping has reserved yet (a shared hugetlbfs
+/// mapping reserves its pages at mmap time and counts them as free until
+/// they are touched).
+fn available() -> Result<u64, HugePageError> {
+    Ok(meminfo("HugePages_Free:")?.saturating_sub(meminfo("HugePages_Rsvd:")?))
+}
+
 fn pool_size() -> Result<u64, HugePageError> {
     let text = std::fs::read_to_string(POOL).map_err(|source| HugePageError::Read { what: POOL, source })?;
     Ok(text.trim().parse().unwrap_or(0))
@@ -48,7 +55,7 @@ fn pool_size() -> Result<u64, HugePageError> {
 /// Makes sure `need` huge pages are free, growing the pool if we may.
 pub fn reserve(need: u64) -> Result<HugePageReservation, HugePageError> {
     let mut added_total = ADDED.lock().unwrap_or_else(|e| e.into_inner());
-    let free = meminfo("HugePages_Free:")?;
+    let free = available()?;
     if free >= need {
         return Ok(HugePageReservation { added: 0 });
     }
@@ -57,7 +64,7 @@ pub fn reserve(need: u64) -> Result<HugePageReservation, HugePageError> {
     if std::fs::write(POOL, want.to_string()).is_err() {
         return Err(HugePageError::TooFew { need, free, want, hint: " and the pool cannot be grown (not root?)" });
     }
-    let now_free = meminfo("HugePages_Free:")?;
+    let now_free = available()?;
     let added = pool_size()?.saturating_sub(want - missing);
     *added_total += added;
     let reservation = HugePageReservation { added };

@@ -5,6 +5,7 @@
 //! - [`migration`]: the orchestration: both agents and both stand-ins as
 //!   separate processes, pre-copy, pause, switchover, post-copy, and a
 //!   byte-for-byte verification of the target's memory ([`run_migration`]).
+//! - [`qemu`]: the same with an unmodified QEMU and the VMM shim.
 //! - [`report`]: what a migration measured.
 //! - [`process`]: finding, building and supervising the child processes.
 //! - [`status_watch`]: the target agent's status, polled in the background.
@@ -15,6 +16,7 @@
 pub mod hugepages;
 pub mod migration;
 pub mod process;
+pub mod qemu;
 pub mod report;
 pub mod size;
 pub mod status_watch;

@@ -7,15 +7,21 @@ use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use clap::Parser;
+use pageserver_demo::qemu::{QemuOptions, run_qemu_migration};
 use pageserver_demo::size::parse_size;
 use pageserver_demo::{MigrationOptions, run_migration};
 
 #[derive(Debug, Parser)]
 #[command(about = "Runs a post-copy live migration between two local VMM stand-ins and reports on it")]
 struct Args {
-    /// Guest memory size: 1G, 256M, 64MiB or bytes.
-    #[arg(long, value_parser = parse_size, default_value = "1G")]
-    memory: u64,
+    /// Which VMM runs the guest: the stand-in (a process that dirties memory
+    /// like a guest), or an unmodified QEMU booting a guest that checks its
+    /// own memory (needs qemu-system-x86 and guest/build.sh).
+    #[arg(long, value_enum, default_value = "standin")]
+    vmm: Vmm,
+    /// Guest memory size: 1G, 256M, 64MiB or bytes [default: 1G; 256M with --vmm qemu].
+    #[arg(long, value_parser = parse_size)]
+    memory: Option<u64>,
     /// Back guest memory with 2 MiB huge pages (reserved in
     /// /proc/sys/vm/nr_hugepages for the run when too few are free).
     #[arg(long)]
@@ -48,16 +54,29 @@ struct Args {
     /// ...or after this many milliseconds, whichever comes first.
     #[arg(long, default_value_t = 0)]
     bitmap_delay_ms: u64,
+    /// FAULT INJECTION: the target agent installs this many stale pages as
+    /// if fresh, to show that the verification catches them.
+    #[arg(long, hide = true, default_value_t = 0)]
+    fault_injection_withhold_stale_pages: u64,
     /// Also write the report as JSON to this file.
     #[arg(long)]
     report_json: Option<PathBuf>,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Vmm {
+    Standin,
+    Qemu,
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if args.vmm == Vmm::Qemu {
+        return run_qemu(&args).await;
+    }
     let options = MigrationOptions {
-        memory_bytes: args.memory,
+        memory_bytes: args.memory.unwrap_or(1 << 30),
         hugetlb: args.hugetlb,
         vcpus: args.vcpus,
         seed: args.seed,
@@ -68,6 +87,7 @@ async fn main() -> anyhow::Result<()> {
         touch_after_resume: args.touch_after_resume,
         bitmap_after_faults: args.bitmap_after_faults,
         bitmap_delay_ms: args.bitmap_delay_ms,
+        withhold_stale_pages: args.fault_injection_withhold_stale_pages,
         ..MigrationOptions::default()
     };
     // On Ctrl-C the migration future is dropped: its children are killed and
@@ -90,6 +110,28 @@ async fn main() -> anyhow::Result<()> {
             report.mismatched_pages,
             report.first_mismatches
         );
+    }
+    Ok(())
+}
+
+async fn run_qemu(args: &Args) -> anyhow::Result<()> {
+    let options = QemuOptions {
+        memory_mib: args.memory.unwrap_or(256 << 20) >> 20,
+        hugetlb: args.hugetlb,
+        withhold_stale_pages: args.fault_injection_withhold_stale_pages,
+        ..QemuOptions::default()
+    };
+    let report = tokio::select! {
+        report = run_qemu_migration(&options) => report.context("QEMU migration failed")?,
+        _ = tokio::signal::ctrl_c() => bail!("interrupted"),
+    };
+    println!("\n{report}");
+    if let Some(path) = &args.report_json {
+        std::fs::write(path, serde_json::to_string_pretty(&report)? + "\n")
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if report.guest.bad_words > 0 {
+        bail!("the guest saw {} bad words after the migration", report.guest.bad_words);
     }
     Ok(())
 }

@@ -179,11 +179,23 @@ pub struct ChildProcess {
 
 impl ChildProcess {
     pub fn spawn(name: &str, program: &Path, args: &[impl AsRef<OsStr>], log_dir: &Path) -> Result<Self, ProcessError> {
+        Self::spawn_with_env(name, program, args, &[], log_dir)
+    }
+
+    /// Like [`ChildProcess::spawn`], with extra environment variables.
+    pub fn spawn_with_env(
+        name: &str,
+        program: &Path,
+        args: &[impl AsRef<OsStr>],
+        env: &[(&str, &OsStr)],
+        log_dir: &Path,
+    ) -> Result<Self, ProcessError> {
         let spawn_error = |source| ProcessError::Spawn { name: name.to_owned(), program: program.to_owned(), source };
         let log_path = log_dir.join(format!("{name}.log"));
         let log = std::fs::File::create(&log_path).map_err(spawn_error)?;
         let mut child = tokio::process::Command::new(program)
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(log)
