@@ -59,9 +59,11 @@ pub struct Binaries {
     pub source_agent: PathBuf,
     pub target_agent: PathBuf,
     pub vmm_standin: PathBuf,
+    /// The LD_PRELOAD library for QEMU.
+    pub vmm_shim: PathBuf,
 }
 
-const BINARY_NAMES: [&str; 3] = ["source-agent", "target-agent", "vmm-standin"];
+const BINARY_NAMES: [&str; 4] = ["source-agent", "target-agent", "vmm-standin", "libpageserver_vmm_shim.so"];
 
 impl Binaries {
     fn in_dir(dir: &Path) -> Self {
@@ -69,11 +71,12 @@ impl Binaries {
             source_agent: dir.join(BINARY_NAMES[0]),
             target_agent: dir.join(BINARY_NAMES[1]),
             vmm_standin: dir.join(BINARY_NAMES[2]),
+            vmm_shim: dir.join(BINARY_NAMES[3]),
         }
     }
 
     fn missing(&self) -> Option<&'static str> {
-        [&self.source_agent, &self.target_agent, &self.vmm_standin]
+        [&self.source_agent, &self.target_agent, &self.vmm_standin, &self.vmm_shim]
             .into_iter()
             .zip(BINARY_NAMES)
             .find_map(|(path, name)| (!path.is_file()).then_some(name))
@@ -101,7 +104,7 @@ impl Binaries {
         build_binaries(dir.file_name().is_some_and(|name| name == "release")).await?;
         match binaries.missing() {
             Some(binary) => Err(ProcessError::Build {
-                command: "cargo build --bins".into(),
+                command: "cargo build --workspace".into(),
                 detail: format!("{binary} is still missing from {}", dir.display()),
             }),
             None => Ok(binaries),
@@ -118,7 +121,9 @@ pub fn bin_dir_of(exe: &Path) -> PathBuf {
 /// Runs `$CARGO build [--release] --bins` in the workspace root.
 async fn build_binaries(release: bool) -> Result<(), ProcessError> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut args = vec!["build", "--bins"];
+    // The whole workspace: the agents, the stand-in and the VMM shim (a
+    // cdylib, which `--bins` would skip).
+    let mut args = vec!["build", "--workspace"];
     if release {
         args.push("--release");
     }
