@@ -38,6 +38,18 @@ async fn qemu_guest_on_shmem_keeps_its_memory() {
     assert_guest_saw_no_stale_page(&r);
 }
 
+/// With the target held paused (`-S`) until the agent has installed every
+/// page, its RAM equals the source's at pause, byte for byte; the guest
+/// then runs on and checks itself too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_target_ram_equals_source_ram_at_pause() {
+    let r = migrate(QemuOptions { verify_bytes: true, ..QemuOptions::default() }).await;
+    assert_eq!(r.migration.mismatched_pages, 0, "pages differing: {:?}", r.migration.first_mismatches);
+    assert_eq!(r.migration.verified_pages, 256 << 8, "every 4 KiB of 256 MiB compared");
+    assert!(r.guest.generations_after_switchover >= 3);
+    assert_eq!(r.guest.bad_words, 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_guest_on_hugetlbfs_keeps_its_memory() {
     let r = migrate(QemuOptions { hugetlb: true, ..QemuOptions::default() }).await;

@@ -48,6 +48,10 @@ pub struct QemuOptions {
     /// FAULT INJECTION: the target agent installs this many stale pages as
     /// if fresh (the guest's checker must catch it).
     pub withhold_stale_pages: u64,
+    /// Start the target paused (`-S`), wait until the target agent has
+    /// installed every page, compare the target's RAM file with the source's
+    /// (frozen since the pause) byte for byte, then let the guest run.
+    pub verify_bytes: bool,
     pub timeout: Duration,
 }
 
@@ -60,6 +64,7 @@ impl Default for QemuOptions {
             generations_after_switchover: 3,
             quiet: false,
             withhold_stale_pages: 0,
+            verify_bytes: false,
             timeout: Duration::from_secs(120),
         }
     }
@@ -220,6 +225,9 @@ impl Qemus<'_> {
         ];
         if incoming {
             args.extend(["-incoming".into(), "defer".into()]);
+            if self.opts.verify_bytes {
+                args.push("-S".into());
+            }
         }
         let env: [(&str, &OsStr); 5] = [
             ("LD_PRELOAD", self.shim.as_os_str()),
@@ -261,6 +269,52 @@ impl Qemus<'_> {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+}
+
+/// Waits until the target agent has nothing left to fetch.
+async fn wait_complete(
+    target: &mut MigrationTargetClient<tonic::transport::Channel>,
+    timeout: Duration,
+) -> Result<(), MigrationError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let status = target.get_status(GetStatusRequest {}).await.map_err(rpc("GetStatus"))?.into_inner();
+        match status.phase.as_str() {
+            "complete" => return Ok(()),
+            "failed" => return Err(MigrationError::AgentFailed(format!("target agent failed: {}", status.error))),
+            _ if Instant::now() >= deadline => {
+                return Err(MigrationError::Timeout { what: "post-copy to complete".into(), after: timeout });
+            }
+            _ => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
+}
+
+/// Compares two RAM files page by page (4 KiB granules); returns (pages
+/// compared, pages differing, the first few differing).
+fn compare_files(source: &Path, target: &Path) -> Result<(u64, u64, Vec<u64>), MigrationError> {
+    use std::io::Read;
+    const PAGE: usize = 4096;
+    let open = |p: &Path| std::fs::File::open(p).map(|f| std::io::BufReader::with_capacity(1 << 20, f));
+    let (mut a, mut b) = (open(source).map_err(MigrationError::WorkDir)?, open(target).map_err(MigrationError::WorkDir)?);
+    let (mut pa, mut pb) = (vec![0u8; PAGE], vec![0u8; PAGE]);
+    let (mut pages, mut bad, mut first) = (0u64, 0u64, Vec::new());
+    loop {
+        let n = a.read(&mut pa).map_err(MigrationError::WorkDir)?;
+        if n == 0 {
+            break;
+        }
+        a.read_exact(&mut pa[n..]).map_err(MigrationError::WorkDir)?;
+        b.read_exact(&mut pb).map_err(MigrationError::WorkDir)?;
+        if pa != pb {
+            bad += 1;
+            if first.len() < 16 {
+                first.push(pages);
+            }
+        }
+        pages += 1;
+    }
+    Ok((pages, bad, first))
 }
 
 async fn listening(child: &mut ChildProcess, timeout: Duration) -> Result<String, MigrationError> {
@@ -317,7 +371,10 @@ async fn migrate(q: &Qemus<'_>, children: &mut Vec<ChildProcess>) -> Result<Qemu
     let work = q.work;
     // Source side.
     let source_sock = work.join("source.sock");
-    let args = ["--listen=127.0.0.1:0".to_owned(), format!("--handoff-socket={}", source_sock.display())];
+    let args = [
+        "--listen=127.0.0.1:0".to_owned(),
+        format!("--handoff-socket={}", source_sock.display()),
+    ];
     children.push(ChildProcess::spawn("source-agent", &q.binaries.source_agent, &args, work)?);
     let source_addr = listening(children.last_mut().expect("just pushed"), t).await?;
     children.push(q.spawn_qemu("source", &source_sock, false)?);
@@ -392,6 +449,17 @@ async fn migrate(q: &Qemus<'_>, children: &mut Vec<ChildProcess>) -> Result<Qemu
         "switched over in {downtime_ms:.1} ms; target QEMU is {state} (source checker had printed {source_lines_at_pause} generations)"
     ));
 
+    let mut report = Report::default();
+    if q.opts.verify_bytes {
+        wait_complete(&mut target, t).await?;
+        let (verified, mismatched, first) = compare_files(&q.ram_path("source"), &q.ram_path("target"))?;
+        report.verified_pages = verified;
+        report.mismatched_pages = mismatched;
+        report.first_mismatches = first;
+        q.say(format!("compared the target's RAM with the source's at pause: {verified} pages, {mismatched} differ"));
+        target_qmp.execute("cont", json!({})).await.map_err(qemu_error)?;
+    }
+
     // The target guest's verdict.
     let target_serial = work.join("target-serial.log");
     let lines = q.wait_generations(&target_serial, 0, q.opts.generations_after_switchover).await?;
@@ -404,7 +472,6 @@ async fn migrate(q: &Qemus<'_>, children: &mut Vec<ChildProcess>) -> Result<Qemu
         "target guest: {} generations checked after switchover, {} bad words",
         verdict.generations_after_switchover, verdict.bad_words
     ));
-    let mut report = Report::default();
     let status = target.get_status(GetStatusRequest {}).await.map_err(rpc("GetStatus"))?.into_inner();
     report.apply_status(&status);
     report.page_size = status.page_size;
