@@ -61,6 +61,10 @@ struct Args {
     /// Also write the report as JSON to this file.
     #[arg(long)]
     report_json: Option<PathBuf>,
+    /// After the migration, save each agent's final Prometheus metrics to
+    /// DIR/source.prom and DIR/target.prom (stand-in VMM only).
+    #[arg(long, value_name = "DIR")]
+    metrics_dump: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -73,6 +77,9 @@ enum Vmm {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if args.vmm == Vmm::Qemu {
+        if args.metrics_dump.is_some() {
+            bail!("--metrics-dump works with --vmm standin only");
+        }
         return run_qemu(&args).await;
     }
     let options = MigrationOptions {
@@ -88,6 +95,7 @@ async fn main() -> anyhow::Result<()> {
         bitmap_after_faults: args.bitmap_after_faults,
         bitmap_delay_ms: args.bitmap_delay_ms,
         withhold_stale_pages: args.fault_injection_withhold_stale_pages,
+        metrics_dump: args.metrics_dump.clone(),
         ..MigrationOptions::default()
     };
     // On Ctrl-C the migration future is dropped: its children are killed and

@@ -83,6 +83,13 @@ pub struct Report {
     pub postcopy_seconds: f64,
     pub verify_seconds: f64,
     pub total_seconds: f64,
+
+    /// Where the agents served Prometheus metrics (`http://ADDR/metrics`)
+    /// while the migration ran.
+    #[serde(default)]
+    pub source_metrics_addr: String,
+    #[serde(default)]
+    pub target_metrics_addr: String,
 }
 
 impl Report {

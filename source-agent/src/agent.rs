@@ -7,14 +7,15 @@
 #![forbid(unsafe_code)]
 
 use std::path::Path;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use tokio::sync::watch;
 
 use crate::memory::{MemoryOrigin, SourceMemory};
+use crate::metrics::Rpc;
 
-/// What the agent has served, for metrics.
+/// What the agent has served, for metrics ([`crate::metrics`]).
 #[derive(Debug, Default)]
 pub struct ServeCounters {
     /// Pages sent by GetPage and GetPages, zero pages included.
@@ -23,10 +24,18 @@ pub struct ServeCounters {
     pub zero_pages_served: AtomicU64,
     /// Page data bytes sent (zero pages count 0).
     pub bytes_served: AtomicU64,
-    /// GetPages requests answered with an error.
-    pub page_requests_rejected: AtomicU64,
+    /// Requests answered with an error, by RPC: unary calls, GetPages
+    /// streams refused as a whole and single requests inside them.
+    pub requests_rejected: [AtomicU64; Rpc::COUNT],
     /// GetDirtyBitmap calls answered.
     pub bitmaps_served: AtomicU64,
+}
+
+impl ServeCounters {
+    /// Counts one request of `rpc` answered with an error.
+    pub fn reject(&self, rpc: Rpc) {
+        self.requests_rejected[rpc as usize].fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -6,12 +6,14 @@
 #![forbid(unsafe_code)]
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use pageserver_proto::v1::migration_source_server::MigrationSource;
 use pageserver_proto::v1::{SetPausedReply, SetPausedRequest};
 use tonic::{Request, Response, Status};
 
 use crate::agent::SourceAgent;
+use crate::metrics::{Rpc, observe_request};
 
 #[derive(Debug, Clone)]
 pub struct ControlService {
@@ -27,13 +29,24 @@ impl ControlService {
 #[tonic::async_trait]
 impl MigrationSource for ControlService {
     async fn set_paused(&self, req: Request<SetPausedRequest>) -> Result<Response<SetPausedReply>, Status> {
-        let paused = req.into_inner().paused;
+        let started = Instant::now();
+        let result = self.set_paused_inner(req.into_inner().paused).await;
+        observe_request(Rpc::SetPaused, started.elapsed());
+        if result.is_err() {
+            self.agent.counters.reject(Rpc::SetPaused);
+        }
+        result.map(Response::new)
+    }
+}
+
+impl ControlService {
+    async fn set_paused_inner(&self, paused: bool) -> Result<SetPausedReply, Status> {
         let memory = self.agent.memory_or_reason().map_err(Status::unavailable)?.clone();
         if memory.source_kind() == "file" {
             if !paused {
                 return Err(Status::failed_precondition("a memory file never runs: it stays paused"));
             }
-            return Ok(Response::new(SetPausedReply { paused: true, epoch: memory.dirty().epoch() }));
+            return Ok(SetPausedReply { paused: true, epoch: memory.dirty().epoch() });
         }
         let epoch = tokio::task::spawn_blocking(move || {
             let dirty = memory.dirty();
@@ -47,6 +60,6 @@ impl MigrationSource for ControlService {
         .await
         .map_err(|e| Status::internal(e.to_string()))??;
         tracing::info!(paused, epoch, "the orchestrator reported the VM {}", if paused { "paused" } else { "running" });
-        Ok(Response::new(SetPausedReply { paused, epoch }))
+        Ok(SetPausedReply { paused, epoch })
     }
 }

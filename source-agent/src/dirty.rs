@@ -324,7 +324,9 @@ impl DirtyTracker {
         let counters = &self.counters;
         counters.scans.fetch_add(1, Ordering::Relaxed);
         counters.pages_found_dirty.fetch_add(found, Ordering::Relaxed);
-        counters.scan_nanos.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        let elapsed = started.elapsed();
+        counters.scan_nanos.fetch_add(elapsed.as_nanos() as u64, Ordering::Relaxed);
+        crate::metrics::observe_scan(elapsed, found);
         match first_error {
             Some(error) => Err(error),
             None => Ok(found),

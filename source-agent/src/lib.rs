@@ -12,7 +12,8 @@
 //! - [`handoff`]: the Unix socket on which the VMM hands its memory over;
 //! - [`control`]: `pageserver.v1.MigrationSource`, for an orchestrator to
 //!   report the VM paused (QEMU cannot say so over the hand-off);
-//! - [`agent`]: the agent's state and counters.
+//! - [`agent`]: the agent's state and counters;
+//! - [`metrics`]: its Prometheus metrics.
 #![forbid(unsafe_code)]
 
 pub mod agent;
@@ -21,6 +22,7 @@ pub mod control;
 pub mod dirty;
 pub mod handoff;
 pub mod memory;
+pub mod metrics;
 pub mod server;
 pub mod service;
 pub mod wire;

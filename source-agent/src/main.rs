@@ -1,10 +1,12 @@
 //! `source-agent`: serves one VM's memory to a migration's target agent.
 //!
 //! Memory comes from a VMM's hand-off on a Unix socket (`--handoff-socket`)
-//! or from a plain file (`--memory-file`). Once the gRPC listener is bound the
-//! agent prints one line to stdout, `{"event":"listening","grpc":"ADDR"}`;
-//! logs go to stderr (`RUST_LOG`, default `info`). SIGTERM or SIGINT shut it
-//! down gracefully.
+//! or from a plain file (`--memory-file`). Once the gRPC and metrics listeners
+//! are bound the agent prints one line to stdout,
+//! `{"event":"listening","grpc":"ADDR","metrics":"ADDR"}`; logs go to stderr
+//! (`RUST_LOG`, default `info`). Prometheus metrics are served on
+//! `http://METRICS_ADDR/metrics` ([`source_agent::metrics`]). SIGTERM or
+//! SIGINT shut it down gracefully.
 #![forbid(unsafe_code)]
 
 use std::io::{IsTerminal, Write};
@@ -33,15 +35,19 @@ struct Cli {
     /// Page size of --memory-file (4096 or 2097152).
     #[arg(long, env = "PAGESERVER_PAGE_SIZE", default_value_t = 4096)]
     page_size: u64,
-    /// The VM's name, reported in GetLayout and logs.
+    /// The VM's name, reported in GetLayout, logs and metrics (label `vm`).
     #[arg(long, env = "PAGESERVER_VM", default_value = "vm")]
     vm: String,
+    /// Prometheus metrics listen address, served at /metrics (port 0 picks a free port).
+    #[arg(long, env = "PAGESERVER_METRICS_LISTEN", default_value = "127.0.0.1:9464")]
+    metrics_listen: String,
 }
 
 #[derive(serde::Serialize)]
 struct ListeningEvent<'a> {
     event: &'a str,
     grpc: String,
+    metrics: String,
 }
 
 async fn shutdown_signal() {
@@ -85,16 +91,30 @@ async fn main() -> anyhow::Result<()> {
         (None, None) => anyhow::bail!("give --handoff-socket or --memory-file"),
     };
 
+    let metrics = source_agent::metrics::install(agent.clone()).context("setting up metrics")?;
     let listener = TcpListener::bind(&cli.listen).await.with_context(|| format!("binding {}", cli.listen))?;
     let address = listener.local_addr().context("reading the bound address")?;
+    let metrics_listener = TcpListener::bind(&cli.metrics_listen)
+        .await
+        .with_context(|| format!("binding the metrics listener {}", cli.metrics_listen))?;
+    let metrics_address = metrics_listener.local_addr().context("reading the bound metrics address")?;
     let mut stdout = std::io::stdout().lock();
-    serde_json::to_writer(&mut stdout, &ListeningEvent { event: "listening", grpc: address.to_string() })?;
+    let event = ListeningEvent { event: "listening", grpc: address.to_string(), metrics: metrics_address.to_string() };
+    serde_json::to_writer(&mut stdout, &event)?;
     writeln!(stdout)?;
     stdout.flush()?;
     drop(stdout);
-    tracing::info!(%address, vm = %cli.vm, "gRPC listening");
+    tracing::info!(%address, %metrics_address, vm = %cli.vm, "gRPC and metrics listening");
 
-    serve(listener, agent, shutdown_signal()).await?;
+    // Metrics stay up until the gRPC server has finished its calls.
+    let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+    let metrics_server = tokio::spawn(pageserver_metrics::serve_metrics(metrics_listener, metrics, async {
+        let _ = metrics_stopped.await;
+    }));
+    let served = serve(listener, agent, shutdown_signal()).await;
+    let _ = stop_metrics.send(());
+    let _ = metrics_server.await;
+    served?;
     tracing::info!("stopped");
     Ok(())
 }

@@ -15,10 +15,14 @@
 //!   bitmap while the VM runs is FAILED_PRECONDITION; `paused` is read before
 //!   the scan and reported in every chunk (see [`crate::bitmap`] for the
 //!   encoding).
+//!
+//! Every unary call, and every request inside a `GetPages` stream, is timed
+//! and, if answered with an error, counted as rejected ([`crate::metrics`]).
 #![forbid(unsafe_code)]
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 use bytes::Bytes;
 use guest_memory::sys::is_zero;
@@ -33,6 +37,7 @@ use crate::agent::SourceAgent;
 use crate::bitmap::encode_chunks;
 use crate::dirty::DirtyError;
 use crate::memory::{PageRangeError, SourceMemory};
+use crate::metrics::{Rpc, observe_request};
 use crate::wire::{page_range_code, regions_to_proto};
 
 /// Replies a `GetPages` stream may queue before it stops reading requests.
@@ -110,6 +115,13 @@ fn read_pages(
 
 /// The one reply to a GetPages request.
 fn answer_pages_request(memory: &SourceMemory, agent: &SourceAgent, request: &pb::PagesRequest) -> pb::PagesReply {
+    let started = Instant::now();
+    let reply = pages_reply(memory, agent, request);
+    observe_request(Rpc::GetPages, started.elapsed());
+    reply
+}
+
+fn pages_reply(memory: &SourceMemory, agent: &SourceAgent, request: &pb::PagesRequest) -> pb::PagesReply {
     let result = check_batch(memory, request).and_then(|()| {
         read_pages(memory, agent, request.region, request.first_index, u64::from(request.count))
             .map_err(|e| range_status(&e))
@@ -117,7 +129,7 @@ fn answer_pages_request(memory: &SourceMemory, agent: &SourceAgent, request: &pb
     match result {
         Ok(pages) => pb::PagesReply { request_id: request.request_id, pages, error: None },
         Err(status) => {
-            agent.counters.page_requests_rejected.fetch_add(1, Ordering::Relaxed);
+            agent.counters.reject(Rpc::GetPages);
             tracing::debug!(request_id = request.request_id, error = %status.message(), "GetPages request refused");
             pb::PagesReply {
                 request_id: request.request_id,
@@ -137,12 +149,20 @@ fn dirty_status(error: DirtyError) -> Status {
     }
 }
 
-#[tonic::async_trait]
-impl PageServer for PageService {
-    async fn get_layout(&self, _request: Request<pb::GetLayoutRequest>) -> Result<Response<pb::Layout>, Status> {
+impl PageService {
+    /// Times a finished unary call and counts an error as a rejection.
+    fn finish<T>(&self, rpc: Rpc, started: Instant, result: Result<T, Status>) -> Result<Response<T>, Status> {
+        observe_request(rpc, started.elapsed());
+        if result.is_err() {
+            self.agent.counters.reject(rpc);
+        }
+        result.map(Response::new)
+    }
+
+    fn layout(&self) -> Result<pb::Layout, Status> {
         let memory = self.memory()?;
         let layout = memory.layout();
-        Ok(Response::new(pb::Layout {
+        Ok(pb::Layout {
             regions: regions_to_proto(layout),
             page_size: layout.page_size(),
             total_pages: layout.total_pages(),
@@ -150,15 +170,60 @@ impl PageServer for PageService {
             paused: memory.dirty().is_paused(),
             vm: self.agent.vm().to_owned(),
             memory_source: memory.source_kind().to_owned(),
-        }))
+        })
+    }
+
+    fn page(&self, request: pb::GetPageRequest) -> Result<pb::Page, Status> {
+        let memory = self.memory()?;
+        let pb::GetPageRequest { region, index } = request;
+        memory.check_pages(region, index, 1).map_err(|e| range_status(&e))?;
+        let mut pages = read_pages(&memory, &self.agent, region, index, 1).map_err(|e| range_status(&e))?;
+        pages.pop().ok_or_else(|| Status::internal("no page read"))
+    }
+
+    /// Scans and encodes the bitmap: the chunks of the reply stream.
+    async fn dirty_bitmap(&self, request: pb::DirtyBitmapRequest) -> Result<Vec<pb::DirtyBitmapChunk>, Status> {
+        let memory = self.memory()?;
+        let pb::DirtyBitmapRequest { since_epoch, r#final } = request;
+        let newest = memory.dirty().epoch();
+        if since_epoch > newest {
+            return Err(dirty_status(DirtyError::EpochTooNew { since: since_epoch, newest }));
+        }
+        // Read before scanning: only a scan that started after the pause is final.
+        let paused = memory.dirty().is_paused();
+        if r#final && !paused {
+            return Err(Status::failed_precondition("the VM is still running; a final bitmap needs it paused"));
+        }
+        let scanning = memory.clone();
+        let snapshot = tokio::task::spawn_blocking(move || scanning.dirty().dirty_since(since_epoch))
+            .await
+            .map_err(|e| Status::internal(format!("dirty scan task failed: {e}")))?
+            .map_err(dirty_status)?;
+        let chunks = encode_chunks(snapshot.epoch, paused, &snapshot.runs)
+            .map_err(|e| Status::internal(format!("encoding the dirty bitmap: {e}")))?;
+        self.agent.counters.bitmaps_served.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(
+            since_epoch,
+            epoch = snapshot.epoch,
+            paused,
+            dirty_pages = snapshot.dirty_pages,
+            chunks = chunks.len(),
+            "dirty bitmap"
+        );
+        Ok(chunks)
+    }
+}
+
+#[tonic::async_trait]
+impl PageServer for PageService {
+    async fn get_layout(&self, _request: Request<pb::GetLayoutRequest>) -> Result<Response<pb::Layout>, Status> {
+        let started = Instant::now();
+        self.finish(Rpc::GetLayout, started, self.layout())
     }
 
     async fn get_page(&self, request: Request<pb::GetPageRequest>) -> Result<Response<pb::Page>, Status> {
-        let memory = self.memory()?;
-        let pb::GetPageRequest { region, index } = request.into_inner();
-        memory.check_pages(region, index, 1).map_err(|e| range_status(&e))?;
-        let mut pages = read_pages(&memory, &self.agent, region, index, 1).map_err(|e| range_status(&e))?;
-        pages.pop().map(Response::new).ok_or_else(|| Status::internal("no page read"))
+        let started = Instant::now();
+        self.finish(Rpc::GetPage, started, self.page(request.into_inner()))
     }
 
     type GetPagesStream = ReceiverStream<Result<pb::PagesReply, Status>>;
@@ -167,7 +232,8 @@ impl PageServer for PageService {
         &self,
         request: Request<Streaming<pb::PagesRequest>>,
     ) -> Result<Response<Self::GetPagesStream>, Status> {
-        let memory = self.memory()?;
+        // Requests inside the stream are timed one by one, not the stream.
+        let memory = self.memory().inspect_err(|_| self.agent.counters.reject(Rpc::GetPages))?;
         let agent = self.agent.clone();
         let mut requests = request.into_inner();
         let (replies, reply_stream) = mpsc::channel(PAGES_REPLY_QUEUE);
@@ -198,33 +264,9 @@ impl PageServer for PageService {
         &self,
         request: Request<pb::DirtyBitmapRequest>,
     ) -> Result<Response<Self::GetDirtyBitmapStream>, Status> {
-        let memory = self.memory()?;
-        let pb::DirtyBitmapRequest { since_epoch, r#final } = request.into_inner();
-        let newest = memory.dirty().epoch();
-        if since_epoch > newest {
-            return Err(dirty_status(DirtyError::EpochTooNew { since: since_epoch, newest }));
-        }
-        // Read before scanning: only a scan that started after the pause is final.
-        let paused = memory.dirty().is_paused();
-        if r#final && !paused {
-            return Err(Status::failed_precondition("the VM is still running; a final bitmap needs it paused"));
-        }
-        let scanning = memory.clone();
-        let snapshot = tokio::task::spawn_blocking(move || scanning.dirty().dirty_since(since_epoch))
-            .await
-            .map_err(|e| Status::internal(format!("dirty scan task failed: {e}")))?
-            .map_err(dirty_status)?;
-        let chunks = encode_chunks(snapshot.epoch, paused, &snapshot.runs)
-            .map_err(|e| Status::internal(format!("encoding the dirty bitmap: {e}")))?;
-        self.agent.counters.bitmaps_served.fetch_add(1, Ordering::Relaxed);
-        tracing::debug!(
-            since_epoch,
-            epoch = snapshot.epoch,
-            paused,
-            dirty_pages = snapshot.dirty_pages,
-            chunks = chunks.len(),
-            "dirty bitmap"
-        );
-        Ok(Response::new(tokio_stream::iter(chunks.into_iter().map(Ok).collect::<Vec<_>>())))
+        let started = Instant::now();
+        let chunks = self.dirty_bitmap(request.into_inner()).await;
+        self.finish(Rpc::GetDirtyBitmap, started, chunks)
+            .map(|chunks| chunks.map(|chunks| tokio_stream::iter(chunks.into_iter().map(Ok).collect::<Vec<_>>())))
     }
 }

@@ -22,6 +22,7 @@ async fn serves_a_memory_file_and_stops_on_sigterm() {
     std::fs::write(&file, vec![7u8; 8 * 4096]).expect("write");
     let mut child = Command::new(BINARY)
         .args(["--listen", "127.0.0.1:0", "--vm", "cli-vm"])
+        .env("PAGESERVER_METRICS_LISTEN", "127.0.0.1:0")
         .env("PAGESERVER_MEMORY_FILE", &file)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -34,6 +35,8 @@ async fn serves_a_memory_file_and_stops_on_sigterm() {
     let address = event["grpc"].as_str().expect("grpc address").to_owned();
     assert!(address.starts_with("127.0.0.1:") && !address.ends_with(":0"), "{line}");
     assert!(line.starts_with(r#"{"event":"listening","grpc":"127.0.0.1:"#), "{line}");
+    let metrics_address = event["metrics"].as_str().expect("metrics address").to_owned();
+    assert!(metrics_address.starts_with("127.0.0.1:") && !metrics_address.ends_with(":0"), "{line}");
 
     let uri = format!("http://{address}");
     let mut client = PageServerClient::connect(uri.clone()).await.expect("connect");
@@ -65,6 +68,21 @@ async fn serves_a_memory_file_and_stops_on_sigterm() {
     let mut replies =
         reflection.server_reflection_info(tokio_stream::iter([list])).await.expect("v1alpha").into_inner();
     assert!(replies.message().await.expect("reply").is_some());
+
+    // Prometheus metrics on their own port, every series labelled with the VM.
+    let metrics = pageserver_metrics::scrape(&metrics_address).await.expect("scrape /metrics");
+    assert!(metrics.contains("agent=\"source\""), "{metrics}");
+    assert!(
+        metrics.contains("pageserver_source_paused{vm=\"cli-vm\"} 1\n"),
+        "a memory file counts as paused: {metrics}"
+    );
+    assert!(
+        metrics.contains("pageserver_source_request_duration_seconds_count{vm=\"cli-vm\",rpc=\"GetLayout\"} 1\n"),
+        "{metrics}"
+    );
+    for line in metrics.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+        assert!(line.contains("vm=\"cli-vm\""), "{line}");
+    }
 
     let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill");
     assert!(status.success());

@@ -121,9 +121,13 @@ impl TargetAgent {
             handoff.layout.page_size()
         );
         let url = self.config.source_url.clone();
-        let mut client = source::connect(&url).await?;
-        let layout = source::get_layout(&mut client).await?;
-        source::check_layout(&layout, &handoff.layout)?;
+        let stats = &self.stats;
+        let connected = source::connect(&url).await;
+        stats.note_source_call(&connected);
+        let mut client = connected?;
+        let layout = source::get_layout(&mut client).await;
+        stats.note_source_call(&layout);
+        source::check_layout(&layout?, &handoff.layout)?;
 
         let guest = Arc::new(GuestMemory::new(handoff, self.stats.clone())?);
         let _ = self.guest.set(guest.clone());
@@ -203,7 +207,9 @@ impl TargetAgent {
 async fn final_bitmap(client: &mut source::Client, guest: &GuestMemory, since: u64) -> Result<Vec<u64>, TargetError> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
-        match source::get_dirty_pages(client, &guest.layout, since, true).await {
+        let dirty = source::get_dirty_pages(client, &guest.layout, since, true).await;
+        guest.stats.note_source_call(&dirty);
+        match dirty {
             Ok(d) if d.paused => return Ok(d.pages),
             Ok(_) => {}
             Err(SourceError::Rpc { status, .. }) if status.code() == tonic::Code::FailedPrecondition => {

@@ -154,7 +154,7 @@ impl FaultLoop {
         loop {
             match guest.install_fresh(page) {
                 Ok(Some(kind)) => {
-                    stats.record_fault(kind, Some(sys::monotonic_ns().saturating_sub(started)));
+                    stats.record_fault(kind, true, Some(sys::monotonic_ns().saturating_sub(started)));
                     return;
                 }
                 Ok(None) => {}
@@ -181,14 +181,16 @@ impl FaultLoop {
             }
             // Latency is recorded by the installer, from this start time.
             guest.note_waiting_fault(page, started);
-            stats.record_fault(FaultKind::Fetched, None);
+            stats.record_fault(FaultKind::Fetched, known, None);
             if claimed.is_some() {
                 let (region, index) = guest.layout.locate(page);
                 in_flight.borrow_mut().insert(page);
                 let _ = req_tx.send(PagesRequest { request_id: page, region, first_index: index, count: 1 });
             } else if guest.states.state(page) == PageState::Installed {
-                // Installed between our look and our note: settle it here.
+                // Installed between our look and our note: settle it here
+                // (the installer has already cleared the notes it saw).
                 let _ = guest.install_fresh(page);
+                guest.settle_waiting_fault(page, known);
             }
             return;
         }
@@ -220,7 +222,19 @@ impl DemandReplies {
 
     /// One connection's life. Returns Ok when the fault loop is gone.
     async fn serve(&self, requests: &mut mpsc::UnboundedReceiver<PagesRequest>) -> Result<(), source::SourceError> {
-        let mut client = source::connect(&self.url).await?;
+        let result = self.serve_connection(requests).await;
+        self.guest.stats.note_source_call(&result);
+        result
+    }
+
+    async fn serve_connection(
+        &self,
+        requests: &mut mpsc::UnboundedReceiver<PagesRequest>,
+    ) -> Result<(), source::SourceError> {
+        let stats = &self.guest.stats;
+        let connected = source::connect(&self.url).await;
+        stats.note_source_call(&connected);
+        let mut client = connected?;
         let (tx, rx) = mpsc::unbounded_channel::<PagesRequest>();
         // Re-ask for everything claimed and still unanswered.
         for &page in self.in_flight.borrow().iter() {
@@ -245,13 +259,14 @@ impl DemandReplies {
                 reply = replies.message() => {
                     let reply = reply.map_err(|status| source::SourceError::Rpc { rpc: "GetPages", status })?
                         .ok_or(source::SourceError::StreamEnded(self.in_flight.borrow().len()))?;
+                    stats.source_up.store(true, Ordering::Relaxed);
                     if let Some(err) = reply.error {
                         // Freeze rather than guess: the page stays claimed.
                         tracing::error!("source refused demand request {}: {} {}", reply.request_id, err.code, err.message);
                         continue;
                     }
                     if let Some(t) = sent_ns.borrow_mut().remove(&reply.request_id) {
-                        self.guest.stats.fetch_latency.record(sys::monotonic_ns().saturating_sub(t));
+                        stats.record_fetch_latency(sys::monotonic_ns().saturating_sub(t));
                     }
                     for p in &reply.pages {
                         let page = match self.guest.layout.global_page(p.region, p.index) {

@@ -189,11 +189,25 @@ impl GuestMemory {
             stats.pages_fetched_unknown.fetch_add(1, Ordering::Relaxed);
         }
         stats.bytes_received.fetch_add(if zero { 0 } else { data.len() as u64 }, Ordering::Relaxed);
+        // The faults waiting on it saw the state it was claimed from.
+        self.settle_waiting_fault(page, claimed_from == PageState::FetchingStale);
+        Ok(())
+    }
+
+    /// Clears the note of a fault waiting on `page` and records its latency
+    /// (a fault that needed the source; `known`: the page was stale, not
+    /// unknown).
+    pub fn settle_waiting_fault(&self, page: u64, known: bool) {
         let started = self.fault_started_ns[page as usize].swap(0, Ordering::AcqRel);
         if started != 0 {
-            stats.fault_latency[FaultKind::Fetched as usize].record(sys::monotonic_ns().saturating_sub(started));
+            self.stats.record_fault_latency(FaultKind::Fetched, known, sys::monotonic_ns().saturating_sub(started));
         }
-        Ok(())
+    }
+
+    /// Pages with a fault waiting for their fetch right now (O(pages): for
+    /// metrics, not for the fault path).
+    pub fn faults_waiting(&self) -> u64 {
+        self.fault_started_ns.iter().filter(|t| t.load(Ordering::Relaxed) != 0).count() as u64
     }
 
     /// Resolves a fault on a page that needs no fetch (`Fresh` or already

@@ -8,11 +8,13 @@
 //! - [`transfer`]: pre-copy rounds and the background pull;
 //! - [`guest`]: writing pages and mapping them into the VMM;
 //! - [`source`]: the client side of the protocol;
-//! - [`agent`]: the migration's phases; [`service`]: the gRPC server.
+//! - [`agent`]: the migration's phases; [`service`]: the gRPC server;
+//! - [`stats`]: what the agent counts; [`metrics`]: its Prometheus metrics.
 
 pub mod agent;
 pub mod fault_loop;
 pub mod guest;
+pub mod metrics;
 pub mod page_state;
 pub mod service;
 pub mod source;

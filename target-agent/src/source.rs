@@ -47,6 +47,23 @@ pub enum SourceError {
     StreamEnded(usize),
 }
 
+impl SourceError {
+    /// Whether the source answered: the call failed on its merits (a
+    /// refusal, a precondition, a bad reply), not because the source could
+    /// not be reached or the connection broke.
+    pub fn source_answered(&self) -> bool {
+        use tonic::Code;
+        match self {
+            SourceError::Address { .. } | SourceError::Connect { .. } | SourceError::StreamEnded(_) => false,
+            SourceError::Rpc { status, .. } => !matches!(
+                status.code(),
+                Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded | Code::Internal
+            ),
+            SourceError::Refused { .. } | SourceError::LayoutMismatch(_) | SourceError::BadBitmap(_) => true,
+        }
+    }
+}
+
 /// Opens a new HTTP/2 connection to the source (one per traffic class).
 pub async fn connect(url: &str) -> Result<Client, SourceError> {
     let endpoint = Endpoint::from_shared(url.to_string())

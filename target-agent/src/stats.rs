@@ -1,10 +1,17 @@
 //! Counters, fault-latency histograms and the migration phase of a target
 //! agent. Recording is lock- and allocation-free (a few relaxed atomics), so
-//! the fault path can afford it.
+//! the fault path can afford it. Each latency goes into two histograms: a
+//! fine log-linear one for the percentiles of `GetStatus`, and one with the
+//! fixed Prometheus buckets (1 µs to 1 s) that `/metrics` renders at scrape
+//! time ([`crate::metrics`]).
 #![forbid(unsafe_code)]
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+
+use pageserver_metrics::AtomicHistogram;
+
+use crate::source::SourceError;
 
 /// A log-linear latency histogram over nanoseconds: 16 sub-buckets per power
 /// of two (≤ 6.25% relative error), from 1 ns to ~2^63 ns.
@@ -147,6 +154,15 @@ pub enum Phase {
 }
 
 impl Phase {
+    pub const ALL: [Phase; 6] = [
+        Phase::WaitingForHandoff,
+        Phase::Precopy,
+        Phase::PrecopyConverged,
+        Phase::Postcopy,
+        Phase::Complete,
+        Phase::Failed,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             Phase::WaitingForHandoff => "waiting-for-handoff",
@@ -196,6 +212,15 @@ pub struct TargetStats {
     pub fault_latency: [LatencyHistogram; 3],
     /// Latency of demand GetPages round trips.
     pub fetch_latency: LatencyHistogram,
+    /// Faults by kind and by whether the page's state was known (index:
+    /// `[kind][known as usize]`).
+    pub faults_by_kind_known: [[AtomicU64; 2]; 3],
+    /// Fault latency in Prometheus buckets, by kind and known (as above).
+    pub fault_latency_buckets: [[AtomicHistogram; 2]; 3],
+    /// Demand GetPages round trips in Prometheus buckets.
+    pub fetch_latency_buckets: AtomicHistogram,
+    /// Whether the last call to the source reached it ([`TargetStats::note_source_call`]).
+    pub source_up: AtomicBool,
 }
 
 impl TargetStats {
@@ -214,8 +239,9 @@ impl TargetStats {
         self.set_phase(Phase::Failed);
     }
 
-    /// Counts one fault of `kind` and its latency.
-    pub fn record_fault(&self, kind: FaultKind, latency_ns: Option<u64>) {
+    /// Counts one fault of `kind` on a page whose state was `known` (not
+    /// `unknown`, waiting for the final bitmap), and its latency if known yet.
+    pub fn record_fault(&self, kind: FaultKind, known: bool, latency_ns: Option<u64>) {
         self.faults_total.fetch_add(1, Ordering::Relaxed);
         let counter = match kind {
             FaultKind::Fresh => &self.faults_fresh,
@@ -223,9 +249,33 @@ impl TargetStats {
             FaultKind::Missing => &self.faults_missing,
         };
         counter.fetch_add(1, Ordering::Relaxed);
+        self.faults_by_kind_known[kind as usize][usize::from(known)].fetch_add(1, Ordering::Relaxed);
         if let Some(ns) = latency_ns {
-            self.fault_latency[kind as usize].record(ns);
+            self.record_fault_latency(kind, known, ns);
         }
+    }
+
+    /// Records how long a fault took to resolve.
+    pub fn record_fault_latency(&self, kind: FaultKind, known: bool, ns: u64) {
+        self.fault_latency[kind as usize].record(ns);
+        self.fault_latency_buckets[kind as usize][usize::from(known)].record(ns);
+    }
+
+    /// Records one demand GetPages round trip.
+    pub fn record_fetch_latency(&self, ns: u64) {
+        self.fetch_latency.record(ns);
+        self.fetch_latency_buckets.record(ns);
+    }
+
+    /// Notes how a call to the source went: it is up after a success, or
+    /// after an error the source itself sent (a refusal is an answer); down
+    /// after a connection or transport failure.
+    pub fn note_source_call<T>(&self, result: &Result<T, SourceError>) {
+        let up = match result {
+            Ok(_) => true,
+            Err(e) => e.source_answered(),
+        };
+        self.source_up.store(up, Ordering::Relaxed);
     }
 }
 

@@ -23,6 +23,7 @@ use crate::fault_loop::FaultHint;
 use crate::guest::{FetchOrigin, GuestMemory, InstallError};
 use crate::page_state::PageState;
 use crate::source::{self, Client, SourceError};
+use crate::stats::TargetStats;
 
 /// Requests in flight on the background connection during pre-copy.
 const PRECOPY_WINDOW: usize = 16;
@@ -55,6 +56,7 @@ fn store_reply(guest: &GuestMemory, reply: PagesReply, origin: Option<FetchOrigi
 /// Runs `next`'s requests to completion, reconnecting and re-asking for the
 /// unanswered ones when the stream breaks.
 async fn run_with_retries(
+    stats: &TargetStats,
     client: &mut Client,
     url: &str,
     window: usize,
@@ -64,7 +66,9 @@ async fn run_with_retries(
     let mut unanswered = VecDeque::new();
     let mut attempt = 0;
     loop {
-        match source::run_window(client, window, &mut next, &mut on_reply, &mut unanswered).await {
+        let result = source::run_window(client, window, &mut next, &mut on_reply, &mut unanswered).await;
+        stats.note_source_call(&result);
+        match result {
             Ok(()) => return Ok(()),
             Err(e @ (SourceError::Refused { .. } | SourceError::BadBitmap(_))) => return Err(e),
             Err(e) if attempt >= RETRIES => return Err(e),
@@ -75,7 +79,9 @@ async fn run_with_retries(
                     unanswered.len()
                 );
                 tokio::time::sleep(Duration::from_millis(50 << attempt.min(5))).await;
-                if let Ok(c) = source::connect(url).await {
+                let connected = source::connect(url).await;
+                stats.note_source_call(&connected);
+                if let Ok(c) = connected {
                     *client = c;
                 }
             }
@@ -94,12 +100,14 @@ pub async fn precopy(
     let mut since = 0;
     let mut previous: Option<usize> = None;
     for round in 0..max_rounds.max(1) {
-        let dirty = source::get_dirty_pages(client, &guest.layout, since, false).await?;
+        let dirty = source::get_dirty_pages(client, &guest.layout, since, false).await;
+        stats.note_source_call(&dirty);
+        let dirty = dirty?;
         let count = dirty.pages.len();
         tracing::info!("pre-copy round {round}: {count} dirty pages since epoch {since}");
         let requests = source::batch_requests(&guest.layout, &dirty.pages, 0);
         let mut it = requests.into_iter();
-        run_with_retries(client, url, PRECOPY_WINDOW, || it.next(), |r| store_reply(guest, r, None)).await?;
+        run_with_retries(stats, client, url, PRECOPY_WINDOW, || it.next(), |r| store_reply(guest, r, None)).await?;
         if let Ok(mut v) = stats.dirty_pages_per_round.lock() {
             v.push(count as u64);
         }
@@ -177,7 +185,15 @@ pub async fn pull_stale(
     let mut picker =
         StalePicker { guest: &guest, stale, cursor: 0, last_hint: u64::MAX, hint: &hint, batch, next_id: 0 };
     let g = guest.clone();
-    run_with_retries(client, url, window, || picker.next(), |r| store_reply(&g, r, Some(FetchOrigin::Background)))
-        .await?;
+    let stats = guest.stats.clone();
+    run_with_retries(
+        &stats,
+        client,
+        url,
+        window,
+        || picker.next(),
+        |r| store_reply(&g, r, Some(FetchOrigin::Background)),
+    )
+    .await?;
     Ok(())
 }

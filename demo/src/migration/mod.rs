@@ -8,7 +8,8 @@
 //! source pauses (and then writes a snapshot of its frozen memory);
 //! `Switchover`; optional concurrent touches on the target; the target guest
 //! runs; every page of the target is compared with the snapshot; the target
-//! agent reaches "complete".
+//! agent reaches "complete"; optionally, both agents' final Prometheus
+//! metrics are saved (`metrics_dump`).
 
 mod options;
 mod waits;
@@ -139,7 +140,24 @@ impl Migration<'_> {
         let paused = self.pause_and_switch_over(&client).await?;
         self.run_target_guest(&watch, &client).await?;
         self.verify(&watch).await?;
-        self.complete(&watch, client, paused).await
+        self.complete(&watch, client, paused).await?;
+        self.dump_metrics().await
+    }
+
+    /// Saves each agent's final `/metrics` text, if asked to.
+    async fn dump_metrics(&mut self) -> Result<(), MigrationError> {
+        let Some(dir) = &self.opts.metrics_dump else { return Ok(()) };
+        std::fs::create_dir_all(dir).map_err(|source| MigrationError::MetricsDump { path: dir.clone(), source })?;
+        for (agent, addr) in
+            [("source", &self.report.source_metrics_addr), ("target", &self.report.target_metrics_addr)]
+        {
+            let text =
+                pageserver_metrics::scrape(addr).await.map_err(|source| MigrationError::Scrape { agent, source })?;
+            let path = dir.join(format!("{agent}.prom"));
+            std::fs::write(&path, text).map_err(|source| MigrationError::MetricsDump { path, source })?;
+        }
+        self.progress.say(format!("final metrics of both agents written to {}", dir.display()));
+        Ok(())
     }
 
     fn path(&self, name: &str) -> String {
@@ -171,11 +189,23 @@ impl Migration<'_> {
     /// gRPC address.
     async fn start_source(&mut self) -> Result<String, MigrationError> {
         let socket = self.path("source.sock");
-        let args = ["--listen", "127.0.0.1:0", "--handoff-socket", &socket, "--vm", &self.opts.vm_name];
+        let args = [
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--handoff-socket",
+            &socket,
+            "--vm",
+            &self.opts.vm_name,
+        ];
         let agent =
             self.children.source_agent.insert(spawn("source-agent", &self.binaries.source_agent, &args, self.work)?);
-        let addr = wait_listening(agent, deadline(self.opts.phase_timeout)).await?;
-        self.progress.say(format!("source agent serving on {addr}"));
+        let addrs = wait_listening(agent, deadline(self.opts.phase_timeout)).await?;
+        self.progress
+            .say(format!("source agent serving on {} (metrics: http://{}/metrics)", addrs.grpc, addrs.metrics));
+        self.report.source_metrics_addr = addrs.metrics;
+        let addr = addrs.grpc;
 
         let mut args = self.vm_args("source", &socket);
         args.push(format!("--dirty-rate={}", self.opts.dirty_rate));
@@ -206,6 +236,7 @@ impl Migration<'_> {
         let socket = self.path("target.sock");
         let mut args = vec![
             "--listen=127.0.0.1:0".to_owned(),
+            "--metrics-listen=127.0.0.1:0".to_owned(),
             format!("--source=http://{source_addr}"),
             format!("--handoff-socket={socket}"),
             format!("--vm={}", self.opts.vm_name),
@@ -216,9 +247,11 @@ impl Migration<'_> {
         }
         let agent =
             self.children.target_agent.insert(spawn("target-agent", &self.binaries.target_agent, &args, self.work)?);
-        let addr = wait_listening(agent, deadline(self.opts.phase_timeout)).await?;
-        let client = connect(&addr).await?;
-        self.progress.say(format!("target agent serving on {addr}"));
+        let addrs = wait_listening(agent, deadline(self.opts.phase_timeout)).await?;
+        let client = connect(&addrs.grpc).await?;
+        self.progress
+            .say(format!("target agent serving on {} (metrics: http://{}/metrics)", addrs.grpc, addrs.metrics));
+        self.report.target_metrics_addr = addrs.metrics;
 
         let mut args = self.vm_args("target", &socket);
         args.push(format!("--run-ms={}", self.opts.run_ms));

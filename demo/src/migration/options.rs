@@ -1,6 +1,9 @@
 //! What a migration is asked to do, and why it may fail.
 
+use std::path::PathBuf;
 use std::time::Duration;
+
+use pageserver_metrics::ScrapeError;
 
 use crate::process::ProcessError;
 
@@ -35,6 +38,9 @@ pub struct MigrationOptions {
     /// FAULT INJECTION: the target agent installs this many stale pages as
     /// if fresh (to prove that the verification catches it).
     pub withhold_stale_pages: u64,
+    /// After the migration, each agent's final `/metrics` text goes to
+    /// `source.prom` and `target.prom` in this directory (created if needed).
+    pub metrics_dump: Option<PathBuf>,
 }
 
 impl Default for MigrationOptions {
@@ -56,6 +62,7 @@ impl Default for MigrationOptions {
             max_written_pages: 4096,
             phase_timeout: Duration::from_secs(300),
             withhold_stale_pages: 0,
+            metrics_dump: None,
         }
     }
 }
@@ -109,4 +116,16 @@ pub enum MigrationError {
     AgentFailed(String),
     #[error("timed out after {after:.1?} waiting for {what}")]
     Timeout { what: String, after: Duration },
+    #[error("the {agent} agent's metrics: {source}")]
+    Scrape {
+        agent: &'static str,
+        #[source]
+        source: ScrapeError,
+    },
+    #[error("writing the metrics dump {path}: {source}", path = path.display())]
+    MetricsDump {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }

@@ -17,24 +17,32 @@ pub(super) fn deadline(after: Duration) -> Instant {
     Instant::now() + after
 }
 
-/// Reads an agent's `{"event":"listening","grpc":"ADDR"}` line; its later
-/// output is drained.
-pub(super) async fn wait_listening(agent: &mut ChildProcess, deadline: Instant) -> Result<String, MigrationError> {
+/// Where an agent listens.
+#[derive(Debug, Clone)]
+pub(super) struct AgentAddrs {
+    pub grpc: String,
+    /// Prometheus metrics: `http://METRICS/metrics`.
+    pub metrics: String,
+}
+
+/// Reads an agent's `{"event":"listening","grpc":"ADDR","metrics":"ADDR"}`
+/// line; its later output is drained.
+pub(super) async fn wait_listening(agent: &mut ChildProcess, deadline: Instant) -> Result<AgentAddrs, MigrationError> {
     loop {
         let line = agent.next_json("the \"listening\" line", deadline).await?;
         if line["event"] != "listening" {
             continue;
         }
-        let Some(addr) = line["grpc"].as_str() else {
-            return Err(ProcessError::Protocol {
+        let addr = |key: &str| {
+            line[key].as_str().map(str::to_owned).ok_or_else(|| ProcessError::Protocol {
                 name: agent.name().to_owned(),
                 line: line.to_string(),
-                reason: "no \"grpc\" address".into(),
-            }
-            .into());
+                reason: format!("no \"{key}\" address"),
+            })
         };
+        let addrs = AgentAddrs { grpc: addr("grpc")?, metrics: addr("metrics")? };
         agent.drain_stdout();
-        return Ok(addr.to_owned());
+        return Ok(addrs);
     }
 }
 

@@ -296,7 +296,8 @@ fn compare_files(source: &Path, target: &Path) -> Result<(u64, u64, Vec<u64>), M
     use std::io::Read;
     const PAGE: usize = 4096;
     let open = |p: &Path| std::fs::File::open(p).map(|f| std::io::BufReader::with_capacity(1 << 20, f));
-    let (mut a, mut b) = (open(source).map_err(MigrationError::WorkDir)?, open(target).map_err(MigrationError::WorkDir)?);
+    let (mut a, mut b) =
+        (open(source).map_err(MigrationError::WorkDir)?, open(target).map_err(MigrationError::WorkDir)?);
     let (mut pa, mut pb) = (vec![0u8; PAGE], vec![0u8; PAGE]);
     let (mut pages, mut bad, mut first) = (0u64, 0u64, Vec::new());
     loop {
@@ -373,6 +374,7 @@ async fn migrate(q: &Qemus<'_>, children: &mut Vec<ChildProcess>) -> Result<Qemu
     let source_sock = work.join("source.sock");
     let args = [
         "--listen=127.0.0.1:0".to_owned(),
+        "--metrics-listen=127.0.0.1:0".to_owned(),
         format!("--handoff-socket={}", source_sock.display()),
     ];
     children.push(ChildProcess::spawn("source-agent", &q.binaries.source_agent, &args, work)?);
@@ -387,6 +389,7 @@ async fn migrate(q: &Qemus<'_>, children: &mut Vec<ChildProcess>) -> Result<Qemu
     let target_sock = work.join("target.sock");
     let mut args = vec![
         "--listen=127.0.0.1:0".to_owned(),
+        "--metrics-listen=127.0.0.1:0".to_owned(),
         format!("--source=http://{source_addr}"),
         format!("--handoff-socket={}", target_sock.display()),
     ];
