@@ -193,7 +193,7 @@ impl Migration<'_> {
             "--listen",
             "127.0.0.1:0",
             "--metrics-listen",
-            "127.0.0.1:0",
+            &self.opts.metrics_listen.0,
             "--handoff-socket",
             &socket,
             "--vm",
@@ -236,7 +236,7 @@ impl Migration<'_> {
         let socket = self.path("target.sock");
         let mut args = vec![
             "--listen=127.0.0.1:0".to_owned(),
-            "--metrics-listen=127.0.0.1:0".to_owned(),
+            format!("--metrics-listen={}", self.opts.metrics_listen.1),
             format!("--source=http://{source_addr}"),
             format!("--handoff-socket={socket}"),
             format!("--vm={}", self.opts.vm_name),

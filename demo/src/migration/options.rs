@@ -41,6 +41,8 @@ pub struct MigrationOptions {
     /// After the migration, each agent's final `/metrics` text goes to
     /// `source.prom` and `target.prom` in this directory (created if needed).
     pub metrics_dump: Option<PathBuf>,
+    /// Where the agents serve `/metrics` (source, target); port 0 picks one.
+    pub metrics_listen: (String, String),
 }
 
 impl Default for MigrationOptions {
@@ -63,6 +65,7 @@ impl Default for MigrationOptions {
             phase_timeout: Duration::from_secs(300),
             withhold_stale_pages: 0,
             metrics_dump: None,
+            metrics_listen: ("127.0.0.1:0".to_owned(), "127.0.0.1:0".to_owned()),
         }
     }
 }
