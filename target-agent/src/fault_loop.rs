@@ -21,8 +21,6 @@
 #![forbid(unsafe_code)]
 
 use std::cell::RefCell;
-use std::collections::HashSet;
-use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -46,8 +44,28 @@ pub struct FaultHint {
     pub last_fault_page: AtomicU64,
 }
 
-/// Pages this loop has claimed and asked the source for.
-type InFlight = Rc<RefCell<HashSet<u64>>>;
+/// Send times of demand requests, by page number modulo its size: a fixed
+/// table (no allocation per fault); a collision only loses a latency sample.
+struct SentTimes(RefCell<Box<[(u64, u64)]>>);
+
+impl SentTimes {
+    const SLOTS: usize = 4096;
+
+    fn new() -> Self {
+        Self(RefCell::new(vec![(u64::MAX, 0); Self::SLOTS].into_boxed_slice()))
+    }
+
+    fn sent(&self, page: u64, at_ns: u64) {
+        self.0.borrow_mut()[page as usize % Self::SLOTS] = (page, at_ns);
+    }
+
+    /// When the request for `page` was sent, if its slot still holds it.
+    fn take(&self, page: u64) -> Option<u64> {
+        let mut slots = self.0.borrow_mut();
+        let slot = &mut slots[page as usize % Self::SLOTS];
+        (slot.0 == page).then(|| std::mem::replace(slot, (u64::MAX, 0)).1)
+    }
+}
 
 #[derive(Debug)]
 pub struct FaultLoop {
@@ -96,11 +114,7 @@ impl FaultLoop {
         let afd =
             crate::sys::async_uffd(&self.guest.uffd).map_err(|e| format!("registering the uffd with epoll: {e}"))?;
         let (req_tx, req_rx) = mpsc::unbounded_channel::<PagesRequest>();
-        let in_flight: InFlight = Rc::default();
-        tokio::task::spawn_local(
-            DemandReplies { guest: self.guest.clone(), url: self.source_url.clone(), in_flight: in_flight.clone() }
-                .run(req_rx),
-        );
+        tokio::task::spawn_local(DemandReplies { guest: self.guest.clone(), url: self.source_url.clone() }.run(req_rx));
         let mut held: Vec<(sys::PageFault, u64)> = Vec::new();
         let mut postcopy = *self.postcopy.borrow();
         let mut events = [UffdEvent::Other { event: 0 }; 64];
@@ -111,7 +125,7 @@ impl FaultLoop {
                     postcopy = *self.postcopy.borrow();
                     if postcopy {
                         for (fault, started) in held.drain(..) {
-                            self.handle(fault, started, &req_tx, &in_flight);
+                            self.handle(fault, started, &req_tx);
                         }
                     }
                 }
@@ -126,7 +140,7 @@ impl FaultLoop {
                         let now = sys::monotonic_ns();
                         for ev in &events[..n] {
                             match *ev {
-                                UffdEvent::PageFault(fault) if postcopy => self.handle(fault, now, &req_tx, &in_flight),
+                                UffdEvent::PageFault(fault) if postcopy => self.handle(fault, now, &req_tx),
                                 UffdEvent::PageFault(fault) => held.push((fault, now)),
                                 other => tracing::warn!("ignoring userfaultfd event {other:?}"),
                             }
@@ -137,13 +151,7 @@ impl FaultLoop {
         }
     }
 
-    fn handle(
-        &self,
-        fault: sys::PageFault,
-        started: u64,
-        req_tx: &mpsc::UnboundedSender<PagesRequest>,
-        in_flight: &InFlight,
-    ) {
+    fn handle(&self, fault: sys::PageFault, started: u64, req_tx: &mpsc::UnboundedSender<PagesRequest>) {
         let guest = &self.guest;
         let Some(page) = guest.layout.page_at_host_addr(fault.address) else {
             tracing::error!("fault at {:#x} outside every region", fault.address);
@@ -164,7 +172,7 @@ impl FaultLoop {
                 }
             }
             // Needs the source. Claim it, or join whoever has.
-            let claimed = guest.states.claim(page);
+            let claimed = guest.states.claim_for_demand(page);
             let state = match claimed {
                 Some(from) => from,
                 None => match guest.states.state(page) {
@@ -184,7 +192,6 @@ impl FaultLoop {
             stats.record_fault(FaultKind::Fetched, known, None);
             if claimed.is_some() {
                 let (region, index) = guest.layout.locate(page);
-                in_flight.borrow_mut().insert(page);
                 let _ = req_tx.send(PagesRequest { request_id: page, region, first_index: index, count: 1 });
             } else if guest.states.state(page) == PageState::Installed {
                 // Installed between our look and our note: settle it here
@@ -202,7 +209,6 @@ impl FaultLoop {
 struct DemandReplies {
     guest: Arc<GuestMemory>,
     url: String,
-    in_flight: InFlight,
 }
 
 impl DemandReplies {
@@ -237,11 +243,11 @@ impl DemandReplies {
         let mut client = connected?;
         let (tx, rx) = mpsc::unbounded_channel::<PagesRequest>();
         // Re-ask for everything claimed and still unanswered.
-        for &page in self.in_flight.borrow().iter() {
+        for page in self.guest.states.demand_claims() {
             let (region, index) = self.guest.layout.locate(page);
             let _ = tx.send(PagesRequest { request_id: page, region, first_index: index, count: 1 });
         }
-        let sent_ns: Rc<RefCell<std::collections::HashMap<u64, u64>>> = Rc::default();
+        let sent_ns = SentTimes::new();
         let mut replies = client
             .get_pages(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
             .await
@@ -251,21 +257,21 @@ impl DemandReplies {
             tokio::select! {
                 req = requests.recv() => {
                     let Some(req) = req else { return Ok(()) };
-                    sent_ns.borrow_mut().insert(req.request_id, sys::monotonic_ns());
+                    sent_ns.sent(req.request_id, sys::monotonic_ns());
                     if tx.send(req).is_err() {
-                        return Err(source::SourceError::StreamEnded(self.in_flight.borrow().len()));
+                        return Err(source::SourceError::StreamEnded(self.guest.states.demand_claims().len()));
                     }
                 }
                 reply = replies.message() => {
                     let reply = reply.map_err(|status| source::SourceError::Rpc { rpc: "GetPages", status })?
-                        .ok_or(source::SourceError::StreamEnded(self.in_flight.borrow().len()))?;
+                        .ok_or(source::SourceError::StreamEnded(self.guest.states.demand_claims().len()))?;
                     stats.source_up.store(true, Ordering::Relaxed);
                     if let Some(err) = reply.error {
                         // Freeze rather than guess: the page stays claimed.
                         tracing::error!("source refused demand request {}: {} {}", reply.request_id, err.code, err.message);
                         continue;
                     }
-                    if let Some(t) = sent_ns.borrow_mut().remove(&reply.request_id) {
+                    if let Some(t) = sent_ns.take(reply.request_id) {
                         stats.record_fetch_latency(sys::monotonic_ns().saturating_sub(t));
                     }
                     for p in &reply.pages {
@@ -273,9 +279,8 @@ impl DemandReplies {
                             Ok(page) => page,
                             Err(e) => { tracing::error!("demand reply: {e}"); continue; }
                         };
-                        match self.guest.install_fetched(page, p.zero, &p.data, FetchOrigin::Demand) {
-                            Ok(()) => { self.in_flight.borrow_mut().remove(&page); }
-                            Err(e) => tracing::error!("installing page {page}: {e}"),
+                        if let Err(e) = self.guest.install_fetched(page, p.zero, &p.data, FetchOrigin::Demand) {
+                            tracing::error!("installing page {page}: {e}");
                         }
                     }
                 }

@@ -25,9 +25,11 @@
 //! 4. A claim (`Unknown`/`Stale` → `Fetching*`) succeeds for exactly one
 //!    party, so concurrent faults and the background fetch a page once.
 //!
-//! Two flag bits ride along: `PRESENT` (the target's file holds a page for
-//! it, so CONTINUE can map it; otherwise it is a hole and faults as MISSING)
-//! and `FETCHED` (fetched after switchover, to catch double fetches).
+//! Three flag bits ride along: `PRESENT` (the target's file holds a page for
+//! it, so CONTINUE can map it; otherwise it is a hole and faults as MISSING),
+//! `FETCHED` (fetched after switchover, to catch double fetches) and `DEMAND`
+//! (claimed by the fault loop, so its requests can be re-sent after a broken
+//! connection without keeping a set of them on the fault path).
 #![forbid(unsafe_code)]
 
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -77,6 +79,7 @@ impl PageState {
 }
 
 const STATE_MASK: u8 = 0b0000_0111;
+const DEMAND: u8 = 0b0010_0000;
 const FETCHED: u8 = 0b0100_0000;
 const PRESENT: u8 = 0b1000_0000;
 
@@ -118,10 +121,11 @@ impl PageStates {
 
     /// Moves `page` from `from` to `to`, keeping its flags. True if it was in
     /// `from` (and now is in `to`).
+    /// A transition out of a claim also drops the `DEMAND` mark.
     pub fn transition(&self, page: u64, from: PageState, to: PageState) -> bool {
         self.bytes[page as usize]
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| {
-                (PageState::from_bits(b) == from).then_some((b & !STATE_MASK) | to as u8)
+                (PageState::from_bits(b) == from).then_some((b & !STATE_MASK & !DEMAND) | to as u8)
             })
             .is_ok()
     }
@@ -130,6 +134,16 @@ impl PageStates {
     /// state it was claimed from, or `None` if someone else owns it or it
     /// needs no fetch.
     pub fn claim(&self, page: u64) -> Option<PageState> {
+        self.claim_marked(page, 0)
+    }
+
+    /// [`PageStates::claim`] for the fault loop: the claim is marked as a
+    /// demand fetch (see [`PageStates::demand_claims`]).
+    pub fn claim_for_demand(&self, page: u64) -> Option<PageState> {
+        self.claim_marked(page, DEMAND)
+    }
+
+    fn claim_marked(&self, page: u64, mark: u8) -> Option<PageState> {
         let mut claimed = None;
         let _ = self.bytes[page as usize].fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| {
             let to = match PageState::from_bits(b) {
@@ -138,9 +152,21 @@ impl PageStates {
                 _ => return None,
             };
             claimed = Some(PageState::from_bits(b));
-            Some((b & !STATE_MASK) | to as u8)
+            Some((b & !STATE_MASK) | mark | to as u8)
         });
         claimed
+    }
+
+    /// Pages claimed by demand fetches and not installed yet (O(pages): for
+    /// re-sending after a broken connection, not for the fault path).
+    pub fn demand_claims(&self) -> Vec<u64> {
+        (0..self.len())
+            .filter(|&p| {
+                let b = self.bytes[p as usize].load(Ordering::Acquire);
+                b & DEMAND != 0
+                    && matches!(PageState::from_bits(b), PageState::FetchingUnknown | PageState::FetchingStale)
+            })
+            .collect()
     }
 
     /// Marks the page's content as written to the target's file.
@@ -218,6 +244,18 @@ mod tests {
         assert!(s.get(1).present);
         assert!(!s.mark_fetched(1));
         assert!(s.mark_fetched(1));
+    }
+
+    #[test]
+    fn demand_claims_are_listed_until_installed() {
+        let s = PageStates::new(4);
+        s.apply_final_bitmap(&[1, 2, 3]);
+        assert_eq!(s.claim_for_demand(1), Some(PageState::Stale));
+        assert_eq!(s.claim(2), Some(PageState::Stale)); // the background's
+        assert_eq!(s.demand_claims(), vec![1]);
+        assert!(s.transition(1, PageState::FetchingStale, PageState::Installed));
+        assert!(s.demand_claims().is_empty());
+        assert_eq!(s.claim_for_demand(1), None);
     }
 
     #[test]
