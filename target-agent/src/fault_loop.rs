@@ -264,7 +264,7 @@ impl DemandReplies {
                 }
                 reply = replies.message() => {
                     let reply = reply.map_err(|status| source::SourceError::Rpc { rpc: "GetPages", status })?
-                        .ok_or(source::SourceError::StreamEnded(self.guest.states.demand_claims().len()))?;
+                        .ok_or_else(|| source::SourceError::StreamEnded(self.guest.states.demand_claims().len()))?;
                     stats.source_up.store(true, Ordering::Relaxed);
                     if let Some(err) = reply.error {
                         // Freeze rather than guess: the page stays claimed.
