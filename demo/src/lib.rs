@@ -13,7 +13,7 @@
 //! - [`hugepages`]: reserving huge pages for hugetlbfs guests.
 #![forbid(unsafe_code)]
 
-pub mod hugepages;
+pub use guest_memory::hugepages;
 pub mod migration;
 pub mod process;
 pub mod qemu;

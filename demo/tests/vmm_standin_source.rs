@@ -11,7 +11,7 @@ use std::os::fd::AsFd;
 use std::time::Duration;
 
 use guest_memory::handoff::{Role, VmmEvent, receive_handoff};
-use guest_memory::sys::{MemoryMap, PageRegion, ScanRequest, is_zero, pagemap_flags, pagemap_scan};
+use guest_memory::sys::{MemoryMap, is_zero};
 use harness::{HandoffListener, Standin, reserve_huge_pages, standin_args};
 use pageserver_demo::process::WorkDir;
 use pageserver_demo::vmm::pattern;
@@ -21,24 +21,7 @@ const SEED: u64 = 7;
 
 /// Pages written since the last call (and write-protects them again).
 fn written_pages(pagemap: std::os::fd::BorrowedFd<'_>, base: u64, size: u64, page_size: u64) -> Vec<u64> {
-    let mut pages = Vec::new();
-    let mut out: Vec<PageRegion> = Vec::with_capacity(256);
-    let mut start = base;
-    while start < base + size {
-        let request = ScanRequest {
-            start,
-            end: base + size,
-            flags: pagemap_flags::PM_SCAN_WP_MATCHING | pagemap_flags::PM_SCAN_CHECK_WPASYNC,
-            category_mask: pagemap_flags::PAGE_IS_WRITTEN,
-            return_mask: pagemap_flags::PAGE_IS_WRITTEN,
-        };
-        let walk_end = pagemap_scan(pagemap, request, &mut out).expect("PAGEMAP_SCAN");
-        for region in &out {
-            pages.extend((region.start - base) / page_size..(region.end - base) / page_size);
-        }
-        start = walk_end;
-    }
-    pages
+    guest_memory::written::written_pages(pagemap, base, size, page_size).expect("PAGEMAP_SCAN")
 }
 
 fn source_handoff_write_pause_snapshot(hugetlb: bool) {

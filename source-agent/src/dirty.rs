@@ -41,14 +41,14 @@
 //!   after, and the VM counts as paused.
 #![forbid(unsafe_code)]
 
-use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
 
 use guest_memory::GuestLayout;
-use guest_memory::sys::{PageRegion, ScanRequest, pagemap_flags, pagemap_scan};
+use guest_memory::sys::PageRegion;
+use guest_memory::written::{ScanError, scan_written};
 
 use crate::bitmap::DirtyRun;
 
@@ -59,15 +59,12 @@ const SCAN_BATCH_REGIONS: usize = 4096;
 pub enum DirtyError {
     #[error("epoch {since} is newer than this source's newest epoch {newest} (was the source agent restarted?)")]
     EpochTooNew { since: u64, newest: u64 },
-    #[error("dirty scan (PAGEMAP_SCAN) of region {region} at {addr:#x} failed: {source}")]
+    #[error("dirty scan of region {region}: {source}")]
     Scan {
         region: u32,
-        addr: u64,
         #[source]
-        source: io::Error,
+        source: ScanError,
     },
-    #[error("dirty scan (PAGEMAP_SCAN) of region {region} made no progress at {addr:#x}")]
-    NoProgress { region: u32, addr: u64 },
     #[error("the dirty epoch counter is exhausted")]
     EpochOverflow,
 }
@@ -292,33 +289,11 @@ impl DirtyTracker {
                     0
                 }
             };
-            let mut position = base;
-            while position < end {
-                let request = ScanRequest {
-                    start: position,
-                    end,
-                    flags: pagemap_flags::PM_SCAN_WP_MATCHING | pagemap_flags::PM_SCAN_CHECK_WPASYNC,
-                    category_mask: pagemap_flags::PAGE_IS_WRITTEN,
-                    return_mask: pagemap_flags::PAGE_IS_WRITTEN,
-                };
-                let error = match pagemap_scan(pagemap.as_fd(), request, scan_buf) {
-                    Ok(walk_end) => {
-                        for written in scan_buf.iter() {
-                            found += mark(written.start, written.end);
-                        }
-                        if walk_end > position {
-                            position = walk_end.min(end);
-                            continue;
-                        }
-                        DirtyError::NoProgress { region: region_id, addr: position }
-                    }
-                    Err(source) => DirtyError::Scan { region: region_id, addr: position, source },
-                };
+            if let Err(error) = scan_written(pagemap.as_fd(), base, end, scan_buf, |from, to| found += mark(from, to)) {
                 // The failed call may have re-protected pages it did not
                 // report: count the rest of the region as dirty.
-                mark(position, end);
-                first_error.get_or_insert(error);
-                break;
+                mark(error.at(), end);
+                first_error.get_or_insert(DirtyError::Scan { region: region_id, source: error });
             }
         }
         let counters = &self.counters;

@@ -174,10 +174,10 @@ impl TargetAgent {
         tracing::info!("bulk-installed {installed} fresh pages; background pull done");
 
         // Demand fetches still in flight finish on the fault loop.
-        while guest.states.counts()[PageState::FetchingUnknown as usize]
-            + guest.states.counts()[PageState::FetchingStale as usize]
-            > 0
-        {
+        while {
+            let counts = guest.states.counts();
+            counts[PageState::FetchingUnknown as usize] + counts[PageState::FetchingStale as usize] > 0
+        } {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         self.stats.set_phase(Phase::Complete);

@@ -15,16 +15,14 @@
 
 mod support;
 
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{RecvTimeoutError, channel};
 use std::time::{Duration, Instant};
 
 use guest_memory::handoff::{HandoffError, Role, receive_handoff};
-use guest_memory::sys::{
-    MemoryMap, PageRegion, ScanRequest, UffdError, UffdEvent, Userfaultfd, pagemap_flags, pagemap_scan, set_nonblocking,
-};
+use guest_memory::sys::{MemoryMap, UffdError, UffdEvent, Userfaultfd, set_nonblocking};
 use support::{FakeVmm, Finished, Listener, MemoryFile};
 
 const VM: &str = "shim-test-vm";
@@ -52,24 +50,8 @@ fn assert_refused(finished: &Finished, needles: &[&str]) {
 }
 
 /// Pages written since the last call (and write-protects them again).
-fn written_pages(pagemap: BorrowedFd<'_>, base: u64, size: u64, page_size: u64) -> Vec<u64> {
-    let mut pages = Vec::new();
-    let mut out: Vec<PageRegion> = Vec::with_capacity(64);
-    let mut start = base;
-    while start < base + size {
-        let request = ScanRequest {
-            start,
-            end: base + size,
-            flags: pagemap_flags::PM_SCAN_WP_MATCHING | pagemap_flags::PM_SCAN_CHECK_WPASYNC,
-            category_mask: pagemap_flags::PAGE_IS_WRITTEN,
-            return_mask: pagemap_flags::PAGE_IS_WRITTEN,
-        };
-        start = pagemap_scan(pagemap, request, &mut out).expect("PAGEMAP_SCAN");
-        for region in &out {
-            pages.extend((region.start - base) / page_size..(region.end - base) / page_size);
-        }
-    }
-    pages
+fn written_pages(pagemap: std::os::fd::BorrowedFd<'_>, base: u64, size: u64, page_size: u64) -> Vec<u64> {
+    guest_memory::written::written_pages(pagemap, base, size, page_size).expect("PAGEMAP_SCAN")
 }
 
 fn source_handoff_and_dirty_tracking(memory: MemoryFile) {

@@ -111,54 +111,19 @@ impl Drop for MemoryFile {
     }
 }
 
-/// Free huge pages for one test at a time (the lock is held while it runs);
-/// the pool is grown (as root) by what is missing and shrunk back on drop.
+/// Free 2 MiB huge pages for one test at a time (grown as root and given
+/// back by [`guest_memory::hugepages`]).
 pub struct HugePages {
-    added: u64,
+    _reservation: guest_memory::hugepages::HugePageReservation,
     _one_at_a_time: MutexGuard<'static, ()>,
-}
-
-const POOL: &str = "/proc/sys/vm/nr_hugepages";
-
-/// Huge pages neither in use nor reserved by someone's mapping
-/// (HugePages_Free counts reserved pages as free until they are touched).
-fn free_huge_pages() -> u64 {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").expect("/proc/meminfo");
-    let field = |name: &str| -> u64 {
-        meminfo
-            .lines()
-            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
-            .unwrap_or_else(|| panic!("{name} in /proc/meminfo"))
-    };
-    field("HugePages_Free:").saturating_sub(field("HugePages_Rsvd:"))
-}
-
-fn pool_size() -> u64 {
-    std::fs::read_to_string(POOL).expect(POOL).trim().parse().expect("nr_hugepages")
 }
 
 impl HugePages {
     fn reserve(need: u64) -> Self {
         static LOCK: Mutex<()> = Mutex::new(());
         let guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
-        let free = free_huge_pages();
-        let mut added = 0;
-        if free < need {
-            let before = pool_size();
-            std::fs::write(POOL, (before + need - free).to_string()).expect("growing the huge page pool (root?)");
-            added = pool_size().saturating_sub(before);
-        }
-        let reservation = Self { added, _one_at_a_time: guard };
-        assert!(free_huge_pages() >= need, "{need} free huge pages needed");
-        reservation
-    }
-}
-
-impl Drop for HugePages {
-    fn drop(&mut self) {
-        if self.added > 0 {
-            let _ = std::fs::write(POOL, pool_size().saturating_sub(self.added).to_string());
-        }
+        let reservation = guest_memory::hugepages::reserve(need).unwrap_or_else(|e| panic!("huge pages: {e}"));
+        Self { _reservation: reservation, _one_at_a_time: guard }
     }
 }
 
