@@ -13,7 +13,8 @@
 # Needs promtool (Debian package prometheus: scripts/setup installs it, and so
 # does this script when run as root), node and npm (the npm packages go to
 # target/dashboard-check/, reused while schema-check/package-lock.json is
-# unchanged), python3.
+# unchanged), python3 (3.11 or later) with the grafana-foundation-sdk version
+# that generate.py pins (installed with pip when missing).
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -38,6 +39,29 @@ command -v promtool >/dev/null 2>&1 ||
 for tool in node npm python3; do
   command -v "$tool" >/dev/null 2>&1 || { echo "check.sh: $tool not found" >&2; exit 1; }
 done
+
+# The Grafana Foundation SDK (PyPI) that generate.py builds the dashboards
+# with, at the exact version generate.py pins (SDK_VERSION); installed the way
+# scripts/setup installs grpcurl.
+sdk_version=$(sed -n 's/^SDK_VERSION = "\(.*\)"$/\1/p' "$here/generate.py")
+[ -n "$sdk_version" ] || { echo "check.sh: no SDK_VERSION in generate.py" >&2; exit 1; }
+sdk_installed() {
+  python3 -c 'import importlib.metadata as m, sys; sys.exit(m.version("grafana-foundation-sdk") != sys.argv[1])' \
+    "$sdk_version" 2>/dev/null
+}
+if ! sdk_installed; then
+  echo "check.sh: installing grafana-foundation-sdk==$sdk_version (PyPI)"
+  if ! python3 -m pip --version >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -qq --no-install-recommends python3-pip >/dev/null ||
+      { apt-get update -qq && apt-get install -y -qq --no-install-recommends python3-pip >/dev/null; }
+  fi
+  pip_install() {
+    PIP_ROOT_USER_ACTION=ignore python3 -m pip install -q --disable-pip-version-check "$@" "grafana-foundation-sdk==$sdk_version"
+  }
+  pip_install 2>/dev/null || pip_install --break-system-packages # Debian's own python3 is "externally managed"
+  sdk_installed || { echo "check.sh: grafana-foundation-sdk==$sdk_version is still not installed" >&2; exit 1; }
+fi
 mkdir -p "$work"
 tmp=$(mktemp -d "$work/run.XXXXXX")
 trap 'rm -rf "$tmp"' EXIT

@@ -44,6 +44,7 @@ SCALARS = {
     "pageserver_target_phase",
     "pageserver_target_source_up",
     "pageserver_target_faults_waiting",
+    "pageserver_target_faults_blocked",
     "pageserver_source_pages_served_total",
     "pageserver_source_zero_pages_served_total",
     "pageserver_source_bytes_served_total",

@@ -1,26 +1,30 @@
-//! A whole post-copy migration on one machine, and the VMM stand-in it needs.
+//! A whole post-copy migration on one machine, with VMM stand-ins
+//! (`vmm-standin`) or unmodified QEMUs, and what it measured.
 //!
-//! - [`vmm`]: the VMM stand-in (binary `vmm-standin`), a process that owns
-//!   guest memory as a VMM does and hands it to an agent.
-//! - [`migration`]: the orchestration: both agents and both stand-ins as
-//!   separate processes, pre-copy, pause, switchover, post-copy, and a
-//!   byte-for-byte verification of the target's memory ([`run_migration`]).
-//! - [`qemu`]: the same with an unmodified QEMU and the VMM shim.
-//! - [`report`]: what a migration measured.
-//! - [`process`]: finding, building and supervising the child processes.
-//! - [`status_watch`]: the target agent's status, polled in the background.
-//! - [`size`]: memory sizes as users type them.
+//! # Layout
+//!
+//! - `main.rs`: the `pageserver-demo` binary;
+//! - [`migration`]: the orchestration with stand-ins: both agents and both
+//!   stand-ins as separate processes, pre-copy, pause, switchover,
+//!   post-copy, and a byte-for-byte verification of the target's memory
+//!   ([`run_migration`]);
+//! - [`qemu`]: the same with an unmodified QEMU and the VMM shim;
+//! - [`status_watch`]: the target agent's status, polled in the background,
+//!   and the waits both orchestrations build on it;
+//! - [`process`]: finding and supervising the child processes;
+//! - [`progress`]: the progress lines both orchestrations print;
+//! - [`report`]: what a migration measured;
 //! - [`hugepages`]: reserving huge pages for hugetlbfs guests.
 #![forbid(unsafe_code)]
 
 pub use guest_memory::hugepages;
 pub mod migration;
 pub mod process;
+pub mod progress;
 pub mod qemu;
 pub mod report;
-pub mod size;
 pub mod status_watch;
-pub mod vmm;
+pub mod test_hooks;
 
 pub use migration::{MigrationError, MigrationOptions, run_migration};
 pub use report::Report;

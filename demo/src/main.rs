@@ -3,20 +3,22 @@
 //! measured.
 #![forbid(unsafe_code)]
 
-use std::path::PathBuf;
+use std::fmt;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use clap::Parser;
 use pageserver_demo::qemu::{QemuOptions, run_qemu_migration};
-use pageserver_demo::size::parse_size;
+use pageserver_demo::test_hooks::{AgentTestHooks, FaultLoopBreak};
 use pageserver_demo::{MigrationOptions, run_migration};
+use vmm_standin::size::parse_size;
 
 #[derive(Debug, Parser)]
 #[command(about = "Runs a post-copy live migration between two local VMM stand-ins and reports on it")]
 struct Args {
     /// Which VMM runs the guest: the stand-in (a process that dirties memory
     /// like a guest), or an unmodified QEMU booting a guest that checks its
-    /// own memory (needs qemu-system-x86 and guest/build.sh).
+    /// own memory (needs qemu-system-x86 and the guest image: `scripts/setup --qemu`).
     #[arg(long, value_enum, default_value = "standin")]
     vmm: Vmm,
     /// Guest memory size: 1G, 256M, 64MiB or bytes [default: 1G; 256M with --vmm qemu].
@@ -48,16 +50,8 @@ struct Args {
     /// comma-separated.
     #[arg(long, value_delimiter = ',')]
     touch_after_resume: Vec<u64>,
-    /// The target agent asks for the final bitmap only after this many faults...
-    #[arg(long, default_value_t = 0)]
-    bitmap_after_faults: u64,
-    /// ...or after this many milliseconds, whichever comes first.
-    #[arg(long, default_value_t = 0)]
-    bitmap_delay_ms: u64,
-    /// FAULT INJECTION: the target agent installs this many stale pages as
-    /// if fresh, to show that the verification catches them.
-    #[arg(long, hide = true, default_value_t = 0)]
-    fault_injection_withhold_stale_pages: u64,
+    #[command(flatten)]
+    hooks: HookArgs,
     /// Also write the report as JSON to this file.
     #[arg(long)]
     report_json: Option<PathBuf>,
@@ -65,6 +59,41 @@ struct Args {
     /// DIR/source.prom and DIR/target.prom (stand-in VMM only).
     #[arg(long, value_name = "DIR")]
     metrics_dump: Option<PathBuf>,
+}
+
+/// The target agent's test hooks; they need a target agent built with its
+/// `test-hooks` feature (`scripts/test` builds it so; see
+/// `target-agent/src/test_hooks.rs`).
+#[derive(Debug, clap::Args)]
+struct HookArgs {
+    /// TEST HOOK: the target agent asks for the final bitmap only after this
+    /// many faults (so that faults hit pages of unknown state)...
+    #[arg(long, hide = true, default_value_t = 0)]
+    test_hold_bitmap_until_faults: u64,
+    /// TEST HOOK: ...or after this many milliseconds, whichever comes first.
+    #[arg(long, hide = true, default_value_t = 0)]
+    test_hold_bitmap_ms: u64,
+    /// TEST HOOK: the target agent installs this many stale pages as if
+    /// fresh, to show that the verification catches them.
+    #[arg(long, hide = true, default_value_t = 0)]
+    test_withhold_stale_pages: u64,
+    /// TEST HOOK: the target agent's fault loop stops at this fault...
+    #[arg(long, hide = true, requires = "test_break_fault_loop")]
+    test_break_fault_loop_after: Option<u64>,
+    /// TEST HOOK: ...with an error or a panic.
+    #[arg(long, hide = true, value_enum)]
+    test_break_fault_loop: Option<FaultLoopBreak>,
+}
+
+impl HookArgs {
+    fn hooks(&self) -> AgentTestHooks {
+        AgentTestHooks {
+            hold_bitmap_until_faults: self.test_hold_bitmap_until_faults,
+            hold_bitmap_ms: self.test_hold_bitmap_ms,
+            withhold_stale_pages: self.test_withhold_stale_pages,
+            break_fault_loop: self.test_break_fault_loop_after.zip(self.test_break_fault_loop),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -92,23 +121,18 @@ async fn main() -> anyhow::Result<()> {
         max_precopy_rounds: args.max_precopy_rounds,
         write_before_pause: args.write_before_pause,
         touch_after_resume: args.touch_after_resume,
-        bitmap_after_faults: args.bitmap_after_faults,
-        bitmap_delay_ms: args.bitmap_delay_ms,
-        withhold_stale_pages: args.fault_injection_withhold_stale_pages,
+        hooks: args.hooks.hooks(),
         metrics_dump: args.metrics_dump.clone(),
         ..MigrationOptions::default()
     };
-    // On Ctrl-C the migration future is dropped: its children are killed and
-    // its work directory removed.
-    let report = tokio::select! {
-        report = run_migration(&options) => report.context("migration failed")?,
-        _ = tokio::signal::ctrl_c() => bail!("interrupted"),
-    };
-    println!("\n{report}");
-    if let Some(path) = &args.report_json {
-        let json = serde_json::to_string_pretty(&report)?;
-        std::fs::write(path, json + "\n").with_context(|| format!("writing {}", path.display()))?;
-        println!("report written to {}", path.display());
+    let report = unless_interrupted(run_migration(&options), "migration failed").await?;
+    show_report(&report, args.report_json.as_deref())?;
+    if let Some(failure) = &report.failure {
+        bail!(
+            "the migration failed: {failure} ({} pages the frozen guest can see compared, {} mismatched)",
+            report.verified_pages,
+            report.mismatched_pages
+        );
     }
     if !report.verification_passed() {
         bail!(
@@ -126,20 +150,39 @@ async fn run_qemu(args: &Args) -> anyhow::Result<()> {
     let options = QemuOptions {
         memory_mib: args.memory.unwrap_or(256 << 20) >> 20,
         hugetlb: args.hugetlb,
-        withhold_stale_pages: args.fault_injection_withhold_stale_pages,
+        hooks: args.hooks.hooks(),
         ..QemuOptions::default()
     };
-    let report = tokio::select! {
-        report = run_qemu_migration(&options) => report.context("QEMU migration failed")?,
-        _ = tokio::signal::ctrl_c() => bail!("interrupted"),
-    };
-    println!("\n{report}");
-    if let Some(path) = &args.report_json {
-        std::fs::write(path, serde_json::to_string_pretty(&report)? + "\n")
-            .with_context(|| format!("writing {}", path.display()))?;
-    }
+    let report = unless_interrupted(run_qemu_migration(&options), "QEMU migration failed").await?;
+    show_report(&report, args.report_json.as_deref())?;
     if report.guest.bad_words > 0 {
         bail!("the guest saw {} bad words after the migration", report.guest.bad_words);
+    }
+    Ok(())
+}
+
+/// Runs a migration unless Ctrl-C comes first. Then the migration future is
+/// dropped: its children are killed and its work directory removed.
+async fn unless_interrupted<T, E>(
+    migration: impl Future<Output = Result<T, E>>,
+    what: &'static str,
+) -> anyhow::Result<T>
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    tokio::select! {
+        result = migration => result.context(what),
+        _ = tokio::signal::ctrl_c() => bail!("interrupted"),
+    }
+}
+
+/// Prints `report`, and writes it to `json` as JSON if asked (`--report-json`).
+fn show_report(report: &(impl fmt::Display + serde::Serialize), json: Option<&Path>) -> anyhow::Result<()> {
+    println!("\n{report}");
+    if let Some(path) = json {
+        let text = serde_json::to_string_pretty(report)?;
+        std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
+        println!("report written to {}", path.display());
     }
     Ok(())
 }

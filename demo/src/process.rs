@@ -1,7 +1,9 @@
-//! The child processes of a migration: finding (and if needed building) the
-//! binaries, spawning them with piped stdin/stdout and stderr in a log file,
-//! reading their JSON event lines, and killing them when the migration ends
-//! (also on error: every child is killed when dropped).
+//! The child processes of a migration: finding the binaries (built
+//! beforehand: `scripts/demo` and `scripts/test` build the workspace),
+//! spawning them with piped stdin/stdout and stderr in a log file, reading
+//! their JSON lines (an agent's `listening` line, a stand-in's events), and
+//! killing them when the migration ends (also on error: every child is
+//! killed when dropped).
 
 use std::ffi::OsStr;
 use std::io;
@@ -15,8 +17,9 @@ use tokio::process::{ChildStdin, ChildStdout};
 
 /// Overrides the directory the binaries are taken from.
 pub const BIN_DIR_ENV: &str = "PAGESERVER_BIN_DIR";
-/// The workspace root, for building missing binaries.
-const WORKSPACE_ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+/// What builds every binary a migration runs (the VMM shim is a cdylib,
+/// which `cargo build --bins` or a test build leaves out).
+pub const BUILD_COMMAND: &str = "cargo build --release --workspace";
 /// Lines of a child's log shown when it fails.
 const LOG_TAIL_LINES: usize = 30;
 
@@ -25,10 +28,13 @@ const LOG_TAIL_LINES: usize = 30;
 pub enum ProcessError {
     #[error("cannot locate the current executable: {0}")]
     CurrentExe(#[source] io::Error),
-    #[error("{binary} not found in {dir} (set by {BIN_DIR_ENV})")]
-    Missing { binary: &'static str, dir: PathBuf },
-    #[error("`{command}` failed: {detail}")]
-    Build { command: String, detail: String },
+    #[error(
+        "{binary} not found in {dir}{from_env}: build the workspace first \
+         (`{BUILD_COMMAND}`; `scripts/demo` and `scripts/test` do)",
+        dir = dir.display(),
+        from_env = if *from_env { format!(" (set by {BIN_DIR_ENV})") } else { String::new() }
+    )]
+    Missing { binary: &'static str, dir: PathBuf, from_env: bool },
     #[error("starting {name} ({program}): {source}")]
     Spawn {
         name: String,
@@ -84,29 +90,16 @@ impl Binaries {
 
     /// Finds the binaries: in `$PAGESERVER_BIN_DIR` if set, else next to the
     /// current executable (or one level up from a `deps` directory, as for
-    /// integration tests). Missing ones are built with cargo, unless the
-    /// directory was given explicitly.
-    pub async fn locate() -> Result<Self, ProcessError> {
-        if let Some(dir) = std::env::var_os(BIN_DIR_ENV) {
-            let dir = PathBuf::from(dir);
-            let binaries = Self::in_dir(&dir);
-            return match binaries.missing() {
-                Some(binary) => Err(ProcessError::Missing { binary, dir }),
-                None => Ok(binaries),
-            };
-        }
-        let exe = std::env::current_exe().map_err(ProcessError::CurrentExe)?;
-        let dir = bin_dir_of(&exe);
+    /// integration tests). Nothing is built here: a missing binary is an
+    /// error that names the command that builds it.
+    pub fn locate() -> Result<Self, ProcessError> {
+        let (dir, from_env) = match std::env::var_os(BIN_DIR_ENV) {
+            Some(dir) => (PathBuf::from(dir), true),
+            None => (bin_dir_of(&std::env::current_exe().map_err(ProcessError::CurrentExe)?), false),
+        };
         let binaries = Self::in_dir(&dir);
-        if binaries.missing().is_none() {
-            return Ok(binaries);
-        }
-        build_binaries(dir.file_name().is_some_and(|name| name == "release")).await?;
         match binaries.missing() {
-            Some(binary) => Err(ProcessError::Build {
-                command: "cargo build --workspace".into(),
-                detail: format!("{binary} is still missing from {}", dir.display()),
-            }),
+            Some(binary) => Err(ProcessError::Missing { binary, dir, from_env }),
             None => Ok(binaries),
         }
     }
@@ -116,27 +109,6 @@ impl Binaries {
 pub fn bin_dir_of(exe: &Path) -> PathBuf {
     let dir = exe.parent().unwrap_or(Path::new("."));
     if dir.file_name().is_some_and(|name| name == "deps") { dir.parent().unwrap_or(dir) } else { dir }.to_path_buf()
-}
-
-/// Runs `$CARGO build [--release] --bins` in the workspace root.
-async fn build_binaries(release: bool) -> Result<(), ProcessError> {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    // The whole workspace: the agents, the stand-in and the VMM shim (a
-    // cdylib, which `--bins` would skip).
-    let mut args = vec!["build", "--workspace"];
-    if release {
-        args.push("--release");
-    }
-    let command = format!("{} {}", cargo.to_string_lossy(), args.join(" "));
-    eprintln!("pageserver-demo: binaries missing, building them: {command} (in {WORKSPACE_ROOT})");
-    let status = tokio::process::Command::new(&cargo)
-        .args(&args)
-        .current_dir(WORKSPACE_ROOT)
-        .stdin(Stdio::null())
-        .status()
-        .await
-        .map_err(|e| ProcessError::Build { command: command.clone(), detail: e.to_string() })?;
-    if status.success() { Ok(()) } else { Err(ProcessError::Build { command, detail: status.to_string() }) }
 }
 
 /// A fresh directory under /dev/shm, removed when dropped.
@@ -169,6 +141,14 @@ impl Drop for WorkDir {
             eprintln!("pageserver-demo: cannot remove {}: {e}", self.path.display());
         }
     }
+}
+
+/// Where an agent listens, from its `listening` line.
+#[derive(Debug, Clone)]
+pub struct AgentAddrs {
+    pub grpc: String,
+    /// Prometheus metrics: `http://METRICS/metrics`.
+    pub metrics: String,
 }
 
 /// A running child: commands go to its stdin, JSON lines come from its
@@ -265,6 +245,27 @@ impl ChildProcess {
         }
     }
 
+    /// Reads an agent's `{"event":"listening","grpc":"ADDR","metrics":"ADDR"}`
+    /// line (other lines before it are skipped); its later output is drained.
+    pub async fn wait_listening(&mut self, deadline: Instant) -> Result<AgentAddrs, ProcessError> {
+        loop {
+            let line = self.next_json("the \"listening\" line", deadline).await?;
+            if line["event"] != "listening" {
+                continue;
+            }
+            let addr = |key: &str| {
+                line[key].as_str().map(str::to_owned).ok_or_else(|| ProcessError::Protocol {
+                    name: self.name.clone(),
+                    line: line.to_string(),
+                    reason: format!("no \"{key}\" address"),
+                })
+            };
+            let addrs = AgentAddrs { grpc: addr("grpc")?, metrics: addr("metrics")? };
+            self.drain_stdout();
+            return Ok(addrs);
+        }
+    }
+
     /// Keeps reading (and dropping) stdout in the background, so that a
     /// chatty child never blocks on a full pipe once we stop listening.
     pub fn drain_stdout(&mut self) {
@@ -291,6 +292,22 @@ impl ChildProcess {
     /// The last lines of the child's stderr.
     pub fn log_tail(&self) -> String {
         tail_of_file(&self.log_path, LOG_TAIL_LINES)
+    }
+
+    /// Stops an agent as an operator would: SIGTERM, then up to `grace` for
+    /// it to finish, then SIGKILL. Returns its exit code (`None` if it had to
+    /// be killed or died of a signal).
+    pub async fn terminate(&mut self, grace: Duration) -> Option<i32> {
+        if let Some(pid) = self.child.id().and_then(|pid| rustix::process::Pid::from_raw(pid as i32)) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        }
+        match tokio::time::timeout(grace, self.child.wait()).await {
+            Ok(Ok(status)) => status.code(),
+            _ => {
+                let _ = self.child.kill().await;
+                None
+            }
+        }
     }
 
     /// Asks the child to quit (closes stdin after `quit`), waits up to

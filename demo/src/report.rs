@@ -60,12 +60,27 @@ pub struct Report {
     pub pages_fetched_background: u64,
     pub pages_fetched_unknown: u64,
     pub pages_installed_bulk: u64,
-    pub pages_fetched_twice: u64,
     pub bytes_received: u64,
     /// Keyed by "fresh", "fetched", "missing" (and any other kind the agent
     /// reports).
     pub fault_latency_us: BTreeMap<String, LatencyPercentiles>,
     pub pages_by_state: BTreeMap<String, u64>,
+    /// Faults the target agent will never resolve, by reason (all 0 unless
+    /// the migration failed).
+    pub faults_blocked: BTreeMap<String, u64>,
+
+    /// Why the target agent's migration failed after the switchover; the
+    /// guest is then frozen, and only the pages it can see were verified
+    /// (`verified_pages` counts them).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failure: Option<String>,
+    /// The target agent's phase at the end ("complete", "failed", …).
+    pub phase: String,
+    /// The target agent's gRPC health at the end (`SERVING`, `NOT_SERVING`).
+    pub target_health: String,
+    /// The target agent's exit code after SIGTERM at the end (non-zero when
+    /// its migration failed; absent if it had to be killed).
+    pub target_agent_exit_code: Option<i32>,
 
     pub guest_accesses: u64,
     pub guest_pages_written: u64,
@@ -113,9 +128,30 @@ impl Report {
         self.pages_fetched_background = status.pages_fetched_background;
         self.pages_fetched_unknown = status.pages_fetched_unknown;
         self.pages_installed_bulk = status.pages_installed_bulk;
-        self.pages_fetched_twice = status.pages_fetched_twice;
         self.bytes_received = status.bytes_received;
-        self.pages_by_state = status.pages_by_state.clone().into_iter().collect();
+        self.phase = crate::status_watch::phase::name(status.phase()).to_owned();
+        let pages = status.pages_by_state.unwrap_or_default();
+        self.pages_by_state = [
+            ("unknown", pages.unknown),
+            ("fresh", pages.fresh),
+            ("stale", pages.stale),
+            ("fetching_unknown", pages.fetching_unknown),
+            ("fetching_stale", pages.fetching_stale),
+            ("installed", pages.installed),
+        ]
+        .into_iter()
+        .map(|(state, n)| (state.to_owned(), n))
+        .collect();
+        let blocked = status.faults_blocked.unwrap_or_default();
+        self.faults_blocked = [
+            ("outside_regions", blocked.outside_regions),
+            ("install_failed", blocked.install_failed),
+            ("source_refused", blocked.source_refused),
+            ("fault_loop_stopped", blocked.fault_loop_stopped),
+        ]
+        .into_iter()
+        .map(|(reason, n)| (reason.to_owned(), n))
+        .collect();
         self.fault_latency_us =
             FAULT_KINDS.iter().map(|kind| (kind.to_string(), LatencyPercentiles::default())).collect();
         for (kind, summary) in &status.fault_latency {
@@ -129,6 +165,11 @@ impl Report {
     /// Every page was compared and none differed.
     pub fn verification_passed(&self) -> bool {
         self.mismatched_pages == 0 && self.total_pages > 0 && self.verified_pages == self.total_pages
+    }
+
+    /// Faults the target agent will never resolve, whatever the reason.
+    pub fn faults_blocked_total(&self) -> u64 {
+        self.faults_blocked.values().sum()
     }
 }
 
@@ -163,7 +204,7 @@ impl fmt::Display for Report {
             f,
             "post-copy:  {:.2} s; faults {} (fresh {}, fetched {}, missing {} of which {} fetched; {} on unknown \
              pages); pages fetched on demand {}, in the background {}, of unknown state {}; installed in bulk {}; \
-             fetched twice {}; {:.1} MiB received",
+             {:.1} MiB received",
             self.postcopy_seconds,
             self.faults_total,
             self.faults_fresh,
@@ -175,32 +216,36 @@ impl fmt::Display for Report {
             self.pages_fetched_background,
             self.pages_fetched_unknown,
             self.pages_installed_bulk,
-            self.pages_fetched_twice,
             mib(self.bytes_received)
         )?;
         for (kind, l) in &self.fault_latency_us {
             writeln!(f, "  fault latency {kind:>8}: p50 {:8.1} µs  p99 {:8.1} µs  max {:8.1} µs", l.p50, l.p99, l.max)?;
         }
         writeln!(f, "guest:      {} accesses, {} pages written", self.guest_accesses, self.guest_pages_written)?;
+        if let Some(failure) = &self.failure {
+            writeln!(f, "FAILED:     {failure}")?;
+            writeln!(
+                f,
+                "            target agent health {}; faults blocked for ever: {:?}",
+                self.target_health, self.faults_blocked
+            )?;
+        }
+        let scope = if self.failure.is_some() { "pages the frozen guest can see" } else { "pages" };
         writeln!(
             f,
-            "verify:     {} of {} pages compared in {:.2} s, {} mismatched{}",
+            "verify:     {} of {} {scope} compared in {:.2} s, {} mismatched{}",
             self.verified_pages,
             self.total_pages,
             self.verify_seconds,
             self.mismatched_pages,
             if self.first_mismatches.is_empty() { String::new() } else { format!(" {:?}", self.first_mismatches) }
         )?;
-        write!(
-            f,
-            "total:      {:.2} s ({})",
-            self.total_seconds,
-            if self.verification_passed() {
-                "target memory equals source memory at pause"
-            } else {
-                "VERIFICATION FAILED"
-            }
-        )
+        let verdict = match (&self.failure, self.mismatched_pages) {
+            (None, _) if self.verification_passed() => "target memory equals source memory at pause",
+            (Some(_), 0) => "MIGRATION FAILED; the guest is frozen and saw no wrong page",
+            _ => "VERIFICATION FAILED",
+        };
+        write!(f, "total:      {:.2} s ({verdict})", self.total_seconds)
     }
 }
 
@@ -250,7 +295,6 @@ pub struct StatusAfterTouch {
     pub faults_missing_fetched: u64,
     pub pages_fetched_on_demand: u64,
     pub pages_fetched_unknown: u64,
-    pub pages_fetched_twice: u64,
 }
 
 impl From<&pageserver_proto::v1::MigrationStatus> for StatusAfterTouch {
@@ -262,7 +306,6 @@ impl From<&pageserver_proto::v1::MigrationStatus> for StatusAfterTouch {
             faults_missing_fetched: s.faults_missing_fetched,
             pages_fetched_on_demand: s.pages_fetched_on_demand,
             pages_fetched_unknown: s.pages_fetched_unknown,
-            pages_fetched_twice: s.pages_fetched_twice,
         }
     }
 }

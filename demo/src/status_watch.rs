@@ -1,7 +1,10 @@
 //! Polls the target agent's `MigrationTarget/GetStatus` in the background,
-//! so that the orchestrator can wait for a phase while it talks to the
-//! stand-ins, and notices a failed migration at once.
+//! and the waits built on it, shared by both orchestrators (stand-in and
+//! QEMU): a phase (or any condition on the status), pre-copy convergence
+//! round by round, and any other step unless the migration fails first. A
+//! failed migration is noticed at once, whatever is being waited for.
 
+use std::future::Future;
 use std::time::{Duration, Instant};
 
 use pageserver_proto::v1::migration_target_client::MigrationTargetClient;
@@ -15,11 +18,54 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(20);
 /// Consecutive failed calls after which the agent counts as unreachable.
 const MAX_CONSECUTIVE_ERRORS: u32 = 5;
 
-/// The phase names of `MigrationStatus.phase`.
+/// The one place that reads and compares a status's phase.
 pub mod phase {
-    pub const PRECOPY_CONVERGED: &str = "precopy-converged";
-    pub const COMPLETE: &str = "complete";
-    pub const FAILED: &str = "failed";
+    pub use pageserver_proto::v1::MigrationPhase;
+    use pageserver_proto::v1::MigrationStatus;
+
+    /// The phase `status` reports (UNSPECIFIED for a value this build does
+    /// not know).
+    pub fn of(status: &MigrationStatus) -> MigrationPhase {
+        status.phase()
+    }
+
+    /// Whether `status` is in `phase`.
+    pub fn is(status: &MigrationStatus, phase: MigrationPhase) -> bool {
+        of(status) == phase
+    }
+
+    /// A phase as the agents' logs and metrics name it ("precopy-converged").
+    pub fn name(phase: MigrationPhase) -> &'static str {
+        match phase {
+            MigrationPhase::Unspecified => "unspecified",
+            MigrationPhase::WaitingForHandoff => "waiting-for-handoff",
+            MigrationPhase::Precopy => "precopy",
+            MigrationPhase::PrecopyConverged => "precopy-converged",
+            MigrationPhase::Postcopy => "postcopy",
+            MigrationPhase::Complete => "complete",
+            MigrationPhase::Failed => "failed",
+        }
+    }
+}
+
+/// Why the target agent's migration cannot go on.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Failure {
+    #[error("the target agent's migration failed: {error}")]
+    MigrationFailed { error: String },
+    #[error("the target agent is unreachable: GetStatus failed {calls} times in a row, last with {code:?}: {message}")]
+    Unreachable { calls: u32, code: tonic::Code, message: String },
+}
+
+/// Why a wait on the target agent's status ended without what it waited for.
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    #[error(transparent)]
+    Failed(#[from] Failure),
+    #[error("the target agent's status poller stopped")]
+    PollerStopped,
+    #[error("timed out after {after:.1?} waiting for {what} (the target agent is in phase {phase:?})")]
+    Timeout { what: String, after: Duration, phase: String },
 }
 
 /// What the poller knows so far.
@@ -30,12 +76,13 @@ pub struct PollState {
     pub complete_at: Option<Instant>,
     /// Why the migration cannot go on: phase "failed" or the agent
     /// unreachable.
-    pub failure: Option<String>,
+    pub failure: Option<Failure>,
 }
 
 impl PollState {
-    pub fn phase(&self) -> &str {
-        self.latest.as_ref().map_or("unknown", |s| s.phase.as_str())
+    /// The latest phase, for messages.
+    pub fn phase(&self) -> &'static str {
+        self.latest.as_ref().map_or("unknown", |status| phase::name(phase::of(status)))
     }
 }
 
@@ -53,22 +100,90 @@ impl StatusWatch {
         Self { state, task }
     }
 
-    /// A receiver of the poller's state, for `changed()`/`wait_for()`.
-    pub fn subscribe(&self) -> watch::Receiver<PollState> {
-        self.state.clone()
-    }
-
     pub fn current(&self) -> PollState {
         self.state.borrow().clone()
     }
 
-    /// Resolves with the failure once the migration failed; never resolves
-    /// otherwise.
-    pub async fn failed(mut state: watch::Receiver<PollState>) -> String {
-        match state.wait_for(|s| s.failure.is_some()).await {
-            Ok(s) => s.failure.clone().unwrap_or_default(),
-            Err(_) => std::future::pending().await,
+    /// Waits until the state satisfies `done`; fails as soon as the
+    /// migration does, or after `timeout` (`what` names what was awaited).
+    pub async fn wait_until(
+        &self,
+        what: &str,
+        timeout: Duration,
+        done: impl Fn(&PollState) -> bool,
+    ) -> Result<PollState, StatusError> {
+        let mut state = self.state.clone();
+        let wait = state.wait_for(|s| s.failure.is_some() || done(s));
+        let state = match tokio::time::timeout(timeout, wait).await {
+            Ok(Ok(state)) => state.clone(),
+            Ok(Err(_)) => return Err(StatusError::PollerStopped),
+            Err(_) => return Err(self.timeout(what, timeout)),
+        };
+        match state.failure {
+            Some(failure) => Err(failure.into()),
+            None => Ok(state),
         }
+    }
+
+    /// Waits for phase "precopy-converged", calling `round_done(round,
+    /// dirty_pages)` once for each pre-copy round as it ends (rounds from 1).
+    pub async fn wait_precopy_converged(
+        &self,
+        timeout: Duration,
+        mut round_done: impl FnMut(usize, u64),
+    ) -> Result<(), StatusError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut state = self.state.clone();
+        let mut rounds_shown = 0;
+        loop {
+            let current = state.borrow_and_update().clone();
+            if let Some(status) = &current.latest {
+                for (round, &dirty) in status.dirty_pages_per_round.iter().enumerate().skip(rounds_shown) {
+                    round_done(round + 1, dirty);
+                }
+                rounds_shown = rounds_shown.max(status.dirty_pages_per_round.len());
+                if phase::is(status, phase::MigrationPhase::PrecopyConverged) {
+                    return Ok(());
+                }
+            }
+            if let Some(failure) = current.failure {
+                return Err(failure.into());
+            }
+            match tokio::time::timeout_at(deadline, state.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Err(StatusError::PollerStopped),
+                Err(_) => return Err(self.timeout("pre-copy to converge", timeout)),
+            }
+        }
+    }
+
+    /// Runs `step` unless the target agent's migration fails first.
+    pub async fn unless_failed<T, E: From<StatusError>>(
+        &self,
+        step: impl Future<Output = Result<T, E>>,
+    ) -> Result<T, E> {
+        tokio::select! {
+            result = step => result,
+            failure = self.failure() => Err(E::from(StatusError::Failed(failure))),
+        }
+    }
+
+    /// Resolves with the failure once the migration failed; never otherwise.
+    async fn failure(&self) -> Failure {
+        let mut state = self.state.clone();
+        let failure = match state.wait_for(|s| s.failure.is_some()).await {
+            Ok(state) => state.failure.clone(),
+            Err(_) => None,
+        };
+        match failure {
+            Some(failure) => failure,
+            // The poller stopped: nothing fails any more.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn timeout(&self, what: &str, after: Duration) -> StatusError {
+        StatusError::Timeout { what: what.to_owned(), after, phase: self.current().phase().to_owned() }
     }
 }
 
@@ -89,11 +204,11 @@ async fn poll(mut client: MigrationTargetClient<Channel>, tx: watch::Sender<Poll
                 errors = 0;
                 let status = response.into_inner();
                 tx.send_modify(|state| {
-                    if status.phase == phase::COMPLETE && state.complete_at.is_none() {
+                    if phase::is(&status, phase::MigrationPhase::Complete) && state.complete_at.is_none() {
                         state.complete_at = Some(Instant::now());
                     }
-                    if status.phase == phase::FAILED && state.failure.is_none() {
-                        state.failure = Some(format!("the target agent's migration failed: {}", status.error));
+                    if phase::is(&status, phase::MigrationPhase::Failed) && state.failure.is_none() {
+                        state.failure = Some(Failure::MigrationFailed { error: status.error.clone() });
                     }
                     state.latest = Some(status);
                 });
@@ -102,12 +217,10 @@ async fn poll(mut client: MigrationTargetClient<Channel>, tx: watch::Sender<Poll
                 errors += 1;
                 if errors >= MAX_CONSECUTIVE_ERRORS {
                     tx.send_modify(|state| {
-                        state.failure.get_or_insert_with(|| {
-                            format!(
-                                "GetStatus failed {errors} times in a row: {} ({:?})",
-                                status.message(),
-                                status.code()
-                            )
+                        state.failure.get_or_insert_with(|| Failure::Unreachable {
+                            calls: errors,
+                            code: status.code(),
+                            message: status.message().to_owned(),
                         });
                     });
                 }

@@ -8,8 +8,9 @@
 //! Needs root (userfaultfd, huge pages) and the workspace's binaries built in
 //! the same profile (`scripts/test` does both).
 
-use pageserver_demo::vmm::pattern;
+use pageserver_demo::test_hooks::{AgentTestHooks, FaultLoopBreak};
 use pageserver_demo::{MigrationOptions, Report, run_migration};
+use vmm_standin::pattern;
 
 /// One migration at a time: each already runs five busy processes on two
 /// cores, and hugetlbfs guests share one huge-page pool.
@@ -28,8 +29,20 @@ async fn migrate(opts: MigrationOptions) -> Report {
     report
 }
 
-/// Every byte of every page equals the source's memory at pause time.
+/// The target agent holds the final bitmap back for `ms` (test hook), so
+/// that faults hit pages of unknown state.
+fn hold_bitmap(ms: u64) -> AgentTestHooks {
+    AgentTestHooks { hold_bitmap_until_faults: u64::MAX, hold_bitmap_ms: ms, ..AgentTestHooks::default() }
+}
+
+/// Every byte of every page equals the source's memory at pause time, and
+/// the migration completed: nothing blocked, healthy, a clean exit.
 fn assert_every_byte_verified(r: &Report) {
+    assert_eq!(r.failure, None);
+    assert_eq!(r.phase, "complete");
+    assert_eq!(r.faults_blocked_total(), 0, "{:?}", r.faults_blocked);
+    assert_eq!(r.target_health, "SERVING");
+    assert_eq!(r.target_agent_exit_code, Some(0), "the target agent exits cleanly after a migration");
     assert_eq!(r.mismatched_pages, 0, "pages differing from the source at pause time: {:?}", r.first_mismatches);
     assert_eq!(r.verified_pages, r.total_pages, "not every page was compared");
     assert_eq!(r.total_pages * r.page_size, r.guest_bytes);
@@ -48,7 +61,6 @@ fn assert_only_stale_pages_fetched(r: &Report) {
     // Pages fetched after switchover are exactly those fetched while unknown
     // plus every page the bitmap marked stale: each stale page once.
     assert_eq!(fetched, r.pages_marked_stale + r.pages_fetched_unknown, "a stale page was not fetched exactly once");
-    assert_eq!(r.pages_fetched_twice, 0, "a page was fetched twice");
     assert_eq!(r.pages_by_state.get("stale").copied().unwrap_or(0), 0, "stale pages left behind");
     assert_eq!(r.faults_total, r.faults_fresh + r.faults_fetched + r.faults_missing);
 }
@@ -106,8 +118,7 @@ async fn hole_written_after_last_copy(hugetlb: bool, memory_bytes: u64) {
         dirty_rate: 0,
         write_before_pause: trap.clone(),
         touch_after_resume: trap.clone(),
-        bitmap_after_faults: u64::MAX,
-        bitmap_delay_ms: 1500,
+        hooks: hold_bitmap(1500),
         ..opts
     })
     .await;
@@ -147,14 +158,9 @@ async fn hole_written_after_last_copy_and_known_stale_is_fetched() {
 /// unknown state, which are fetched from the paused source.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn faults_on_unknown_pages_before_the_bitmap_are_served_from_the_source() {
-    let r = migrate(MigrationOptions {
-        dirty_rate: 20_000,
-        bitmap_after_faults: u64::MAX,
-        bitmap_delay_ms: 2000,
-        run_ms: 300,
-        ..options(64 * MIB)
-    })
-    .await;
+    let r =
+        migrate(MigrationOptions { dirty_rate: 20_000, hooks: hold_bitmap(2000), run_ms: 300, ..options(64 * MIB) })
+            .await;
     assert_every_byte_verified(&r);
     assert_only_stale_pages_fetched(&r);
     assert!(r.faults_unknown > 0, "no fault hit a page of unknown state");
@@ -171,8 +177,7 @@ async fn many_threads_faulting_one_page_fetch_it_once() {
         vcpus: 4,
         dirty_rate: 0,
         touch_after_resume: pages.clone(),
-        bitmap_after_faults: u64::MAX,
-        bitmap_delay_ms: 1500,
+        hooks: hold_bitmap(1500),
         ..opts
     })
     .await;
@@ -180,7 +185,6 @@ async fn many_threads_faulting_one_page_fetch_it_once() {
     assert_only_stale_pages_fetched(&r);
     let touch = r.status_after_touch.clone().expect("status after the touch");
     assert_eq!(touch.pages_fetched_on_demand, pages.len() as u64, "{touch:?}");
-    assert_eq!(touch.pages_fetched_twice, 0, "{touch:?}");
     assert!(
         touch.faults_fetched > pages.len() as u64,
         "no second thread faulted on a page while it was being fetched: {touch:?}"
@@ -196,7 +200,7 @@ async fn stale_pages_installed_as_fresh_are_caught() {
     let r = migrate(MigrationOptions {
         dirty_rate: 0,
         write_before_pause: written.clone(),
-        withhold_stale_pages: 3,
+        hooks: AgentTestHooks { withhold_stale_pages: 3, ..AgentTestHooks::default() },
         ..opts
     })
     .await;
@@ -205,4 +209,52 @@ async fn stale_pages_installed_as_fresh_are_caught() {
     let mut caught = r.first_mismatches.clone();
     caught.sort_unstable();
     assert_eq!(caught, written);
+}
+
+/// A fault loop made to stop (test hook) after `after` faults, before the
+/// final bitmap is in: the migration fails, never completes, and the frozen
+/// guest has seen only the source's content at pause.
+async fn fault_loop_stops(how: FaultLoopBreak, after: u64) -> Report {
+    migrate(MigrationOptions {
+        dirty_rate: 20_000,
+        run_ms: 300,
+        hooks: AgentTestHooks { break_fault_loop: Some((after, how)), ..hold_bitmap(20_000) },
+        ..options(64 * MIB)
+    })
+    .await
+}
+
+/// What every stopped fault loop must leave behind.
+fn assert_failed_and_frozen(r: &Report, reason: &str) {
+    let failure = r.failure.as_deref().expect("the migration must fail");
+    assert!(failure.contains(reason), "{failure:?} does not say {reason:?}");
+    assert!(failure.contains("The guest is frozen"), "{failure:?} does not say the guest is frozen");
+    assert_eq!(r.phase, "failed", "a migration whose fault loop stopped must never report complete");
+    assert_eq!(r.target_health, "NOT_SERVING");
+    assert_eq!(r.target_agent_exit_code, Some(1), "the target agent exits non-zero after a failed migration");
+    assert!(
+        r.faults_blocked["fault_loop_stopped"] >= 1,
+        "the unresolved fault is not accounted: {:?}",
+        r.faults_blocked
+    );
+    // The frozen guest saw only pages it may see.
+    assert_eq!(
+        r.mismatched_pages, 0,
+        "pages the frozen guest can see differ from the source at pause: {:?}",
+        r.first_mismatches
+    );
+    assert!(r.verified_pages > 0, "the guest saw no page before the loop stopped");
+    assert!(r.verified_pages < r.total_pages, "the guest cannot have seen every page: it froze");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fault_loop_that_fails_fails_the_migration_and_freezes_the_guest() {
+    let r = fault_loop_stops(FaultLoopBreak::Error, 40).await;
+    assert_failed_and_frozen(&r, "test hook: the fault loop was told to stop after 40 faults");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fault_loop_that_panics_fails_the_migration_and_freezes_the_guest() {
+    let r = fault_loop_stops(FaultLoopBreak::Panic, 40).await;
+    assert_failed_and_frozen(&r, "the fault loop panicked: test hook: the fault loop panics at fault 40");
 }

@@ -29,8 +29,9 @@ use std::os::unix::net::UnixStream;
 
 use serde::{Deserialize, Serialize};
 
+use crate::fd_passing::{recv_with_fds, send_with_fds};
 use crate::layout::{GuestLayout, LayoutError, RegionLayout};
-use crate::sys::{self, Userfaultfd};
+use crate::uffd::Userfaultfd;
 
 pub const HANDOFF_VERSION: u32 = 1;
 const MAX_MESSAGE_BYTES: usize = 1 << 20;
@@ -148,7 +149,7 @@ pub struct Handoff {
 pub fn send_handoff(stream: &UnixStream, message: &HandoffMessage, fds: &[BorrowedFd<'_>]) -> Result<(), HandoffError> {
     let mut line = serde_json::to_vec(message).map_err(HandoffError::Json)?;
     line.push(b'\n');
-    let sent = sys::send_with_fds(stream.as_fd(), &line, fds).map_err(io("sending hand-off"))?;
+    let sent = send_with_fds(stream.as_fd(), &line, fds).map_err(io("sending hand-off"))?;
     (&*stream).write_all(&line[sent..]).map_err(io("sending hand-off"))?;
     let mut reply = String::new();
     BufReader::new(stream).read_line(&mut reply).map_err(io("reading hand-off reply"))?;
@@ -215,7 +216,7 @@ type Parts = (HandoffMessage, GuestLayout, OwnedFd, Userfaultfd, Option<OwnedFd>
 
 fn read_and_validate(stream: &UnixStream, role: Role) -> Result<Parts, HandoffError> {
     let mut buf = vec![0u8; 64 << 10];
-    let (mut len, fds) = sys::recv_with_fds(stream.as_fd(), &mut buf).map_err(io("receiving hand-off"))?;
+    let (mut len, fds) = recv_with_fds(stream.as_fd(), &mut buf).map_err(io("receiving hand-off"))?;
     if len == 0 {
         return Err(HandoffError::Closed);
     }
@@ -268,7 +269,7 @@ fn read_and_validate(stream: &UnixStream, role: Role) -> Result<Parts, HandoffEr
         }
         match kind {
             FdKind::Memory => memory = Some(fd),
-            FdKind::Uffd => uffd = Some(Userfaultfd::from_fd(fd)),
+            FdKind::Uffd => uffd = Some(Userfaultfd::from_handoff(fd)),
             FdKind::Pagemap => pagemap = Some(fd),
         }
     }

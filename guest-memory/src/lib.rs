@@ -1,19 +1,30 @@
-//! Guest memory as the agents and the VMM stand-in see it.
+//! Guest memory as the agents, the VMM stand-in and the VMM shim see it.
 //!
-//! - [`sys`]: every `unsafe` line of the crate: mmap, memfd, fallocate, the
-//!   userfaultfd ioctls, PAGEMAP_SCAN and SCM_RIGHTS.
-//! - [`handoff`]: how a VMM passes its guest memory to an agent (a JSON layout
-//!   plus file descriptors over a Unix socket, Firecracker-style).
-//! - [`layout`]: regions and the global page numbering shared by both agents.
-//! - [`hugepages`]: reserving 2 MiB huge pages for hugetlbfs guests.
+//! # Layout
+//!
+//! - [`uffd`]: the userfaultfd (the `userfaultfd` crate, plus the feature
+//!   bits it lacks, `u64` addresses in the VMM's address space, and the one
+//!   place that decides what each side registers);
+//! - [`handoff`]: how a VMM passes its guest memory to an agent (a JSON
+//!   layout plus file descriptors over a Unix socket, Firecracker-style);
+//! - [`layout`]: regions and the global page numbering shared by both agents;
+//! - [`memfile`]: memfd, sizing, holes, the monotonic clock;
+//! - [`fd_passing`]: descriptors over a Unix socket (SCM_RIGHTS);
 //! - [`written`]: which pages a VMM wrote since the last look (PAGEMAP_SCAN
-//!   over its write-protected mapping).
+//!   over its write-protected mapping);
+//! - [`hugepages`]: reserving 2 MiB huge pages for hugetlbfs guests;
+//! - [`sys`]: every `unsafe` line of the crate (mappings, the userfaultfd
+//!   calls the crate marks unsafe, PAGEMAP_SCAN).
 
+pub mod fd_passing;
 pub mod handoff;
 pub mod hugepages;
 pub mod layout;
+pub mod memfile;
 pub mod sys;
+pub mod uffd;
 pub mod written;
 
 pub use layout::{GuestLayout, RegionLayout};
-pub use sys::{MemoryMap, PageFault, UffdError, UffdEvent, Userfaultfd};
+pub use sys::MemoryMap;
+pub use uffd::{PageFault, UffdError, UffdEvent, Userfaultfd};

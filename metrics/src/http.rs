@@ -1,21 +1,38 @@
-//! The `/metrics` endpoint, and a scraper for it.
+//! The `/metrics` endpoint: an axum router on hyper's HTTP/1 connections.
 //!
-//! A deliberately small HTTP/1.x server on tokio: one request per
-//! connection (`Connection: close`, which Prometheus handles), `GET` or
-//! `HEAD /metrics` (a query string is ignored) answered with the text format,
-//! 404 for other paths, 405 for other methods, 400 for anything that is not
-//! an HTTP request line; a request head larger than 16 KiB, or one not
-//! received within 10 s, ends the connection. Rendering runs on tokio's
-//! blocking pool (the target's collector counts page states, O(pages)).
-//! Every 5 s the recorder's pending histogram samples are folded into their
-//! buckets, so they do not pile up when nobody scrapes.
+//! axum answers `GET` and `HEAD /metrics` (a query string is ignored) with
+//! the text format, other paths with 404, other methods on `/metrics` with
+//! 405 and an `Allow` header. hyper itself answers 400 to what is not an
+//! HTTP/1 request and 431 to a request head over 16 KiB. The connections
+//! are served here rather than with `axum::serve` because these limits, a
+//! head timeout and the shutdown below need hyper's connection settings.
+//!
+//! One request per connection (`Connection: close`, which Prometheus
+//! handles): every connection's life is bounded (its head within 10 s, the
+//! whole exchange within 30 s), so idle keep-alive connections never pile
+//! up, and shutdown only has in-flight answers to wait for.
+//!
+//! Rendering runs on tokio's blocking pool (the target's collector counts
+//! page states, O(pages)). Every 5 s the recorder's pending histogram
+//! samples are folded into their buckets, so they do not pile up when
+//! nobody scrapes.
 
 use std::future::Future;
-use std::io;
+use std::net::SocketAddr;
 use std::time::Duration;
 
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
 
 use crate::MetricsHandle;
 
@@ -24,215 +41,132 @@ pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 /// The only path served.
 pub const METRICS_PATH: &str = "/metrics";
 
+/// hyper's read buffer, hence the largest request head (a larger one gets
+/// 431). Prometheus sends a few hundred bytes; hyper allows no less than 8 KiB.
 const REQUEST_HEAD_LIMIT: usize = 16 << 10;
-const IO_TIMEOUT: Duration = Duration::from_secs(10);
+/// A client that has not sent its whole request head by then is dropped.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection's whole exchange, so that a client that never reads its
+/// answer does not hold a task (and shutdown) forever.
+const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a closed connection takes what the client still sends.
 const LINGER: Duration = Duration::from_secs(1);
 const UPKEEP_PERIOD: Duration = Duration::from_secs(5);
-const SCRAPE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long shutdown waits for answers in flight; connections still open
+/// then are dropped.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+/// After a failed accept (out of descriptors, most likely), before the next.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
-/// Serves `handle` on `listener` until `shutdown` completes. Errors on one
-/// connection end that connection only.
+/// Serves `handle` on `listener` until `shutdown` completes, then stops
+/// accepting, lets answers in flight finish and returns within 2 s
+/// (`SHUTDOWN_GRACE`), even if a client holds a connection open
+/// without sending anything. Errors on one connection end that connection
+/// only.
 pub async fn serve_metrics(listener: TcpListener, handle: MetricsHandle, shutdown: impl Future<Output = ()>) {
+    let app = router(handle.clone());
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new()).header_read_timeout(HEAD_TIMEOUT).max_buf_size(REQUEST_HEAD_LIMIT).keep_alive(false);
+    let (closing, closing_seen) = watch::channel(false);
+    let mut connections = JoinSet::new();
     tokio::pin!(shutdown);
     let mut upkeep = tokio::time::interval(UPKEEP_PERIOD);
     upkeep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            () = &mut shutdown => return,
+            () = &mut shutdown => break,
             _ = upkeep.tick() => handle.run_upkeep(),
+            Some(ended) = connections.join_next(), if !connections.is_empty() => {
+                if let Err(error) = ended {
+                    tracing::warn!(%error, "metrics connection task failed");
+                }
+            }
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
-                    let handle = handle.clone();
-                    tokio::spawn(async move {
-                        if let Err(error) = answer(stream, handle).await {
-                            tracing::debug!(%peer, %error, "metrics request failed");
-                        }
-                    });
+                    connections.spawn(connection(stream, peer, http.clone(), app.clone(), closing_seen.clone()));
                 }
                 Err(error) => {
-                    // Out of descriptors, most likely: back off, keep serving.
                     tracing::warn!(%error, "metrics listener: accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
                 }
             },
         }
     }
+    drop(listener);
+    closing.send_replace(true);
+    let drained = tokio::time::timeout(SHUTDOWN_GRACE, async { while connections.join_next().await.is_some() {} });
+    if drained.await.is_err() {
+        tracing::debug!(open = connections.len(), "metrics: dropping connections still open after the grace period");
+    }
+    // Dropping the set aborts what is left.
 }
 
-/// Reads a request head: up to the blank line that ends it.
-async fn read_head(stream: &mut TcpStream) -> io::Result<Option<Vec<u8>>> {
-    let mut head = Vec::with_capacity(512);
-    let mut chunk = [0u8; 1024];
-    loop {
-        if head.windows(4).any(|w| w == b"\r\n\r\n") || head.windows(2).any(|w| w == b"\n\n") {
-            return Ok(Some(head));
+fn router(handle: MetricsHandle) -> Router {
+    Router::new()
+        // `get` serves HEAD too, without the body but with its length.
+        // axum adds `Allow: GET,HEAD` to the method fallback's answer.
+        .route(METRICS_PATH, get(render).fallback(method_not_allowed))
+        .fallback(not_found)
+        .with_state(handle)
+}
+
+async fn render(State(handle): State<MetricsHandle>) -> Response {
+    match tokio::task::spawn_blocking(move || handle.render()).await {
+        Ok(text) => ([(header::CONTENT_TYPE, CONTENT_TYPE)], text).into_response(),
+        Err(error) => {
+            tracing::error!(%error, "rendering the metrics failed");
+            (StatusCode::INTERNAL_SERVER_ERROR, format!("rendering the metrics: {error}\n")).into_response()
         }
-        if head.len() > REQUEST_HEAD_LIMIT {
-            return Ok(None);
-        }
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            return Err(io::ErrorKind::UnexpectedEof.into());
-        }
-        head.extend_from_slice(&chunk[..n]);
     }
 }
 
-/// The method and path of a request line, if it is one.
-fn request_line(head: &[u8]) -> Option<(&str, &str)> {
-    let line = head.split(|&b| b == b'\n').next()?;
-    let line = std::str::from_utf8(line).ok()?.trim_end_matches('\r');
-    let mut parts = line.split(' ');
-    let (method, target, version) = (parts.next()?, parts.next()?, parts.next()?);
-    if parts.next().is_some() || !version.starts_with("HTTP/1.") || method.is_empty() {
-        return None;
-    }
-    Some((method, target.split('?').next().unwrap_or(target)))
+async fn method_not_allowed() -> (StatusCode, &'static str) {
+    (StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD\n")
 }
 
-fn response(status: &str, content_type: &str, extra_headers: &str, body: &[u8], with_body: bool) -> Vec<u8> {
-    let mut out = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n{extra_headers}\r\n",
-        body.len()
-    )
-    .into_bytes();
-    if with_body {
-        out.extend_from_slice(body);
-    }
-    out
+async fn not_found(uri: Uri) -> (StatusCode, String) {
+    (StatusCode::NOT_FOUND, format!("nothing at {}: try {METRICS_PATH}\n", uri.path()))
 }
 
-async fn answer(mut stream: TcpStream, handle: MetricsHandle) -> io::Result<()> {
-    let head = tokio::time::timeout(IO_TIMEOUT, read_head(&mut stream))
-        .await
-        .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
-    let text = "text/plain; charset=utf-8";
-    let reply = match head.as_deref().map(request_line) {
-        None => response("431 Request Header Fields Too Large", text, "", b"request head too large\n", true),
-        Some(None) => response("400 Bad Request", text, "", b"not an HTTP/1.x request\n", true),
-        Some(Some((method @ ("GET" | "HEAD"), METRICS_PATH))) => {
-            let with_body = method == "GET";
-            let renderer = handle.clone();
-            match tokio::task::spawn_blocking(move || renderer.render()).await {
-                Ok(body) => response("200 OK", CONTENT_TYPE, "", body.as_bytes(), with_body),
-                Err(e) => response("500 Internal Server Error", text, "", format!("{e}\n").as_bytes(), with_body),
+/// Serves one connection, gracefully closed when `closing` turns true
+/// (at once if nothing was received yet), then lingers.
+async fn connection(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    http: http1::Builder,
+    app: Router,
+    mut closing: watch::Receiver<bool>,
+) {
+    let exchange = async {
+        let served = http.serve_connection(TokioIo::new(&mut stream), TowerToHyperService::new(app));
+        tokio::pin!(served);
+        tokio::select! {
+            result = served.as_mut() => result,
+            // It only ever turns true; an error means the server is gone:
+            // close as well.
+            _ = closing.changed() => {
+                served.as_mut().graceful_shutdown();
+                served.await
             }
         }
-        Some(Some((_, METRICS_PATH))) => {
-            response("405 Method Not Allowed", text, "Allow: GET, HEAD\r\n", b"only GET and HEAD\n", true)
-        }
-        Some(Some((_, path))) => {
-            response("404 Not Found", text, "", format!("nothing at {path}: try {METRICS_PATH}\n").as_bytes(), true)
-        }
     };
-    tokio::time::timeout(IO_TIMEOUT, stream.write_all(&reply))
-        .await
-        .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
-    stream.shutdown().await?;
-    // Lingering close: take what the client still sends (the rest of an
-    // oversized head, a body), so that closing does not reset the
-    // connection before the client has read the answer.
+    match tokio::time::timeout(EXCHANGE_TIMEOUT, exchange).await {
+        Ok(Ok(())) => {}
+        // A head timeout, a malformed request (answered by hyper), a reset.
+        Ok(Err(error)) => tracing::debug!(%peer, %error, "metrics connection ended"),
+        Err(_) => tracing::debug!(%peer, "metrics connection: no complete exchange within {EXCHANGE_TIMEOUT:?}"),
+    }
+    linger(&mut stream).await;
+}
+
+/// Lingering close: takes what the client still sends (the rest of an
+/// oversized head, a body, a pipelined request) for up to [`LINGER`], so
+/// that closing with unread input does not reset the connection before the
+/// client has read the answer.
+async fn linger(stream: &mut TcpStream) {
+    // hyper has usually shut down writing already; a second time is harmless.
+    let _ = stream.shutdown().await;
     let mut sink = [0u8; 4096];
     let drain = async { while stream.read(&mut sink).await.is_ok_and(|n| n > 0) {} };
     let _ = tokio::time::timeout(LINGER, drain).await;
-    Ok(())
-}
-
-/// Why a scrape failed.
-#[derive(Debug, thiserror::Error)]
-pub enum ScrapeError {
-    #[error("connecting to the metrics endpoint {addr}: {source}")]
-    Connect {
-        addr: String,
-        #[source]
-        source: io::Error,
-    },
-    #[error("scraping {addr}: {source}")]
-    Io {
-        addr: String,
-        #[source]
-        source: io::Error,
-    },
-    #[error("scraping {addr}: no answer within {after:?}")]
-    Timeout { addr: String, after: Duration },
-    #[error("scraping {addr}: {status_line}")]
-    Status { addr: String, status_line: String },
-    #[error("scraping {addr}: malformed response: {reason}")]
-    Malformed { addr: String, reason: String },
-}
-
-/// Fetches `http://ADDR/metrics` and returns the exposition text.
-pub async fn scrape(addr: &str) -> Result<String, ScrapeError> {
-    let run = async {
-        let mut stream =
-            TcpStream::connect(addr).await.map_err(|source| ScrapeError::Connect { addr: addr.to_owned(), source })?;
-        let io_error = |source| ScrapeError::Io { addr: addr.to_owned(), source };
-        let request =
-            format!("GET {METRICS_PATH} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/plain\r\nConnection: close\r\n\r\n");
-        stream.write_all(request.as_bytes()).await.map_err(io_error)?;
-        let mut raw = Vec::new();
-        stream.read_to_end(&mut raw).await.map_err(io_error)?;
-        parse_response(&raw).map_err(|e| match e {
-            ResponseError::Status(status_line) => ScrapeError::Status { addr: addr.to_owned(), status_line },
-            ResponseError::Malformed(reason) => ScrapeError::Malformed { addr: addr.to_owned(), reason },
-        })
-    };
-    tokio::time::timeout(SCRAPE_TIMEOUT, run)
-        .await
-        .map_err(|_| ScrapeError::Timeout { addr: addr.to_owned(), after: SCRAPE_TIMEOUT })?
-}
-
-#[derive(Debug, PartialEq, Eq)]
-enum ResponseError {
-    Status(String),
-    Malformed(String),
-}
-
-/// The body of a complete `200` response.
-fn parse_response(raw: &[u8]) -> Result<String, ResponseError> {
-    let malformed = |reason: &str| ResponseError::Malformed(reason.to_owned());
-    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").ok_or_else(|| malformed("no end of headers"))?;
-    let head = std::str::from_utf8(&raw[..split]).map_err(|_| malformed("headers are not UTF-8"))?;
-    let body = &raw[split + 4..];
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().unwrap_or_default();
-    match status_line.split(' ').nth(1) {
-        Some("200") => {}
-        Some(_) => return Err(ResponseError::Status(status_line.to_owned())),
-        None => return Err(malformed("no status line")),
-    }
-    for line in lines {
-        if let Some((name, value)) = line.split_once(':')
-            && name.eq_ignore_ascii_case("content-length")
-        {
-            let expected: usize = value.trim().parse().map_err(|_| malformed("bad Content-Length"))?;
-            if expected != body.len() {
-                return Err(ResponseError::Malformed(format!("{} body bytes, Content-Length {expected}", body.len())));
-            }
-        }
-    }
-    String::from_utf8(body.to_vec()).map_err(|_| malformed("body is not UTF-8"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn request_lines() {
-        assert_eq!(request_line(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"), Some(("GET", "/metrics")));
-        assert_eq!(request_line(b"HEAD /metrics?x=1 HTTP/1.0\n\n"), Some(("HEAD", "/metrics")));
-        assert_eq!(request_line(b"GET /metrics\r\n\r\n"), None);
-        assert_eq!(request_line(b"\x16\x03\x01 TLS hello\r\n\r\n"), None);
-    }
-
-    #[test]
-    fn responses() {
-        let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc";
-        assert_eq!(parse_response(ok), Ok("abc".to_owned()));
-        let short = b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nabc";
-        assert!(matches!(parse_response(short), Err(ResponseError::Malformed(_))));
-        let missing = b"HTTP/1.1 404 Not Found\r\n\r\n";
-        assert_eq!(parse_response(missing), Err(ResponseError::Status("HTTP/1.1 404 Not Found".to_owned())));
-    }
 }

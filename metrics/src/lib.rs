@@ -8,27 +8,38 @@
 //! Hot paths keep counting into their own atomics, as before metrics
 //! existed; a [`Collector`] copies those into the recorder's counters and
 //! gauges right before each render (`Counter::absolute`, `Gauge::set`), so a
-//! scrape costs the hot path nothing. Histograms recorded where an
-//! allocation is not acceptable (the target's fault path) are
-//! [`AtomicHistogram`]s with fixed buckets, rendered by the collector into
-//! the same exposition text.
+//! scrape costs the hot path nothing. Latencies recorded where a lock or an
+//! allocation is not acceptable (the target's fault path) go into a
+//! [`LatencyHistogram`], once: it gives the percentiles of a status report
+//! and, rendered by the collector with [`write_histogram`], a Prometheus
+//! histogram with the [`LATENCY_BUCKETS_NS`] bounds in the same exposition
+//! text.
 //!
-//! - [`histogram`]: fixed-bucket atomic histograms and their text form;
-//! - [`http`]: the `/metrics` server and a small scraper (for the demo and
-//!   the tests).
+//! - [`latency`]: [`LatencyHistogram`], its snapshots and summaries;
+//! - [`exposition`]: latency histograms in the Prometheus text format;
+//! - [`http`]: the `/metrics` server (axum's routing on hyper's HTTP/1
+//!   connections);
+//! - [`scrape`](mod@scrape): a client for it (the demo and the tests).
 #![forbid(unsafe_code)]
 
-pub mod histogram;
+pub mod exposition;
 pub mod http;
+pub mod latency;
+pub mod scrape;
 
 use std::fmt;
 use std::sync::Arc;
 
-pub use histogram::{AtomicHistogram, HistogramSeries, write_histogram};
-pub use http::{ScrapeError, scrape, serve_metrics};
+pub use exposition::{HistogramSeries, write_histogram};
+pub use http::serve_metrics;
+pub use latency::{LatencyHistogram, LatencySnapshot, LatencySummary};
 pub use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+pub use scrape::{ScrapeError, scrape};
 
-/// Upper bounds of latency buckets, in nanoseconds: 1 µs to 1 s in 1-2-5 steps.
+/// Upper bounds of the Prometheus latency buckets, in nanoseconds: 1 µs to
+/// 1 s in 1-2-5 steps, which spans both a fault resolved at once (a few µs)
+/// and one waiting on a slow network (ms). [`LatencyHistogram`] builds its
+/// slot table from them at compile time, so that each counts exactly.
 pub const LATENCY_BUCKETS_NS: [u64; 19] = [
     1_000,
     2_000,
@@ -51,7 +62,8 @@ pub const LATENCY_BUCKETS_NS: [u64; 19] = [
     1_000_000_000,
 ];
 
-/// The same bounds in seconds, for the recorder's histograms.
+/// The same bounds in seconds: the recorder's histogram buckets, and the
+/// `le` labels [`write_histogram`] writes.
 pub const LATENCY_BUCKETS_SECONDS: [f64; 19] =
     [1e-6, 2e-6, 5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1, 2e-1, 5e-1, 1.0];
 

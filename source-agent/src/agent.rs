@@ -7,13 +7,13 @@
 #![forbid(unsafe_code)]
 
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, OnceLock};
 
 use tokio::sync::watch;
 
 use crate::memory::{MemoryOrigin, SourceMemory};
-use crate::metrics::Rpc;
+use crate::metrics::RpcStats;
 
 /// What the agent has served, for metrics ([`crate::metrics`]).
 #[derive(Debug, Default)]
@@ -24,18 +24,6 @@ pub struct ServeCounters {
     pub zero_pages_served: AtomicU64,
     /// Page data bytes sent (zero pages count 0).
     pub bytes_served: AtomicU64,
-    /// Requests answered with an error, by RPC: unary calls, GetPages
-    /// streams refused as a whole and single requests inside them.
-    pub requests_rejected: [AtomicU64; Rpc::COUNT],
-    /// GetDirtyBitmap calls answered.
-    pub bitmaps_served: AtomicU64,
-}
-
-impl ServeCounters {
-    /// Counts one request of `rpc` answered with an error.
-    pub fn reject(&self, rpc: Rpc) {
-        self.requests_rejected[rpc as usize].fetch_add(1, Ordering::Relaxed);
-    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +41,9 @@ pub struct SourceAgent {
     memory: OnceLock<Arc<SourceMemory>>,
     attached: watch::Sender<bool>,
     pub counters: ServeCounters,
+    /// Latencies and refusals per RPC (shared with the server's
+    /// [`RpcMetricsLayer`](crate::rpc_metrics::RpcMetricsLayer)).
+    pub rpcs: Arc<RpcStats>,
 }
 
 impl SourceAgent {
@@ -63,6 +54,7 @@ impl SourceAgent {
             memory: OnceLock::new(),
             attached: watch::Sender::new(false),
             counters: ServeCounters::default(),
+            rpcs: Arc::default(),
         }
     }
 

@@ -6,14 +6,12 @@
 #![forbid(unsafe_code)]
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use pageserver_proto::v1::migration_source_server::MigrationSource;
 use pageserver_proto::v1::{SetPausedReply, SetPausedRequest};
 use tonic::{Request, Response, Status};
 
 use crate::agent::SourceAgent;
-use crate::metrics::{Rpc, observe_request};
 
 #[derive(Debug, Clone)]
 pub struct ControlService {
@@ -29,13 +27,7 @@ impl ControlService {
 #[tonic::async_trait]
 impl MigrationSource for ControlService {
     async fn set_paused(&self, req: Request<SetPausedRequest>) -> Result<Response<SetPausedReply>, Status> {
-        let started = Instant::now();
-        let result = self.set_paused_inner(req.into_inner().paused).await;
-        observe_request(Rpc::SetPaused, started.elapsed());
-        if result.is_err() {
-            self.agent.counters.reject(Rpc::SetPaused);
-        }
-        result.map(Response::new)
+        self.set_paused_inner(req.into_inner().paused).await.map(Response::new)
     }
 }
 

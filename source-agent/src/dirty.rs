@@ -49,8 +49,8 @@ use std::time::Instant;
 use guest_memory::GuestLayout;
 use guest_memory::sys::PageRegion;
 use guest_memory::written::{ScanError, scan_written};
-
-use crate::bitmap::DirtyRun;
+use pageserver_metrics::LatencyHistogram;
+use pageserver_proto::bitmap::DirtyRun;
 
 /// Regions one PAGEMAP_SCAN call may return before we call again.
 const SCAN_BATCH_REGIONS: usize = 4096;
@@ -67,17 +67,6 @@ pub enum DirtyError {
     },
     #[error("the dirty epoch counter is exhausted")]
     EpochOverflow,
-}
-
-/// Scan statistics, for metrics.
-#[derive(Debug, Default)]
-pub struct ScanCounters {
-    pub scans: AtomicU64,
-    pub failed_scans: AtomicU64,
-    /// Pages found written, summed over scans.
-    pub pages_found_dirty: AtomicU64,
-    /// Time spent scanning, summed over scans.
-    pub scan_nanos: AtomicU64,
 }
 
 /// The pages dirty since some epoch.
@@ -112,7 +101,8 @@ pub struct DirtyTracker {
     newest_epoch: AtomicU64,
     paused: AtomicBool,
     vmm_gone: AtomicBool,
-    pub counters: ScanCounters,
+    /// How long each PAGEMAP_SCAN pass took, for metrics.
+    scan_latency: LatencyHistogram,
 }
 
 impl DirtyTracker {
@@ -131,7 +121,7 @@ impl DirtyTracker {
             newest_epoch: AtomicU64::new(1),
             paused: AtomicBool::new(paused),
             vmm_gone: AtomicBool::new(false),
-            counters: ScanCounters::default(),
+            scan_latency: LatencyHistogram::new(),
         }
     }
 
@@ -153,6 +143,11 @@ impl DirtyTracker {
     /// Whether the VM is paused (or gone, or a file): its memory does not change.
     pub fn is_paused(&self) -> bool {
         self.paused.load(Ordering::Acquire)
+    }
+
+    /// The duration of every scan so far.
+    pub fn scan_latency(&self) -> &LatencyHistogram {
+        &self.scan_latency
     }
 
     /// Whether the VMM closed its hand-off connection.
@@ -256,10 +251,7 @@ impl DirtyTracker {
                 tracing::debug!(error = %e, "dirty scan failed after the VMM went away");
                 Ok(u64::from(epoch))
             }
-            Err(e) => {
-                self.counters.failed_scans.fetch_add(1, Ordering::Relaxed);
-                Err(e)
-            }
+            Err(e) => Err(e),
         }
     }
 
@@ -296,12 +288,8 @@ impl DirtyTracker {
                 first_error.get_or_insert(DirtyError::Scan { region: region_id, source: error });
             }
         }
-        let counters = &self.counters;
-        counters.scans.fetch_add(1, Ordering::Relaxed);
-        counters.pages_found_dirty.fetch_add(found, Ordering::Relaxed);
-        let elapsed = started.elapsed();
-        counters.scan_nanos.fetch_add(elapsed.as_nanos() as u64, Ordering::Relaxed);
-        crate::metrics::observe_scan(elapsed, found);
+        crate::metrics::record_duration(&self.scan_latency, started.elapsed());
+        crate::metrics::observe_scan_pages(found);
         match first_error {
             Some(error) => Err(error),
             None => Ok(found),

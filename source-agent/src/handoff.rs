@@ -1,7 +1,9 @@
 //! Accepting the VMM's hand-off on a Unix socket.
 //!
-//! The agent binds the socket (replacing a stale one, mode 0600) and accepts
-//! connections one at a time on a dedicated thread. Each connection gets
+//! The agent binds the socket by the shell's policy
+//! ([`HandoffSocket`]: a path that is not a socket, or a socket in use, is
+//! refused; a stale socket is replaced; mode 0600) and accepts connections
+//! one at a time on a dedicated thread. Each connection gets
 //! [`HANDOFF_READ_TIMEOUT`] to deliver its hand-off message, which
 //! `guest_memory::handoff::receive_handoff_with` validates. A valid one is
 //! mapped read-only, dirty tracking starts (the initial write-protecting
@@ -21,38 +23,20 @@
 
 use std::io::Write;
 use std::os::fd::AsFd;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use guest_memory::handoff::{self, EventReader, Handoff, HandoffError, HandoffReply, Role, VmmEvent};
+use pageserver_agent_shell::{HANDOFF_READ_TIMEOUT, HandoffSocket, HandoffSocketError};
 
 use crate::agent::SourceAgent;
 use crate::memory::{MemoryError, SourceMemory};
 
-/// How long a connection may take to deliver its hand-off message.
-pub const HANDOFF_READ_TIMEOUT: Duration = Duration::from_secs(5);
-
 /// Bytes read from a refused hand-off before answering anyway.
 const REFUSED_MESSAGE_LIMIT: usize = 1 << 20;
-
-#[derive(Debug, thiserror::Error)]
-pub enum HandoffSocketError {
-    #[error("{path} exists and is not a socket; refusing to replace it", path = path.display())]
-    NotASocket { path: PathBuf },
-    #[error("another process is already listening on {path}", path = path.display())]
-    InUse { path: PathBuf },
-    #[error("{context} {path}: {source}", path = path.display())]
-    Io {
-        context: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-}
 
 /// Why one hand-off connection did not give the agent its memory.
 #[derive(Debug, thiserror::Error)]
@@ -71,60 +55,35 @@ enum AcceptError {
 /// socket file.
 #[derive(Debug)]
 pub struct HandoffListener {
-    path: PathBuf,
+    socket: HandoffSocket,
     stop: Arc<AtomicBool>,
-}
-
-impl HandoffListener {
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
 }
 
 impl Drop for HandoffListener {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Release);
-        // Wake the accept thread so that it sees the flag.
-        let _ = UnixStream::connect(&self.path);
-        let _ = std::fs::remove_file(&self.path);
+        // Wake the accept thread so that it sees the flag; then `socket` goes,
+        // and the file with it.
+        let _ = UnixStream::connect(self.socket.path());
     }
-}
-
-fn bind(path: &Path) -> Result<UnixListener, HandoffSocketError> {
-    let io_error = |context| move |source| HandoffSocketError::Io { context, path: path.to_owned(), source };
-    match std::fs::symlink_metadata(path) {
-        Ok(meta) if !meta.file_type().is_socket() => {
-            return Err(HandoffSocketError::NotASocket { path: path.to_owned() });
-        }
-        Ok(_) => {
-            if UnixStream::connect(path).is_ok() {
-                return Err(HandoffSocketError::InUse { path: path.to_owned() });
-            }
-            std::fs::remove_file(path).map_err(io_error("removing stale socket"))?;
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io_error("inspecting")(e)),
-    }
-    let listener = UnixListener::bind(path).map_err(io_error("binding"))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io_error("restricting"))?;
-    Ok(listener)
 }
 
 /// Binds `path` and accepts the VMM's hand-off for `agent` on a new thread.
 pub fn listen_for_handoff(path: &Path, agent: Arc<SourceAgent>) -> Result<HandoffListener, HandoffSocketError> {
-    let listener = bind(path)?;
+    let socket = HandoffSocket::bind(path)?;
+    let listener = socket.try_clone_listener()?;
     let stop = Arc::new(AtomicBool::new(false));
     let accepting_stop = stop.clone();
     std::thread::Builder::new()
         .name("handoff-accept".into())
         .spawn(move || accept_loop(listener, agent, accepting_stop))
         .map_err(|source| HandoffSocketError::Io {
-            context: "starting the accept thread for",
+            doing: "starting the accept thread for",
             path: path.into(),
             source,
         })?;
     tracing::info!(socket = %path.display(), "waiting for the VMM hand-off");
-    Ok(HandoffListener { path: path.to_owned(), stop })
+    Ok(HandoffListener { socket, stop })
 }
 
 fn accept_loop(listener: UnixListener, agent: Arc<SourceAgent>, stop: Arc<AtomicBool>) {
@@ -162,7 +121,7 @@ fn refuse(mut stream: UnixStream, reason: &str) {
     let mut received = 0;
     while received < REFUSED_MESSAGE_LIMIT {
         // Any descriptors attached are dropped (closed) right away.
-        match guest_memory::sys::recv_with_fds(stream.as_fd(), &mut buffer) {
+        match guest_memory::fd_passing::recv_with_fds(stream.as_fd(), &mut buffer) {
             Ok((0, _)) | Err(_) => break,
             Ok((n, _fds)) if buffer[..n].contains(&b'\n') => break,
             Ok((n, _fds)) => received += n,

@@ -4,32 +4,32 @@
 //! - [`memory`]: the guest memory, mapped read-only, from a VMM's hand-off or
 //!   a plain memory file;
 //! - [`dirty`]: dirty tracking with epochs (userfaultfd WP-async +
-//!   PAGEMAP_SCAN), and the rules that make bitmaps safe to retry;
-//! - [`bitmap`]: the bitmap's wire encoding and its decoder (used by the
-//!   target agent);
-//! - [`service`] and [`server`]: the gRPC service and server (with health and
-//!   reflection);
+//!   PAGEMAP_SCAN), and the rules that make bitmaps safe to retry (their
+//!   wire encoding is `pageserver_proto::bitmap`);
+//! - [`service`] and [`server`]: the gRPC service and server (with the
+//!   agent shell's health and reflection);
 //! - [`handoff`]: the Unix socket on which the VMM hands its memory over;
 //! - [`control`]: `pageserver.v1.MigrationSource`, for an orchestrator to
 //!   report the VM paused (QEMU cannot say so over the hand-off);
 //! - [`agent`]: the agent's state and counters;
-//! - [`metrics`]: its Prometheus metrics.
+//! - [`metrics`]: its Prometheus metrics; [`rpc_metrics`]: the tower layer
+//!   that times and counts every RPC;
+//! - [`wire`]: conversions to `pageserver.v1` messages and codes.
 #![forbid(unsafe_code)]
 
 pub mod agent;
-pub use pageserver_proto::bitmap;
 pub mod control;
 pub mod dirty;
 pub mod handoff;
 pub mod memory;
 pub mod metrics;
+pub mod rpc_metrics;
 pub mod server;
 pub mod service;
 pub mod wire;
 
-pub use agent::{ServeCounters, SourceAgent};
-pub use bitmap::{BitmapDecoder, BitmapError, DirtyBitmap, DirtyRun, decode_chunks, encode_chunks};
-pub use dirty::{DirtyError, DirtyTracker};
+pub use agent::SourceAgent;
 pub use handoff::{HandoffListener, listen_for_handoff};
-pub use memory::{MemoryError, MemoryOrigin, SourceMemory};
-pub use server::{ServeError, serve};
+pub use memory::SourceMemory;
+pub use pageserver_agent_shell::ServeError;
+pub use server::serve;

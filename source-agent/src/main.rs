@@ -9,15 +9,14 @@
 //! SIGINT shut it down gracefully.
 #![forbid(unsafe_code)]
 
-use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{ArgGroup, Parser};
-use source_agent::{SourceAgent, SourceMemory, listen_for_handoff, serve};
-use tokio::net::TcpListener;
-use tokio::signal::unix::{SignalKind, signal};
+use pageserver_agent_shell::{AgentShell, exit_code};
+use source_agent::{HandoffListener, SourceAgent, SourceMemory, listen_for_handoff, serve};
 
 #[derive(Debug, Parser)]
 #[command(version, about = "Serves one VM's memory and dirty bitmaps to a post-copy migration target")]
@@ -43,78 +42,36 @@ struct Cli {
     metrics_listen: String,
 }
 
-#[derive(serde::Serialize)]
-struct ListeningEvent<'a> {
-    event: &'a str,
-    grpc: String,
-    metrics: String,
-}
-
-async fn shutdown_signal() {
-    let mut terminate = match signal(SignalKind::terminate()) {
-        Ok(terminate) => terminate,
-        Err(error) => {
-            tracing::error!(%error, "cannot watch SIGTERM; only SIGINT stops the agent");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = terminate.recv() => tracing::info!("SIGTERM: shutting down"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
-    }
-}
-
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
-
-    let (agent, _handoff_listener) = match (&cli.handoff_socket, &cli.memory_file) {
+/// The agent with its memory, or waiting on its hand-off socket (served as
+/// long as the listener lives).
+fn agent(cli: &Cli) -> anyhow::Result<(Arc<SourceAgent>, Option<HandoffListener>)> {
+    match (&cli.handoff_socket, &cli.memory_file) {
         (Some(socket), _) => {
             let agent = Arc::new(SourceAgent::waiting_for_handoff(&cli.vm, socket));
             let listener = listen_for_handoff(socket, agent.clone())?;
-            (agent, Some(listener))
+            Ok((agent, Some(listener)))
         }
         (None, Some(file)) => {
             let memory = SourceMemory::open_file(file, cli.page_size)?;
             tracing::info!(file = %file.display(), pages = memory.layout().total_pages(), "serving a memory file");
-            (Arc::new(SourceAgent::with_memory(&cli.vm, memory)), None)
+            Ok((Arc::new(SourceAgent::with_memory(&cli.vm, memory)), None))
         }
         (None, None) => anyhow::bail!("give --handoff-socket or --memory-file"),
-    };
+    }
+}
 
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    pageserver_agent_shell::init_logging();
+    exit_code(run(cli))
+}
+
+#[tokio::main]
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    tracing::info!(vm = %cli.vm, "source agent starting");
+    let (agent, _handoff_listener) = agent(&cli)?;
     let metrics = source_agent::metrics::install(agent.clone()).context("setting up metrics")?;
-    let listener = TcpListener::bind(&cli.listen).await.with_context(|| format!("binding {}", cli.listen))?;
-    let address = listener.local_addr().context("reading the bound address")?;
-    let metrics_listener = TcpListener::bind(&cli.metrics_listen)
-        .await
-        .with_context(|| format!("binding the metrics listener {}", cli.metrics_listen))?;
-    let metrics_address = metrics_listener.local_addr().context("reading the bound metrics address")?;
-    let mut stdout = std::io::stdout().lock();
-    let event = ListeningEvent { event: "listening", grpc: address.to_string(), metrics: metrics_address.to_string() };
-    serde_json::to_writer(&mut stdout, &event)?;
-    writeln!(stdout)?;
-    stdout.flush()?;
-    drop(stdout);
-    tracing::info!(%address, %metrics_address, vm = %cli.vm, "gRPC and metrics listening");
-
-    // Metrics stay up until the gRPC server has finished its calls.
-    let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
-    let metrics_server = tokio::spawn(pageserver_metrics::serve_metrics(metrics_listener, metrics, async {
-        let _ = metrics_stopped.await;
-    }));
-    let served = serve(listener, agent, shutdown_signal()).await;
-    let _ = stop_metrics.send(());
-    let _ = metrics_server.await;
-    served?;
-    tracing::info!("stopped");
+    let shell = AgentShell::bind(&cli.listen, &cli.metrics_listen).await?;
+    shell.run(metrics, |listener, shutdown| serve(listener, agent, shutdown)).await?;
     Ok(())
 }

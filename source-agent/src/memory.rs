@@ -150,7 +150,7 @@ impl SourceMemory {
         // the VMM merely *reads* later (a hole faulted in) is not reported
         // as written; PAGEMAP_SCAN alone protects only present pages.
         for r in layout.regions() {
-            uffd.write_protect(r.base_host_virt_addr, r.size, true).map_err(MemoryError::WriteProtect)?;
+            uffd.write_protect(r.base_host_virt_addr, r.size).map_err(MemoryError::WriteProtect)?;
         }
         let dirty = DirtyTracker::for_vmm(layout.clone(), pagemap);
         dirty.start_tracking().map_err(MemoryError::StartTracking)?;

@@ -13,11 +13,13 @@
 //! - `GetDirtyBitmap` follows the epoch rules of [`crate::dirty`]: a
 //!   `since_epoch` newer than the newest epoch is INVALID_ARGUMENT; a final
 //!   bitmap while the VM runs is FAILED_PRECONDITION; `paused` is read before
-//!   the scan and reported in every chunk (see [`crate::bitmap`] for the
+//!   the scan and reported in every chunk (see `pageserver_proto::bitmap` for the
 //!   encoding).
 //!
-//! Every unary call, and every request inside a `GetPages` stream, is timed
-//! and, if answered with an error, counted as rejected ([`crate::metrics`]).
+//! Unary calls are timed, and counted as rejected when they fail, by the
+//! server's [`RpcMetricsLayer`](crate::rpc_metrics::RpcMetricsLayer); the
+//! requests inside a `GetPages` stream are timed and counted here, one by
+//! one ([`crate::metrics`]).
 #![forbid(unsafe_code)]
 
 use std::sync::Arc;
@@ -25,8 +27,9 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use bytes::Bytes;
-use guest_memory::sys::is_zero;
+use guest_memory::memfile::is_zero;
 use pageserver_proto::MAX_REQUEST_BYTES;
+use pageserver_proto::bitmap::encode_chunks;
 use pageserver_proto::v1 as pb;
 use pageserver_proto::v1::page_server_server::PageServer;
 use tokio::sync::mpsc;
@@ -34,10 +37,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::agent::SourceAgent;
-use crate::bitmap::encode_chunks;
 use crate::dirty::DirtyError;
 use crate::memory::{PageRangeError, SourceMemory};
-use crate::metrics::{Rpc, observe_request};
+use crate::metrics::Rpc;
 use crate::wire::{page_range_code, regions_to_proto};
 
 /// Replies a `GetPages` stream may queue before it stops reading requests.
@@ -113,11 +115,12 @@ fn read_pages(
     Ok(pages)
 }
 
-/// The one reply to a GetPages request.
+/// The one reply to a GetPages request, timed as one request of the
+/// stream.
 fn answer_pages_request(memory: &SourceMemory, agent: &SourceAgent, request: &pb::PagesRequest) -> pb::PagesReply {
     let started = Instant::now();
     let reply = pages_reply(memory, agent, request);
-    observe_request(Rpc::GetPages, started.elapsed());
+    agent.rpcs.observe(Rpc::GetPages, started.elapsed());
     reply
 }
 
@@ -129,7 +132,7 @@ fn pages_reply(memory: &SourceMemory, agent: &SourceAgent, request: &pb::PagesRe
     match result {
         Ok(pages) => pb::PagesReply { request_id: request.request_id, pages, error: None },
         Err(status) => {
-            agent.counters.reject(Rpc::GetPages);
+            agent.rpcs.reject(Rpc::GetPages);
             tracing::debug!(request_id = request.request_id, error = %status.message(), "GetPages request refused");
             pb::PagesReply {
                 request_id: request.request_id,
@@ -148,15 +151,6 @@ fn dirty_status(error: DirtyError) -> Status {
 }
 
 impl PageService {
-    /// Times a finished unary call and counts an error as a rejection.
-    fn finish<T>(&self, rpc: Rpc, started: Instant, result: Result<T, Status>) -> Result<Response<T>, Status> {
-        observe_request(rpc, started.elapsed());
-        if result.is_err() {
-            self.agent.counters.reject(rpc);
-        }
-        result.map(Response::new)
-    }
-
     fn layout(&self) -> Result<pb::Layout, Status> {
         let memory = self.memory()?;
         let layout = memory.layout();
@@ -199,7 +193,6 @@ impl PageService {
             .map_err(dirty_status)?;
         let chunks = encode_chunks(snapshot.epoch, paused, &snapshot.runs)
             .map_err(|e| Status::internal(format!("encoding the dirty bitmap: {e}")))?;
-        self.agent.counters.bitmaps_served.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(
             since_epoch,
             epoch = snapshot.epoch,
@@ -215,13 +208,11 @@ impl PageService {
 #[tonic::async_trait]
 impl PageServer for PageService {
     async fn get_layout(&self, _request: Request<pb::GetLayoutRequest>) -> Result<Response<pb::Layout>, Status> {
-        let started = Instant::now();
-        self.finish(Rpc::GetLayout, started, self.layout())
+        self.layout().map(Response::new)
     }
 
     async fn get_page(&self, request: Request<pb::GetPageRequest>) -> Result<Response<pb::Page>, Status> {
-        let started = Instant::now();
-        self.finish(Rpc::GetPage, started, self.page(request.into_inner()))
+        self.page(request.into_inner()).map(Response::new)
     }
 
     type GetPagesStream = ReceiverStream<Result<pb::PagesReply, Status>>;
@@ -230,8 +221,9 @@ impl PageServer for PageService {
         &self,
         request: Request<Streaming<pb::PagesRequest>>,
     ) -> Result<Response<Self::GetPagesStream>, Status> {
-        // Requests inside the stream are timed one by one, not the stream.
-        let memory = self.memory().inspect_err(|_| self.agent.counters.reject(Rpc::GetPages))?;
+        // Requests inside the stream are timed one by one, not the stream (a
+        // stream refused as a whole is counted by the metrics layer).
+        let memory = self.memory()?;
         let agent = self.agent.clone();
         let mut requests = request.into_inner();
         let (replies, reply_stream) = mpsc::channel(PAGES_REPLY_QUEUE);
@@ -262,9 +254,7 @@ impl PageServer for PageService {
         &self,
         request: Request<pb::DirtyBitmapRequest>,
     ) -> Result<Response<Self::GetDirtyBitmapStream>, Status> {
-        let started = Instant::now();
-        let chunks = self.dirty_bitmap(request.into_inner()).await;
-        self.finish(Rpc::GetDirtyBitmap, started, chunks)
-            .map(|chunks| chunks.map(|chunks| tokio_stream::iter(chunks.into_iter().map(Ok).collect::<Vec<_>>())))
+        let chunks = self.dirty_bitmap(request.into_inner()).await?;
+        Ok(Response::new(tokio_stream::iter(chunks.into_iter().map(Ok).collect::<Vec<_>>())))
     }
 }

@@ -1,8 +1,7 @@
 //! Conversions between guest-memory types and `pageserver.v1` messages.
 #![forbid(unsafe_code)]
 
-use guest_memory::layout::LayoutError;
-use guest_memory::{GuestLayout, RegionLayout};
+use guest_memory::GuestLayout;
 use pageserver_proto::v1 as pb;
 
 use crate::memory::PageRangeError;
@@ -22,24 +21,6 @@ pub fn regions_to_proto(layout: &GuestLayout) -> Vec<pb::Region> {
             page_count: r.size / r.page_size,
         })
         .collect()
-}
-
-/// Rebuilds (and validates) a source's layout from its `GetLayout` reply, so
-/// that a client can turn (region, index) into global page numbers.
-pub fn guest_layout_from_proto(layout: &pb::Layout) -> Result<GuestLayout, LayoutError> {
-    let mut regions: Vec<&pb::Region> = layout.regions.iter().collect();
-    regions.sort_by_key(|r| r.index);
-    GuestLayout::new(
-        regions
-            .into_iter()
-            .map(|r| RegionLayout {
-                base_host_virt_addr: r.host_addr,
-                size: r.size_bytes,
-                offset: r.file_offset,
-                page_size: r.page_size,
-            })
-            .collect(),
-    )
 }
 
 /// The gRPC code for a page range that cannot be served.

@@ -375,7 +375,10 @@ fn check_grpcurl(
     } else if verb == "pageserver.v1.MigrationTarget/GetStatus" {
         succeeded();
         let status = single_json(&outcome);
-        assert_eq!(status["phase"], "waiting-for-handoff", "a target agent no VMM has handed memory:\n{outcome}");
+        assert_eq!(
+            status["phase"], "MIGRATION_PHASE_WAITING_FOR_HANDOFF",
+            "a target agent no VMM has handed memory:\n{outcome}"
+        );
         seen.target_status = true;
     } else {
         succeeded();

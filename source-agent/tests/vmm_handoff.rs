@@ -53,8 +53,28 @@ async fn hand_off(socket: &Path, pages: u64) -> TestVmm {
     .await
 }
 
+/// A waiting agent that a test VMM handed `pages` pages, and the epoch of a
+/// first bitmap (every page, since 0): what is written afterwards is dirty
+/// since it.
+async fn handed_off_and_scanned(pages: u64) -> (Setup, PageServerClient<Channel>, TestVmm, u64) {
+    let setup = start_waiting_agent().await;
+    let mut client = setup.server.client().await;
+    let vmm = hand_off(&setup.socket, pages).await;
+    let (bitmap, _) = dirty_pages(&mut client, 0, false).await.expect("since 0");
+    (setup, client, vmm, bitmap.epoch)
+}
+
 async fn paused(client: &mut PageServerClient<Channel>) -> bool {
     client.get_layout(GetLayoutRequest {}).await.expect("GetLayout").into_inner().paused
+}
+
+/// Waits until `GetLayout` says the VM is paused (`want`), or running.
+async fn wait_for_paused(client: &PageServerClient<Channel>, want: bool, what: &str) {
+    wait_until(what, || {
+        let mut client = client.clone();
+        async move { paused(&mut client).await == want }
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -98,22 +118,14 @@ async fn dirty_pages_follow_the_guest_writes() {
 
     let before_pause = client.get_layout(GetLayoutRequest {}).await.expect("GetLayout").into_inner().epoch;
     vmm.write_page(60, 2);
-    vmm.send_event(VmmEvent::Paused { at_ns: guest_memory::sys::monotonic_ns() });
-    wait_until("the agent sees the pause", || {
-        let mut client = client.clone();
-        async move { paused(&mut client).await }
-    })
-    .await;
+    vmm.send_event(VmmEvent::Paused { at_ns: guest_memory::memfile::monotonic_ns() });
+    wait_for_paused(&client, true, "the agent sees the pause").await;
     let (bitmap, pages) = dirty_pages(&mut client, before_pause, true).await.expect("final bitmap");
     assert!(bitmap.paused);
     assert_eq!(pages, [60]);
 
     vmm.send_event(VmmEvent::Resumed);
-    wait_until("the agent sees the resume", || {
-        let mut client = client.clone();
-        async move { !paused(&mut client).await }
-    })
-    .await;
+    wait_for_paused(&client, false, "the agent sees the resume").await;
     setup.server.stop().await;
 }
 
@@ -181,7 +193,7 @@ async fn malformed_handoffs_are_refused_and_the_agent_keeps_waiting() {
 
         // A peer that sends garbage, then one that says nothing and leaves.
         let garbage = UnixStream::connect(&socket).expect("connect");
-        guest_memory::sys::send_with_fds(garbage.as_fd(), b"not json\n", &[]).expect("send");
+        guest_memory::fd_passing::send_with_fds(garbage.as_fd(), b"not json\n", &[]).expect("send");
         let mut reply = String::new();
         std::io::BufRead::read_line(&mut std::io::BufReader::new(&garbage), &mut reply).expect("reply");
         assert!(reply.contains("\"ok\":false") && reply.contains("malformed"), "{reply}");
@@ -211,20 +223,12 @@ async fn malformed_handoffs_are_refused_and_the_agent_keeps_waiting() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vmm_gone_while_running_makes_every_page_dirty() {
-    let setup = start_waiting_agent().await;
-    let mut client = setup.server.client().await;
-    let mut vmm = hand_off(&setup.socket, 16).await;
-    let (bitmap, _) = dirty_pages(&mut client, 0, false).await.expect("since 0");
-    let e1 = bitmap.epoch;
+    let (setup, mut client, mut vmm, e1) = handed_off_and_scanned(16).await;
     vmm.write_page(2, 1);
     // The VMM leaves without pausing: what it wrote since the last scan is
     // unknowable once its page tables are gone.
     drop(vmm.connection.take());
-    wait_until("the agent sees the VMM leave", || {
-        let mut client = client.clone();
-        async move { paused(&mut client).await }
-    })
-    .await;
+    wait_for_paused(&client, true, "the agent sees the VMM leave").await;
     let (bitmap, pages) = dirty_pages(&mut client, e1, true).await.expect("final bitmap after the VMM left");
     assert!(bitmap.paused);
     assert_eq!(pages, (0..16).collect::<Vec<_>>());
@@ -235,11 +239,7 @@ async fn a_vmm_gone_while_running_makes_every_page_dirty() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vmm_gone_after_a_pause_loses_nothing_and_adds_nothing() {
-    let setup = start_waiting_agent().await;
-    let mut client = setup.server.client().await;
-    let mut vmm = hand_off(&setup.socket, 16).await;
-    let (bitmap, _) = dirty_pages(&mut client, 0, false).await.expect("since 0");
-    let e1 = bitmap.epoch;
+    let (setup, mut client, mut vmm, e1) = handed_off_and_scanned(16).await;
     vmm.write_page(5, 1);
     vmm.send_event(VmmEvent::Paused { at_ns: 0 });
     drop(vmm.connection.take());

@@ -4,30 +4,43 @@
 //! 2. Check the source's layout against ours; start the fault loop (it holds
 //!    faults until switchover).
 //! 3. Pre-copy rounds into the target's file.
-//! 4. On `Switchover` (the source is paused): faults are served at once —
-//!    the guest resumes before the final bitmap is in, and faults on pages of
-//!    unknown state are fetched from the paused source.
+//! 4. On `Switchover` (the source is paused): faults are served at once;
+//!    the guest resumes before the final bitmap is in, and faults on pages
+//!    of unknown state are fetched from the paused source.
 //! 5. The final bitmap: stale pages marked, fresh ones installed in bulk,
-//!    stale ones pulled in the background. Then nothing is left that needs
-//!    the source: phase `complete`.
+//!    stale ones pulled in the background. Once nothing is being fetched,
+//!    phase `complete`.
+//!
+//! From step 2 on, every step races the fault loop's exit event: if the
+//! fault loop stops, the migration fails at once with its reason, whatever
+//! step it was in, and never reports `complete`. After `complete` the fault
+//! loop still serves the guest (the VMM may drop and re-fault pages), so its
+//! exit is still awaited: a loop that stops before the VMM closes its uffd
+//! fails the migration then.
 #![forbid(unsafe_code)]
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use guest_memory::handoff::{Handoff, Role, receive_handoff};
-use pageserver_proto::v1::SwitchoverRequest;
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 
-use crate::fault_loop::{FaultHint, FaultLoop};
-use crate::guest::GuestMemory;
-use crate::page_state::PageState;
+use crate::fault_loop::{FaultHint, FaultLoop, FaultLoopError, FaultLoopExit, describe_stop};
+use crate::guest::{GuestMemory, InstallError};
+use crate::phase::{Phase, PhaseTracker};
 use crate::source::{self, SourceError};
-use crate::stats::{Phase, TargetStats};
+use crate::stats::TargetStats;
+use crate::test_hooks::TestHooks;
 use crate::transfer::{self, TransferError};
+
+/// How long the final bitmap is asked for while the source does not say it
+/// is paused (its VMM's "paused" event may reach it a moment after the
+/// orchestrator's Switchover reaches us).
+const PAUSE_FENCE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often the completion wait looks at the page states.
+const COMPLETION_POLL: Duration = Duration::from_millis(5);
 
 #[derive(Debug, Clone)]
 pub struct TargetConfig {
@@ -36,32 +49,44 @@ pub struct TargetConfig {
     pub handoff_socket: PathBuf,
     pub vm: String,
     pub max_precopy_rounds: u32,
-    /// FAULT INJECTION, for proving that verification catches stale pages:
-    /// treat this many pages of the final bitmap as fresh, so their stale
-    /// pre-copied content is installed. Never set outside such tests.
-    pub withhold_stale_pages: u64,
+    pub hooks: TestHooks,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum TargetError {
-    #[error("hand-off socket {path}: {source}")]
+    #[error("hand-off socket {path}")]
     HandoffSocket {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error(transparent)]
+    #[error("the source agent")]
     Source(#[from] SourceError),
-    #[error(transparent)]
+    #[error("moving guest memory")]
     Transfer(#[from] TransferError),
-    #[error("setting up guest memory: {0}")]
-    Guest(#[from] crate::guest::InstallError),
-    #[error("starting the fault loop: {0}")]
+    #[error("setting up guest memory")]
+    Guest(#[from] InstallError),
+    #[error("starting the fault loop")]
     Thread(#[source] std::io::Error),
     #[error("the source never reported itself paused: {0}")]
     NotPaused(String),
+    #[error("the fault loop stopped")]
+    FaultLoop(#[from] FaultLoopError),
+    #[error("the fault loop thread vanished without reporting its end")]
+    FaultLoopVanished,
     #[error("internal: {0}")]
     Internal(String),
+}
+
+impl TargetError {
+    /// The whole chain of causes, for the status and the log; a stopped
+    /// fault loop says what it means for the guest.
+    pub fn describe(&self) -> String {
+        match self {
+            TargetError::FaultLoop(error) => describe_stop(error),
+            other => pageserver_agent_shell::exit::describe(other),
+        }
+    }
 }
 
 /// The shared state of a target agent (the gRPC service reads it).
@@ -69,44 +94,43 @@ pub enum TargetError {
 pub struct TargetAgent {
     pub config: TargetConfig,
     pub stats: Arc<TargetStats>,
-    pub guest: std::sync::OnceLock<Arc<GuestMemory>>,
-    switchover: watch::Sender<Option<SwitchoverRequest>>,
+    pub phase: PhaseTracker,
+    pub guest: OnceLock<Arc<GuestMemory>>,
+    /// Becomes true at the (first) Switchover call.
+    switchover: watch::Sender<bool>,
 }
 
 impl TargetAgent {
     pub fn new(config: TargetConfig) -> Arc<Self> {
+        if config.hooks.any() {
+            tracing::warn!("TEST HOOKS ARE SET: this agent misbehaves on purpose ({:?})", config.hooks);
+        }
         Arc::new(Self {
             config,
             stats: Arc::new(TargetStats::default()),
-            guest: std::sync::OnceLock::new(),
-            switchover: watch::Sender::new(None),
+            phase: PhaseTracker::default(),
+            guest: OnceLock::new(),
+            switchover: watch::Sender::new(false),
         })
     }
 
     /// Starts the switchover (idempotent). Returns the phase after it.
-    pub fn request_switchover(&self, req: SwitchoverRequest) -> Result<Phase, &'static str> {
-        match self.stats.phase() {
+    pub fn request_switchover(&self) -> Result<Phase, &'static str> {
+        match self.phase.get() {
             Phase::WaitingForHandoff => return Err("no guest memory yet: waiting for the VMM hand-off"),
-            Phase::Failed => return Err("the migration has failed"),
+            Phase::Failed => return Err("the migration has failed (see GetStatus)"),
             _ => {}
         }
-        self.switchover.send_if_modified(|cur| {
-            if cur.is_none() {
-                *cur = Some(req);
-                true
-            } else {
-                false
-            }
-        });
-        Ok(self.stats.phase().max(Phase::Postcopy))
+        self.switchover.send_if_modified(|requested| !std::mem::replace(requested, true));
+        Ok(self.phase.get().max(Phase::Postcopy))
     }
 
-    /// Runs the migration to its end; on error the phase becomes `failed`.
+    /// Runs the migration to its end, and then for as long as the fault loop
+    /// serves the guest; on error the phase becomes `failed`.
     pub async fn run(self: Arc<Self>) -> Result<(), TargetError> {
         let result = self.clone().migrate().await;
         if let Err(e) = &result {
-            tracing::error!("migration failed: {e}");
-            self.stats.fail(e.to_string());
+            self.phase.fail(e.describe());
         }
         result
     }
@@ -133,79 +157,108 @@ impl TargetAgent {
         let _ = self.guest.set(guest.clone());
         let hint = Arc::new(FaultHint::default());
         let (postcopy_tx, postcopy_rx) = watch::channel(false);
-        FaultLoop::new(guest.clone(), url.clone(), postcopy_rx, hint.clone()).spawn().map_err(TargetError::Thread)?;
+        let (complete_tx, complete_rx) = watch::channel(false);
+        let fault_loop = FaultLoop::new(
+            guest.clone(),
+            url.clone(),
+            postcopy_rx,
+            complete_rx,
+            hint.clone(),
+            self.config.hooks.clone(),
+        );
+        let mut exit = fault_loop.spawn().map_err(TargetError::Thread)?;
 
-        self.stats.set_phase(Phase::Precopy);
-        let epoch = transfer::precopy(&guest, &mut client, &url, self.config.max_precopy_rounds).await?;
-        self.stats.set_phase(Phase::PrecopyConverged);
+        tokio::select! {
+            result = self.move_memory(&guest, client, &postcopy_tx, hint) => result?,
+            stopped = &mut exit => return Err(fault_loop_ended(stopped, false)),
+        }
+        let _ = complete_tx.send(true);
+        self.phase.advance(Phase::Complete);
+        tracing::info!("post-copy complete: nothing left to fetch from the source");
+        match fault_loop_ended(exit.await, true) {
+            TargetError::FaultLoopVanished => Err(TargetError::FaultLoopVanished),
+            TargetError::Internal(done) if done.is_empty() => Ok(()),
+            error => Err(error),
+        }
+    }
+
+    /// Pre-copy, switchover, the final bitmap, bulk install and the stale
+    /// pull, up to the moment nothing is left to fetch.
+    async fn move_memory(
+        &self,
+        guest: &Arc<GuestMemory>,
+        mut client: source::Client,
+        postcopy: &watch::Sender<bool>,
+        hint: Arc<FaultHint>,
+    ) -> Result<(), TargetError> {
+        let url = &self.config.source_url;
+        self.phase.advance(Phase::Precopy);
+        let epoch = transfer::precopy(guest, &mut client, url, self.config.max_precopy_rounds).await?;
+        self.phase.advance(Phase::PrecopyConverged);
         tracing::info!("pre-copy converged at epoch {epoch}; waiting for switchover");
 
-        let mut switch_rx = self.switchover.subscribe();
-        let req = loop {
-            if let Some(req) = *switch_rx.borrow_and_update() {
-                break req;
-            }
-            if switch_rx.changed().await.is_err() {
-                return Err(TargetError::Internal("switchover channel closed".into()));
-            }
-        };
-        self.stats.set_phase(Phase::Postcopy);
-        let _ = postcopy_tx.send(true);
+        let mut switchover = self.switchover.subscribe();
+        if switchover.wait_for(|requested| *requested).await.is_err() {
+            return Err(TargetError::Internal("switchover channel closed".into()));
+        }
+        self.phase.advance(Phase::Postcopy);
+        let _ = postcopy.send(true);
         tracing::info!("switchover: serving faults");
 
-        self.wait_before_bitmap(&req).await;
-        let dirty = final_bitmap(&mut client, &guest, epoch).await?;
-        let withheld = (self.config.withhold_stale_pages as usize).min(dirty.len());
+        self.hold_bitmap_if_hooked().await;
+        let dirty = final_bitmap(&mut client, guest, epoch).await?;
+        let withheld = (self.config.hooks.withheld_stale_pages() as usize).min(dirty.len());
         if withheld > 0 {
-            tracing::warn!("FAULT INJECTION: treating {withheld} stale pages as fresh; the guest will see stale data");
+            tracing::warn!("TEST HOOK: treating {withheld} stale pages as fresh; the guest will see stale data");
         }
         let stale = guest.states.apply_final_bitmap(&dirty[withheld..]);
-        self.stats.stale_pages_at_switchover.store(dirty.len() as u64, Ordering::Relaxed);
-        self.stats.pages_marked_stale.store(stale.len() as u64, Ordering::Relaxed);
-        self.stats.final_bitmap_applied.store(true, Ordering::Release);
+        let stats = &self.stats;
+        stats.stale_pages_at_switchover.store(dirty.len() as u64, Ordering::Relaxed);
+        stats.pages_marked_stale.store(stale.len() as u64, Ordering::Relaxed);
+        stats.final_bitmap_applied.store(true, Ordering::Release);
         tracing::info!("final bitmap: {} stale pages ({} still to pull)", dirty.len(), stale.len());
 
-        let g = guest.clone();
-        let bulk = tokio::task::spawn_blocking(move || g.bulk_install());
-        let pull = transfer::pull_stale(guest.clone(), &mut client, &url, stale, hint);
+        let installer = guest.clone();
+        let bulk = tokio::task::spawn_blocking(move || installer.bulk_install());
+        let pull = transfer::pull_stale(guest.clone(), &mut client, url, stale, hint);
         let (bulk, pull) = tokio::join!(bulk, pull);
-        let installed = bulk.map_err(|e| TargetError::Internal(e.to_string()))??;
+        let installed = bulk.map_err(|e| TargetError::Internal(format!("the bulk install task: {e}")))??;
         pull?;
         tracing::info!("bulk-installed {installed} fresh pages; background pull done");
 
         // Demand fetches still in flight finish on the fault loop.
-        while {
-            let counts = guest.states.counts();
-            counts[PageState::FetchingUnknown as usize] + counts[PageState::FetchingStale as usize] > 0
-        } {
-            tokio::time::sleep(Duration::from_millis(5)).await;
+        while guest.states.fetching() > 0 {
+            tokio::time::sleep(COMPLETION_POLL).await;
         }
-        self.stats.set_phase(Phase::Complete);
-        tracing::info!("post-copy complete: nothing left to fetch from the source");
         Ok(())
     }
 
-    /// Holds the bitmap request back if the switchover asked for it.
-    async fn wait_before_bitmap(&self, req: &SwitchoverRequest) {
-        if req.bitmap_after_faults == 0 && req.bitmap_delay_ms == 0 {
-            return;
-        }
-        let deadline = tokio::time::Instant::now()
-            + Duration::from_millis(if req.bitmap_delay_ms == 0 { 10_000 } else { req.bitmap_delay_ms });
-        while tokio::time::Instant::now() < deadline {
-            if req.bitmap_after_faults > 0 && self.stats.faults_total.load(Ordering::Relaxed) >= req.bitmap_after_faults
-            {
-                return;
-            }
+    /// TEST HOOK: holds the bitmap request back (so faults hit pages of
+    /// unknown state), until enough faults or the time is up.
+    async fn hold_bitmap_if_hooked(&self) {
+        let Some((wait, faults)) = self.config.hooks.bitmap_hold() else { return };
+        let deadline = tokio::time::Instant::now() + wait;
+        while tokio::time::Instant::now() < deadline && self.stats.faults_total.load(Ordering::Relaxed) < faults {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
     }
 }
 
-/// Asks for the final bitmap until the source confirms it is paused (its
-/// VMM's "paused" event may reach it a moment after the orchestrator).
+/// The error a fault-loop exit means. `after_complete`: the migration had
+/// completed, so a VMM closing its uffd is the normal end (an empty
+/// `Internal` stands for "no error").
+fn fault_loop_ended(exit: Result<FaultLoopExit, oneshot::error::RecvError>, after_complete: bool) -> TargetError {
+    match exit {
+        Ok(Ok(())) if after_complete => TargetError::Internal(String::new()),
+        Ok(Ok(())) => TargetError::FaultLoop(FaultLoopError::VmmGone),
+        Ok(Err(error)) => TargetError::FaultLoop(error),
+        Err(_) => TargetError::FaultLoopVanished,
+    }
+}
+
+/// Asks for the final bitmap until the source confirms it is paused.
 async fn final_bitmap(client: &mut source::Client, guest: &GuestMemory, since: u64) -> Result<Vec<u64>, TargetError> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let deadline = tokio::time::Instant::now() + PAUSE_FENCE_TIMEOUT;
     loop {
         let dirty = source::get_dirty_pages(client, &guest.layout, since, true).await;
         guest.stats.note_source_call(&dirty);
@@ -219,24 +272,28 @@ async fn final_bitmap(client: &mut source::Client, guest: &GuestMemory, since: u
             }
             Err(e) => return Err(e.into()),
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        tokio::time::sleep(COMPLETION_POLL).await;
     }
 }
 
 /// Listens on the hand-off socket until one valid target hand-off arrives.
-/// A refused hand-off is logged and the next connection awaited.
+/// A refused hand-off is logged and the next connection awaited. The socket
+/// is bound by the agent shell's policy (a path that is not a socket, or a
+/// socket in use, is refused; a stale one replaced; mode 0600) and removed
+/// once the hand-off is in.
 async fn accept_handoff(path: PathBuf) -> Result<Handoff, TargetError> {
-    let err = |source| TargetError::HandoffSocket { path: path.clone(), source };
-    let _ = std::fs::remove_file(&path);
-    let listener = tokio::net::UnixListener::bind(&path).map_err(err)?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+    use pageserver_agent_shell::{HANDOFF_READ_TIMEOUT, HandoffSocket, HandoffSocketError};
+
+    let err = |error: HandoffSocketError| TargetError::HandoffSocket { path: path.clone(), source: error.into() };
+    let socket = HandoffSocket::bind(&path).map_err(err)?;
+    let listener = socket.async_listener().map_err(err)?;
     tracing::info!("waiting for the VMM hand-off on {}", path.display());
     loop {
         let stream = match listener.accept().await {
             Ok((s, _)) => s.into_std().and_then(|s| {
                 s.set_nonblocking(false)?;
                 // A peer that connects and says nothing must not block us.
-                s.set_read_timeout(Some(Duration::from_secs(5)))?;
+                s.set_read_timeout(Some(HANDOFF_READ_TIMEOUT))?;
                 Ok(s)
             }),
             Err(e) => Err(e),

@@ -1,70 +1,136 @@
-//! The fault loop: reads the guest's userfaultfd and resolves each fault.
+//! The fault loop: reads the guest's userfaultfd and resolves every fault,
+//! or accounts for it as blocked, with a reason.
 //!
-//! It runs on its own thread with a single-threaded tokio runtime that also
-//! drives its own connection to the source, so a demand fetch goes from the
-//! fault to the socket and back to UFFDIO_CONTINUE without a thread hop (a
-//! hop costs ~20 µs here). Background transfers use another connection on
-//! another runtime and cannot hold anything this loop waits for, except a
-//! page the background has already claimed (then the fault waits for that
-//! page's reply, bounded by the background's small window).
+//! It runs on its own thread, at a raised priority, with a single-threaded
+//! tokio runtime that also drives its own connection to the source (the
+//! [`DemandFetcher`]), so a demand fetch goes from the fault to the socket
+//! and back to UFFDIO_CONTINUE without a thread hop (a hop costs ~20 µs
+//! here). Background transfers use another connection on another runtime.
 //!
-//! Per fault, by the page's state (see `page_state`):
-//! - `Fresh` / `Installed`: UFFDIO_CONTINUE at once (a fresh hole, raised as
-//!   MISSING, is zero-filled first);
-//! - `Unknown` / `Stale`: claim it, send a one-page request on the demand
-//!   stream; the reply is written and continued by [`DemandReplies`];
-//! - `Fetching*`: someone is fetching it; the fault is noted and the
-//!   fetcher's CONTINUE wakes it.
+//! Per fault, [`PageStates::on_fault`](crate::page_state::PageStates::on_fault)
+//! decides, and this loop carries it out:
+//! - `Local`: fresh or installed: UFFDIO_CONTINUE, or a zero fill for a
+//!   hole, at once;
+//! - `Fetch(claim)`: the claim goes to the demand fetcher, whose install
+//!   wakes the fault;
+//! - `Wait`: someone else's fetch is under way; its install wakes the fault.
 //!
 //! Faults read before switchover are held until then: the source may still
 //! be running, and nothing may be installed from it before it is paused.
+//!
+//! # Events other than page faults
+//!
+//! The VMM decides which events its userfaultfd reports; neither the VMM
+//! stand-in nor the VMM shim asks for any. Should a VMM ask:
+//! - `Remove` (MADV_DONTNEED / MADV_REMOVE, e.g. a balloon) may be read
+//!   before or after faults on the same pages. Either order is safe: the
+//!   page's state is left as it is, and a later fault on it is resolved by
+//!   what the kernel reports (MINOR: the page cache still holds it, map it;
+//!   MISSING: the VMM punched it out, so its content is zeros by the VMM's
+//!   own doing, zero-fill it). A removed page not yet installed is still
+//!   fetched and installed from the source: the guest gave it up, so any
+//!   content is acceptable to it.
+//! - `Unmap`, `Remap`, `Fork` and anything unrecognised are logged; faults
+//!   cannot come from an unmapped range, and the agent keeps serving the
+//!   ones it knows.
+//!
+//! # When something fails: freeze, report, never guess
+//!
+//! Whatever stops this loop (a uffd error, a fault outside every region,
+//! an install that fails, a page the source refuses for good, a panic)
+//! leaves the faults it has not resolved unresolved: the VMM holds its own
+//! copy of the uffd, so its vCPUs wait on them rather than see a wrong page.
+//! The loop then reports through an exit event, as Cloud Hypervisor's uffd
+//! handler does: [`FaultLoopExit`] reaches the agent, which fails the
+//! migration (phase `failed` with the reason, gRPC health NOT_SERVING, the
+//! phase and blocked-faults metrics, a non-zero exit at shutdown). A panic
+//! is caught at the thread's edge and reported the same way; the agent does
+//! not abort, so that its status, health and metrics stay up to say why.
+//! Every fault left blocked is counted by reason
+//! ([`BlockReason`](crate::stats::BlockReason)).
 #![forbid(unsafe_code)]
 
-use std::cell::RefCell;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
-use guest_memory::sys::{self, UffdEvent};
-use pageserver_proto::v1::PagesRequest;
-use tokio::sync::{mpsc, watch};
+use guest_memory::memfile::monotonic_ns;
+use guest_memory::uffd::EventBuffer;
+use guest_memory::{PageFault, UffdError, UffdEvent};
+use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::guest::{FetchOrigin, GuestMemory};
-use crate::page_state::PageState;
-use crate::source;
-use crate::stats::FaultKind;
+use crate::demand::{DemandError, DemandFetcher};
+use crate::guest::{GuestMemory, InstallError};
+use crate::page_state::{Claim, FaultAction};
+use crate::stats::{BlockReason, FaultKind};
+use crate::test_hooks::TestHooks;
 
 /// Nice value of the fault-loop thread: a vCPU waits on every fault it
 /// handles, so it must not queue behind other vCPUs for a CPU.
 const FAULT_LOOP_NICE: i32 = -10;
 
-/// Shared with the background puller: where the guest faulted last.
+/// uffd messages read per `read(2)`.
+const EVENTS_PER_READ: usize = 64;
+
+/// Pages a stopped fault loop names in its log line (the count is exact).
+const BLOCKED_PAGES_LOGGED: usize = 16;
+
+/// Shared with the background pull: where the guest faulted last.
 #[derive(Debug, Default)]
 pub struct FaultHint {
     pub last_fault_page: AtomicU64,
 }
 
-/// Send times of demand requests, by page number modulo its size: a fixed
-/// table (no allocation per fault); a collision only loses a latency sample.
-struct SentTimes(RefCell<Box<[(u64, u64)]>>);
+/// Why the fault loop stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum FaultLoopError {
+    #[error("setting up the fault loop")]
+    Setup(#[source] std::io::Error),
+    #[error("reading the guest's userfaultfd")]
+    Read(#[source] UffdError),
+    #[error("the target VMM closed its userfaultfd (it exited) before the migration was complete")]
+    VmmGone,
+    #[error("a fault at {address:#x} (thread {thread_id}) is outside every region the VMM handed over")]
+    OutsideRegions { address: u64, thread_id: u32 },
+    #[error("resolving a fault on page {page}")]
+    Install {
+        page: u64,
+        #[source]
+        source: InstallError,
+    },
+    #[error("demand fetching failed")]
+    Demand(#[from] DemandError),
+    #[error("the fault loop panicked: {0}")]
+    Panicked(String),
+    #[error("test hook: the fault loop was told to stop after {0} faults")]
+    TestHook(u64),
+}
 
-impl SentTimes {
-    const SLOTS: usize = 4096;
-
-    fn new() -> Self {
-        Self(RefCell::new(vec![(u64::MAX, 0); Self::SLOTS].into_boxed_slice()))
+impl FaultLoopError {
+    /// The reason the fault this error is about stays blocked, if it is
+    /// about one.
+    fn block_reason(&self) -> Option<BlockReason> {
+        match self {
+            FaultLoopError::OutsideRegions { .. } => Some(BlockReason::OutsideRegions),
+            FaultLoopError::Install { .. } | FaultLoopError::Demand(DemandError::Install { .. }) => {
+                Some(BlockReason::InstallFailed)
+            }
+            FaultLoopError::Demand(DemandError::Refused { .. }) => Some(BlockReason::SourceRefused),
+            _ => None,
+        }
     }
+}
 
-    fn sent(&self, page: u64, at_ns: u64) {
-        self.0.borrow_mut()[page as usize % Self::SLOTS] = (page, at_ns);
-    }
+/// What the fault-loop thread reports when it ends: `Ok` only when the VMM
+/// closed its uffd after the migration completed.
+pub type FaultLoopExit = Result<(), FaultLoopError>;
 
-    /// When the request for `page` was sent, if its slot still holds it.
-    fn take(&self, page: u64) -> Option<u64> {
-        let mut slots = self.0.borrow_mut();
-        let slot = &mut slots[page as usize % Self::SLOTS];
-        (slot.0 == page).then(|| std::mem::replace(slot, (u64::MAX, 0)).1)
-    }
+/// The error text of a stopped fault loop, with the consequence spelled out.
+pub fn describe_stop(error: &FaultLoopError) -> String {
+    let message = pageserver_agent_shell::exit::describe(error);
+    format!(
+        "{message}. The guest is frozen: its faults are no longer served, and no page was installed without \
+         its content from the paused source"
+    )
 }
 
 #[derive(Debug)]
@@ -73,7 +139,10 @@ pub struct FaultLoop {
     source_url: String,
     /// Becomes true at switchover.
     postcopy: watch::Receiver<bool>,
+    /// Becomes true once every page is installed (a VMM exit is then normal).
+    complete: watch::Receiver<bool>,
     hint: Arc<FaultHint>,
+    hooks: TestHooks,
 }
 
 impl FaultLoop {
@@ -81,210 +150,231 @@ impl FaultLoop {
         guest: Arc<GuestMemory>,
         source_url: String,
         postcopy: watch::Receiver<bool>,
+        complete: watch::Receiver<bool>,
         hint: Arc<FaultHint>,
+        hooks: TestHooks,
     ) -> Self {
-        Self { guest, source_url, postcopy, hint }
+        Self { guest, source_url, postcopy, complete, hint, hooks }
     }
 
-    /// Starts the loop on its own thread.
-    pub fn spawn(self) -> std::io::Result<std::thread::JoinHandle<()>> {
+    /// Starts the loop on its own thread; its exit (error or panic included)
+    /// arrives on the returned channel.
+    pub fn spawn(self) -> std::io::Result<oneshot::Receiver<FaultLoopExit>> {
+        let (exit_tx, exit_rx) = oneshot::channel();
         std::thread::Builder::new().name("fault-loop".into()).spawn(move || {
-            if let Err(e) = crate::sys::raise_thread_priority(FAULT_LOOP_NICE) {
+            if let Err(e) = raise_thread_priority(FAULT_LOOP_NICE) {
                 tracing::warn!("fault loop keeps normal priority ({e}): busy vCPUs may delay it");
             }
-            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-                Ok(rt) => rt,
-                Err(e) => {
-                    self.guest.stats.fail(format!("fault loop runtime: {e}"));
-                    return;
-                }
-            };
-            let local = tokio::task::LocalSet::new();
-            if let Err(e) = local.block_on(&rt, self.run()) {
-                tracing::error!("fault loop stopped: {e}");
-                // Faults stay unresolved (the guest freezes) rather than be
-                // resolved wrongly.
+            let guest = self.guest.clone();
+            let mut state = LoopState::default();
+            let exit =
+                match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_on_own_runtime(&mut state))) {
+                    Ok(exit) => exit,
+                    Err(panic) => Err(FaultLoopError::Panicked(panic_message(panic.as_ref()))),
+                };
+            if let Err(error) = &exit {
+                account_blocked(&guest, error, &state);
             }
-        })
+            let _ = exit_tx.send(exit);
+        })?;
+        Ok(exit_rx)
     }
 
-    async fn run(mut self) -> Result<(), String> {
-        sys::set_nonblocking(std::os::fd::AsFd::as_fd(&self.guest.uffd))
-            .map_err(|e| format!("uffd O_NONBLOCK: {e}"))?;
-        let afd =
-            crate::sys::async_uffd(&self.guest.uffd).map_err(|e| format!("registering the uffd with epoll: {e}"))?;
-        let (req_tx, req_rx) = mpsc::unbounded_channel::<PagesRequest>();
-        tokio::task::spawn_local(DemandReplies { guest: self.guest.clone(), url: self.source_url.clone() }.run(req_rx));
-        let mut held: Vec<(sys::PageFault, u64)> = Vec::new();
+    fn run_on_own_runtime(self, state: &mut LoopState) -> FaultLoopExit {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(FaultLoopError::Setup)?;
+        let local = tokio::task::LocalSet::new();
+        local.block_on(&rt, self.run(state))
+    }
+
+    async fn run(mut self, state: &mut LoopState) -> FaultLoopExit {
+        let guest = self.guest.clone();
+        guest.uffd.set_nonblocking().map_err(FaultLoopError::Setup)?;
+        let readable = crate::sys::async_uffd(&guest.uffd).map_err(FaultLoopError::Setup)?;
+        let (claims, claims_rx) = mpsc::unbounded_channel::<Claim>();
+        let mut fetcher =
+            tokio::task::spawn_local(DemandFetcher::new(guest.clone(), self.source_url.clone()).run(claims_rx));
+        let mut held: Vec<(PageFault, u64)> = Vec::new();
         let mut postcopy = *self.postcopy.borrow();
-        let mut events = [UffdEvent::Other { event: 0 }; 64];
+        let mut buffer = EventBuffer::new(EVENTS_PER_READ);
+        let mut events = Vec::with_capacity(EVENTS_PER_READ);
         loop {
+            state.held = held.len() as u64;
             tokio::select! {
+                biased;
+                stopped = &mut fetcher => {
+                    return match stopped {
+                        Ok(Ok(())) => Err(FaultLoopError::Panicked("the demand fetcher ended on its own".into())),
+                        Ok(Err(error)) => Err(error.into()),
+                        Err(join) => Err(FaultLoopError::Panicked(format!("the demand fetcher: {join}"))),
+                    };
+                }
                 changed = self.postcopy.changed(), if !postcopy => {
-                    if changed.is_err() { return Ok(()); }
+                    if changed.is_err() {
+                        return Err(FaultLoopError::Panicked("the agent dropped the switchover signal".into()));
+                    }
                     postcopy = *self.postcopy.borrow();
                     if postcopy {
-                        for (fault, started) in held.drain(..) {
-                            self.handle(fault, started, &req_tx);
+                        let released = std::mem::take(&mut held);
+                        let mut still_held = released.len() as u64;
+                        for (fault, started) in released {
+                            still_held -= 1;
+                            state.held = still_held;
+                            self.handle(fault, started, &claims, state)?;
                         }
                     }
                 }
-                guard = afd.readable() => {
-                    let mut guard = guard.map_err(|e| format!("polling the uffd: {e}"))?;
+                guard = readable.readable() => {
+                    let mut guard = guard.map_err(FaultLoopError::Setup)?;
                     loop {
-                        let n = self.guest.uffd.read_events(&mut events).map_err(|e| format!("reading the uffd: {e}"))?;
-                        if n == 0 {
+                        events.clear();
+                        match guest.uffd.read_events(&mut buffer, &mut events) {
+                            Ok(()) => {}
+                            Err(UffdError::Closed) => {
+                                return if *self.complete.borrow() {
+                                    tracing::info!("the target VMM closed its userfaultfd: the fault loop ends");
+                                    Ok(())
+                                } else {
+                                    Err(FaultLoopError::VmmGone)
+                                };
+                            }
+                            Err(error) => return Err(FaultLoopError::Read(error)),
+                        }
+                        if events.is_empty() {
                             guard.clear_ready();
                             break;
                         }
-                        let now = sys::monotonic_ns();
-                        for ev in &events[..n] {
-                            match *ev {
-                                UffdEvent::PageFault(fault) if postcopy => self.handle(fault, now, &req_tx),
+                        let now = monotonic_ns();
+                        for event in &events {
+                            match *event {
+                                UffdEvent::PageFault(fault) if postcopy => self.handle(fault, now, &claims, state)?,
                                 UffdEvent::PageFault(fault) => held.push((fault, now)),
-                                other => tracing::warn!("ignoring userfaultfd event {other:?}"),
+                                other => log_other_event(&other),
                             }
                         }
+                        state.held = held.len() as u64;
                     }
                 }
             }
         }
     }
 
-    fn handle(&self, fault: sys::PageFault, started: u64, req_tx: &mpsc::UnboundedSender<PagesRequest>) {
+    /// Carries out what the page state decides for one fault.
+    fn handle(
+        &mut self,
+        fault: PageFault,
+        started: u64,
+        claims: &mpsc::UnboundedSender<Claim>,
+        state: &mut LoopState,
+    ) -> Result<(), FaultLoopError> {
+        state.in_hand = true;
         let guest = &self.guest;
-        let Some(page) = guest.layout.page_at_host_addr(fault.address) else {
-            tracing::error!("fault at {:#x} outside every region", fault.address);
-            return;
-        };
-        self.hint.last_fault_page.store(page, Ordering::Relaxed);
         let stats = &guest.stats;
-        loop {
-            match guest.install_fresh(page) {
-                Ok(Some(kind)) => {
-                    stats.record_fault(kind, true, Some(sys::monotonic_ns().saturating_sub(started)));
-                    return;
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    tracing::error!("fault on page {page}: {e}");
-                    return;
-                }
-            }
-            // Needs the source. Claim it, or join whoever has.
-            let claimed = guest.states.claim_for_demand(page);
-            let state = match claimed {
-                Some(from) => from,
-                None => match guest.states.state(page) {
-                    s @ (PageState::FetchingUnknown | PageState::FetchingStale) => s,
-                    _ => continue, // became fresh/installed meanwhile
-                },
-            };
-            let known = matches!(state, PageState::Stale | PageState::FetchingStale);
-            if !known {
-                stats.faults_unknown.fetch_add(1, Ordering::Relaxed);
-            }
-            if !fault.is_minor() {
-                stats.faults_missing_fetched.fetch_add(1, Ordering::Relaxed);
-            }
-            // Latency is recorded by the installer, from this start time.
-            guest.note_waiting_fault(page, started);
-            stats.record_fault(FaultKind::Fetched, known, None);
-            if claimed.is_some() {
-                let (region, index) = guest.layout.locate(page);
-                let _ = req_tx.send(PagesRequest { request_id: page, region, first_index: index, count: 1 });
-            } else if guest.states.state(page) == PageState::Installed {
-                // Installed between our look and our note: settle it here
-                // (the installer has already cleared the notes it saw).
-                let _ = guest.install_fresh(page);
-                guest.settle_waiting_fault(page, known);
-            }
-            return;
+        let Some(page) = guest.layout.page_at_host_addr(fault.address) else {
+            return Err(FaultLoopError::OutsideRegions { address: fault.address, thread_id: fault.thread_id });
+        };
+        state.handled += 1;
+        if let Some(after) = self.hooks.break_fault_loop_after(state.handled) {
+            return Err(FaultLoopError::TestHook(after));
         }
-    }
-}
-
-/// Sends demand requests and installs their replies, reconnecting to the
-/// source (and re-asking for every unanswered page) if the stream breaks.
-struct DemandReplies {
-    guest: Arc<GuestMemory>,
-    url: String,
-}
-
-impl DemandReplies {
-    async fn run(self, mut requests: mpsc::UnboundedReceiver<PagesRequest>) {
-        let mut backoff = Duration::from_millis(10);
-        loop {
-            match self.serve(&mut requests).await {
-                Ok(()) => return,
-                Err(e) => {
-                    tracing::warn!("demand stream to the source broke: {e}; reconnecting in {backoff:?}");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
-                }
+        self.hint.last_fault_page.store(page, Ordering::Relaxed);
+        match guest.states.on_fault(page, fault.is_minor()) {
+            FaultAction::Local(resolution) => {
+                let kind =
+                    guest.resolve_local(resolution).map_err(|source| FaultLoopError::Install { page, source })?;
+                stats.record_fault(kind, true);
+                stats.record_fault_latency(kind, true, monotonic_ns().saturating_sub(started));
+            }
+            FaultAction::Fetch(claim) => {
+                let known = claim.was_known();
+                self.count_fetched_fault(&fault, known);
+                guest.wait_for_fetch(page, started, known);
+                // If the fetcher is gone its exit is reported by the loop;
+                // the claim, dropped, leaves the page frozen.
+                let _ = claims.send(claim);
+            }
+            FaultAction::Wait { known } => {
+                self.count_fetched_fault(&fault, known);
+                guest.wait_for_fetch(page, started, known);
             }
         }
+        state.in_hand = false;
+        Ok(())
     }
 
-    /// One connection's life. Returns Ok when the fault loop is gone.
-    async fn serve(&self, requests: &mut mpsc::UnboundedReceiver<PagesRequest>) -> Result<(), source::SourceError> {
-        let result = self.serve_connection(requests).await;
-        self.guest.stats.note_source_call(&result);
-        result
-    }
-
-    async fn serve_connection(
-        &self,
-        requests: &mut mpsc::UnboundedReceiver<PagesRequest>,
-    ) -> Result<(), source::SourceError> {
+    fn count_fetched_fault(&self, fault: &PageFault, known: bool) {
         let stats = &self.guest.stats;
-        let connected = source::connect(&self.url).await;
-        stats.note_source_call(&connected);
-        let mut client = connected?;
-        let (tx, rx) = mpsc::unbounded_channel::<PagesRequest>();
-        // Re-ask for everything claimed and still unanswered.
-        for page in self.guest.states.demand_claims() {
-            let (region, index) = self.guest.layout.locate(page);
-            let _ = tx.send(PagesRequest { request_id: page, region, first_index: index, count: 1 });
+        stats.record_fault(FaultKind::Fetched, known);
+        if !known {
+            stats.faults_unknown.fetch_add(1, Ordering::Relaxed);
         }
-        let sent_ns = SentTimes::new();
-        let mut replies = client
-            .get_pages(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
-            .await
-            .map_err(|status| source::SourceError::Rpc { rpc: "GetPages", status })?
-            .into_inner();
-        loop {
-            tokio::select! {
-                req = requests.recv() => {
-                    let Some(req) = req else { return Ok(()) };
-                    sent_ns.sent(req.request_id, sys::monotonic_ns());
-                    if tx.send(req).is_err() {
-                        return Err(source::SourceError::StreamEnded(self.guest.states.demand_claims().len()));
-                    }
-                }
-                reply = replies.message() => {
-                    let reply = reply.map_err(|status| source::SourceError::Rpc { rpc: "GetPages", status })?
-                        .ok_or_else(|| source::SourceError::StreamEnded(self.guest.states.demand_claims().len()))?;
-                    stats.source_up.store(true, Ordering::Relaxed);
-                    if let Some(err) = reply.error {
-                        // Freeze rather than guess: the page stays claimed.
-                        tracing::error!("source refused demand request {}: {} {}", reply.request_id, err.code, err.message);
-                        continue;
-                    }
-                    if let Some(t) = sent_ns.take(reply.request_id) {
-                        stats.record_fetch_latency(sys::monotonic_ns().saturating_sub(t));
-                    }
-                    for p in &reply.pages {
-                        let page = match self.guest.layout.global_page(p.region, p.index) {
-                            Ok(page) => page,
-                            Err(e) => { tracing::error!("demand reply: {e}"); continue; }
-                        };
-                        if let Err(e) = self.guest.install_fetched(page, p.zero, &p.data, FetchOrigin::Demand) {
-                            tracing::error!("installing page {page}: {e}");
-                        }
-                    }
-                }
-            }
+        if !fault.is_minor() {
+            stats.faults_missing_fetched.fetch_add(1, Ordering::Relaxed);
         }
     }
+}
+
+/// What the loop has done, kept outside it so that it survives a panic.
+#[derive(Debug, Default)]
+struct LoopState {
+    /// Faults read before switchover and not handled yet.
+    held: u64,
+    /// A fault is being handled (it is neither held nor waiting on a fetch).
+    in_hand: bool,
+    /// Faults handled after switchover.
+    handled: u64,
+}
+
+/// Counts the faults a stopped loop leaves unresolved, and says so in the
+/// log: the fault its error is about under that error's reason; every other
+/// fault it held, had in hand, or that waits for a fetch under
+/// `fault_loop_stopped` (a page several vCPUs wait on counts once).
+fn account_blocked(guest: &GuestMemory, error: &FaultLoopError, state: &LoopState) {
+    let stats = &guest.stats;
+    let waiting = guest.faults_waiting();
+    let mut others = state.held + waiting;
+    match error.block_reason() {
+        Some(reason) => {
+            stats.block_faults(reason, 1);
+            if !state.in_hand {
+                // A demand fetch's fault: one of the waiting ones.
+                others = others.saturating_sub(1);
+            }
+        }
+        None => others += u64::from(state.in_hand),
+    }
+    stats.block_faults(BlockReason::FaultLoopStopped, others);
+    let reason = error.block_reason().map_or("", BlockReason::name);
+    tracing::error!(
+        "{}; faults left blocked: {} ({reason}), {others} (fault_loop_stopped: {} held before switchover, the \
+         others waiting on pages {:?}{})",
+        describe_stop(error),
+        u8::from(!reason.is_empty()),
+        state.held,
+        guest.pages_waiting(BLOCKED_PAGES_LOGGED),
+        if waiting > BLOCKED_PAGES_LOGGED as u64 { ", …" } else { "" }
+    );
+}
+
+fn log_other_event(event: &UffdEvent) {
+    match event {
+        UffdEvent::Remove { start, end } => {
+            tracing::info!("the VMM dropped guest memory {start:#x}..{end:#x}; later faults there follow the kernel")
+        }
+        other => tracing::warn!("userfaultfd event {other:?} ({}) needs no action from the agent", other.name()),
+    }
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_owned())
+}
+
+/// Raises the calling thread's scheduling priority to `nice` (needs
+/// CAP_SYS_NICE or a negative-nice rlimit; the agent runs without it, only
+/// less well on a busy host).
+fn raise_thread_priority(nice: i32) -> std::io::Result<()> {
+    Ok(rustix::process::setpriority_process(Some(rustix::thread::gettid()), nice)?)
 }

@@ -1,23 +1,39 @@
 //! The target agent of a post-copy migration: pulls pre-copy rounds from the
 //! source agent, then serves the guest's userfaultfd minor (and missing)
 //! faults after switchover, installs fresh pages in bulk and pulls stale ones
-//! in the background.
+//! in the background. It never maps a page into the guest unless it is known
+//! fresh or was just fetched from the paused source.
 //!
-//! - [`page_state`]: the per-page state machine and its rules;
-//! - [`fault_loop`]: fault handling and demand fetches;
+//! # Layout
+//!
+//! - [`page_state`]: the per-page state machine, its rules and invariants;
+//!   the one place that decides every transition, and the tokens ([`Claim`](page_state::Claim)
+//!   and friends) without which nothing can be installed;
+//! - [`fault_loop`]: reads the guest's faults and carries out what the page
+//!   state decides; its failure policy (freeze, report, never guess);
+//! - [`demand`]: fetches the pages faults wait for, with reconnects and
+//!   bounded retries of refused requests;
 //! - [`transfer`]: pre-copy rounds and the background pull;
 //! - [`guest`]: writing pages and mapping them into the VMM;
-//! - [`source`]: the client side of the protocol;
-//! - [`agent`]: the migration's phases; [`service`]: the gRPC server;
-//! - [`stats`]: what the agent counts; [`metrics`]: its Prometheus metrics.
+//! - [`source`]: the client side of the protocol, and what a reply must be;
+//! - [`agent`]: the migration's phases, supervising the fault loop;
+//!   [`phase`]: the phase and the failure;
+//! - [`service`]: the gRPC server (status, switchover, health, reflection);
+//! - [`stats`]: what the agent counts; [`metrics`]: its Prometheus metrics;
+//! - [`test_hooks`]: misbehaviour on purpose, only with the `test-hooks`
+//!   cargo feature;
+//! - `sys`: the one `unsafe` call (the uffd's reactor registration).
 
 pub mod agent;
+pub mod demand;
 pub mod fault_loop;
 pub mod guest;
 pub mod metrics;
 pub mod page_state;
+pub mod phase;
 pub mod service;
 pub mod source;
 pub mod stats;
 mod sys;
+pub mod test_hooks;
 pub mod transfer;

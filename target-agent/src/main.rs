@@ -2,14 +2,22 @@
 //!
 //! Once the gRPC and metrics listeners are bound the agent prints one line to
 //! stdout, `{"event":"listening","grpc":"ADDR","metrics":"ADDR"}`; logs go to
-//! stderr (`RUST_LOG`). Prometheus metrics are served on
-//! `http://METRICS_ADDR/metrics` ([`target_agent::metrics`]).
+//! stderr (`RUST_LOG`, default `info`). Prometheus metrics are served on
+//! `http://METRICS_ADDR/metrics` ([`target_agent::metrics`]). SIGTERM or
+//! SIGINT shut it down gracefully; it then exits non-zero, with the reason on
+//! stderr, if the migration failed.
+#![forbid(unsafe_code)]
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
+use pageserver_agent_shell::exit::describe;
+use pageserver_agent_shell::{AgentShell, exit_code};
 use target_agent::agent::{TargetAgent, TargetConfig};
+use target_agent::phase::Phase;
+use target_agent::service::serve;
 
 /// Target side of a post-copy migration: pulls pages from the source agent
 /// and serves the guest's page faults.
@@ -34,58 +42,37 @@ struct Args {
     /// Most pre-copy rounds before waiting for switchover.
     #[arg(long, env = "PAGESERVER_MAX_PRECOPY_ROUNDS", default_value_t = 8)]
     max_precopy_rounds: u32,
-    /// FAULT INJECTION for tests of the verification: install this many
-    /// stale pages as if fresh. Breaks the product's guarantee on purpose.
-    #[arg(long, hide = true, default_value_t = 0)]
-    fault_injection_withhold_stale_pages: u64,
+    #[command(flatten)]
+    hooks: target_agent::test_hooks::TestHooks,
 }
 
-#[derive(serde::Serialize)]
-struct ListeningEvent<'a> {
-    event: &'a str,
-    grpc: String,
-    metrics: String,
-}
-
-fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .init();
+fn main() -> ExitCode {
     let args = Args::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    rt.block_on(async move {
+    pageserver_agent_shell::init_logging();
+    exit_code(run(args))
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    runtime.block_on(async move {
         let agent = TargetAgent::new(TargetConfig {
             source_url: args.source,
             handoff_socket: args.handoff_socket,
             vm: args.vm,
             max_precopy_rounds: args.max_precopy_rounds,
-            withhold_stale_pages: args.fault_injection_withhold_stale_pages,
+            hooks: args.hooks,
         });
         let metrics = target_agent::metrics::install(agent.clone()).context("setting up metrics")?;
-        let listener =
-            tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("binding {}", args.listen))?;
-        let addr = listener.local_addr()?;
-        let metrics_listener = tokio::net::TcpListener::bind(&args.metrics_listen)
-            .await
-            .with_context(|| format!("binding the metrics listener {}", args.metrics_listen))?;
-        let metrics_addr = metrics_listener.local_addr()?;
-        let event = ListeningEvent { event: "listening", grpc: addr.to_string(), metrics: metrics_addr.to_string() };
-        println!("{}", serde_json::to_string(&event)?);
-        use std::io::Write;
-        std::io::stdout().flush()?;
-        tracing::info!(%addr, %metrics_addr, "gRPC and metrics listening");
-        tokio::spawn(pageserver_metrics::serve_metrics(metrics_listener, metrics, std::future::pending()));
+        let shell = AgentShell::bind(&args.listen, &args.metrics_listen).await?;
         tokio::spawn(agent.clone().run());
-        let shutdown = async {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                .expect("installing a SIGTERM handler");
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
+        let served = shell.run(metrics, |listener, shutdown| serve(listener, agent.clone(), shutdown)).await;
+        // A failed migration fails the agent, even after a clean shutdown.
+        if agent.phase.get() == Phase::Failed {
+            if let Err(error) = &served {
+                tracing::error!(error = %describe(error), "the gRPC server failed too");
             }
-        };
-        target_agent::service::serve(listener, agent, shutdown).await.context("gRPC server")?;
-        Ok(())
+            anyhow::bail!("the migration failed: {}", agent.phase.error().unwrap_or_default());
+        }
+        Ok(served?)
     })
 }

@@ -17,7 +17,8 @@
 //! | `pageserver_target_pages` | gauge | `state` (`unknown`, `fresh`, `stale`, `fetching_unknown`, `fetching_stale`, `installed`) |
 //! | `pageserver_target_phase` | gauge | `phase` (1 for the current one, 0 for the others) |
 //! | `pageserver_target_source_up` | gauge | (1 while the last call to the source reached it) |
-//! | `pageserver_target_faults_waiting` | gauge | (pages with a fault blocked on their fetch) |
+//! | `pageserver_target_faults_waiting` | gauge | (pages with a fault waiting for their fetch) |
+//! | `pageserver_target_faults_blocked` | gauge | `reason` (`outside_regions`, `install_failed`, `source_refused`, `fault_loop_stopped`): faults that will never be resolved; each fails the migration |
 //! | `pageserver_build_info` | gauge | `version`, `agent="target"` |
 //!
 //! `state_known="false"`: the fault hit a page whose state was still
@@ -27,15 +28,14 @@
 //!
 //! # Nothing on the fault path
 //!
-//! The fault loop records exactly as before metrics existed: relaxed atomic
-//! adds into [`TargetStats`](crate::stats::TargetStats), no allocation, no
-//! lock. At scrape time [`TargetCollector`] copies the counters into the
-//! recorder (`Counter::absolute`, `Gauge::set`), counts page states, and
-//! renders the two latency histograms itself from fixed-bucket
-//! [`AtomicHistogram`](pageserver_metrics::AtomicHistogram)s. Recording into
-//! the recorder's own histograms would queue every sample until the next
-//! render, allocating a block every few dozen faults, and grow without
-//! bound when nobody scrapes.
+//! The fault loop records into [`TargetStats`](crate::stats::TargetStats):
+//! relaxed atomic adds and one [`LatencyHistogram`](pageserver_metrics::LatencyHistogram)
+//! record per fault, no allocation, no lock. At scrape time
+//! [`TargetCollector`] copies the counters into the recorder
+//! (`Counter::absolute`, `Gauge::set`), counts page states, and renders the
+//! latency histograms itself. Recording into the recorder's own histograms
+//! would queue every sample until the next render, allocating a block every
+//! few dozen faults, and grow without bound when nobody scrapes.
 #![forbid(unsafe_code)]
 
 use std::sync::Arc;
@@ -48,7 +48,8 @@ use pageserver_metrics::{
 
 use crate::agent::TargetAgent;
 use crate::page_state::PageState;
-use crate::stats::{FaultKind, Phase};
+use crate::phase::Phase;
+use crate::stats::{BlockReason, FaultKind};
 
 pub const FAULT_LATENCY: &str = "pageserver_target_fault_latency_seconds";
 pub const FAULTS: &str = "pageserver_target_faults_total";
@@ -65,6 +66,7 @@ pub const PAGES: &str = "pageserver_target_pages";
 pub const PHASE: &str = "pageserver_target_phase";
 pub const SOURCE_UP: &str = "pageserver_target_source_up";
 pub const FAULTS_WAITING: &str = "pageserver_target_faults_waiting";
+pub const FAULTS_BLOCKED: &str = "pageserver_target_faults_blocked";
 
 /// The (resolution, state known) pairs that can happen.
 pub const FAULT_SERIES: [(FaultKind, bool); 4] =
@@ -110,6 +112,7 @@ pub struct TargetCollector {
     phase: [Gauge; Phase::ALL.len()],
     source_up: Gauge,
     faults_waiting: Gauge,
+    faults_blocked: [Gauge; BlockReason::ALL.len()],
 }
 
 impl TargetCollector {
@@ -135,7 +138,12 @@ impl TargetCollector {
         describe_gauge!(PAGES, "Guest pages per state (all 0 before the hand-off).");
         describe_gauge!(PHASE, "The migration phase: 1 for the current one, 0 for the others.");
         describe_gauge!(SOURCE_UP, "1 while the last call to the source agent reached it, 0 after it failed to.");
-        describe_gauge!(FAULTS_WAITING, "Pages with a guest fault blocked until their fetch completes.");
+        describe_gauge!(FAULTS_WAITING, "Pages with a guest fault waiting until their fetch completes.");
+        describe_gauge!(
+            FAULTS_BLOCKED,
+            "Guest page faults the agent read and will never resolve (the vCPU waits rather than see a wrong \
+             page), by reason; any of them fails the migration."
+        );
         pageserver_metrics::register_build_info("target", env!("CARGO_PKG_VERSION"));
         Self {
             faults: FAULT_SERIES.map(
@@ -154,6 +162,7 @@ impl TargetCollector {
             phase: Phase::ALL.map(|phase| gauge!(PHASE, "phase" => phase.name())),
             source_up: gauge!(SOURCE_UP),
             faults_waiting: gauge!(FAULTS_WAITING),
+            faults_blocked: BlockReason::ALL.map(|reason| gauge!(FAULTS_BLOCKED, "reason" => reason.name())),
             agent,
         }
     }
@@ -164,7 +173,7 @@ impl Collector for TargetCollector {
         let s = &self.agent.stats;
         let ld = |c: &AtomicU64| c.load(Ordering::Relaxed);
         for (counter, (kind, known)) in self.faults.iter().zip(FAULT_SERIES) {
-            counter.absolute(ld(&s.faults_by_kind_known[kind as usize][usize::from(known)]));
+            counter.absolute(s.faults(kind, known));
         }
         self.pages_fetched_demand.absolute(ld(&s.pages_fetched_on_demand));
         self.pages_fetched_background.absolute(ld(&s.pages_fetched_background));
@@ -181,12 +190,15 @@ impl Collector for TargetCollector {
         for (gauge, count) in self.pages.iter().zip(counts) {
             gauge.set(count as f64);
         }
-        let current = s.phase();
+        let current = self.agent.phase.get();
         for (gauge, phase) in self.phase.iter().zip(Phase::ALL) {
             gauge.set(if phase == current { 1.0 } else { 0.0 });
         }
         self.source_up.set(if s.source_up.load(Ordering::Relaxed) { 1.0 } else { 0.0 });
         self.faults_waiting.set(guest.map_or(0, |g| g.faults_waiting()) as f64);
+        for (gauge, reason) in self.faults_blocked.iter().zip(BlockReason::ALL) {
+            gauge.set(s.faults_blocked(reason) as f64);
+        }
     }
 
     fn render_extra(&self, out: &mut String) {
@@ -197,25 +209,20 @@ impl Collector for TargetCollector {
         let series: Vec<HistogramSeries<'_>> = FAULT_SERIES
             .iter()
             .zip(&labels)
-            .map(|(&(kind, known), labels)| HistogramSeries {
-                labels,
-                histogram: &s.fault_latency_buckets[kind as usize][usize::from(known)],
-            })
+            .map(|(&(kind, known), labels)| HistogramSeries { labels, histogram: s.fault_latency(kind, known) })
             .collect();
         write_histogram(
             out,
             FAULT_LATENCY,
             "Time from reading a guest page fault to resolving it (UFFDIO_CONTINUE, or the zero page), by \
              resolution and whether the page's state was known.",
-            1e9,
             &series,
         );
         write_histogram(
             out,
             FETCH_LATENCY,
             "Round trip of one demand fetch (a GetPages request of the fault loop) to the source.",
-            1e9,
-            &[HistogramSeries { labels: &[(VM_LABEL, vm)], histogram: &s.fetch_latency_buckets }],
+            &[HistogramSeries { labels: &[(VM_LABEL, vm)], histogram: &s.fetch_latency }],
         );
     }
 }
@@ -232,15 +239,17 @@ mod tests {
             handoff_socket: "/tmp/none.sock".into(),
             vm: "t-vm".into(),
             max_precopy_rounds: 1,
-            withhold_stale_pages: 0,
+            hooks: Default::default(),
         });
-        agent.stats.record_fault(FaultKind::Fresh, true, Some(4_000));
-        agent.stats.record_fault(FaultKind::Fetched, false, None);
+        agent.stats.record_fault(FaultKind::Fresh, true);
+        agent.stats.record_fault_latency(FaultKind::Fresh, true, 4_000);
+        agent.stats.record_fault(FaultKind::Fetched, false);
         agent.stats.record_fault_latency(FaultKind::Fetched, false, 150_000);
-        agent.stats.record_fetch_latency(90_000);
+        agent.stats.fetch_latency.record(90_000);
+        agent.stats.block_faults(BlockReason::SourceRefused, 2);
         let recorder = recorder("t-vm").expect("recorder");
         let text = local_handle(&recorder, agent).render();
-        for name in [FAULTS, PAGES, PHASE, SOURCE_UP, FAULTS_WAITING, FAULT_LATENCY, FETCH_LATENCY] {
+        for name in [FAULTS, PAGES, PHASE, SOURCE_UP, FAULTS_WAITING, FAULTS_BLOCKED, FAULT_LATENCY, FETCH_LATENCY] {
             assert!(text.contains(&format!("# HELP {name} ")), "{name} has no help:\n{text}");
         }
         let has = |line: &str| assert!(text.contains(line), "no {line:?} in\n{text}");
@@ -249,6 +258,8 @@ mod tests {
         has("pageserver_target_faults_total{vm=\"t-vm\",resolution=\"fetched\",state_known=\"false\"} 1\n");
         has("pageserver_target_pages{vm=\"t-vm\",state=\"fetching_unknown\"} 0\n");
         has("pageserver_target_source_up{vm=\"t-vm\"} 0\n");
+        has("pageserver_target_faults_blocked{vm=\"t-vm\",reason=\"source_refused\"} 2\n");
+        has("pageserver_target_faults_blocked{vm=\"t-vm\",reason=\"install_failed\"} 0\n");
         has(
             "pageserver_target_fault_latency_seconds_bucket{vm=\"t-vm\",resolution=\"fresh\",state_known=\"true\",le=\"0.000005\"} 1\n",
         );

@@ -1,35 +1,56 @@
-//! The state of every guest page on the target, shared by the fault loop, the
-//! bulk installer and the background puller.
+//! The state of every guest page on the target, and the one place that
+//! decides how it changes. The fault loop, the demand fetcher, the bulk
+//! installer and the background pull all ask this module; none of them
+//! changes a page's state by itself.
 //!
 //! One byte per page, updated only with atomic compare-and-swap:
 //!
 //! ```text
-//!            final bitmap: clean            bulk install / fault (CONTINUE)
-//!   Unknown ───────────────────────▶ Fresh ─────────────────────────────▶ Installed
-//!      │  ╲  final bitmap: dirty                                            ▲
-//!      │   ╲────────────────────▶ Stale ──claim──▶ FetchingStale ──────────┤
-//!      │                                                  (content from the │
-//!      └──────claim (fault before the bitmap)──▶ FetchingUnknown ───────────┘
-//!                                                         paused source)
+//!            final bitmap: clean              fault / bulk install (CONTINUE)
+//!   Unknown ───────────────────────▶ Fresh ──────────────────────────────▶ Installed
+//!      │  ╲  final bitmap: dirty                                             ▲
+//!      │   ╲────────────────────▶ Stale ──claim──▶ FetchingStale ───────────┤
+//!      │                                                   (content just     │
+//!      └──────claim (fault before the bitmap)──▶ FetchingUnknown ────────────┘
+//!                                                  fetched from the paused source)
 //! ```
 //!
-//! Rules (DESIGN.md, "Page states on the target"):
-//! 1. A page is installed (UFFDIO_CONTINUE) only from `Fresh`, or from a
-//!    `Fetching*` state by whoever claimed it, after writing the content just
-//!    fetched from the *paused* source.
-//! 2. `Unknown` pages are never continued: a fault on one claims it and
-//!    fetches it (the source is always right).
+//! # Rules
+//!
+//! 1. A page is installed (mapped into the VMM) only from `Fresh`, or from a
+//!    `Fetching*` state by whoever holds its [`Claim`], after writing the
+//!    content just fetched from the *paused* source. The claim is a value:
+//!    [`PageStates::claim`] and [`PageStates::on_fault`] create it, and
+//!    [`PageStates::finish_fetch`] consumes it, so installing a fetched page
+//!    without owning its fetch does not compile, and a claim cannot be used
+//!    twice.
+//! 2. `Unknown` pages are never mapped as they are: a fault on one claims it
+//!    and fetches it (the paused source is always right).
 //! 3. Applying the final bitmap marks every dirty page `Stale` *before* any
 //!    clean page becomes `Fresh`; only `Unknown` pages change, so pages
 //!    claimed or installed before the bitmap arrived keep their state.
 //! 4. A claim (`Unknown`/`Stale` → `Fetching*`) succeeds for exactly one
-//!    party, so concurrent faults and the background fetch a page once.
+//!    party, so concurrent faults and the background pull fetch a page once;
+//!    the others [`FaultAction::Wait`] for the holder's install, which wakes
+//!    them.
+//! 5. `Installed` is final: nothing leaves it, so nothing is fetched twice.
 //!
-//! Three flag bits ride along: `PRESENT` (the target's file holds a page for
-//! it, so CONTINUE can map it; otherwise it is a hole and faults as MISSING),
-//! `FETCHED` (fetched after switchover, to catch double fetches) and `DEMAND`
-//! (claimed by the fault loop, so its requests can be re-sent after a broken
-//! connection without keeping a set of them on the fault path).
+//! # Invariants (checked by the unit tests in `page_state/tests.rs`)
+//!
+//! - every page is in exactly one state; counts always sum to the guest's
+//!   pages;
+//! - a page's `PRESENT` flag (the target's file holds content for it) is
+//!   only ever set, and only by whoever writes the page (pre-copy, an
+//!   install, a zero fill);
+//! - a [`Claim`] exists for a page if and only if the page is `Fetching*`.
+//!
+//! # What the kernel says wins
+//!
+//! A fault is MINOR when the page cache holds the page and MISSING when the
+//! file has a hole there. [`PageStates::on_fault`] decides a fresh or
+//! installed page's resolution from that, not from `PRESENT`: if the VMM
+//! punched a page out after it was installed (`MADV_REMOVE`), its content is
+//! zeros by the VMM's own doing, and a zero fill is what it expects.
 #![forbid(unsafe_code)]
 
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -37,11 +58,18 @@ use std::sync::atomic::{AtomicU8, Ordering};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 #[repr(u8)]
 pub enum PageState {
+    /// Pre-copied (or a hole), and the final bitmap has not said yet whether
+    /// the source changed it since.
     Unknown = 0,
+    /// The target's copy is the source's content at pause.
     Fresh = 1,
+    /// The source changed it after its last copy: it must be fetched.
     Stale = 2,
+    /// Claimed for fetching before the final bitmap said anything.
     FetchingUnknown = 3,
+    /// Claimed for fetching after the final bitmap marked it stale.
     FetchingStale = 4,
+    /// Mapped into the VMM with the source's content at pause. Final.
     Installed = 5,
 }
 
@@ -66,6 +94,7 @@ impl PageState {
         }
     }
 
+    /// The name metrics and the status use.
     pub fn name(self) -> &'static str {
         match self {
             PageState::Unknown => "unknown",
@@ -79,15 +108,127 @@ impl PageState {
 }
 
 const STATE_MASK: u8 = 0b0000_0111;
-const DEMAND: u8 = 0b0010_0000;
-const FETCHED: u8 = 0b0100_0000;
+/// The target's file holds content for the page (it is not a hole).
 const PRESENT: u8 = 0b1000_0000;
 
-/// A snapshot of one page's byte.
+/// Who fetches a claimed page.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PageEntry {
-    pub state: PageState,
-    pub present: bool,
+pub enum FetchOrigin {
+    /// A guest fault is waiting for it.
+    Demand,
+    /// The background pull of stale pages.
+    Background,
+}
+
+/// The exclusive right to fetch one page and install it.
+///
+/// Only this module creates one (a successful claim) and only
+/// [`PageStates::finish_fetch`] consumes it. It is neither `Clone` nor
+/// `Copy`. Dropping one without finishing leaves the page `Fetching*`
+/// forever: nobody else may install it, and a fault on it waits. That is
+/// the safe outcome of a failure (the guest freezes rather than see a wrong
+/// page), and the failure is reported where it happened.
+#[derive(Debug, PartialEq, Eq)]
+#[must_use = "a claim left unfinished freezes every fault on its page"]
+pub struct Claim {
+    page: u64,
+    /// The state it was claimed from: `Unknown` or `Stale`.
+    from: PageState,
+    origin: FetchOrigin,
+}
+
+impl Claim {
+    pub fn page(&self) -> u64 {
+        self.page
+    }
+
+    /// The final bitmap had marked the page stale (not unknown) when claimed.
+    pub fn was_known(&self) -> bool {
+        self.from == PageState::Stale
+    }
+
+    pub fn origin(&self) -> FetchOrigin {
+        self.origin
+    }
+
+    fn fetching_state(&self) -> PageState {
+        if self.was_known() { PageState::FetchingStale } else { PageState::FetchingUnknown }
+    }
+}
+
+/// How a fault on a page that needs no fetch is resolved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LocalFill {
+    /// The page cache holds it (a MINOR fault): map it (UFFDIO_CONTINUE).
+    Continue,
+    /// A hole (a MISSING fault) whose content is zeros: fill it with zeros.
+    ZeroFill,
+}
+
+/// A fault on a `Fresh` or `Installed` page, to be resolved without the
+/// network. Consumed by [`PageStates::finish_local`].
+#[derive(Debug, PartialEq, Eq)]
+#[must_use = "a fault resolved without finishing leaves its page fresh"]
+pub struct LocalResolution {
+    page: u64,
+    fill: LocalFill,
+    /// Already installed (mapped before, e.g. by another fault or the bulk
+    /// install, or zapped by the VMM since).
+    installed: bool,
+}
+
+impl LocalResolution {
+    pub fn page(&self) -> u64 {
+        self.page
+    }
+
+    pub fn fill(&self) -> LocalFill {
+        self.fill
+    }
+}
+
+/// What to do about one guest fault: the single entry point of the fault
+/// loop ([`PageStates::on_fault`]).
+#[derive(Debug, PartialEq, Eq)]
+pub enum FaultAction {
+    /// Fresh or already installed: resolve it now, no network.
+    Local(LocalResolution),
+    /// Needs the paused source, and this fault now owns the fetch.
+    Fetch(Claim),
+    /// Someone else owns the page's fetch; its install wakes this fault.
+    /// `known`: the page was stale (not unknown) when claimed.
+    Wait { known: bool },
+}
+
+/// A run [first, end) of fresh pages the target's file holds: what one
+/// bulk UFFDIO_CONTINUE may map. Consumed by [`PageStates::finish_fresh_run`].
+#[derive(Debug, PartialEq, Eq)]
+#[must_use]
+pub struct FreshRun {
+    first: u64,
+    end: u64,
+}
+
+impl FreshRun {
+    /// The first page of the run.
+    pub fn first(&self) -> u64 {
+        self.first
+    }
+
+    /// The page after the run's last.
+    pub fn end(&self) -> u64 {
+        self.end
+    }
+}
+
+/// Why a claim could not be finished: its page is not in the state the
+/// claim says. Only a bug in this module can cause it.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("page {page} is {actual:?}, but a claim from {from:?} was being finished")]
+pub struct ClaimMismatch {
+    pub page: u64,
+    pub from: PageState,
+    pub actual: PageState,
 }
 
 /// Per-page states of the whole guest (global page numbers).
@@ -97,7 +238,7 @@ pub struct PageStates {
 }
 
 impl PageStates {
-    /// Every page `Unknown` and absent.
+    /// Every page `Unknown` and absent (a hole).
     pub fn new(pages: u64) -> Self {
         Self { bytes: (0..pages).map(|_| AtomicU8::new(0)).collect() }
     }
@@ -110,88 +251,101 @@ impl PageStates {
         self.bytes.is_empty()
     }
 
-    pub fn get(&self, page: u64) -> PageEntry {
-        let b = self.bytes[page as usize].load(Ordering::Acquire);
-        PageEntry { state: PageState::from_bits(b), present: b & PRESENT != 0 }
+    fn load(&self, page: u64) -> u8 {
+        self.bytes[page as usize].load(Ordering::Acquire)
     }
 
     pub fn state(&self, page: u64) -> PageState {
-        self.get(page).state
+        PageState::from_bits(self.load(page))
     }
 
-    /// Moves `page` from `from` to `to`, keeping its flags. True if it was in
-    /// `from` (and now is in `to`).
-    /// A transition out of a claim also drops the `DEMAND` mark.
-    pub fn transition(&self, page: u64, from: PageState, to: PageState) -> bool {
+    /// Whether the target's file holds content for `page`.
+    pub fn is_present(&self, page: u64) -> bool {
+        self.load(page) & PRESENT != 0
+    }
+
+    /// Records that the target's file now holds content for `page`.
+    pub fn set_present(&self, page: u64) {
+        self.bytes[page as usize].fetch_or(PRESENT, Ordering::AcqRel);
+    }
+
+    /// Moves `page` from `from` to `to`, keeping its flags; true if it was
+    /// in `from`. Private: every transition is one of this module's rules.
+    fn transition(&self, page: u64, from: PageState, to: PageState) -> bool {
         self.bytes[page as usize]
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| {
-                (PageState::from_bits(b) == from).then_some((b & !STATE_MASK & !DEMAND) | to as u8)
+                (PageState::from_bits(b) == from).then_some((b & !STATE_MASK) | to as u8)
             })
             .is_ok()
     }
 
-    /// Claims `page` for fetching if it is `Unknown` or `Stale`. Returns the
-    /// state it was claimed from, or `None` if someone else owns it or it
-    /// needs no fetch.
-    pub fn claim(&self, page: u64) -> Option<PageState> {
-        self.claim_marked(page, 0)
-    }
-
-    /// [`PageStates::claim`] for the fault loop: the claim is marked as a
-    /// demand fetch (see [`PageStates::demand_claims`]).
-    pub fn claim_for_demand(&self, page: u64) -> Option<PageState> {
-        self.claim_marked(page, DEMAND)
-    }
-
-    fn claim_marked(&self, page: u64, mark: u8) -> Option<PageState> {
-        let mut claimed = None;
+    /// Claims `page` for `origin` if it is `Unknown` or `Stale` (rule 4).
+    pub fn claim(&self, page: u64, origin: FetchOrigin) -> Option<Claim> {
+        let mut from = None;
         let _ = self.bytes[page as usize].fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| {
             let to = match PageState::from_bits(b) {
                 PageState::Unknown => PageState::FetchingUnknown,
                 PageState::Stale => PageState::FetchingStale,
                 _ => return None,
             };
-            claimed = Some(PageState::from_bits(b));
-            Some((b & !STATE_MASK) | mark | to as u8)
+            from = Some(PageState::from_bits(b));
+            Some((b & !STATE_MASK) | to as u8)
         });
-        claimed
+        from.map(|from| Claim { page, from, origin })
     }
 
-    /// Pages claimed by demand fetches and not installed yet (O(pages): for
-    /// re-sending after a broken connection, not for the fault path).
-    pub fn demand_claims(&self) -> Vec<u64> {
-        (0..self.len())
-            .filter(|&p| {
-                let b = self.bytes[p as usize].load(Ordering::Acquire);
-                b & DEMAND != 0
-                    && matches!(PageState::from_bits(b), PageState::FetchingUnknown | PageState::FetchingStale)
-            })
-            .collect()
-    }
-
-    /// Marks the page's content as written to the target's file.
-    pub fn set_present(&self, page: u64) {
-        self.bytes[page as usize].fetch_or(PRESENT, Ordering::AcqRel);
-    }
-
-    /// Records a post-switchover fetch; true if the page had been fetched
-    /// already (which must never happen).
-    pub fn mark_fetched(&self, page: u64) -> bool {
-        self.bytes[page as usize].fetch_or(FETCHED, Ordering::AcqRel) & FETCHED != 0
-    }
-
-    /// Pages per state, in [`PageState::ALL`] order.
-    pub fn counts(&self) -> [u64; 6] {
-        let mut counts = [0u64; 6];
-        for b in &self.bytes {
-            counts[PageState::from_bits(b.load(Ordering::Relaxed)) as usize] += 1;
+    /// Decides what a guest fault on `page` needs. `minor`: the kernel
+    /// raised it as a MINOR fault (the page cache holds the page).
+    pub fn on_fault(&self, page: u64, minor: bool) -> FaultAction {
+        loop {
+            let state = self.state(page);
+            match state {
+                PageState::Fresh | PageState::Installed => {
+                    let fill = if minor { LocalFill::Continue } else { LocalFill::ZeroFill };
+                    return FaultAction::Local(LocalResolution {
+                        page,
+                        fill,
+                        installed: state == PageState::Installed,
+                    });
+                }
+                PageState::Unknown | PageState::Stale => {
+                    if let Some(claim) = self.claim(page, FetchOrigin::Demand) {
+                        return FaultAction::Fetch(claim);
+                    }
+                    // Claimed (or made fresh by the bitmap) meanwhile: look again.
+                }
+                PageState::FetchingUnknown => return FaultAction::Wait { known: false },
+                PageState::FetchingStale => return FaultAction::Wait { known: true },
+            }
         }
-        counts
+    }
+
+    /// The fault's page has been mapped (or zero-filled and mapped): a fresh
+    /// page becomes `Installed`. Returns whether this call installed it (it
+    /// may have been installed already, by another fault or the bulk
+    /// install).
+    pub fn finish_local(&self, resolution: LocalResolution) -> bool {
+        if resolution.fill == LocalFill::ZeroFill {
+            self.set_present(resolution.page);
+        }
+        !resolution.installed && self.transition(resolution.page, PageState::Fresh, PageState::Installed)
+    }
+
+    /// The claimed page's fetched content has been written to the target's
+    /// file and mapped: it becomes `Installed` (rule 1). Consumes the claim.
+    pub fn finish_fetch(&self, claim: Claim) -> Result<(), ClaimMismatch> {
+        self.set_present(claim.page);
+        let from = claim.fetching_state();
+        if self.transition(claim.page, from, PageState::Installed) {
+            Ok(())
+        } else {
+            Err(ClaimMismatch { page: claim.page, from, actual: self.state(claim.page) })
+        }
     }
 
     /// Applies the final bitmap (rule 3): `dirty` pages that are still
     /// `Unknown` become `Stale`, then every other `Unknown` page becomes
-    /// `Fresh`. Returns the pages made stale.
+    /// `Fresh`. Returns the pages made stale, ascending if `dirty` is.
     pub fn apply_final_bitmap(&self, dirty: &[u64]) -> Vec<u64> {
         let mut stale = Vec::with_capacity(dirty.len());
         for &page in dirty {
@@ -205,80 +359,53 @@ impl PageStates {
         stale
     }
 
-    /// Runs [first, end) of pages that are `Fresh` and present: what a bulk
-    /// UFFDIO_CONTINUE can map.
-    pub fn fresh_present_runs(&self) -> Vec<(u64, u64)> {
+    /// Runs of pages that are `Fresh` and present: what a bulk
+    /// UFFDIO_CONTINUE can map (rule 1). Fresh holes are left out: they stay
+    /// holes (zero-filled if the guest touches them), so the target stays as
+    /// sparse as the source.
+    pub fn fresh_present_runs(&self) -> Vec<FreshRun> {
         let mut runs = Vec::new();
         let mut start = None;
         for page in 0..self.len() {
-            let e = self.get(page);
-            let ok = e.state == PageState::Fresh && e.present;
+            let b = self.load(page);
+            let ok = PageState::from_bits(b) == PageState::Fresh && b & PRESENT != 0;
             match (ok, start) {
                 (true, None) => start = Some(page),
-                (false, Some(s)) => {
-                    runs.push((s, page));
+                (false, Some(first)) => {
+                    runs.push(FreshRun { first, end: page });
                     start = None;
                 }
                 _ => {}
             }
         }
-        if let Some(s) = start {
-            runs.push((s, self.len()));
+        if let Some(first) = start {
+            runs.push(FreshRun { first, end: self.len() });
         }
         runs
+    }
+
+    /// The run has been mapped: its pages that are still `Fresh` become
+    /// `Installed`. Returns how many this call installed.
+    pub fn finish_fresh_run(&self, run: FreshRun) -> u64 {
+        (run.first..run.end).filter(|&p| self.transition(p, PageState::Fresh, PageState::Installed)).count() as u64
+    }
+
+    /// Pages per state, in [`PageState::ALL`] order (O(pages): for status
+    /// and metrics, not for the fault path).
+    pub fn counts(&self) -> [u64; 6] {
+        let mut counts = [0u64; 6];
+        for b in &self.bytes {
+            counts[PageState::from_bits(b.load(Ordering::Relaxed)) as usize] += 1;
+        }
+        counts
+    }
+
+    /// Pages claimed and not installed yet (O(pages)).
+    pub fn fetching(&self) -> u64 {
+        let counts = self.counts();
+        counts[PageState::FetchingUnknown as usize] + counts[PageState::FetchingStale as usize]
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn claim_is_exclusive_and_keeps_flags() {
-        let s = PageStates::new(4);
-        s.set_present(1);
-        assert_eq!(s.claim(1), Some(PageState::Unknown));
-        assert_eq!(s.claim(1), None);
-        assert_eq!(s.get(1), PageEntry { state: PageState::FetchingUnknown, present: true });
-        assert!(s.transition(1, PageState::FetchingUnknown, PageState::Installed));
-        assert!(s.get(1).present);
-        assert!(!s.mark_fetched(1));
-        assert!(s.mark_fetched(1));
-    }
-
-    #[test]
-    fn demand_claims_are_listed_until_installed() {
-        let s = PageStates::new(4);
-        s.apply_final_bitmap(&[1, 2, 3]);
-        assert_eq!(s.claim_for_demand(1), Some(PageState::Stale));
-        assert_eq!(s.claim(2), Some(PageState::Stale)); // the background's
-        assert_eq!(s.demand_claims(), vec![1]);
-        assert!(s.transition(1, PageState::FetchingStale, PageState::Installed));
-        assert!(s.demand_claims().is_empty());
-        assert_eq!(s.claim_for_demand(1), None);
-    }
-
-    #[test]
-    fn final_bitmap_marks_stale_first_and_spares_claimed_pages() {
-        let s = PageStates::new(6);
-        assert_eq!(s.claim(2), Some(PageState::Unknown)); // a fault before the bitmap
-        let stale = s.apply_final_bitmap(&[1, 2, 4]);
-        assert_eq!(stale, vec![1, 4]);
-        assert_eq!(s.state(0), PageState::Fresh);
-        assert_eq!(s.state(1), PageState::Stale);
-        assert_eq!(s.state(2), PageState::FetchingUnknown);
-        assert_eq!(s.state(3), PageState::Fresh);
-        assert_eq!(s.claim(4), Some(PageState::Stale));
-        assert_eq!(s.claim(0), None, "fresh pages are never fetched");
-    }
-
-    #[test]
-    fn fresh_runs_skip_holes_and_other_states() {
-        let s = PageStates::new(8);
-        for p in [0, 1, 2, 4, 5, 7] {
-            s.set_present(p);
-        }
-        s.apply_final_bitmap(&[5]);
-        assert_eq!(s.fresh_present_runs(), vec![(0, 3), (4, 5), (7, 8)]);
-    }
-}
+mod tests;

@@ -1,5 +1,10 @@
 //! The target agent's gRPC server: `pageserver.v1.MigrationTarget` (status
 //! and switchover), gRPC health, and reflection (v1 and v1alpha).
+//!
+//! Health follows the migration: the server (`""`) and
+//! `pageserver.v1.MigrationTarget` are SERVING until the migration fails,
+//! then NOT_SERVING for good (a Kubernetes probe, an orchestrator or an
+//! operator with grpcurl sees it without reading the status).
 #![forbid(unsafe_code)]
 
 use std::future::Future;
@@ -7,14 +12,20 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use pageserver_proto::v1::migration_target_server::{MigrationTarget, MigrationTargetServer};
-use pageserver_proto::v1::{GetStatusRequest, LatencySummary, MigrationStatus, SwitchoverReply, SwitchoverRequest};
+use pageserver_proto::v1::{
+    FaultsBlocked, GetStatusRequest, LatencySummary, MigrationPhase, MigrationStatus, PageCounts, SwitchoverReply,
+    SwitchoverRequest,
+};
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status};
+use tonic_health::ServingStatus;
 
 use crate::agent::TargetAgent;
-use crate::page_state::PageState;
-use crate::stats::FaultKind;
+use crate::phase::Phase;
+use crate::stats::{BlockReason, FaultKind};
+
+/// The MigrationTarget's full name, as the health service knows it.
+pub const MIGRATION_TARGET_SERVICE: &str = "pageserver.v1.MigrationTarget";
 
 #[derive(Debug, Clone)]
 pub struct TargetService {
@@ -26,8 +37,8 @@ pub fn status(agent: &TargetAgent) -> MigrationStatus {
     let s = &agent.stats;
     let ld = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
     let mut st = MigrationStatus {
-        phase: s.phase().name().to_string(),
-        error: s.error.lock().map(|e| e.clone()).unwrap_or_default(),
+        phase: MigrationPhase::from(agent.phase.get()) as i32,
+        error: agent.phase.error().unwrap_or_default(),
         precopy_rounds: ld(&s.precopy_rounds) as u32,
         pages_sent_precopy: ld(&s.pages_sent_precopy),
         dirty_pages_per_round: s.dirty_pages_per_round.lock().map(|v| v.clone()).unwrap_or_default(),
@@ -35,29 +46,32 @@ pub fn status(agent: &TargetAgent) -> MigrationStatus {
         pages_marked_stale: ld(&s.pages_marked_stale),
         final_bitmap_applied: s.final_bitmap_applied.load(Ordering::Acquire),
         faults_total: ld(&s.faults_total),
-        faults_fresh: ld(&s.faults_fresh),
-        faults_fetched: ld(&s.faults_fetched),
-        faults_missing: ld(&s.faults_missing),
+        faults_fresh: s.faults_of(FaultKind::Fresh),
+        faults_fetched: s.faults_of(FaultKind::Fetched),
+        faults_missing: s.faults_of(FaultKind::Missing),
         faults_missing_fetched: ld(&s.faults_missing_fetched),
         faults_unknown: ld(&s.faults_unknown),
         pages_fetched_on_demand: ld(&s.pages_fetched_on_demand),
         pages_fetched_background: ld(&s.pages_fetched_background),
         pages_fetched_unknown: ld(&s.pages_fetched_unknown),
-        pages_fetched_twice: ld(&s.pages_fetched_twice),
         pages_installed_bulk: ld(&s.pages_installed_bulk),
         bytes_received: ld(&s.bytes_received),
+        faults_blocked: Some(FaultsBlocked {
+            outside_regions: s.faults_blocked(BlockReason::OutsideRegions),
+            install_failed: s.faults_blocked(BlockReason::InstallFailed),
+            source_refused: s.faults_blocked(BlockReason::SourceRefused),
+            fault_loop_stopped: s.faults_blocked(BlockReason::FaultLoopStopped),
+        }),
         ..Default::default()
     };
     if let Some(guest) = agent.guest.get() {
         st.page_size = guest.page_size();
         st.total_pages = guest.layout.total_pages();
-        let counts = guest.states.counts();
-        for state in PageState::ALL {
-            st.pages_by_state.insert(state.name().to_string(), counts[state as usize]);
-        }
+        let [unknown, fresh, stale, fetching_unknown, fetching_stale, installed] = guest.states.counts();
+        st.pages_by_state = Some(PageCounts { unknown, fresh, stale, fetching_unknown, fetching_stale, installed });
     }
     for kind in FaultKind::ALL {
-        let sum = s.fault_latency[kind as usize].summary();
+        let sum = s.fault_latency_of(kind).summary();
         st.fault_latency.insert(
             kind.name().to_string(),
             LatencySummary { count: sum.count, p50_us: sum.p50_us, p99_us: sum.p99_us, max_us: sum.max_us },
@@ -72,37 +86,38 @@ impl MigrationTarget for TargetService {
         Ok(Response::new(status(&self.agent)))
     }
 
-    async fn switchover(&self, req: Request<SwitchoverRequest>) -> Result<Response<SwitchoverReply>, Status> {
-        match self.agent.request_switchover(req.into_inner()) {
-            Ok(phase) => Ok(Response::new(SwitchoverReply { phase: phase.name().to_string() })),
+    async fn switchover(&self, _req: Request<SwitchoverRequest>) -> Result<Response<SwitchoverReply>, Status> {
+        match self.agent.request_switchover() {
+            Ok(phase) => Ok(Response::new(SwitchoverReply { phase: MigrationPhase::from(phase) as i32 })),
             Err(why) => Err(Status::failed_precondition(why)),
         }
     }
 }
 
-/// Serves the target agent's gRPC API on `listener` until `shutdown`.
+/// Serves the target agent's gRPC API on `listener` until `shutdown`, then
+/// finishes the calls under way.
 pub async fn serve(
     listener: TcpListener,
     agent: Arc<TargetAgent>,
     shutdown: impl Future<Output = ()>,
-) -> Result<(), tonic::transport::Error> {
-    let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter.set_serving::<MigrationTargetServer<TargetService>>().await;
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pageserver_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .expect("the embedded descriptor sets are valid");
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pageserver_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()
-        .expect("the embedded descriptor sets are valid");
-    tonic::transport::Server::builder()
-        .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(MigrationTargetServer::new(TargetService { agent }))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-        .await
+) -> Result<(), pageserver_agent_shell::ServeError> {
+    use pageserver_agent_shell::{grpc_router, serve_router, set_health};
+
+    let (router, health) = grpc_router(tonic::transport::Server::builder())?;
+    let mut phase = agent.phase.subscribe();
+    let following_the_phase = async move {
+        loop {
+            let serving = if *phase.borrow_and_update() == Phase::Failed {
+                ServingStatus::NotServing
+            } else {
+                ServingStatus::Serving
+            };
+            set_health(&health, MIGRATION_TARGET_SERVICE, serving).await;
+            if phase.changed().await.is_err() {
+                return;
+            }
+        }
+    };
+    let router = router.add_service(MigrationTargetServer::new(TargetService { agent }));
+    serve_router(router, listener, shutdown, following_the_phase).await
 }

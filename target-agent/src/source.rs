@@ -3,8 +3,12 @@
 //! streams.
 //!
 //! Demand fetches and background transfers use separate connections (see
-//! [`connect`]), so a page a vCPU waits for never queues behind bulk data
-//! (DESIGN.md rule 4).
+//! [`connect`]), so a page a vCPU waits for never queues behind bulk data.
+//!
+//! Nothing the source sends is trusted further than [`check_reply`] allows:
+//! a reply must answer exactly the pages its request asked for, each of the
+//! page size or flagged zero, or it is [`SourceError::BadReply`] and nothing
+//! of it is written anywhere.
 #![forbid(unsafe_code)]
 
 use std::collections::{HashMap, VecDeque};
@@ -13,7 +17,7 @@ use std::time::Duration;
 use guest_memory::GuestLayout;
 use pageserver_proto::bitmap::{BitmapDecoder, BitmapError};
 use pageserver_proto::v1::page_server_client::PageServerClient;
-use pageserver_proto::v1::{DirtyBitmapRequest, GetLayoutRequest, Layout, PagesReply, PagesRequest};
+use pageserver_proto::v1::{DirtyBitmapRequest, GetLayoutRequest, Layout, Page, PagesReply, PagesRequest};
 use pageserver_proto::{MAX_MESSAGE_BYTES, MAX_REQUEST_BYTES};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -39,6 +43,8 @@ pub enum SourceError {
     Rpc { rpc: &'static str, status: tonic::Status },
     #[error("source refused request {request_id}: code {code}: {message}")]
     Refused { request_id: u64, code: i32, message: String },
+    #[error("the source's reply to request {request_id} does not answer it: {why}")]
+    BadReply { request_id: u64, why: String },
     #[error("the source's layout does not match the target's: {0}")]
     LayoutMismatch(String),
     #[error("malformed bitmap from the source: {0}")]
@@ -59,7 +65,10 @@ impl SourceError {
                 status.code(),
                 Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded | Code::Internal
             ),
-            SourceError::Refused { .. } | SourceError::LayoutMismatch(_) | SourceError::BadBitmap(_) => true,
+            SourceError::Refused { .. }
+            | SourceError::BadReply { .. }
+            | SourceError::LayoutMismatch(_)
+            | SourceError::BadBitmap(_) => true,
         }
     }
 }
@@ -155,29 +164,75 @@ pub fn batch_requests(layout: &GuestLayout, pages: &[u64], first_id: u64) -> Vec
     out
 }
 
+/// Checks that `reply` answers `request` exactly: no error, `count` pages of
+/// the request's region, each index of the request once, each page's data
+/// exactly `page_size` bytes or flagged zero with no data. Returns the pages
+/// sorted by index.
+pub fn check_reply(request: &PagesRequest, reply: PagesReply, page_size: u64) -> Result<Vec<Page>, SourceError> {
+    let request_id = reply.request_id;
+    let bad = |why: String| Err(SourceError::BadReply { request_id, why });
+    if let Some(error) = reply.error {
+        return Err(SourceError::Refused { request_id, code: error.code, message: error.message });
+    }
+    if request_id != request.request_id {
+        return bad(format!("it answers request {request_id} instead of {}", request.request_id));
+    }
+    let mut pages = reply.pages;
+    if pages.len() != request.count as usize {
+        return bad(format!("{} pages for a request of {}", pages.len(), request.count));
+    }
+    pages.sort_unstable_by_key(|p| p.index);
+    for (expected, page) in (request.first_index..).zip(&pages) {
+        if page.region != request.region || page.index != expected {
+            return bad(format!(
+                "page ({}, {}) where ({}, {expected}) was asked for",
+                page.region, page.index, request.region
+            ));
+        }
+        let len = page.data.len() as u64;
+        if (page.zero && len != 0) || (!page.zero && len != page_size) {
+            return bad(format!("page {}: {len} bytes (zero: {}), page size {page_size}", page.index, page.zero));
+        }
+    }
+    Ok(pages)
+}
+
+/// Why a windowed page stream stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum WindowError<E> {
+    /// The source: the stream broke, or it refused or botched a request.
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    /// The caller's handling of a reply failed (e.g. a local install).
+    #[error(transparent)]
+    Reply(E),
+}
+
 /// Runs requests over one GetPages stream with at most `window` in flight,
-/// handing each reply to `on_reply`. `next` is asked for another request
-/// whenever a slot frees, so a caller can choose late (e.g. near recent
-/// faults). On a broken stream the unanswered requests are returned in the
-/// error path via `unanswered`, so the caller can retry them.
-pub async fn run_window(
+/// handing the pages of each reply ([`check_reply`]ed), with its request and
+/// the caller's ticket for it, to `on_reply`. `next` is asked for another request whenever a slot frees, so
+/// a caller can choose late (e.g. near recent faults). When the stream
+/// stops for any reason, the requests not answered yet (with their tickets)
+/// are in `unanswered`, for the caller to retry or give up on.
+pub async fn run_window<T, E>(
     client: &mut Client,
     window: usize,
-    mut next: impl FnMut() -> Option<PagesRequest>,
-    mut on_reply: impl FnMut(PagesReply) -> Result<(), SourceError>,
-    unanswered: &mut VecDeque<PagesRequest>,
-) -> Result<(), SourceError> {
+    page_size: u64,
+    mut next: impl FnMut() -> Option<(PagesRequest, T)>,
+    mut on_reply: impl FnMut(PagesRequest, Vec<Page>, T) -> Result<(), E>,
+    unanswered: &mut VecDeque<(PagesRequest, T)>,
+) -> Result<(), WindowError<E>> {
     let (tx, rx) = mpsc::channel::<PagesRequest>(window.max(1));
     let rpc = |status| SourceError::Rpc { rpc: "GetPages", status };
-    let mut in_flight: HashMap<u64, PagesRequest> = HashMap::new();
+    let mut in_flight: HashMap<u64, (PagesRequest, T)> = HashMap::new();
     let mut exhausted = false;
     // Fill the window before opening the stream so the first requests go
     // out with the headers.
     while in_flight.len() < window {
         match unanswered.pop_front().or_else(&mut next) {
-            Some(req) => {
-                in_flight.insert(req.request_id, req);
-                let _ = tx.try_send(req);
+            Some((request, ticket)) => {
+                let _ = tx.try_send(request);
+                in_flight.insert(request.request_id, (request, ticket));
             }
             None => {
                 exhausted = true;
@@ -188,28 +243,29 @@ pub async fn run_window(
     if in_flight.is_empty() {
         return Ok(());
     }
-    let result: Result<(), SourceError> = async {
+    let result: Result<(), WindowError<E>> = async {
         let mut replies = client.get_pages(ReceiverStream::new(rx)).await.map_err(rpc)?.into_inner();
         while !in_flight.is_empty() {
             let Some(reply) = replies.message().await.map_err(rpc)? else {
-                return Err(SourceError::StreamEnded(in_flight.len()));
+                return Err(SourceError::StreamEnded(in_flight.len()).into());
             };
-            if let Some(err) = &reply.error {
-                return Err(SourceError::Refused {
-                    request_id: reply.request_id,
-                    code: err.code,
-                    message: err.message.clone(),
-                });
-            }
             let id = reply.request_id;
-            on_reply(reply)?;
-            in_flight.remove(&id);
+            let Some((request, ticket)) = in_flight.remove(&id) else {
+                return Err(SourceError::BadReply { request_id: id, why: "no such request is in flight".into() }.into());
+            };
+            match check_reply(&request, reply, page_size) {
+                Ok(pages) => on_reply(request, pages, ticket).map_err(WindowError::Reply)?,
+                Err(refused_or_bad) => {
+                    in_flight.insert(id, (request, ticket));
+                    return Err(refused_or_bad.into());
+                }
+            }
             while !exhausted && in_flight.len() < window {
                 match unanswered.pop_front().or_else(&mut next) {
-                    Some(req) => {
-                        in_flight.insert(req.request_id, req);
-                        if tx.send(req).await.is_err() {
-                            return Err(SourceError::StreamEnded(in_flight.len()));
+                    Some((request, ticket)) => {
+                        in_flight.insert(request.request_id, (request, ticket));
+                        if tx.send(request).await.is_err() {
+                            return Err(SourceError::StreamEnded(in_flight.len()).into());
                         }
                     }
                     None => exhausted = true,

@@ -10,6 +10,11 @@
 //! The stale pull claims pages (so a fault on one waits for it rather than
 //! fetching it twice) in small batches near the guest's latest fault, with a
 //! small window, so a fault that joins a background fetch waits little.
+//!
+//! Both retry a broken stream, and a request the source refuses or botches,
+//! under [`TRANSFER_RETRY`], resending what was not answered (the claims
+//! travel with their requests); once that gives up, the migration fails.
+//! A local failure (writing or mapping a page) fails it at once.
 #![forbid(unsafe_code)]
 
 use std::collections::VecDeque;
@@ -17,13 +22,13 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use pageserver_proto::v1::{PagesReply, PagesRequest};
+use pageserver_backoff::BackoffPolicy;
+use pageserver_proto::v1::{Page, PagesRequest};
 
 use crate::fault_loop::FaultHint;
-use crate::guest::{FetchOrigin, GuestMemory, InstallError};
-use crate::page_state::PageState;
-use crate::source::{self, Client, SourceError};
-use crate::stats::TargetStats;
+use crate::guest::{GuestMemory, InstallError};
+use crate::page_state::{Claim, FetchOrigin, PageState};
+use crate::source::{self, Client, SourceError, WindowError};
 
 /// Requests in flight on the background connection during pre-copy.
 const PRECOPY_WINDOW: usize = 16;
@@ -31,54 +36,74 @@ const PRECOPY_WINDOW: usize = 16;
 /// fault that joins a background fetch waits for at most about this much.
 const PULL_REQUEST_BYTES: u64 = 64 << 10;
 const PULL_WINDOW_BYTES: u64 = 512 << 10;
-const RETRIES: u32 = 8;
+
+/// Retrying a bulk transfer after the stream broke or the source refused a
+/// request: eight times over about ten seconds.
+pub const TRANSFER_RETRY: BackoffPolicy = BackoffPolicy {
+    initial: Duration::from_millis(50),
+    max: Duration::from_secs(2),
+    max_attempts: Some(8),
+    jitter: true,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransferError {
-    #[error(transparent)]
-    Source(#[from] SourceError),
-    #[error(transparent)]
-    Install(#[from] InstallError),
-}
-
-fn store_reply(guest: &GuestMemory, reply: PagesReply, origin: Option<FetchOrigin>) -> Result<(), SourceError> {
-    for p in reply.pages {
-        let page = guest.layout.global_page(p.region, p.index).map_err(|e| SourceError::BadBitmap(e.to_string()))?;
-        let r = match origin {
-            None => guest.store_precopy(page, p.zero, &p.data),
-            Some(origin) => guest.install_fetched(page, p.zero, &p.data, origin),
-        };
-        r.map_err(|e| SourceError::Refused { request_id: reply.request_id, code: 13, message: e.to_string() })?;
-    }
-    Ok(())
+    #[error("{what}: {attempts} attempts failed")]
+    Source {
+        what: &'static str,
+        attempts: u32,
+        #[source]
+        last: SourceError,
+    },
+    #[error("{what}")]
+    Install {
+        what: &'static str,
+        #[source]
+        source: InstallError,
+    },
+    #[error("{what}")]
+    Bitmap {
+        what: &'static str,
+        #[source]
+        source: SourceError,
+    },
 }
 
 /// Runs `next`'s requests to completion, reconnecting and re-asking for the
-/// unanswered ones when the stream breaks.
-async fn run_with_retries(
-    stats: &TargetStats,
+/// unanswered ones (with their tickets) when the stream breaks or the source
+/// refuses one, until [`TRANSFER_RETRY`] gives up.
+async fn run_with_retries<T>(
+    guest: &GuestMemory,
     client: &mut Client,
     url: &str,
     window: usize,
-    mut next: impl FnMut() -> Option<PagesRequest>,
-    mut on_reply: impl FnMut(PagesReply) -> Result<(), SourceError>,
-) -> Result<(), SourceError> {
+    what: &'static str,
+    mut next: impl FnMut() -> Option<(PagesRequest, T)>,
+    mut on_reply: impl FnMut(PagesRequest, Vec<Page>, T) -> Result<(), InstallError>,
+) -> Result<(), TransferError> {
+    let stats = &guest.stats;
     let mut unanswered = VecDeque::new();
-    let mut attempt = 0;
+    let mut retry = TRANSFER_RETRY.start();
     loop {
-        let result = source::run_window(client, window, &mut next, &mut on_reply, &mut unanswered).await;
-        stats.note_source_call(&result);
+        let result =
+            source::run_window(client, window, guest.page_size(), &mut next, &mut on_reply, &mut unanswered).await;
         match result {
-            Ok(()) => return Ok(()),
-            Err(e @ (SourceError::Refused { .. } | SourceError::BadBitmap(_))) => return Err(e),
-            Err(e) if attempt >= RETRIES => return Err(e),
-            Err(e) => {
-                attempt += 1;
+            Ok(()) => {
+                stats.source_up.store(true, Ordering::Relaxed);
+                return Ok(());
+            }
+            Err(WindowError::Reply(source)) => return Err(TransferError::Install { what, source }),
+            Err(WindowError::Source(error)) => {
+                stats.source_up.store(error.source_answered(), Ordering::Relaxed);
+                let Ok(delay) = retry.next_delay() else {
+                    return Err(TransferError::Source { what, attempts: retry.failures(), last: error });
+                };
                 tracing::warn!(
-                    "page stream broke ({e}); retry {attempt} with {} requests outstanding",
+                    "{what}: {error}; retry {} in {delay:?} with {} requests unanswered",
+                    retry.failures(),
                     unanswered.len()
                 );
-                tokio::time::sleep(Duration::from_millis(50 << attempt.min(5))).await;
+                tokio::time::sleep(delay).await;
                 let connected = source::connect(url).await;
                 stats.note_source_call(&connected);
                 if let Ok(c) = connected {
@@ -102,12 +127,26 @@ pub async fn precopy(
     for round in 0..max_rounds.max(1) {
         let dirty = source::get_dirty_pages(client, &guest.layout, since, false).await;
         stats.note_source_call(&dirty);
-        let dirty = dirty?;
+        let dirty = dirty.map_err(|source| TransferError::Bitmap { what: "a pre-copy dirty bitmap", source })?;
         let count = dirty.pages.len();
         tracing::info!("pre-copy round {round}: {count} dirty pages since epoch {since}");
-        let requests = source::batch_requests(&guest.layout, &dirty.pages, 0);
-        let mut it = requests.into_iter();
-        run_with_retries(stats, client, url, PRECOPY_WINDOW, || it.next(), |r| store_reply(guest, r, None)).await?;
+        let mut requests = source::batch_requests(&guest.layout, &dirty.pages, 0).into_iter();
+        run_with_retries(
+            guest,
+            client,
+            url,
+            PRECOPY_WINDOW,
+            "pre-copy",
+            || requests.next().map(|r| (r, ())),
+            |request, pages, ()| {
+                let first = guest.layout.global_page(request.region, request.first_index)?;
+                for (page, content) in (first..).zip(&pages) {
+                    guest.store_precopy(page, content);
+                }
+                Ok(())
+            },
+        )
+        .await?;
         if let Ok(mut v) = stats.dirty_pages_per_round.lock() {
             v.push(count as u64);
         }
@@ -124,7 +163,7 @@ pub async fn precopy(
 }
 
 /// Chooses the next background request: stale pages near the latest fault,
-/// claimed before they are asked for.
+/// claimed before they are asked for (the claims travel with the request).
 struct StalePicker<'a> {
     guest: &'a GuestMemory,
     stale: Vec<u64>,
@@ -136,7 +175,7 @@ struct StalePicker<'a> {
 }
 
 impl StalePicker<'_> {
-    fn next(&mut self) -> Option<PagesRequest> {
+    fn next(&mut self) -> Option<(PagesRequest, Vec<Claim>)> {
         let states = &self.guest.states;
         let hint = self.hint.last_fault_page.load(Ordering::Relaxed);
         if hint != self.last_hint {
@@ -152,21 +191,21 @@ impl StalePicker<'_> {
             }
             let first = self.stale[self.cursor];
             self.cursor += 1;
-            if states.claim(first) != Some(PageState::Stale) {
-                continue;
-            }
+            let Some(claim) = states.claim(first, FetchOrigin::Background) else { continue };
             let (region, index) = self.guest.layout.locate(first);
-            let mut count = 1u64;
-            while count < self.batch
-                && self.stale.get(self.cursor) == Some(&(first + count))
-                && self.guest.layout.locate(first + count).0 == region
-                && states.claim(first + count) == Some(PageState::Stale)
+            let mut claims = vec![claim];
+            while (claims.len() as u64) < self.batch
+                && self.stale.get(self.cursor) == Some(&(first + claims.len() as u64))
+                && self.guest.layout.locate(first + claims.len() as u64).0 == region
             {
-                count += 1;
+                let Some(claim) = states.claim(first + claims.len() as u64, FetchOrigin::Background) else { break };
+                claims.push(claim);
                 self.cursor += 1;
             }
             self.next_id += 1;
-            return Some(PagesRequest { request_id: self.next_id, region, first_index: index, count: count as u32 });
+            let request =
+                PagesRequest { request_id: self.next_id, region, first_index: index, count: claims.len() as u32 };
+            return Some((request, claims));
         }
         None
     }
@@ -184,16 +223,21 @@ pub async fn pull_stale(
     let window = (PULL_WINDOW_BYTES / (batch * guest.page_size())).max(1) as usize;
     let mut picker =
         StalePicker { guest: &guest, stale, cursor: 0, last_hint: u64::MAX, hint: &hint, batch, next_id: 0 };
-    let g = guest.clone();
-    let stats = guest.stats.clone();
+    let installer = guest.clone();
     run_with_retries(
-        &stats,
+        &guest,
         client,
         url,
         window,
+        "the background pull",
         || picker.next(),
-        |r| store_reply(&g, r, Some(FetchOrigin::Background)),
+        |_request, pages, claims| {
+            // check_reply sorted the pages to match the request: one claim each.
+            for (claim, content) in claims.into_iter().zip(&pages) {
+                installer.install_fetched(claim, content)?;
+            }
+            Ok(())
+        },
     )
-    .await?;
-    Ok(())
+    .await
 }

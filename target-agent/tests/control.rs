@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use guest_memory::RegionLayout;
 use guest_memory::handoff::{FdKind, HANDOFF_VERSION, HandoffError, HandoffMessage, Role, send_handoff};
-use guest_memory::sys::{self, MemoryMap, Userfaultfd, uffd_flags};
+use guest_memory::{MemoryMap, Userfaultfd, memfile};
 use pageserver_proto::v1::migration_target_client::MigrationTargetClient;
-use pageserver_proto::v1::{GetStatusRequest, SwitchoverRequest};
+use pageserver_proto::v1::{GetStatusRequest, MigrationPhase, SwitchoverRequest};
 use target_agent::agent::{TargetAgent, TargetConfig};
 
 struct Running {
@@ -36,7 +36,7 @@ async fn start(name: &str) -> Running {
         handoff_socket: socket.clone(),
         vm: "test-vm".into(),
         max_precopy_rounds: 4,
-        withhold_stale_pages: 0,
+        hooks: Default::default(),
     });
     tokio::spawn(agent.clone().run());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -56,7 +56,7 @@ async fn start(name: &str) -> Running {
 async fn switchover_before_the_handoff_is_refused() {
     let mut t = start("early").await;
     let status = t.client.get_status(GetStatusRequest {}).await.expect("GetStatus").into_inner();
-    assert_eq!(status.phase, "waiting-for-handoff");
+    assert_eq!(status.phase(), MigrationPhase::WaitingForHandoff);
     let err = t.client.switchover(SwitchoverRequest::default()).await.expect_err("Switchover must be refused");
     assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err}");
     assert!(err.message().contains("hand-off"), "{err}");
@@ -65,12 +65,11 @@ async fn switchover_before_the_handoff_is_refused() {
 /// A target VMM's memory, registered MINOR|MISSING like the real thing.
 fn target_vmm(pages: u64) -> (std::os::fd::OwnedFd, MemoryMap, Userfaultfd) {
     let len = pages * 4096;
-    let memfd = sys::memfd_create("target-test", false).expect("memfd");
-    sys::ftruncate(memfd.as_fd(), len).expect("ftruncate");
+    let memfd = memfile::memfd_create("target-test", false).expect("memfd");
+    memfile::ftruncate(memfd.as_fd(), len).expect("ftruncate");
     let map = MemoryMap::map(memfd.as_fd(), 0, len as usize, true).expect("mmap");
-    let uffd = Userfaultfd::new(false).expect("userfaultfd");
-    uffd.api(uffd_flags::FEATURE_MINOR_SHMEM | uffd_flags::FEATURE_MISSING_SHMEM).expect("UFFDIO_API");
-    uffd.register(map.addr(), len, uffd_flags::MODE_MINOR | uffd_flags::MODE_MISSING).expect("register");
+    let region = RegionLayout { base_host_virt_addr: map.addr(), size: len, offset: 0, page_size: 4096 };
+    let uffd = Userfaultfd::for_role(Role::Target, &region).expect("a MINOR|MISSING userfaultfd");
     (memfd, map, uffd)
 }
 
@@ -112,5 +111,5 @@ async fn malformed_handoffs_get_a_clear_refusal() {
     .expect("hand-off attempts");
     let mut client = t.client.clone();
     let status = client.get_status(GetStatusRequest {}).await.expect("GetStatus").into_inner();
-    assert_eq!(status.phase, "waiting-for-handoff", "a refused hand-off must leave the agent waiting");
+    assert_eq!(status.phase(), MigrationPhase::WaitingForHandoff, "a refused hand-off must leave the agent waiting");
 }

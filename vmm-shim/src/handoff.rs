@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use guest_memory::handoff::{HANDOFF_VERSION, HandoffError, HandoffMessage, Role, send_handoff};
 use guest_memory::layout::{GuestLayout, LayoutError, RegionLayout};
-use guest_memory::sys::{UffdError, Userfaultfd, uffd_flags};
+use guest_memory::uffd::{UffdError, Userfaultfd};
 
 use crate::config::Config;
 use crate::sys;
@@ -22,8 +22,6 @@ use crate::sys;
 const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
 /// Pause between connection attempts while the agent is not listening.
 const CONNECT_RETRY: Duration = Duration::from_millis(50);
-/// Huge page size the layout accepts (hugetlbfs, 2 MiB).
-const HUGE_PAGE: u64 = 2 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HandoffFailure {
@@ -36,10 +34,10 @@ pub enum HandoffFailure {
         source: io::Error,
     },
     #[error(
-        "{step}: {source} (is userfaultfd allowed here? check vm.unprivileged_userfaultfd, seccomp and the kernel)"
+        "registering guest memory with a userfaultfd: {source} (is userfaultfd allowed here? check \
+         /dev/userfaultfd, vm.unprivileged_userfaultfd, seccomp and the kernel)"
     )]
     Uffd {
-        step: &'static str,
         #[source]
         source: UffdError,
     },
@@ -89,22 +87,7 @@ pub fn hand_off(config: &Config, region: Region) -> Result<Kept, HandoffFailure>
     GuestLayout::new(vec![layout])?;
     let memory = sys::dup_cloexec(region.fd).map_err(io_err("duplicating QEMU's guest-memory descriptor"))?;
 
-    let uffd = Userfaultfd::new(false).map_err(io_err("creating a userfaultfd"))?;
-    let uffd_step = |step| move |source| HandoffFailure::Uffd { step, source };
-    let hugetlb = layout.page_size >= HUGE_PAGE;
-    let (features, mode) = match config.role {
-        Role::Source => (uffd_flags::FEATURE_WP_ASYNC | uffd_flags::FEATURE_WP_HUGETLBFS_SHMEM, uffd_flags::MODE_WP),
-        Role::Target if hugetlb => (
-            uffd_flags::FEATURE_MINOR_HUGETLBFS | uffd_flags::FEATURE_MISSING_HUGETLBFS,
-            uffd_flags::MODE_MINOR | uffd_flags::MODE_MISSING,
-        ),
-        Role::Target => (
-            uffd_flags::FEATURE_MINOR_SHMEM | uffd_flags::FEATURE_MISSING_SHMEM,
-            uffd_flags::MODE_MINOR | uffd_flags::MODE_MISSING,
-        ),
-    };
-    uffd.api(features).map_err(uffd_step("UFFDIO_API"))?;
-    uffd.register(layout.base_host_virt_addr, layout.size, mode).map_err(uffd_step("UFFDIO_REGISTER"))?;
+    let uffd = Userfaultfd::for_role(config.role, &layout).map_err(|source| HandoffFailure::Uffd { source })?;
     let pagemap = match config.role {
         Role::Source => Some(File::open("/proc/self/pagemap").map_err(io_err("opening /proc/self/pagemap"))?),
         Role::Target => None,

@@ -1,6 +1,7 @@
 //! Every `unsafe` line of the shim: the load-time constructor, the
 //! interposed `mmap`/`mmap64`, the `dlsym(RTLD_NEXT)` lookup of the real
-//! ones, `fstat`/`dup` on QEMU's descriptors, `errno` and `_exit`.
+//! ones, borrowing QEMU's descriptors (for `fstat`/`dup` through `rustix`),
+//! `errno` and `_exit`.
 //!
 //! The interposers forward every call, unchanged, to the libc function of
 //! the same name and only then let [`crate::watch`] look at a successful
@@ -17,8 +18,7 @@
 
 use std::ffi::{CStr, c_int, c_void};
 use std::io;
-use std::mem::MaybeUninit;
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{BorrowedFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicPtr, Ordering};
 
 /// `mmap`'s and `mmap64`'s signature (identical on 64-bit glibc).
@@ -164,30 +164,28 @@ pub struct FileStat {
     pub size: u64,
 }
 
+/// Runs `f` on QEMU's descriptor `fd`, borrowed for the call.
+fn with_qemu_fd<T>(fd: RawFd, f: impl FnOnce(BorrowedFd<'_>) -> io::Result<T>) -> io::Result<T> {
+    if fd < 0 {
+        return Err(io::Error::from_raw_os_error(libc::EBADF));
+    }
+    // SAFETY: `fd` is the descriptor QEMU has just passed to mmap, which
+    // returned successfully, so it is open; it stays open while we use it:
+    // the shim runs inside QEMU's mmap call, on QEMU's calling thread.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+    f(borrowed)
+}
+
 /// fstat(2) of a descriptor the shim does not own (QEMU's).
 pub fn fstat(fd: RawFd) -> io::Result<FileStat> {
-    let mut st = MaybeUninit::<libc::stat64>::uninit();
-    // SAFETY: fstat64 writes a whole `stat64` into `st` on success and only
-    // reads the descriptor number; on an invalid one it fails with EBADF.
-    if unsafe { libc::fstat64(fd, st.as_mut_ptr()) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fstat64 succeeded, so `st` is initialised.
-    let st = unsafe { st.assume_init() };
+    let st = with_qemu_fd(fd, |fd| Ok(rustix::fs::fstat(fd)?))?;
     Ok(FileStat { dev: st.st_dev, ino: st.st_ino, blksize: st.st_blksize as u64, size: st.st_size as u64 })
 }
 
 /// A close-on-exec duplicate of one of QEMU's descriptors, owned by the shim
 /// (QEMU keeps and may close its own).
 pub fn dup_cloexec(fd: RawFd) -> io::Result<OwnedFd> {
-    // SAFETY: F_DUPFD_CLOEXEC creates a new descriptor (or fails) and does
-    // not affect `fd` itself.
-    let new = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
-    if new < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `new` was just created by fcntl and is owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(new) })
+    with_qemu_fd(fd, |fd| Ok(rustix::io::fcntl_dupfd_cloexec(fd, 0)?))
 }
 
 fn errno() -> c_int {

@@ -16,14 +16,13 @@
 mod support;
 
 use std::os::fd::AsFd;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{RecvTimeoutError, channel};
 use std::time::{Duration, Instant};
 
+use guest_memory::MemoryMap;
 use guest_memory::handoff::{HandoffError, Role, receive_handoff};
-use guest_memory::sys::{MemoryMap, UffdError, UffdEvent, Userfaultfd, set_nonblocking};
-use support::{FakeVmm, Finished, Listener, MemoryFile};
+use pageserver_test_support::{FaultServer, HandoffListener, PATIENCE, TempDir, written_pages};
+use support::{FakeVmm, Finished, MemoryFile};
 
 const VM: &str = "shim-test-vm";
 
@@ -49,23 +48,25 @@ fn assert_refused(finished: &Finished, needles: &[&str]) {
     }
 }
 
-/// Pages written since the last call (and write-protects them again).
-fn written_pages(pagemap: std::os::fd::BorrowedFd<'_>, base: u64, size: u64, page_size: u64) -> Vec<u64> {
-    guest_memory::written::written_pages(pagemap, base, size, page_size).expect("PAGEMAP_SCAN")
+/// A hand-off socket in a directory of its own (removed with the directory).
+fn listener() -> (TempDir, HandoffListener) {
+    let dir = TempDir::new("shim-handoff");
+    let listener = HandoffListener::bind(dir.join("handoff.sock"));
+    (dir, listener)
 }
 
 fn source_handoff_and_dirty_tracking(memory: MemoryFile) {
-    let listener = Listener::bind();
-    let socket = listener.path.to_str().unwrap().to_owned();
+    let (_dir, listener) = listener();
+    let socket = listener.path().to_str().unwrap().to_owned();
     let mut vm = FakeVmm::spawn(&memory, &[], &shim_env("source", &memory, &socket));
 
-    let handoff = receive_handoff(listener.accept(&mut vm), Role::Source).expect("a valid hand-off");
+    let handoff = receive_handoff(listener.accept(vm.process()), Role::Source).expect("a valid hand-off");
     let (addr, size) = vm.mapped();
     let region = handoff.layout.regions()[0];
     assert_eq!(handoff.layout.regions().len(), 1);
     assert_eq!((region.base_host_virt_addr, region.size, region.offset), (addr, memory.size, 0));
     assert_eq!((size, region.page_size), (memory.size, memory.page_size));
-    assert_eq!(handoff.message.pid, vm.child.id());
+    assert_eq!(handoff.message.pid, vm.process().id());
     assert_eq!(handoff.message.vm, VM);
 
     // Dirty tracking on the program's own address space, through the
@@ -95,7 +96,7 @@ fn source_handoff_and_dirty_tracking(memory: MemoryFile) {
         "the hand-off is logged: {}",
         finished.stderr
     );
-    assert_eq!(rx.recv_timeout(support::PATIENCE).unwrap(), Ok(None), "EOF when the VMM exits");
+    assert_eq!(rx.recv_timeout(PATIENCE).unwrap(), Ok(None), "EOF when the VMM exits");
 }
 
 #[test]
@@ -108,55 +109,23 @@ fn source_handoff_and_dirty_tracking_hugetlb() {
     source_handoff_and_dirty_tracking(MemoryFile::hugetlb(4));
 }
 
-#[derive(Default)]
-struct FaultCounts {
-    minor: AtomicU64,
-    missing: AtomicU64,
-}
-
 /// The first word of the pages the test "fetches" for MISSING faults.
 const FETCHED: u64 = 0xfe7c_0000_0000_0000;
 /// The first word of the page the test "pre-copies".
 const PRECOPIED: u64 = 0x9ec0_0000_0000_0000;
 
-/// Resolves the program's faults until `stop`: MINOR ones (the page is in
-/// the file) with UFFDIO_CONTINUE, MISSING ones (a hole) with UFFDIO_COPY.
-fn serve_faults(uffd: Userfaultfd, base: u64, page_size: u64, counts: Arc<FaultCounts>, stop: Arc<AtomicBool>) {
-    set_nonblocking(uffd.as_fd()).unwrap();
-    let mut events = [UffdEvent::Other { event: 0 }; 16];
-    let mut content = vec![0u8; page_size as usize];
-    while !stop.load(Ordering::Relaxed) {
-        let n = uffd.read_events(&mut events).expect("reading faults");
-        if n == 0 {
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        for event in &events[..n] {
-            let UffdEvent::PageFault(fault) = event else { panic!("unexpected {event:?}") };
-            let page = (fault.address - base) / page_size;
-            let addr = base + page * page_size;
-            let result = if fault.is_minor() {
-                counts.minor.fetch_add(1, Ordering::Relaxed);
-                uffd.continue_range(addr, page_size, true)
-            } else {
-                counts.missing.fetch_add(1, Ordering::Relaxed);
-                content[..8].copy_from_slice(&(FETCHED | page).to_ne_bytes());
-                uffd.copy(addr, &content, true)
-            };
-            match result {
-                Ok(_) => {}
-                Err(UffdError::Exists { .. }) => uffd.wake(addr, page_size).unwrap(),
-                Err(e) => panic!("resolving a fault on page {page}: {e}"),
-            }
-        }
-    }
+/// What the test "fetches" for a MISSING fault on `page`.
+fn fetched_page(page: u64, content: &mut [u8]) {
+    content.fill(0);
+    content[..8].copy_from_slice(&(FETCHED | page).to_ne_bytes());
 }
 
 fn target_handoff_and_faults(memory: MemoryFile) {
-    let listener = Listener::bind();
-    let socket = listener.path.to_str().unwrap().to_owned();
+    let (_dir, listener) = listener();
+    let socket = listener.path().to_str().unwrap().to_owned();
     let mut vm = FakeVmm::spawn(&memory, &[], &shim_env("target", &memory, &socket));
 
-    let handoff = receive_handoff(listener.accept(&mut vm), Role::Target).expect("a valid hand-off");
+    let handoff = receive_handoff(listener.accept(vm.process()), Role::Target).expect("a valid hand-off");
     let (addr, size) = vm.mapped();
     let region = handoff.layout.regions()[0];
     assert_eq!((region.base_host_virt_addr, region.size, region.offset), (addr, memory.size, 0));
@@ -168,29 +137,24 @@ fn target_handoff_and_faults(memory: MemoryFile) {
     let page_bytes = memory.page_size as usize;
     agent_map.write_u64(page_bytes, PRECOPIED | 1);
 
-    let counts = Arc::new(FaultCounts::default());
-    let stop = Arc::new(AtomicBool::new(false));
-    let handler = {
-        let (uffd, counts, stop, page_size) = (handoff.uffd, counts.clone(), stop.clone(), memory.page_size);
-        std::thread::spawn(move || serve_faults(uffd, addr, page_size, counts, stop))
-    };
+    // MINOR faults are continued, MISSING ones get `fetched_page`.
+    let faults = FaultServer::start(handoff.uffd, region, fetched_page);
 
     // A pre-copied page raises a MINOR fault, a hole a MISSING one; the
     // program sees what the handler decided.
     assert_eq!(vm.request("read 1"), format!("read 1 {:#x}", PRECOPIED | 1));
-    assert_eq!(counts.minor.load(Ordering::Relaxed), 1, "the pre-copied page raised a MINOR fault");
+    assert_eq!(faults.minor_faults(), 1, "the pre-copied page raised a MINOR fault");
     assert_eq!(vm.request("read 3"), format!("read 3 {:#x}", FETCHED | 3));
-    assert_eq!(counts.missing.load(Ordering::Relaxed), 1, "the hole raised a MISSING fault");
+    assert_eq!(faults.missing_faults(), 1, "the hole raised a MISSING fault");
     // Installed pages are ordinary shared memory again.
     assert_eq!(vm.request("write 1"), "written 1");
     assert_eq!(agent_map.read_u64(page_bytes), written_word(1));
     assert_eq!(vm.request("read 1"), format!("read 1 {:#x}", written_word(1)));
-    assert_eq!(counts.minor.load(Ordering::Relaxed) + counts.missing.load(Ordering::Relaxed), 2);
+    assert_eq!(faults.minor_faults() + faults.missing_faults(), 2);
 
     assert_eq!(vm.request("quit"), "done");
     let finished = vm.finish();
-    stop.store(true, Ordering::Relaxed);
-    handler.join().unwrap();
+    faults.stop();
     assert!(finished.status.success(), "{finished:?}");
     let page_size = memory.page_size;
     assert!(
@@ -215,10 +179,10 @@ fn target_handoff_and_faults_hugetlb() {
 #[test]
 fn plain_mmap_is_interposed_too() {
     let memory = MemoryFile::shmem(4);
-    let listener = Listener::bind();
-    let socket = listener.path.to_str().unwrap().to_owned();
+    let (_dir, listener) = listener();
+    let socket = listener.path().to_str().unwrap().to_owned();
     let mut vm = FakeVmm::spawn(&memory, &["use-mmap"], &shim_env("target", &memory, &socket));
-    let handoff = receive_handoff(listener.accept(&mut vm), Role::Target).expect("a valid hand-off");
+    let handoff = receive_handoff(listener.accept(vm.process()), Role::Target).expect("a valid hand-off");
     let (addr, _) = vm.mapped();
     assert_eq!(handoff.layout.regions()[0].base_host_virt_addr, addr);
     assert!(vm.finish().status.success());
@@ -307,7 +271,8 @@ fn refuses_incomplete_configuration() {
 #[test]
 fn no_agent_listening_ends_the_vmm() {
     let memory = MemoryFile::shmem(4);
-    let socket = std::env::temp_dir().join(support::unique("absent.sock"));
+    let dir = TempDir::new("shim-no-agent");
+    let socket = dir.join("absent.sock");
     let socket = socket.to_str().unwrap();
     let mut env = shim_env("source", &memory, socket);
     env.push(("PAGESERVER_SHIM_CONNECT_TIMEOUT", "0.5"));
@@ -321,11 +286,11 @@ fn no_agent_listening_ends_the_vmm() {
 #[test]
 fn refused_handoff_ends_the_vmm() {
     let memory = MemoryFile::shmem(4);
-    let listener = Listener::bind();
-    let socket = listener.path.to_str().unwrap().to_owned();
+    let (_dir, listener) = listener();
+    let socket = listener.path().to_str().unwrap().to_owned();
     let mut vm = FakeVmm::spawn(&memory, &[], &shim_env("source", &memory, &socket));
     // This "agent" is a target agent: it refuses a source hand-off.
-    let refused = receive_handoff(listener.accept(&mut vm), Role::Target);
+    let refused = receive_handoff(listener.accept(vm.process()), Role::Target);
     assert!(matches!(refused, Err(HandoffError::WrongRole { .. })), "{refused:?}");
     let finished = vm.finish();
     assert_refused(&finished, &["agent refused the hand-off", "this agent is the Target"]);
@@ -335,10 +300,10 @@ fn refused_handoff_ends_the_vmm() {
 #[test]
 fn second_mapping_ends_the_vmm() {
     let memory = MemoryFile::shmem(4);
-    let listener = Listener::bind();
-    let socket = listener.path.to_str().unwrap().to_owned();
+    let (_dir, listener) = listener();
+    let socket = listener.path().to_str().unwrap().to_owned();
     let mut vm = FakeVmm::spawn(&memory, &[], &shim_env("source", &memory, &socket));
-    let _handoff = receive_handoff(listener.accept(&mut vm), Role::Source).expect("a valid hand-off");
+    let _handoff = receive_handoff(listener.accept(vm.process()), Role::Source).expect("a valid hand-off");
     let (addr, size) = vm.mapped();
     // The program dies inside its second mmap: no answer comes.
     vm.send("map-again");

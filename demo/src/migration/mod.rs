@@ -10,6 +10,12 @@
 //! runs; every page of the target is compared with the snapshot; the target
 //! agent reaches "complete"; optionally, both agents' final Prometheus
 //! metrics are saved (`metrics_dump`).
+//!
+//! If the target agent's migration fails after the switchover, its guest
+//! is frozen (faults nobody resolves): the report then says why
+//! (`failure`), what the agent's health and blocked faults are, and compares
+//! every page the frozen guest can see, which must still all be the
+//! source's content at pause.
 
 mod options;
 mod waits;
@@ -19,16 +25,20 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use pageserver_proto::v1::migration_target_client::MigrationTargetClient;
-use pageserver_proto::v1::{GetStatusRequest, SwitchoverRequest};
-use tonic::transport::Channel;
+use pageserver_proto::v1::{GetStatusRequest, MigrationStatus, SwitchoverRequest};
+use tonic::transport::{Channel, Endpoint};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
 
 pub use options::{MigrationError, MigrationOptions};
 
+use vmm_standin::StandinEvent;
+
 use crate::process::{Binaries, ChildProcess, ProcessError, WorkDir};
+use crate::progress::Progress;
 use crate::report::Report;
-use crate::status_watch::StatusWatch;
-use crate::vmm::protocol::StandinEvent;
-use waits::{connect, deadline, unless_failed, wait_for, wait_for_precopy, wait_for_state, wait_listening};
+use crate::status_watch::{Failure, StatusError, StatusWatch};
+use waits::{deadline, wait_for};
 
 /// Runs one migration and returns what it measured. A report whose
 /// verification failed is still `Ok`: see [`Report::verification_passed`].
@@ -39,19 +49,20 @@ pub async fn run_migration(opts: &MigrationOptions) -> Result<Report, MigrationE
     let _huge_pages = if opts.hugetlb {
         Some(
             crate::hugepages::reserve(2 * opts.memory_bytes.div_ceil(2 << 20) + 8)
-                .map_err(|e| MigrationError::InvalidOptions(e.to_string()))?,
+                .map_err(MigrationError::HugePages)?,
         )
     } else {
         None
     };
-    let binaries = Binaries::locate().await?;
+    let binaries = Binaries::locate()?;
     let work = WorkDir::create().map_err(MigrationError::WorkDir)?;
     let mut migration = Migration {
         opts,
         binaries,
         work: work.path(),
-        progress: Progress { started: Instant::now(), quiet: opts.quiet },
+        progress: Progress::start(opts.quiet),
         children: Children::default(),
+        target_channel: None,
         report: Report {
             guest_bytes: opts.memory_bytes,
             hugetlb: opts.hugetlb,
@@ -62,13 +73,23 @@ pub async fn run_migration(opts: &MigrationOptions) -> Result<Report, MigrationE
     };
     let result = migration.execute().await;
     let grace = if result.is_ok() { Duration::from_secs(5) } else { Duration::from_secs(1) };
-    migration.children.shut_down(grace).await;
+    migration.report.target_agent_exit_code = migration.children.shut_down(grace).await;
     if result.is_err() {
         migration.children.print_logs();
     }
     result?;
-    migration.report.total_seconds = migration.progress.started.elapsed().as_secs_f64();
+    migration.report.total_seconds = migration.progress.seconds();
     Ok(migration.report)
+}
+
+/// Which pages the target stand-in compares with the source's snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scope {
+    /// Every page (faulting in those not installed yet).
+    All,
+    /// Only the pages in its page tables: what a frozen guest can see,
+    /// without touching (and blocking on) the others.
+    Mapped,
 }
 
 /// The four processes, as far as they were started.
@@ -81,13 +102,20 @@ struct Children {
 }
 
 impl Children {
-    async fn shut_down(&mut self, grace: Duration) {
+    /// Stops every child; returns the target agent's exit code (see
+    /// [`ChildProcess::terminate`]).
+    async fn shut_down(&mut self, grace: Duration) -> Option<i32> {
         for vm in [&mut self.target_vm, &mut self.source_vm].into_iter().flatten() {
             vm.shut_down(Some("quit"), grace).await;
         }
-        for agent in [&mut self.target_agent, &mut self.source_agent].into_iter().flatten() {
-            agent.shut_down(None, Duration::ZERO).await;
+        let target_exit = match &mut self.target_agent {
+            Some(agent) => agent.terminate(grace).await,
+            None => None,
+        };
+        if let Some(agent) = &mut self.source_agent {
+            agent.terminate(grace).await;
         }
+        target_exit
     }
 
     fn print_logs(&self) {
@@ -98,27 +126,23 @@ impl Children {
 }
 
 /// The child in `slot`, which an earlier step started.
-fn running<'a>(slot: &'a mut Option<ChildProcess>, what: &str) -> Result<&'a mut ChildProcess, MigrationError> {
-    slot.as_mut().ok_or_else(|| MigrationError::AgentFailed(format!("internal error: the {what} was not started")))
+fn running<'a>(slot: &'a mut Option<ChildProcess>, what: &'static str) -> Result<&'a mut ChildProcess, MigrationError> {
+    slot.as_mut().ok_or(MigrationError::NotStarted(what))
 }
 
 fn spawn(name: &str, program: &Path, args: &[impl AsRef<OsStr>], work: &Path) -> Result<ChildProcess, ProcessError> {
     ChildProcess::spawn(name, program, args, work)
 }
 
-/// Progress lines on stdout, stamped with the time since the start.
-#[derive(Debug)]
-struct Progress {
-    started: Instant,
-    quiet: bool,
+/// The target agent's status, now.
+async fn get_status(client: &mut MigrationTargetClient<Channel>) -> Result<MigrationStatus, MigrationError> {
+    let reply = client.get_status(GetStatusRequest {}).await;
+    Ok(reply.map_err(|status| MigrationError::Rpc { call: "GetStatus", status: Box::new(status) })?.into_inner())
 }
 
-impl Progress {
-    fn say(&self, message: impl AsRef<str>) {
-        if !self.quiet {
-            println!("[{:7.2}s] {}", self.started.elapsed().as_secs_f64(), message.as_ref());
-        }
-    }
+async fn connect(addr: &str) -> Result<Channel, MigrationError> {
+    let error = |source| MigrationError::Connect { addr: addr.to_owned(), source };
+    Endpoint::from_shared(format!("http://{addr}")).map_err(error)?.connect().await.map_err(error)
 }
 
 /// One migration in progress.
@@ -129,6 +153,8 @@ struct Migration<'a> {
     progress: Progress,
     children: Children,
     report: Report,
+    /// The connection to the target agent (its status, and its health).
+    target_channel: Option<Channel>,
 }
 
 impl Migration<'_> {
@@ -138,10 +164,100 @@ impl Migration<'_> {
         let watch = StatusWatch::start(client.clone());
         self.precopy(&watch).await?;
         let paused = self.pause_and_switch_over(&client).await?;
-        self.run_target_guest(&watch, &client).await?;
-        self.verify(&watch).await?;
-        self.complete(&watch, client, paused).await?;
+        match self.postcopy(&watch, &client, paused).await {
+            Ok(()) => {}
+            Err(MigrationError::Status(StatusError::Failed(Failure::MigrationFailed { error }))) => {
+                self.failed_after_switchover(client, error).await?;
+            }
+            Err(error) => return Err(error),
+        }
         self.dump_metrics().await
+    }
+
+    /// The guest runs on the target, every page is verified, post-copy
+    /// completes.
+    async fn postcopy(
+        &mut self,
+        watch: &StatusWatch,
+        client: &MigrationTargetClient<Channel>,
+        paused: Instant,
+    ) -> Result<(), MigrationError> {
+        self.run_target_guest(watch, client).await?;
+        self.verify(watch).await?;
+        self.complete(watch, client.clone(), paused).await?;
+        self.report.target_health = self.target_health().await;
+        Ok(())
+    }
+
+    /// The target agent failed after the switchover: records why, its health
+    /// and final status, and verifies the pages the frozen guest can see.
+    async fn failed_after_switchover(
+        &mut self,
+        mut client: MigrationTargetClient<Channel>,
+        error: String,
+    ) -> Result<(), MigrationError> {
+        self.progress.say(format!("the target agent's migration FAILED: {error}"));
+        self.report.failure = Some(error);
+        let status = get_status(&mut client).await?;
+        self.apply_final_status(&status);
+        self.report.target_health = self.target_health().await;
+        let (mapped, mismatched) = self.compare_with_snapshot(Scope::Mapped).await?;
+        self.progress.say(format!(
+            "the guest is frozen; verified the {mapped} pages it can see: {mismatched} mismatched; target agent \
+             health {}",
+            self.report.target_health
+        ));
+        Ok(())
+    }
+
+    /// Has the target stand-in compare its memory with the source's snapshot
+    /// (once the source has written it), into the report. Returns the pages
+    /// compared and how many differed.
+    async fn compare_with_snapshot(&mut self, scope: Scope) -> Result<(u64, u64), MigrationError> {
+        let timeout = self.timeout();
+        let snapshot = self.path("snapshot");
+        let source_vm = running(&mut self.children.source_vm, "source VM")?;
+        let written = |e: &StandinEvent| matches!(e, StandinEvent::SnapshotWritten { .. }).then_some(());
+        wait_for(source_vm, "snapshot-written", deadline(timeout), written).await?;
+        let started = Instant::now();
+        let target_vm = running(&mut self.children.target_vm, "target VM")?;
+        let (command, answer) = match scope {
+            Scope::All => ("verify", "verified"),
+            Scope::Mapped => ("verify-mapped", "verified-mapped"),
+        };
+        target_vm.send(&format!("{command} {snapshot}")).await?;
+        let (pages, mismatched, first) = wait_for(target_vm, answer, deadline(timeout), |e| match e {
+            StandinEvent::Verified { verified_pages: pages, mismatched_pages, first_mismatches }
+            | StandinEvent::VerifiedMapped { mapped_pages: pages, mismatched_pages, first_mismatches } => {
+                Some((*pages, *mismatched_pages, first_mismatches.clone()))
+            }
+            _ => None,
+        })
+        .await?;
+        self.report.verify_seconds = started.elapsed().as_secs_f64();
+        self.report.verified_pages = pages;
+        self.report.mismatched_pages = mismatched;
+        self.report.first_mismatches = first;
+        Ok((pages, mismatched))
+    }
+
+    /// The target agent's gRPC health for the server as a whole (`SERVING`,
+    /// `NOT_SERVING`), or why it could not be asked.
+    async fn target_health(&self) -> String {
+        let Some(channel) = self.target_channel.clone() else { return "unknown (not connected)".to_owned() };
+        match HealthClient::new(channel).check(HealthCheckRequest { service: String::new() }).await {
+            Ok(reply) => reply.into_inner().status().as_str_name().to_owned(),
+            Err(status) => format!("unknown ({})", status.message()),
+        }
+    }
+
+    /// The target agent's final status into the report (the stand-in's
+    /// geometry is authoritative; the rest is the agent's).
+    fn apply_final_status(&mut self, status: &MigrationStatus) {
+        let (page_size, total_pages) = (self.report.page_size, self.report.total_pages);
+        self.report.apply_status(status);
+        self.report.page_size = page_size;
+        self.report.total_pages = total_pages;
     }
 
     /// Saves each agent's final `/metrics` text, if asked to.
@@ -201,7 +317,7 @@ impl Migration<'_> {
         ];
         let agent =
             self.children.source_agent.insert(spawn("source-agent", &self.binaries.source_agent, &args, self.work)?);
-        let addrs = wait_listening(agent, deadline(self.opts.phase_timeout)).await?;
+        let addrs = agent.wait_listening(deadline(self.opts.phase_timeout)).await?;
         self.progress
             .say(format!("source agent serving on {} (metrics: http://{}/metrics)", addrs.grpc, addrs.metrics));
         self.report.source_metrics_addr = addrs.metrics;
@@ -242,13 +358,13 @@ impl Migration<'_> {
             format!("--vm={}", self.opts.vm_name),
             format!("--max-precopy-rounds={}", self.opts.max_precopy_rounds),
         ];
-        if self.opts.withhold_stale_pages > 0 {
-            args.push(format!("--fault-injection-withhold-stale-pages={}", self.opts.withhold_stale_pages));
-        }
+        args.extend(self.opts.hooks.args());
         let agent =
             self.children.target_agent.insert(spawn("target-agent", &self.binaries.target_agent, &args, self.work)?);
-        let addrs = wait_listening(agent, deadline(self.opts.phase_timeout)).await?;
-        let client = connect(&addrs.grpc).await?;
+        let addrs = agent.wait_listening(deadline(self.opts.phase_timeout)).await?;
+        let channel = connect(&addrs.grpc).await?;
+        self.target_channel = Some(channel.clone());
+        let client = MigrationTargetClient::new(channel);
         self.progress
             .say(format!("target agent serving on {} (metrics: http://{}/metrics)", addrs.grpc, addrs.metrics));
         self.report.target_metrics_addr = addrs.metrics;
@@ -263,13 +379,15 @@ impl Migration<'_> {
         })
         .await?;
         self.progress.say("target VM handed its memory to the target agent");
-        self.report.setup_seconds = self.progress.started.elapsed().as_secs_f64();
+        self.report.setup_seconds = self.progress.seconds();
         Ok(client)
     }
 
     async fn precopy(&mut self, watch: &StatusWatch) -> Result<(), MigrationError> {
         let started = Instant::now();
-        wait_for_precopy(watch, deadline(self.opts.phase_timeout), self.timeout(), &self.progress).await?;
+        let progress = &self.progress;
+        let round_done = |round, dirty| progress.say(format!("pre-copy round {round}: {dirty} dirty pages"));
+        watch.wait_precopy_converged(self.timeout(), round_done).await?;
         self.report.precopy_seconds = started.elapsed().as_secs_f64();
         self.progress.say(format!("pre-copy converged after {:.2} s", self.report.precopy_seconds));
         Ok(())
@@ -303,20 +421,17 @@ impl Migration<'_> {
         self.report.paused_at_ns = at_ns;
         self.progress.say("source VM paused");
 
-        let request = SwitchoverRequest {
-            bitmap_after_faults: self.opts.bitmap_after_faults,
-            bitmap_delay_ms: self.opts.bitmap_delay_ms,
-        };
         let reply = client
             .clone()
-            .switchover(request)
+            .switchover(SwitchoverRequest {})
             .await
             .map_err(|status| MigrationError::Rpc { call: "Switchover", status: Box::new(status) })?
             .into_inner();
         self.report.switchover_rpc_ms = paused.elapsed().as_secs_f64() * 1e3;
         self.progress.say(format!(
-            "switchover: target agent in phase {:?} ({:.2} ms)",
-            reply.phase, self.report.switchover_rpc_ms
+            "switchover: target agent in phase {} ({:.2} ms)",
+            crate::status_watch::phase::name(reply.phase()),
+            self.report.switchover_rpc_ms
         ));
         Ok(paused)
     }
@@ -334,26 +449,26 @@ impl Migration<'_> {
             vm.send(&format!("touch {}", pages.join(" "))).await?;
             let touched =
                 wait_for(vm, "touched", deadline(timeout), |e| matches!(e, StandinEvent::Touched { .. }).then_some(()));
-            unless_failed(watch, touched).await?;
-            let status = client
-                .clone()
-                .get_status(GetStatusRequest {})
-                .await
-                .map_err(|status| MigrationError::Rpc { call: "GetStatus", status: Box::new(status) })?
-                .into_inner();
+            watch.unless_failed(touched).await?;
+            let status = get_status(&mut client.clone()).await?;
             self.report.status_after_touch = Some(crate::report::StatusAfterTouch::from(&status));
             self.progress
                 .say(format!("{} target vCPUs touched pages {:?}", self.opts.vcpus, self.opts.touch_after_resume));
         }
+        // `resumed` comes at once; `guest-done` when the run is over.
         vm.send("resume").await?;
-        let done =
-            wait_for(vm, "guest-done", deadline(timeout + Duration::from_millis(self.opts.run_ms)), |e| match e {
+        let run_deadline = deadline(timeout + Duration::from_millis(self.opts.run_ms));
+        let run = async {
+            wait_for(vm, "resumed", run_deadline, |e| matches!(e, StandinEvent::Resumed).then_some(())).await?;
+            wait_for(vm, "guest-done", run_deadline, |e| match e {
                 StandinEvent::GuestDone { first_access_done_ns, accesses, pages_written } => {
                     Some((*first_access_done_ns, *accesses, *pages_written))
                 }
                 _ => None,
-            });
-        let (first_access_done_ns, accesses, pages_written) = unless_failed(watch, done).await?;
+            })
+            .await
+        };
+        let (first_access_done_ns, accesses, pages_written) = watch.unless_failed(run).await?;
         let report = &mut self.report;
         report.first_access_done_ns = first_access_done_ns;
         report.downtime_ms = first_access_done_ns.saturating_sub(report.paused_at_ns) as f64 / 1e6;
@@ -368,27 +483,8 @@ impl Migration<'_> {
 
     /// Compares every page of the target with the source's snapshot.
     async fn verify(&mut self, watch: &StatusWatch) -> Result<(), MigrationError> {
-        let timeout = self.timeout();
-        let snapshot = self.path("snapshot");
-        let source_vm = running(&mut self.children.source_vm, "source VM")?;
-        let written = |e: &StandinEvent| matches!(e, StandinEvent::SnapshotWritten { .. }).then_some(());
-        wait_for(source_vm, "snapshot-written", deadline(timeout), written).await?;
-
-        let started = Instant::now();
-        let target_vm = running(&mut self.children.target_vm, "target VM")?;
-        target_vm.send(&format!("verify {snapshot}")).await?;
-        let verified = wait_for(target_vm, "verified", deadline(timeout), |e| match e {
-            StandinEvent::Verified { verified_pages, mismatched_pages, first_mismatches } => {
-                Some((*verified_pages, *mismatched_pages, first_mismatches.clone()))
-            }
-            _ => None,
-        });
-        let (verified_pages, mismatched_pages, first_mismatches) = unless_failed(watch, verified).await?;
-        self.report.verify_seconds = started.elapsed().as_secs_f64();
-        self.report.verified_pages = verified_pages;
-        self.report.mismatched_pages = mismatched_pages;
-        self.report.first_mismatches = first_mismatches;
-        self.progress.say(format!("verified {verified_pages} pages: {mismatched_pages} mismatched"));
+        let (pages, mismatched) = watch.unless_failed(self.compare_with_snapshot(Scope::All)).await?;
+        self.progress.say(format!("verified {pages} pages: {mismatched} mismatched"));
         Ok(())
     }
 
@@ -399,22 +495,12 @@ impl Migration<'_> {
         mut client: MigrationTargetClient<Channel>,
         paused: Instant,
     ) -> Result<(), MigrationError> {
-        let timeout = self.timeout();
-        let state =
-            wait_for_state(watch, deadline(timeout), timeout, "phase complete", |s| s.complete_at.is_some()).await?;
+        let state = watch.wait_until("phase complete", self.timeout(), |s| s.complete_at.is_some()).await?;
         let complete_at = state.complete_at.unwrap_or_else(Instant::now);
         self.report.postcopy_seconds = complete_at.saturating_duration_since(paused).as_secs_f64();
         self.progress.say(format!("post-copy complete {:.2} s after the pause", self.report.postcopy_seconds));
-        let status = client
-            .get_status(GetStatusRequest {})
-            .await
-            .map_err(|status| MigrationError::Rpc { call: "GetStatus", status: Box::new(status) })?
-            .into_inner();
-        // The stand-in's geometry is authoritative; the rest is the agent's.
-        let (page_size, total_pages) = (self.report.page_size, self.report.total_pages);
-        self.report.apply_status(&status);
-        self.report.page_size = page_size;
-        self.report.total_pages = total_pages;
+        let status = get_status(&mut client).await?;
+        self.apply_final_status(&status);
         Ok(())
     }
 }

@@ -3,9 +3,12 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use guest_memory::hugepages::HugePageError;
 use pageserver_metrics::ScrapeError;
 
 use crate::process::ProcessError;
+use crate::status_watch::StatusError;
+use crate::test_hooks::AgentTestHooks;
 
 /// What to migrate and how.
 #[derive(Debug, Clone)]
@@ -26,8 +29,6 @@ pub struct MigrationOptions {
     /// Pages every target vCPU reads at once after `Switchover`, before the
     /// guest runs.
     pub touch_after_resume: Vec<u64>,
-    pub bitmap_after_faults: u64,
-    pub bitmap_delay_ms: u64,
     /// No progress output (errors still go to stderr).
     pub quiet: bool,
     pub vm_name: String,
@@ -35,9 +36,8 @@ pub struct MigrationOptions {
     pub max_written_pages: u64,
     /// Longest wait for any one step (startup, pre-copy, verify, ...).
     pub phase_timeout: Duration,
-    /// FAULT INJECTION: the target agent installs this many stale pages as
-    /// if fresh (to prove that the verification catches it).
-    pub withhold_stale_pages: u64,
+    /// The target agent's test hooks (a `test-hooks` build only).
+    pub hooks: AgentTestHooks,
     /// After the migration, each agent's final `/metrics` text goes to
     /// `source.prom` and `target.prom` in this directory (created if needed).
     pub metrics_dump: Option<PathBuf>,
@@ -57,13 +57,11 @@ impl Default for MigrationOptions {
             max_precopy_rounds: 8,
             write_before_pause: Vec::new(),
             touch_after_resume: Vec::new(),
-            bitmap_after_faults: 0,
-            bitmap_delay_ms: 0,
             quiet: false,
             vm_name: "demo-vm".to_owned(),
             max_written_pages: 4096,
             phase_timeout: Duration::from_secs(300),
-            withhold_stale_pages: 0,
+            hooks: AgentTestHooks::default(),
             metrics_dump: None,
             metrics_listen: ("127.0.0.1:0".to_owned(), "127.0.0.1:0".to_owned()),
         }
@@ -103,10 +101,16 @@ impl MigrationOptions {
 pub enum MigrationError {
     #[error("invalid options: {0}")]
     InvalidOptions(String),
+    #[error("huge pages for both guests: {0}")]
+    HugePages(#[source] HugePageError),
     #[error("creating the work directory under /dev/shm: {0}")]
     WorkDir(#[source] std::io::Error),
     #[error(transparent)]
     Process(#[from] ProcessError),
+    #[error(transparent)]
+    Status(#[from] StatusError),
+    #[error("internal error: the {0} was not started")]
+    NotStarted(&'static str),
     #[error("connecting to the target agent at {addr}: {source}")]
     Connect {
         addr: String,
@@ -115,10 +119,6 @@ pub enum MigrationError {
     },
     #[error("{call} on the target agent failed: {status}")]
     Rpc { call: &'static str, status: Box<tonic::Status> },
-    #[error("{0}")]
-    AgentFailed(String),
-    #[error("timed out after {after:.1?} waiting for {what}")]
-    Timeout { what: String, after: Duration },
     #[error("the {agent} agent's metrics: {source}")]
     Scrape {
         agent: &'static str,

@@ -11,12 +11,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use guest_memory::handoff::{self, FdKind, HANDOFF_VERSION, HandoffError, HandoffMessage, Role, VmmEvent};
-use guest_memory::sys::{self, uffd_flags};
-use guest_memory::{MemoryMap, RegionLayout, Userfaultfd};
+use guest_memory::memfile;
+use guest_memory::{GuestLayout, MemoryMap, RegionLayout, Userfaultfd};
 use pageserver_proto::MAX_MESSAGE_BYTES;
+use pageserver_proto::bitmap::{DirtyBitmap, decode_chunks};
 use pageserver_proto::v1::page_server_client::PageServerClient;
-use pageserver_proto::v1::{DirtyBitmapChunk, DirtyBitmapRequest, GetLayoutRequest};
-use source_agent::{DirtyBitmap, SourceAgent, decode_chunks, serve};
+use pageserver_proto::v1::{DirtyBitmapChunk, DirtyBitmapRequest, GetLayoutRequest, Layout};
+use source_agent::{SourceAgent, serve};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
@@ -82,9 +83,25 @@ pub async fn dirty_pages(
     let chunks = bitmap_chunks(client, since_epoch, r#final).await?;
     let bitmap = decode_chunks(&chunks).expect("a well-formed bitmap stream");
     let layout = client.get_layout(GetLayoutRequest {}).await?.into_inner();
-    let layout = source_agent::wire::guest_layout_from_proto(&layout).expect("a valid layout");
-    let pages = bitmap.global_pages(&layout).expect("runs inside the layout");
+    let pages = bitmap.global_pages(&guest_layout(&layout)).expect("runs inside the layout");
     Ok((bitmap, pages))
+}
+
+/// The source's layout as its `GetLayout` reply describes it, to turn
+/// (region, index) into global page numbers.
+pub fn guest_layout(layout: &Layout) -> GuestLayout {
+    let mut regions = layout.regions.clone();
+    regions.sort_by_key(|r| r.index);
+    let regions = regions
+        .iter()
+        .map(|r| RegionLayout {
+            base_host_virt_addr: r.host_addr,
+            size: r.size_bytes,
+            offset: r.file_offset,
+            page_size: r.page_size,
+        })
+        .collect();
+    GuestLayout::new(regions).expect("a valid layout")
 }
 
 /// The content the tests give page `page` (never all zeros).
@@ -113,17 +130,18 @@ impl TestVmm {
     /// with the userfaultfd (a hand-off that cannot be tracked).
     pub fn with_tracking(pages: u64, write_protect: bool) -> Self {
         let len = pages * PAGE_SIZE;
-        let memory = sys::memfd_create("source-agent-test", false).expect("memfd_create");
-        sys::ftruncate(memory.as_fd(), len).expect("ftruncate");
+        let memory = memfile::memfd_create("source-agent-test", false).expect("memfd_create");
+        memfile::ftruncate(memory.as_fd(), len).expect("ftruncate");
         let map = MemoryMap::map(memory.as_fd(), 0, len as usize, true).expect("map rw");
         for page in 0..pages {
             map.copy_in((page * PAGE_SIZE) as usize, &page_pattern(page, 0));
         }
-        let uffd = Userfaultfd::new(false).expect("userfaultfd");
-        if write_protect {
-            uffd.api(uffd_flags::FEATURE_WP_ASYNC | uffd_flags::FEATURE_WP_HUGETLBFS_SHMEM).expect("UFFDIO_API");
-            uffd.register(map.addr(), len, uffd_flags::MODE_WP).expect("UFFDIO_REGISTER WP");
-        }
+        let region = RegionLayout { base_host_virt_addr: map.addr(), size: len, offset: 0, page_size: PAGE_SIZE };
+        let uffd = if write_protect {
+            Userfaultfd::for_role(Role::Source, &region).expect("a WP-async userfaultfd")
+        } else {
+            Userfaultfd::create(0).expect("userfaultfd")
+        };
         let pagemap = File::open("/proc/self/pagemap").expect("open pagemap");
         Self { pages, memory, map, uffd, pagemap, connection: None }
     }

@@ -1,0 +1,71 @@
+//! What can go wrong in the shell. Each error says what was being done and
+//! carries its cause as its `source`, so that a report of the whole chain
+//! (anyhow's `{:?}`, the target agent's status) reads
+//! "binding the gRPC listener 0.0.0.0:50051: Address already in use".
+#![forbid(unsafe_code)]
+
+use std::io;
+use std::path::PathBuf;
+
+/// Why an agent's shell did not run to a graceful shutdown.
+#[derive(Debug, thiserror::Error)]
+pub enum ShellError {
+    #[error("binding the {what} listener {address}")]
+    Bind {
+        what: &'static str,
+        address: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("reading the address the {what} listener is bound to")]
+    LocalAddress {
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("writing the listening event to stdout")]
+    Announce(#[source] io::Error),
+    #[error("serving gRPC")]
+    Serve(#[source] ServeError),
+}
+
+/// Why a gRPC server could not be built or stopped serving.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("building the reflection service")]
+    Reflection(#[source] tonic_reflection::server::Error),
+    #[error("the gRPC transport failed")]
+    Transport(#[source] tonic::transport::Error),
+}
+
+/// Why a hand-off socket could not be bound (see
+/// [`HandoffSocket::bind`](crate::HandoffSocket::bind) for the policy).
+#[derive(Debug, thiserror::Error)]
+pub enum HandoffSocketError {
+    #[error("{path} exists and is not a socket; refusing to replace it", path = path.display())]
+    NotASocket { path: PathBuf },
+    #[error("another process is already listening on {path}", path = path.display())]
+    InUse { path: PathBuf },
+    #[error("{doing} {path}", path = path.display())]
+    Io {
+        /// What was being done to the path, e.g. "binding".
+        doing: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// For callers whose own errors hold an `io::Error`: the kind says what
+/// happened (`AlreadyExists`, `AddrInUse`, or the cause's), the message is
+/// this error's, and the cause stays the `source`.
+impl From<HandoffSocketError> for io::Error {
+    fn from(error: HandoffSocketError) -> Self {
+        let kind = match &error {
+            HandoffSocketError::NotASocket { .. } => io::ErrorKind::AlreadyExists,
+            HandoffSocketError::InUse { .. } => io::ErrorKind::AddrInUse,
+            HandoffSocketError::Io { source, .. } => source.kind(),
+        };
+        io::Error::new(kind, error)
+    }
+}

@@ -1,0 +1,73 @@
+//! The gRPC services every agent serves besides its own: `grpc.health.v1`
+//! and server reflection, both v1 and v1alpha (so that every grpcurl
+//! version can list and describe the services) over the whole
+//! `pageserver.v1` protocol and health's own descriptors; and serving the
+//! router on a listener until a graceful shutdown.
+#![forbid(unsafe_code)]
+
+use std::future::Future;
+
+use bytes::Bytes;
+use pageserver_proto::FILE_DESCRIPTOR_SET;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::body::Body;
+use tonic::service::Routes;
+use tonic::transport::Server;
+use tonic::transport::server::Router;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+use tower::{Layer, Service};
+
+use crate::error::ServeError;
+
+/// A router on `server` (with whatever settings and layers it already has)
+/// carrying health and both reflection versions; the agent adds its own
+/// services and drives health through the returned reporter. Until it sets
+/// a status, health answers only for the server as a whole (`""`): SERVING.
+pub fn grpc_router<L: Clone>(mut server: Server<L>) -> Result<(Router<L>, HealthReporter), ServeError> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let v1 = reflection().build_v1().map_err(ServeError::Reflection)?;
+    let v1alpha = reflection().build_v1alpha().map_err(ServeError::Reflection)?;
+    let router = server.add_service(health).add_service(v1).add_service(v1alpha);
+    Ok((router, reporter))
+}
+
+/// Sets `status` for the server as a whole (`""`) and for `service` (its
+/// full name, e.g. `pageserver.v1.PageServer`): an agent is as healthy as
+/// its one service.
+pub async fn set_health(reporter: &HealthReporter, service: &str, status: ServingStatus) {
+    for name in ["", service] {
+        reporter.set_service_status(name, status).await;
+    }
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Serves `router` on `listener` until `shutdown` completes and the calls
+/// under way have finished. `health` (the agent's driver of its health
+/// reporter) runs alongside, for as long as the server does.
+pub async fn serve_router<L, ResponseBody>(
+    router: Router<L>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+    health: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError>
+where
+    L: Layer<Routes>,
+    L::Service: Service<http::Request<Body>, Response = http::Response<ResponseBody>> + Clone + Send + 'static,
+    <L::Service as Service<http::Request<Body>>>::Future: Send,
+    <L::Service as Service<http::Request<Body>>>::Error: Into<BoxError> + Send,
+    ResponseBody: http_body::Body<Data = Bytes> + Send + 'static,
+    ResponseBody::Error: Into<BoxError>,
+{
+    let health = tokio::spawn(health);
+    let served = router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown).await;
+    health.abort();
+    served.map_err(ServeError::Transport)
+}

@@ -1,0 +1,50 @@
+//! The shell both agent binaries run in: everything around their gRPC
+//! services that the source and the target agent do alike.
+//!
+//! A binary's `main` parses its flags, calls [`init_logging`], sets up its
+//! agent and its metrics, binds with [`AgentShell::bind`] and hands its gRPC
+//! server to [`AgentShell::run`]. That prints the
+//! `{"event":"listening","grpc":"ADDR","metrics":"ADDR"}` line on stdout,
+//! serves `/metrics`, runs the gRPC server until SIGTERM or SIGINT, and stops
+//! the metrics server only once the gRPC server has finished its calls (a
+//! last scrape still sees them). It returns after that graceful shutdown, so
+//! `main` can still decide its exit status (the target agent fails when its
+//! migration did) and return it with [`exit_code`].
+//!
+//! # Layout
+//!
+//! - [`logging`]: logs to stderr, filtered by `RUST_LOG` (default `info`);
+//! - [`listening`]: the `listening` event on stdout;
+//! - [`shutdown`]: the SIGTERM / SIGINT future;
+//! - [`shell`]: [`AgentShell`], binding both listeners and the lifecycle
+//!   above;
+//! - [`metrics_server`]: the `/metrics` server, started and stopped;
+//! - [`grpc`]: a gRPC router already carrying health and reflection (v1 and
+//!   v1alpha), the health reporter the agent drives, and serving the router
+//!   until a graceful shutdown;
+//! - [`handoff_socket`]: the hand-off socket's binding policy, the same for
+//!   both agents (a path that is not a socket, or a socket in use, is
+//!   refused; a stale socket is replaced; mode 0600; removed when dropped);
+//! - [`exit`]: the exit status, and the reason on stderr;
+//! - [`error`]: what can go wrong in all of these.
+#![forbid(unsafe_code)]
+
+pub mod error;
+pub mod exit;
+pub mod grpc;
+pub mod handoff_socket;
+pub mod listening;
+pub mod logging;
+pub mod metrics_server;
+pub mod shell;
+pub mod shutdown;
+
+pub use error::{HandoffSocketError, ServeError, ShellError};
+pub use exit::exit_code;
+pub use grpc::{grpc_router, serve_router, set_health};
+pub use handoff_socket::{HANDOFF_READ_TIMEOUT, HandoffSocket};
+pub use listening::{ListeningEvent, announce_listening};
+pub use logging::init_logging;
+pub use metrics_server::MetricsServer;
+pub use shell::{AgentShell, Shutdown};
+pub use shutdown::shutdown_signal;

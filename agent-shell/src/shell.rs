@@ -1,0 +1,89 @@
+//! [`AgentShell`]: an agent binary's two listeners and its life from
+//! "listening" to a graceful shutdown.
+#![forbid(unsafe_code)]
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+
+use pageserver_metrics::MetricsHandle;
+use tokio::net::TcpListener;
+
+use crate::error::{ServeError, ShellError};
+use crate::listening::{ListeningEvent, announce_listening};
+use crate::metrics_server::MetricsServer;
+use crate::shutdown::shutdown_signal;
+
+/// The future a gRPC server is given to know when to stop taking calls.
+pub type Shutdown = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// An agent's gRPC and metrics listeners, bound.
+#[derive(Debug)]
+pub struct AgentShell {
+    grpc: TcpListener,
+    metrics: TcpListener,
+    grpc_address: SocketAddr,
+    metrics_address: SocketAddr,
+}
+
+async fn bind(what: &'static str, address: &str) -> Result<(TcpListener, SocketAddr), ShellError> {
+    let listener = TcpListener::bind(address).await.map_err(|source| ShellError::Bind {
+        what,
+        address: address.to_owned(),
+        source,
+    })?;
+    let bound = listener.local_addr().map_err(|source| ShellError::LocalAddress { what, source })?;
+    Ok((listener, bound))
+}
+
+impl AgentShell {
+    /// Binds the gRPC and the metrics listener (`HOST:PORT`; port 0 picks a
+    /// free port, reported by the listening event).
+    pub async fn bind(grpc: &str, metrics: &str) -> Result<Self, ShellError> {
+        let (grpc, grpc_address) = bind("gRPC", grpc).await?;
+        let (metrics, metrics_address) = bind("metrics", metrics).await?;
+        Ok(Self { grpc, metrics, grpc_address, metrics_address })
+    }
+
+    pub fn grpc_address(&self) -> SocketAddr {
+        self.grpc_address
+    }
+
+    pub fn metrics_address(&self) -> SocketAddr {
+        self.metrics_address
+    }
+
+    /// [`AgentShell::run_until`] SIGTERM or SIGINT.
+    pub async fn run<F, Served>(self, metrics: MetricsHandle, serve: F) -> Result<(), ShellError>
+    where
+        F: FnOnce(TcpListener, Shutdown) -> Served,
+        Served: Future<Output = Result<(), ServeError>>,
+    {
+        self.run_until(metrics, shutdown_signal(), serve).await
+    }
+
+    /// Prints the listening event, serves `metrics`, and runs `serve` (the
+    /// agent's gRPC server on the gRPC listener) until `shutdown` completes
+    /// and the server has finished its calls; then stops the metrics server
+    /// and returns the gRPC server's result.
+    pub async fn run_until<F, Served>(
+        self,
+        metrics: MetricsHandle,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+        serve: F,
+    ) -> Result<(), ShellError>
+    where
+        F: FnOnce(TcpListener, Shutdown) -> Served,
+        Served: Future<Output = Result<(), ServeError>>,
+    {
+        let event = ListeningEvent::new(self.grpc_address, self.metrics_address);
+        announce_listening(&mut std::io::stdout().lock(), &event).map_err(ShellError::Announce)?;
+        tracing::info!(grpc = %self.grpc_address, metrics = %self.metrics_address, "gRPC and metrics listening");
+        let metrics_server = MetricsServer::start(self.metrics, metrics);
+        let served = serve(self.grpc, Box::pin(shutdown)).await;
+        metrics_server.stop().await;
+        served.map_err(ShellError::Serve)?;
+        tracing::info!("stopped");
+        Ok(())
+    }
+}

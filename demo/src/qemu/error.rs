@@ -1,0 +1,85 @@
+//! Why a QEMU migration did not run to the end: one variant per thing that
+//! can go wrong, each naming it; what it shares with the stand-in
+//! orchestration (child processes, the target agent's status) converts.
+
+use std::io;
+use std::path::PathBuf;
+use std::process::ExitStatus;
+use std::time::Duration;
+
+use guest_memory::hugepages::HugePageError;
+
+use super::qmp::QmpError;
+use crate::process::ProcessError;
+use crate::status_watch::StatusError;
+
+/// What provides QEMU and the guest image (as root).
+pub const SETUP_COMMAND: &str = "scripts/setup --qemu";
+
+#[derive(Debug, thiserror::Error)]
+pub enum QemuError {
+    #[error("qemu-system-x86_64 is not on PATH: install it with `{SETUP_COMMAND}` (as root)")]
+    QemuNotInstalled,
+    #[error("the QEMU test guest is not built ({path} is missing): build it with `{SETUP_COMMAND}` (as root)", path = path.display())]
+    GuestImageMissing { path: PathBuf },
+    #[error("huge pages for both guests: {0}")]
+    HugePages(#[source] HugePageError),
+    #[error("creating the work directory under /dev/shm: {0}")]
+    WorkDir(#[source] io::Error),
+    #[error("creating the hugetlbfs mount point {path}: {source}", path = path.display())]
+    MountPoint {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("running `mount -t hugetlbfs` on {path}: {source}", path = path.display())]
+    MountCommand {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("`mount -t hugetlbfs` on {path} failed ({status}); mounting needs root", path = path.display())]
+    MountFailed { path: PathBuf, status: ExitStatus },
+    #[error("picking a free port for QEMU's own migration stream: {0}")]
+    MigrationPort(#[source] io::Error),
+    #[error(transparent)]
+    Process(#[from] ProcessError),
+    #[error(transparent)]
+    Status(#[from] StatusError),
+    #[error("the {qemu} QEMU's QMP: {source}")]
+    Qmp {
+        qemu: &'static str,
+        #[source]
+        source: QmpError,
+    },
+    #[error("connecting to the {agent} agent at {addr}: {source}")]
+    Connect {
+        agent: &'static str,
+        addr: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    #[error("{call} on the {agent} agent failed: {status}")]
+    Rpc { agent: &'static str, call: &'static str, status: Box<tonic::Status> },
+    #[error(
+        "timed out after {after:.1?}: the {qemu} guest's memory checker printed {seen} of {want} generations in {log}",
+        log = log.display()
+    )]
+    CheckerTimeout { qemu: &'static str, log: PathBuf, seen: u64, want: u64, after: Duration },
+    #[error("reading the RAM file {path} to compare it: {source}", path = path.display())]
+    RamFile {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Maps a QMP error of the `qemu` ("source" or "target") QEMU.
+pub(super) fn qmp(qemu: &'static str) -> impl FnOnce(QmpError) -> QemuError {
+    move |source| QemuError::Qmp { qemu, source }
+}
+
+/// Maps a failed `call` to the `agent` ("source" or "target").
+pub(super) fn rpc(agent: &'static str, call: &'static str) -> impl FnOnce(tonic::Status) -> QemuError {
+    move |status| QemuError::Rpc { agent, call, status: Box::new(status) }
+}

@@ -1,0 +1,46 @@
+//! What the integration tests of the VMM side share (`vmm-standin` and
+//! `vmm-shim`): the test plays the agent against a real VMM process, so it
+//! needs the agent's end of the hand-off, a fault handler for the target's
+//! userfaultfd, and the VMM as a child process whose stderr it can show.
+//! Used only as a dev-dependency; every helper panics with a message on
+//! failure, as test code should.
+//!
+//! # Layout
+//!
+//! - [`handoff_listener`]: [`HandoffListener`], the agent's end of a hand-off
+//!   socket: bind a path, accept with a deadline, fail fast with the VMM's
+//!   stderr if it exits first;
+//! - [`fault_server`]: [`FaultServer`], a thread that resolves the faults of
+//!   a handed-off target userfaultfd (MINOR → `UFFDIO_CONTINUE`, MISSING →
+//!   `UFFDIO_COPY` of test content) and counts them;
+//! - [`child`]: [`TestChild`], a process with piped stdin, stdout lines on a
+//!   channel and stderr in a log file, killed when dropped;
+//! - [`temp_dir`]: [`TempDir`], a scratch directory under /dev/shm;
+//! - [`huge_pages`]: [`HugePages`], free 2 MiB pages for one test at a time;
+//! - [`written_pages`]: the pages a VMM wrote since the last look.
+#![forbid(unsafe_code)]
+
+pub mod child;
+pub mod fault_server;
+pub mod handoff_listener;
+pub mod huge_pages;
+pub mod temp_dir;
+
+use std::os::fd::BorrowedFd;
+use std::time::Duration;
+
+pub use child::TestChild;
+pub use fault_server::FaultServer;
+pub use handoff_listener::HandoffListener;
+pub use huge_pages::HugePages;
+pub use temp_dir::TempDir;
+
+/// Longest wait for anything a VMM process should do: generous, because
+/// the tests share two cores with everything else the suite runs.
+pub const PATIENCE: Duration = Duration::from_secs(30);
+
+/// Pages written in [`base`, `base + size`) since the last call, through the
+/// VMM's handed-over pagemap (PAGEMAP_SCAN; they are write-protected again).
+pub fn written_pages(pagemap: BorrowedFd<'_>, base: u64, size: u64, page_size: u64) -> Vec<u64> {
+    guest_memory::written::written_pages(pagemap, base, size, page_size).expect("PAGEMAP_SCAN")
+}

@@ -1,0 +1,69 @@
+//! What the stand-in is told on its command line.
+
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use crate::error::VmmError;
+
+/// Which side of the migration the stand-in plays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StandinRole {
+    Source,
+    Target,
+}
+
+impl FromStr for StandinRole {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "source" => Ok(Self::Source),
+            "target" => Ok(Self::Target),
+            other => Err(format!("role {other:?}: expected source or target")),
+        }
+    }
+}
+
+/// Everything the stand-in is told on its command line.
+#[derive(Debug, Clone)]
+pub struct StandinConfig {
+    pub role: StandinRole,
+    pub memory_bytes: u64,
+    pub hugetlb: bool,
+    pub vcpus: usize,
+    pub seed: u64,
+    /// The agent's hand-off socket.
+    pub handoff_socket: PathBuf,
+    pub vm: String,
+    /// Source: page writes per second across all vCPUs.
+    pub dirty_rate: u64,
+    /// Source: where `pause` writes the paused memory.
+    pub snapshot: Option<PathBuf>,
+    /// Target: how long `resume` runs the guest.
+    pub run_ms: u64,
+    /// Target: how many pages the guest may write (each costs an undo copy).
+    pub max_written_pages: u64,
+}
+
+impl StandinConfig {
+    /// Page size of the guest memory: 2 MiB with hugetlb, else 4 KiB.
+    pub fn page_size(&self) -> u64 {
+        if self.hugetlb { 2 << 20 } else { 4096 }
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), VmmError> {
+        let page_size = self.page_size();
+        if self.memory_bytes == 0 || self.memory_bytes.checked_rem(page_size) != Some(0) {
+            return Err(VmmError::Config(format!(
+                "memory size {} is not a positive multiple of the page size {page_size}",
+                self.memory_bytes
+            )));
+        }
+        if usize::try_from(self.memory_bytes).is_err() {
+            return Err(VmmError::Config(format!("memory size {} does not fit this machine", self.memory_bytes)));
+        }
+        if self.vcpus == 0 {
+            return Err(VmmError::Config("at least one vCPU is needed".into()));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,74 @@
+//! `vmm-standin`: a process that owns guest memory like a VMM, for the demo
+//! and the tests. Commands on stdin, JSON events on stdout, logs on stderr;
+//! see `vmm_standin::protocol`.
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use vmm_standin::size::parse_size;
+use vmm_standin::{EventSink, StandinConfig, StandinEvent, StandinRole};
+
+#[derive(Debug, Parser)]
+#[command(about = "A VMM stand-in: owns guest memory and hands it to a page-server agent")]
+struct Args {
+    /// source or target.
+    #[arg(long)]
+    role: StandinRole,
+    /// Guest memory size: 1G, 256M, 64MiB or bytes.
+    #[arg(long, value_parser = parse_size)]
+    memory: u64,
+    /// Back guest memory with 2 MiB huge pages (MFD_HUGETLB).
+    #[arg(long)]
+    hugetlb: bool,
+    #[arg(long, default_value_t = 4)]
+    vcpus: usize,
+    /// Seed of the memory content and of the vCPUs' accesses.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// The agent's hand-off socket (retried for ~10 s until it exists).
+    #[arg(long)]
+    handoff_socket: PathBuf,
+    #[arg(long, default_value = "demo-vm")]
+    vm: String,
+    /// Source: page writes per second across all vCPUs.
+    #[arg(long, default_value_t = 20_000)]
+    dirty_rate: u64,
+    /// Source: file the paused memory is copied to after `pause`.
+    #[arg(long)]
+    snapshot: Option<PathBuf>,
+    /// Target: how long `resume` runs the guest, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    run_ms: u64,
+    /// Target: most pages the guest writes (each needs an undo copy).
+    #[arg(long, default_value_t = 4096)]
+    max_written_pages: u64,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let config = StandinConfig {
+        role: args.role,
+        memory_bytes: args.memory,
+        hugetlb: args.hugetlb,
+        vcpus: args.vcpus,
+        seed: args.seed,
+        handoff_socket: args.handoff_socket,
+        vm: args.vm,
+        dirty_rate: args.dirty_rate,
+        snapshot: args.snapshot,
+        run_ms: args.run_ms,
+        max_written_pages: args.max_written_pages,
+    };
+    let events = Arc::new(EventSink::stdout());
+    let result = vmm_standin::run(&config, std::io::stdin().lock(), &events);
+    if let Err(e) = &result {
+        // Tell the orchestrator why, on the channel it reads.
+        events.emit(&StandinEvent::Error { message: format!("fatal: {e}") });
+    }
+    // Returning ends the process, and with it any vCPU thread still running
+    // or blocked in a fault.
+    result.with_context(|| format!("vmm-standin ({:?} role)", config.role))
+}

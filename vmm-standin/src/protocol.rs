@@ -1,0 +1,240 @@
+//! The stand-in's control protocol: commands on stdin (one per line), events
+//! on stdout (one JSON object per line).
+//!
+//! | command | role | answer |
+//! |---|---|---|
+//! | `write P` | source | `{"event":"written","page":P}` |
+//! | `pause` | source | `{"event":"paused","at_ns":..}`, then `snapshot-written` |
+//! | `resume` | target | `{"event":"resumed"}` at once; `{"event":"guest-done",..}` when `--run-ms` is over |
+//! | `touch P1 P2 ..` | target | `{"event":"touched",..}` |
+//! | `verify PATH` | target | `{"event":"verified",..}` |
+//! | `verify-mapped PATH` | target | `{"event":"verified-mapped",..}` |
+//! | `quit` (or EOF) | both | exit 0 |
+//!
+//! A command that cannot be carried out is answered with
+//! `{"event":"error","message":..}`; the stand-in keeps running. Commands
+//! are served while the target guest runs, so a test can look at a guest
+//! that froze (its vCPUs blocked on faults nobody resolves): `verify-mapped`
+//! compares only pages that are mapped, so it never blocks, and `quit` exits
+//! without waiting for the vCPUs.
+
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{VmmError, io_context};
+
+/// One line of the stand-in's stdout.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "kebab-case")]
+pub enum StandinEvent {
+    /// The agent accepted the hand-off (and, on the source, the vCPUs run).
+    Ready {
+        pid: u32,
+        page_size: u64,
+        total_pages: u64,
+        /// Up to 16 pages that are holes (all zeros) at this moment (source).
+        zero_pages: Vec<u64>,
+    },
+    Written {
+        page: u64,
+    },
+    Paused {
+        at_ns: u64,
+    },
+    SnapshotWritten {
+        path: String,
+    },
+    /// The target's vCPUs started; `guest-done` follows when the run is over.
+    Resumed,
+    GuestDone {
+        first_access_done_ns: u64,
+        accesses: u64,
+        pages_written: u64,
+    },
+    Touched {
+        first_access_done_ns: u64,
+    },
+    Verified {
+        verified_pages: u64,
+        mismatched_pages: u64,
+        first_mismatches: Vec<u64>,
+    },
+    /// Only the pages present in the target's page tables were compared.
+    VerifiedMapped {
+        mapped_pages: u64,
+        mismatched_pages: u64,
+        first_mismatches: Vec<u64>,
+    },
+    Error {
+        message: String,
+    },
+}
+
+impl StandinEvent {
+    /// The `event` tag, e.g. `"guest-done"`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Ready { .. } => "ready",
+            Self::Written { .. } => "written",
+            Self::Paused { .. } => "paused",
+            Self::SnapshotWritten { .. } => "snapshot-written",
+            Self::Resumed => "resumed",
+            Self::GuestDone { .. } => "guest-done",
+            Self::Touched { .. } => "touched",
+            Self::Verified { .. } => "verified",
+            Self::VerifiedMapped { .. } => "verified-mapped",
+            Self::Error { .. } => "error",
+        }
+    }
+}
+
+/// One stdin line, parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    Write(u64),
+    Pause,
+    Resume,
+    Touch(Vec<u64>),
+    Verify(PathBuf),
+    VerifyMapped(PathBuf),
+    Quit,
+}
+
+impl Command {
+    /// Parses a line; `Ok(None)` for a blank one.
+    pub fn parse(line: &str) -> Result<Option<Self>, String> {
+        let mut words = line.split_whitespace();
+        let Some(verb) = words.next() else { return Ok(None) };
+        let rest: Vec<&str> = words.collect();
+        let page = |w: &str| w.parse::<u64>().map_err(|_| format!("{verb}: {w:?} is not a page number"));
+        let command = match (verb, rest.as_slice()) {
+            ("write", [p]) => Self::Write(page(p)?),
+            ("pause", []) => Self::Pause,
+            ("resume", []) => Self::Resume,
+            ("touch", pages) if !pages.is_empty() => {
+                Self::Touch(pages.iter().map(|p| page(p)).collect::<Result<_, _>>()?)
+            }
+            ("verify", [path]) => Self::Verify(PathBuf::from(path)),
+            ("verify-mapped", [path]) => Self::VerifyMapped(PathBuf::from(path)),
+            ("quit", []) => Self::Quit,
+            _ => {
+                return Err(format!(
+                    "unknown command {:?} (expected write P | pause | resume | touch P.. | verify PATH | verify-mapped PATH | quit)",
+                    line.trim()
+                ));
+            }
+        };
+        Ok(Some(command))
+    }
+}
+
+/// Feeds each command line to `handle` until `quit` or EOF. A command that
+/// fails is answered with an `error` event and the loop goes on.
+pub(crate) fn command_loop(
+    commands: impl BufRead,
+    events: &EventSink,
+    mut handle: impl FnMut(Command) -> Result<(), String>,
+) -> Result<(), VmmError> {
+    for line in commands.lines() {
+        let line = line.map_err(io_context("reading commands from stdin"))?;
+        match Command::parse(&line) {
+            Ok(None) => {}
+            Ok(Some(Command::Quit)) => return Ok(()),
+            Ok(Some(command)) => {
+                if let Err(message) = handle(command) {
+                    events.error(message);
+                }
+            }
+            Err(message) => events.error(message),
+        }
+    }
+    Ok(())
+}
+
+/// Where events go: one JSON line each, flushed at once. Shared by the
+/// command loop and the target guest's thread (`guest-done`).
+pub struct EventSink {
+    out: Mutex<Box<dyn Write + Send>>,
+}
+
+impl std::fmt::Debug for EventSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventSink").finish_non_exhaustive()
+    }
+}
+
+impl EventSink {
+    pub fn new(out: Box<dyn Write + Send>) -> Self {
+        Self { out: Mutex::new(out) }
+    }
+
+    pub fn stdout() -> Self {
+        Self::new(Box::new(std::io::stdout()))
+    }
+
+    /// Writes one event line. A closed stdout is not worth dying for: the
+    /// error is logged and the stand-in goes on.
+    pub fn emit(&self, event: &StandinEvent) {
+        let mut out = self.out.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let result = serde_json::to_writer(&mut *out, event)
+            .map_err(std::io::Error::from)
+            .and_then(|()| out.write_all(b"\n"))
+            .and_then(|()| out.flush());
+        if let Err(e) = result {
+            eprintln!("vmm-standin: cannot write event {}: {e}", event.name());
+        }
+    }
+
+    pub fn error(&self, message: impl Into<String>) {
+        let message = message.into();
+        eprintln!("vmm-standin: {message}");
+        self.emit(&StandinEvent::Error { message });
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_commands() {
+        assert_eq!(Command::parse("write 12"), Ok(Some(Command::Write(12))));
+        assert_eq!(Command::parse("  pause "), Ok(Some(Command::Pause)));
+        assert_eq!(Command::parse("touch 1 2 3"), Ok(Some(Command::Touch(vec![1, 2, 3]))));
+        assert_eq!(Command::parse("verify /x/y"), Ok(Some(Command::Verify("/x/y".into()))));
+        assert_eq!(Command::parse("verify-mapped /x"), Ok(Some(Command::VerifyMapped("/x".into()))));
+        assert!(Command::parse("verify-mapped").is_err());
+        assert_eq!(Command::parse(""), Ok(None));
+        assert!(Command::parse("write").is_err());
+        assert!(Command::parse("write x").is_err());
+        assert!(Command::parse("touch").is_err());
+        assert!(Command::parse("dance").is_err());
+    }
+
+    #[test]
+    fn events_are_tagged_json() {
+        let line =
+            serde_json::to_string(&StandinEvent::GuestDone { first_access_done_ns: 5, accesses: 6, pages_written: 7 })
+                .unwrap();
+        assert_eq!(line, r#"{"event":"guest-done","first_access_done_ns":5,"accesses":6,"pages_written":7}"#);
+        let ready: StandinEvent =
+            serde_json::from_str(r#"{"event":"ready","pid":1,"page_size":4096,"total_pages":2,"zero_pages":[1]}"#)
+                .unwrap();
+        assert_eq!(ready.name(), "ready");
+        assert_eq!(
+            serde_json::to_string(&StandinEvent::SnapshotWritten { path: "p".into() }).unwrap(),
+            r#"{"event":"snapshot-written","path":"p"}"#
+        );
+        assert_eq!(serde_json::to_string(&StandinEvent::Resumed).unwrap(), r#"{"event":"resumed"}"#);
+        let mapped = StandinEvent::VerifiedMapped { mapped_pages: 3, mismatched_pages: 1, first_mismatches: vec![2] };
+        assert_eq!(
+            serde_json::to_string(&mapped).unwrap(),
+            r#"{"event":"verified-mapped","mapped_pages":3,"mismatched_pages":1,"first_mismatches":[2]}"#
+        );
+        assert_eq!(mapped.name(), "verified-mapped");
+    }
+}

@@ -1,0 +1,291 @@
+//! The source role: a running VM whose memory the source agent serves.
+//!
+//! Memory is filled from the seed, then registered for asynchronous
+//! write-protect (the agent's dirty tracking) and handed off with the VMM's
+//! own `/proc/self/pagemap`. vCPU threads dirty it at `--dirty-rate` until
+//! `pause`.
+
+use std::fs::File;
+use std::io::BufRead;
+use std::os::fd::AsFd;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use guest_memory::Userfaultfd;
+use guest_memory::handoff::{Role, VmmEvent, send_event};
+use guest_memory::memfile::{is_zero, monotonic_ns};
+
+use crate::config::StandinConfig;
+use crate::error::{VmmError, io_context};
+use crate::pattern::{self, SplitMix64, Stream};
+use crate::protocol::{Command, EventSink, StandinEvent, command_loop};
+use crate::ram::{GuestRam, describe_fds, hand_off};
+
+/// How many hole pages the `ready` event lists.
+const ZERO_PAGES_REPORTED: usize = 16;
+/// Snapshot copy granularity (a multiple of both page sizes).
+const SNAPSHOT_CHUNK_BYTES: usize = 4 << 20;
+
+pub(crate) fn run(config: &StandinConfig, commands: impl BufRead, events: &EventSink) -> Result<(), VmmError> {
+    let ram = Arc::new(GuestRam::create(
+        &format!("{}-source", config.vm),
+        config.memory_bytes,
+        config.page_size(),
+        config.hugetlb,
+    )?);
+    let started = Instant::now();
+    fill_initial_content(&ram, config.seed, config.vcpus);
+    eprintln!(
+        "vmm-standin[source]: {} pages of {} bytes filled from seed {} in {:.2?}",
+        ram.total_pages,
+        ram.page_size,
+        config.seed,
+        started.elapsed()
+    );
+
+    let uffd = Userfaultfd::for_role(Role::Source, &ram.region())?;
+    let pagemap = File::open("/proc/self/pagemap").map_err(io_context("opening /proc/self/pagemap"))?;
+    let stream = hand_off(
+        &config.handoff_socket,
+        Role::Source,
+        &config.vm,
+        &ram,
+        &[ram.memfd.as_fd(), uffd.as_fd(), pagemap.as_fd()],
+    )?;
+    eprintln!(
+        "vmm-standin[source]: hand-off to {} accepted ({})",
+        config.handoff_socket.display(),
+        describe_fds(Role::Source)
+    );
+
+    let hot = Arc::new(pattern::hot_set(config.seed, ram.total_pages));
+    let zero_pages = pick_zero_pages(config.seed, ram.total_pages, &hot);
+    let mut vcpus = Some(DirtyingVcpus::start(&ram, &hot, config)?);
+    events.emit(&StandinEvent::Ready {
+        pid: std::process::id(),
+        page_size: ram.page_size,
+        total_pages: ram.total_pages,
+        zero_pages,
+    });
+
+    let mut command_writes = 0u64;
+    let mut page_buf = vec![0u8; ram.page_size as usize];
+    command_loop(commands, events, |command| match command {
+        Command::Write(page) => {
+            ram.check_page(page)?;
+            pattern::command_page(config.seed, page, command_writes, &mut page_buf);
+            command_writes += 1;
+            ram.map.copy_in(ram.page_offset(page), &page_buf);
+            events.emit(&StandinEvent::Written { page });
+            Ok(())
+        }
+        Command::Pause => {
+            let running = vcpus.take().ok_or("already paused")?;
+            let writes = running.stop();
+            let at_ns = monotonic_ns();
+            send_event(&stream, VmmEvent::Paused { at_ns }).map_err(|e| format!("telling the agent: {e}"))?;
+            events.emit(&StandinEvent::Paused { at_ns });
+            eprintln!("vmm-standin[source]: paused after {writes} vCPU page writes");
+            if let Some(path) = &config.snapshot {
+                write_snapshot(&ram, path).map_err(|e| e.to_string())?;
+                events.emit(&StandinEvent::SnapshotWritten { path: path.display().to_string() });
+            }
+            Ok(())
+        }
+        Command::Resume | Command::Touch(_) | Command::Verify(_) | Command::VerifyMapped(_) => {
+            Err("resume, touch, verify and verify-mapped are target-role commands".to_owned())
+        }
+        Command::Quit => Ok(()),
+    })?;
+    // Keep the descriptors (and the hand-off connection) alive until the end.
+    drop((vcpus, stream, pagemap, uffd));
+    Ok(())
+}
+
+/// Writes every non-hole page with its seed-derived content, in parallel.
+fn fill_initial_content(ram: &GuestRam, seed: u64, vcpus: usize) {
+    let threads = vcpus.min(std::thread::available_parallelism().map_or(1, |n| n.get())).max(1);
+    std::thread::scope(|scope| {
+        for first in 0..threads {
+            scope.spawn(move || {
+                let mut buf = vec![0u8; ram.page_size as usize];
+                for page in (first as u64..ram.total_pages).step_by(threads) {
+                    if !pattern::is_initial_hole(seed, page) {
+                        pattern::initial_page(seed, page, &mut buf);
+                        ram.map.copy_in(ram.page_offset(page), &buf);
+                    }
+                }
+            });
+        }
+    });
+}
+
+/// Up to [`ZERO_PAGES_REPORTED`] holes outside the hot set, spread over the
+/// memory (so the vCPUs are unlikely to write them soon).
+fn pick_zero_pages(seed: u64, total_pages: u64, hot: &[u64]) -> Vec<u64> {
+    let mut picked: Vec<u64> = Vec::new();
+    for slot in 0..ZERO_PAGES_REPORTED as u64 {
+        let start = slot * total_pages / ZERO_PAGES_REPORTED as u64;
+        let found = (0..total_pages).map(|i| (start + i) % total_pages).find(|&page| {
+            pattern::is_initial_hole(seed, page) && hot.binary_search(&page).is_err() && !picked.contains(&page)
+        });
+        match found {
+            Some(page) => picked.push(page),
+            None => break,
+        }
+    }
+    picked.sort_unstable();
+    picked
+}
+
+/// Copies the whole (paused) memory into `path`. All-zero pages are left as
+/// holes in the file (they read back as zeros), which saves the memory and
+/// the time of writing them.
+fn write_snapshot(ram: &GuestRam, path: &Path) -> Result<(), VmmError> {
+    let context = || format!("writing the snapshot {}", path.display());
+    let file = File::create(path).map_err(io_context(context()))?;
+    let size = ram.map.len();
+    let page_size = ram.page_size as usize;
+    let mut buf = vec![0u8; SNAPSHOT_CHUNK_BYTES.min(size)];
+    let mut offset = 0;
+    while offset < size {
+        let len = buf.len().min(size - offset);
+        ram.map.copy_out(offset, &mut buf[..len]);
+        let chunk = &buf[..len];
+        // Each run of non-zero pages is written with one call.
+        let is_zero_page = |page: usize| is_zero(&chunk[page * page_size..(page + 1) * page_size]);
+        let pages = len / page_size;
+        let mut page = 0;
+        while page < pages {
+            while page < pages && is_zero_page(page) {
+                page += 1;
+            }
+            let run_start = page;
+            while page < pages && !is_zero_page(page) {
+                page += 1;
+            }
+            if run_start < page {
+                let run = &chunk[run_start * page_size..page * page_size];
+                file.write_all_at(run, (offset + run_start * page_size) as u64).map_err(io_context(context()))?;
+            }
+        }
+        offset += len;
+    }
+    file.set_len(size as u64).map_err(io_context(context()))
+}
+
+/// vCPU threads writing 64 bytes at a time into random pages until stopped.
+struct DirtyingVcpus {
+    stop: Arc<AtomicBool>,
+    writes: Arc<AtomicU64>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl DirtyingVcpus {
+    fn start(ram: &Arc<GuestRam>, hot: &Arc<Vec<u64>>, config: &StandinConfig) -> Result<Self, VmmError> {
+        let mut vcpus =
+            Self { stop: Arc::new(AtomicBool::new(false)), writes: Arc::new(AtomicU64::new(0)), threads: Vec::new() };
+        let per_vcpu_rate = config.dirty_rate as f64 / config.vcpus as f64;
+        for vcpu in 0..config.vcpus {
+            let (ram, hot, stop, writes) = (ram.clone(), hot.clone(), vcpus.stop.clone(), vcpus.writes.clone());
+            let rng = SplitMix64::new(pattern::derive(config.seed, Stream::SourceVcpu, vcpu as u64, 0));
+            let thread = std::thread::Builder::new()
+                .name(format!("vcpu{vcpu}"))
+                .spawn(move || dirty_until_stopped(&ram, &hot, rng, per_vcpu_rate, &stop, &writes))
+                .map_err(io_context("starting a vCPU thread"))?;
+            vcpus.threads.push(thread);
+        }
+        Ok(vcpus)
+    }
+
+    /// Stops and joins the vCPUs; returns how many page writes they made.
+    fn stop(mut self) -> u64 {
+        self.stop_and_join();
+        self.writes.load(Ordering::Relaxed)
+    }
+
+    fn stop_and_join(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for thread in self.threads.drain(..) {
+            if thread.join().is_err() {
+                eprintln!("vmm-standin[source]: a vCPU thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for DirtyingVcpus {
+    fn drop(&mut self) {
+        self.stop_and_join();
+    }
+}
+
+/// Longest sleep between checks of the stop flag.
+const STOP_POLL: Duration = Duration::from_millis(10);
+
+fn dirty_until_stopped(
+    ram: &GuestRam,
+    hot: &[u64],
+    mut rng: SplitMix64,
+    rate: f64,
+    stop: &AtomicBool,
+    writes: &AtomicU64,
+) {
+    if rate <= 0.0 {
+        while !stop.load(Ordering::Relaxed) {
+            std::thread::sleep(STOP_POLL);
+        }
+        return;
+    }
+    // Small batches, paced against a schedule, so the rate holds on average
+    // without sleeping after every write.
+    let batch = ((rate / 500.0).ceil() as u64).clamp(1, 64);
+    let interval = Duration::from_secs_f64(batch as f64 / rate);
+    let chunks_per_page = ram.page_size / 64;
+    let mut next = Instant::now();
+    while !stop.load(Ordering::Relaxed) {
+        for _ in 0..batch {
+            let page = pattern::pick_page(&mut rng, hot, ram.total_pages);
+            let offset = ram.page_offset(page) + (rng.below(chunks_per_page) * 64) as usize;
+            for word in 0..8 {
+                ram.map.write_u64(offset + word * 8, rng.next_u64());
+            }
+        }
+        writes.fetch_add(batch, Ordering::Relaxed);
+        next += interval;
+        loop {
+            let now = Instant::now();
+            if now >= next || stop.load(Ordering::Relaxed) {
+                // Do not build up a burst after falling far behind.
+                if now > next + Duration::from_millis(100) {
+                    next = now;
+                }
+                break;
+            }
+            std::thread::sleep((next - now).min(STOP_POLL));
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_pages_are_cold_holes() {
+        let hot = pattern::hot_set(9, 10_000);
+        let zero = pick_zero_pages(9, 10_000, &hot);
+        assert_eq!(zero.len(), ZERO_PAGES_REPORTED);
+        for page in zero {
+            assert!(pattern::is_initial_hole(9, page));
+            assert!(hot.binary_search(&page).is_err());
+        }
+        // A tiny guest may have fewer holes than asked for.
+        assert!(pick_zero_pages(9, 2, &[0]).len() <= 1);
+    }
+}

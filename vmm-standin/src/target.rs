@@ -1,0 +1,83 @@
+//! The target role: the VM as it resumes on the target node.
+//!
+//! The memory starts empty (every page a hole) and is registered for MINOR
+//! and MISSING faults, then handed to the target agent, which fills it. From
+//! the hand-off on, the mapping is touched only when a command says so: every
+//! first access blocks until the agent resolves its fault.
+
+use std::io::BufRead;
+use std::os::fd::AsFd;
+use std::sync::Arc;
+use std::time::Duration;
+
+use guest_memory::Userfaultfd;
+use guest_memory::handoff::Role;
+
+use crate::config::StandinConfig;
+use crate::error::VmmError;
+use crate::guest::{GuestRunStats, TargetGuest};
+use crate::protocol::{Command, EventSink, StandinEvent, command_loop};
+use crate::ram::{GuestRam, describe_fds, hand_off};
+use crate::verify::{Scope, VerifyOutcome};
+
+pub(crate) fn run(config: &StandinConfig, commands: impl BufRead, events: &Arc<EventSink>) -> Result<(), VmmError> {
+    let ram =
+        GuestRam::create(&format!("{}-target", config.vm), config.memory_bytes, config.page_size(), config.hugetlb)?;
+    let uffd = Userfaultfd::for_role(Role::Target, &ram.region())?;
+    // The hand-off connection stays open while the VM lives (its EOF tells
+    // the agent that the VMM is gone).
+    let _connection =
+        hand_off(&config.handoff_socket, Role::Target, &config.vm, &ram, &[ram.memfd.as_fd(), uffd.as_fd()])?;
+    eprintln!(
+        "vmm-standin[target]: hand-off to {} accepted ({})",
+        config.handoff_socket.display(),
+        describe_fds(Role::Target)
+    );
+
+    let guest = Arc::new(TargetGuest::new(ram, uffd, config));
+    events.emit(&StandinEvent::Ready {
+        pid: std::process::id(),
+        page_size: guest.ram().page_size,
+        total_pages: guest.ram().total_pages,
+        zero_pages: Vec::new(),
+    });
+
+    command_loop(commands, events, |command| match command {
+        Command::Resume => {
+            let announce = || events.emit(&StandinEvent::Resumed);
+            let guest_events = events.clone();
+            let report = move |stats: GuestRunStats| {
+                let GuestRunStats { first_access_done_ns, accesses, pages_written } = stats;
+                guest_events.emit(&StandinEvent::GuestDone { first_access_done_ns, accesses, pages_written });
+            };
+            guest.resume(Duration::from_millis(config.run_ms), announce, report).map_err(|e| e.to_string())
+        }
+        Command::Touch(pages) => {
+            pages.iter().try_for_each(|&page| guest.ram().check_page(page))?;
+            guest.touch(&pages);
+            events.emit(&StandinEvent::Touched { first_access_done_ns: guest.first_access_done_ns() });
+            Ok(())
+        }
+        Command::Verify(path) => {
+            let VerifyOutcome { compared_pages, mismatched_pages, first_mismatches } =
+                guest.verify(&path, Scope::EveryPage).map_err(|e| e.to_string())?;
+            events.emit(&StandinEvent::Verified { verified_pages: compared_pages, mismatched_pages, first_mismatches });
+            Ok(())
+        }
+        Command::VerifyMapped(path) => {
+            let VerifyOutcome { compared_pages, mismatched_pages, first_mismatches } =
+                guest.verify(&path, Scope::MappedPages).map_err(|e| e.to_string())?;
+            events.emit(&StandinEvent::VerifiedMapped {
+                mapped_pages: compared_pages,
+                mismatched_pages,
+                first_mismatches,
+            });
+            Ok(())
+        }
+        Command::Write(_) | Command::Pause => Err("write and pause are source-role commands".to_owned()),
+        Command::Quit => Ok(()),
+    })
+    // The vCPUs may still run, or be blocked for ever in faults nobody
+    // resolves: they are not joined. The guest thread keeps the memory and
+    // its registration; the process's exit ends them all.
+}
