@@ -170,15 +170,15 @@ impl TargetAgent {
 
         tokio::select! {
             result = self.move_memory(&guest, client, &postcopy_tx, hint) => result?,
-            stopped = &mut exit => return Err(fault_loop_ended(stopped, false)),
+            stopped = &mut exit => return Err(fault_loop_stopped(stopped)),
         }
         let _ = complete_tx.send(true);
         self.phase.advance(Phase::Complete);
         tracing::info!("post-copy complete: nothing left to fetch from the source");
-        match fault_loop_ended(exit.await, true) {
-            TargetError::FaultLoopVanished => Err(TargetError::FaultLoopVanished),
-            TargetError::Internal(done) if done.is_empty() => Ok(()),
-            error => Err(error),
+        match exit.await {
+            // The VMM closed its uffd after the migration: the normal end.
+            Ok(Ok(())) => Ok(()),
+            stopped => Err(fault_loop_stopped(stopped)),
         }
     }
 
@@ -244,12 +244,10 @@ impl TargetAgent {
     }
 }
 
-/// The error a fault-loop exit means. `after_complete`: the migration had
-/// completed, so a VMM closing its uffd is the normal end (an empty
-/// `Internal` stands for "no error").
-fn fault_loop_ended(exit: Result<FaultLoopExit, oneshot::error::RecvError>, after_complete: bool) -> TargetError {
+/// The error a fault-loop exit means while the migration is under way (the
+/// loop ends without an error only once the migration is complete).
+fn fault_loop_stopped(exit: Result<FaultLoopExit, oneshot::error::RecvError>) -> TargetError {
     match exit {
-        Ok(Ok(())) if after_complete => TargetError::Internal(String::new()),
         Ok(Ok(())) => TargetError::FaultLoop(FaultLoopError::VmmGone),
         Ok(Err(error)) => TargetError::FaultLoop(error),
         Err(_) => TargetError::FaultLoopVanished,
