@@ -108,17 +108,17 @@ def hide_nothing():
     return cb.HideSeriesConfig().legend(False).tooltip(False).viz(False)
 
 
+def placed(panel, title, desc, targets, w, h):
+    """`panel` (a builder) with what every panel has: title, description, the
+    data source variable, its size and its queries."""
+    return panel.title(title).description(desc).datasource(ds()).span(w).height(h).targets(targets)
+
+
 def timeseries_panel(title, desc, targets, unit=units.Short, w=12, h=8, stack=False, step=False,
                      axis_label="", min0=True, legend_calcs=("mean", "max", "lastNotNull"),
                      steps=(("green", None),), thresholds_style=cm.GraphThresholdsStyleMode.OFF):
     p = (
-        timeseries.Panel()
-        .title(title)
-        .description(desc)
-        .datasource(ds())
-        .span(w)
-        .height(h)
-        .targets(targets)
+        placed(timeseries.Panel(), title, desc, targets, w, h)
         .unit(unit)
         .color_scheme(db.FieldColor().mode(dm.FieldColorModeId.PALETTE_CLASSIC))
         .mappings([])
@@ -159,13 +159,7 @@ def stat_panel(title, desc, targets, unit=units.Short, w=4, h=4, mappings=(), st
                text_mode=cm.BigValueTextMode.AUTO, color_mode=cm.BigValueColorMode.VALUE,
                graph=cm.BigValueGraphMode.NONE, calc="lastNotNull"):
     return (
-        stat.Panel()
-        .title(title)
-        .description(desc)
-        .datasource(ds())
-        .span(w)
-        .height(h)
-        .targets(targets)
+        placed(stat.Panel(), title, desc, targets, w, h)
         .unit(unit)
         .color_scheme(db.FieldColor().mode(dm.FieldColorModeId.THRESHOLDS))
         .mappings(list(mappings))
@@ -185,13 +179,7 @@ def stat_panel(title, desc, targets, unit=units.Short, w=4, h=4, mappings=(), st
 
 def state_timeline_panel(title, desc, targets, mappings, w=24, h=5):
     return (
-        statetimeline.Panel()
-        .title(title)
-        .description(desc)
-        .datasource(ds())
-        .span(w)
-        .height(h)
-        .targets(targets)
+        placed(statetimeline.Panel(), title, desc, targets, w, h)
         .color_scheme(db.FieldColor().mode(dm.FieldColorModeId.THRESHOLDS))
         .mappings(mappings)
         .thresholds(thresholds(("text", None)))
@@ -216,13 +204,7 @@ def state_timeline_panel(title, desc, targets, mappings, w=24, h=5):
 
 def heatmap_panel(title, desc, targets, unit=units.Seconds, w=12, h=8):
     return (
-        heatmap.Panel()
-        .title(title)
-        .description(desc)
-        .datasource(ds())
-        .span(w)
-        .height(h)
-        .targets(targets)
+        placed(heatmap.Panel(), title, desc, targets, w, h)
         .hide_from(hide_nothing())
         .scale_distribution(cb.ScaleDistributionConfig().type(cm.ScaleDistribution.LINEAR))
         .overrides([])

@@ -195,18 +195,37 @@ fn fault(guest: &GuestMemory, page: u64) -> target_agent::page_state::Claim {
     }
 }
 
-#[tokio::test]
-async fn a_refused_request_is_retried_a_bounded_number_of_times_then_fails() {
-    let source = FakeSource::new(&[(3, Answer::Refuse)]);
+/// A fetcher against a fake source answering as `answers` says, over fresh
+/// guest memory; claims go in through the returned sender.
+/// (The guest memory lives as long as `vmm`: keep it bound.)
+struct Running {
+    source: FakeSource,
+    vmm: Vmm,
+    guest: Arc<GuestMemory>,
+    claims: mpsc::UnboundedSender<target_agent::page_state::Claim>,
+    fetcher: tokio::task::JoinHandle<Result<(), DemandError>>,
+}
+
+async fn start(answers: &[(u64, Answer)]) -> Running {
+    let source = FakeSource::new(answers);
     let url = source.serve().await;
-    let (_vmm, guest) = hand_off();
+    let (vmm, guest) = hand_off();
     let (claims, claims_rx) = mpsc::unbounded_channel();
     let fetcher = tokio::spawn(DemandFetcher::new(guest.clone(), url).run(claims_rx));
+    Running { source, vmm, guest, claims, fetcher }
+}
+
+/// The fetcher's end, which must come within 30 s.
+async fn ended(fetcher: tokio::task::JoinHandle<Result<(), DemandError>>) -> Result<(), DemandError> {
+    tokio::time::timeout(Duration::from_secs(30), fetcher).await.expect("ends in time").expect("no panic")
+}
+
+#[tokio::test]
+async fn a_refused_request_is_retried_a_bounded_number_of_times_then_fails() {
+    let Running { source, vmm, guest, claims, fetcher } = start(&[(3, Answer::Refuse)]).await;
     claims.send(fault(&guest, 3)).expect("fetcher running");
     claims.send(fault(&guest, 5)).expect("fetcher running");
-    let result =
-        tokio::time::timeout(Duration::from_secs(30), fetcher).await.expect("gives up in time").expect("no panic");
-    match result {
+    match ended(fetcher).await {
         Err(DemandError::Refused { page: 3, attempts, .. }) => assert_eq!(attempts, 5),
         other => panic!("expected page 3 refused for good, got {other:?}"),
     }
@@ -215,20 +234,15 @@ async fn a_refused_request_is_retried_a_bounded_number_of_times_then_fails() {
     assert_eq!(guest.states.state(3), PageState::FetchingUnknown, "a refused page is never installed");
     assert_eq!(guest.states.state(5), PageState::Installed, "the other page was fetched meanwhile");
     let mut word = [0u8; 8];
-    _vmm.map.copy_out((5 * PAGE) as usize, &mut word);
+    vmm.map.copy_out((5 * PAGE) as usize, &mut word);
     assert_eq!(word, [6u8; 8], "page 5 has the source's content");
 }
 
 #[tokio::test]
 async fn a_reply_with_another_page_is_never_installed() {
-    let source = FakeSource::new(&[(2, Answer::WrongPage)]);
-    let url = source.serve().await;
-    let (_vmm, guest) = hand_off();
-    let (claims, claims_rx) = mpsc::unbounded_channel();
-    let fetcher = tokio::spawn(DemandFetcher::new(guest.clone(), url).run(claims_rx));
+    let Running { vmm: _vmm, guest, claims, fetcher, .. } = start(&[(2, Answer::WrongPage)]).await;
     claims.send(fault(&guest, 2)).expect("fetcher running");
-    let result =
-        tokio::time::timeout(Duration::from_secs(30), fetcher).await.expect("gives up in time").expect("no panic");
+    let result = ended(fetcher).await;
     assert!(matches!(result, Err(DemandError::Refused { page: 2, .. })), "{result:?}");
     assert_eq!(guest.states.state(2), PageState::FetchingUnknown);
     assert_eq!(guest.states.state(3), PageState::Unknown, "the page the source sent instead is untouched");
@@ -239,11 +253,7 @@ async fn a_reply_with_another_page_is_never_installed() {
 async fn after_a_broken_stream_each_request_is_sent_once_again() {
     // Page 1's first request breaks the stream; page 4 is claimed while the
     // fetcher reconnects.
-    let source = FakeSource::new(&[(1, Answer::BreakStream)]);
-    let url = source.serve().await;
-    let (_vmm, guest) = hand_off();
-    let (claims, claims_rx) = mpsc::unbounded_channel();
-    let fetcher = tokio::spawn(DemandFetcher::new(guest.clone(), url).run(claims_rx));
+    let Running { source, vmm: _vmm, guest, claims, fetcher } = start(&[(1, Answer::BreakStream)]).await;
     claims.send(fault(&guest, 1)).expect("fetcher running");
     claims.send(fault(&guest, 4)).expect("fetcher running");
     for _ in 0..3000 {
@@ -254,7 +264,7 @@ async fn after_a_broken_stream_each_request_is_sent_once_again() {
     }
     assert_eq!((guest.states.state(1), guest.states.state(4)), (PageState::Installed, PageState::Installed));
     drop(claims);
-    let result = tokio::time::timeout(Duration::from_secs(5), fetcher).await.expect("ends").expect("no panic");
+    let result = ended(fetcher).await;
     assert!(result.is_ok(), "{result:?}");
     let requests = source.requests();
     let last_stream = requests.iter().map(|(stream, _)| *stream).max().expect("requests");
