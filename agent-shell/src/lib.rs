@@ -14,11 +14,11 @@
 //! # Layout
 //!
 //! - [`logging`]: logs to stderr, filtered by `RUST_LOG` (default `info`);
-//! - [`listening`]: the `listening` event on stdout;
+//! - `listening`: the `listening` event on stdout;
 //! - [`shutdown`]: the SIGTERM / SIGINT future;
 //! - [`shell`]: [`AgentShell`], binding both listeners and the lifecycle
 //!   above;
-//! - [`metrics_server`]: the `/metrics` server, started and stopped;
+//! - `metrics_server`: the `/metrics` server, started and stopped;
 //! - [`grpc`]: a gRPC router already carrying health and reflection (v1 and
 //!   v1alpha), the health reporter the agent drives, and serving the router
 //!   until a graceful shutdown;
@@ -33,9 +33,9 @@ pub mod error;
 pub mod exit;
 pub mod grpc;
 pub mod handoff_socket;
-pub mod listening;
+mod listening;
 pub mod logging;
-pub mod metrics_server;
+mod metrics_server;
 pub mod shell;
 pub mod shutdown;
 
@@ -43,8 +43,6 @@ pub use error::{HandoffSocketError, ServeError, ShellError};
 pub use exit::exit_code;
 pub use grpc::{grpc_router, serve_router, set_health};
 pub use handoff_socket::{HANDOFF_READ_TIMEOUT, HandoffSocket};
-pub use listening::{ListeningEvent, announce_listening};
 pub use logging::init_logging;
-pub use metrics_server::MetricsServer;
 pub use shell::{AgentShell, Shutdown};
 pub use shutdown::shutdown_signal;

@@ -129,29 +129,10 @@ impl Report {
         self.pages_fetched_unknown = status.pages_fetched_unknown;
         self.pages_installed_bulk = status.pages_installed_bulk;
         self.bytes_received = status.bytes_received;
-        self.phase = crate::status_watch::phase::name(status.phase()).to_owned();
-        let pages = status.pages_by_state.unwrap_or_default();
-        self.pages_by_state = [
-            ("unknown", pages.unknown),
-            ("fresh", pages.fresh),
-            ("stale", pages.stale),
-            ("fetching_unknown", pages.fetching_unknown),
-            ("fetching_stale", pages.fetching_stale),
-            ("installed", pages.installed),
-        ]
-        .into_iter()
-        .map(|(state, n)| (state.to_owned(), n))
-        .collect();
-        let blocked = status.faults_blocked.unwrap_or_default();
-        self.faults_blocked = [
-            ("outside_regions", blocked.outside_regions),
-            ("install_failed", blocked.install_failed),
-            ("source_refused", blocked.source_refused),
-            ("fault_loop_stopped", blocked.fault_loop_stopped),
-        ]
-        .into_iter()
-        .map(|(reason, n)| (reason.to_owned(), n))
-        .collect();
+        self.phase = status.phase().label().to_owned();
+        let named = |counts: &[(&str, u64)]| counts.iter().map(|&(name, n)| (name.to_owned(), n)).collect();
+        self.pages_by_state = named(&status.pages_by_state.unwrap_or_default().by_state());
+        self.faults_blocked = named(&status.faults_blocked.unwrap_or_default().by_reason());
         self.fault_latency_us =
             FAULT_KINDS.iter().map(|kind| (kind.to_string(), LatencyPercentiles::default())).collect();
         for (kind, summary) in &status.fault_latency {

@@ -33,19 +33,6 @@ pub mod phase {
     pub fn is(status: &MigrationStatus, phase: MigrationPhase) -> bool {
         of(status) == phase
     }
-
-    /// A phase as the agents' logs and metrics name it ("precopy-converged").
-    pub fn name(phase: MigrationPhase) -> &'static str {
-        match phase {
-            MigrationPhase::Unspecified => "unspecified",
-            MigrationPhase::WaitingForHandoff => "waiting-for-handoff",
-            MigrationPhase::Precopy => "precopy",
-            MigrationPhase::PrecopyConverged => "precopy-converged",
-            MigrationPhase::Postcopy => "postcopy",
-            MigrationPhase::Complete => "complete",
-            MigrationPhase::Failed => "failed",
-        }
-    }
 }
 
 /// Why the target agent's migration cannot go on.
@@ -82,7 +69,7 @@ pub struct PollState {
 impl PollState {
     /// The latest phase, for messages.
     pub fn phase(&self) -> &'static str {
-        self.latest.as_ref().map_or("unknown", |status| phase::name(phase::of(status)))
+        self.latest.as_ref().map_or("unknown", |status| phase::of(status).label())
     }
 }
 

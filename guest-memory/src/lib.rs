@@ -10,8 +10,8 @@
 //! - [`layout`]: regions and the global page numbering shared by both agents;
 //! - [`memfile`]: memfd, sizing, holes, the monotonic clock;
 //! - [`fd_passing`]: descriptors over a Unix socket (SCM_RIGHTS);
-//! - [`written`]: which pages a VMM wrote since the last look (PAGEMAP_SCAN
-//!   over its write-protected mapping);
+//! - [`page_tables`]: which pages of a VMM's mapping were written since the
+//!   last look, or are present (PAGEMAP_SCAN, without touching them);
 //! - [`hugepages`]: reserving 2 MiB huge pages for hugetlbfs guests;
 //! - [`sys`]: every `unsafe` line of the crate (mappings, the userfaultfd
 //!   calls the crate marks unsafe, PAGEMAP_SCAN).
@@ -21,9 +21,9 @@ pub mod handoff;
 pub mod hugepages;
 pub mod layout;
 pub mod memfile;
+pub mod page_tables;
 pub mod sys;
 pub mod uffd;
-pub mod written;
 
 pub use layout::{GuestLayout, RegionLayout};
 pub use sys::MemoryMap;

@@ -125,7 +125,6 @@ pub struct PageFault {
     /// The faulting address in the VMM's address space.
     pub address: u64,
     pub kind: FaultKind,
-    pub write: bool,
     /// The faulting thread (`UFFD_FEATURE_THREAD_ID`), 0 if not reported.
     pub thread_id: u32,
 }
@@ -169,14 +168,13 @@ pub enum UffdEvent {
 impl UffdEvent {
     fn from_crate(event: userfaultfd::Result<Event>) -> Self {
         match event {
-            Ok(Event::Pagefault { kind, rw, addr, thread_id }) => UffdEvent::PageFault(PageFault {
+            Ok(Event::Pagefault { kind, addr, thread_id, .. }) => UffdEvent::PageFault(PageFault {
                 address: addr as u64,
                 kind: match kind {
                     userfaultfd::FaultKind::Missing => FaultKind::Missing,
                     userfaultfd::FaultKind::Minor => FaultKind::Minor,
                     userfaultfd::FaultKind::WriteProtected => FaultKind::WriteProtect,
                 },
-                write: rw == userfaultfd::ReadWrite::Write,
                 thread_id: thread_id.as_raw() as u32,
             }),
             Ok(Event::Remove { start, end }) => UffdEvent::Remove { start: start as u64, end: end as u64 },

@@ -18,3 +18,48 @@ pub const MAX_REQUEST_BYTES: u64 = 2 << 20;
 
 /// Largest gRPC message either side decodes (2 MiB pages plus framing).
 pub const MAX_MESSAGE_BYTES: usize = 4 << 20;
+
+impl v1::MigrationPhase {
+    /// The phase as the agents' logs and the `phase` label of
+    /// `pageserver_target_phase` name it ("precopy-converged").
+    pub fn label(self) -> &'static str {
+        use v1::MigrationPhase as P;
+        match self {
+            P::Unspecified => "unspecified",
+            P::WaitingForHandoff => "waiting-for-handoff",
+            P::Precopy => "precopy",
+            P::PrecopyConverged => "precopy-converged",
+            P::Postcopy => "postcopy",
+            P::Complete => "complete",
+            P::Failed => "failed",
+        }
+    }
+}
+
+impl v1::PageCounts {
+    /// The counts by state, named as the `state` label of
+    /// `pageserver_target_pages` names them.
+    pub fn by_state(&self) -> [(&'static str, u64); 6] {
+        [
+            ("unknown", self.unknown),
+            ("fresh", self.fresh),
+            ("stale", self.stale),
+            ("fetching_unknown", self.fetching_unknown),
+            ("fetching_stale", self.fetching_stale),
+            ("installed", self.installed),
+        ]
+    }
+}
+
+impl v1::FaultsBlocked {
+    /// The counts by reason, named as the `reason` label of
+    /// `pageserver_target_faults_blocked` names them.
+    pub fn by_reason(&self) -> [(&'static str, u64); 4] {
+        [
+            ("outside_regions", self.outside_regions),
+            ("install_failed", self.install_failed),
+            ("source_refused", self.source_refused),
+            ("fault_loop_stopped", self.fault_loop_stopped),
+        ]
+    }
+}

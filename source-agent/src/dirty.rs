@@ -47,8 +47,8 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
 
 use guest_memory::GuestLayout;
+use guest_memory::page_tables::{ScanError, scan_written};
 use guest_memory::sys::PageRegion;
-use guest_memory::written::{ScanError, scan_written};
 use pageserver_metrics::LatencyHistogram;
 use pageserver_proto::bitmap::DirtyRun;
 

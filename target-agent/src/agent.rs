@@ -238,7 +238,7 @@ impl TargetAgent {
     async fn hold_bitmap_if_hooked(&self) {
         let Some((wait, faults)) = self.config.hooks.bitmap_hold() else { return };
         let deadline = tokio::time::Instant::now() + wait;
-        while tokio::time::Instant::now() < deadline && self.stats.faults_total.load(Ordering::Relaxed) < faults {
+        while tokio::time::Instant::now() < deadline && self.stats.faults_total() < faults {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
     }

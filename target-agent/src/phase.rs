@@ -34,14 +34,7 @@ impl Phase {
 
     /// The `phase` label of `pageserver_target_phase` and the word in logs.
     pub fn name(self) -> &'static str {
-        match self {
-            Phase::WaitingForHandoff => "waiting-for-handoff",
-            Phase::Precopy => "precopy",
-            Phase::PrecopyConverged => "precopy-converged",
-            Phase::Postcopy => "postcopy",
-            Phase::Complete => "complete",
-            Phase::Failed => "failed",
-        }
+        MigrationPhase::from(self).label()
     }
 }
 

@@ -45,7 +45,7 @@ pub fn status(agent: &TargetAgent) -> MigrationStatus {
         stale_pages_at_switchover: ld(&s.stale_pages_at_switchover),
         pages_marked_stale: ld(&s.pages_marked_stale),
         final_bitmap_applied: s.final_bitmap_applied.load(Ordering::Acquire),
-        faults_total: ld(&s.faults_total),
+        faults_total: s.faults_total(),
         faults_fresh: s.faults_of(FaultKind::Fresh),
         faults_fetched: s.faults_of(FaultKind::Fetched),
         faults_missing: s.faults_of(FaultKind::Missing),
@@ -120,4 +120,20 @@ pub async fn serve(
     };
     let router = router.add_service(MigrationTargetServer::new(TargetService { agent }));
     serve_router(router, listener, shutdown, following_the_phase).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::page_state::PageState;
+
+    /// The status and the metrics name page states and block reasons alike
+    /// (and in the order `status` fills them in).
+    #[test]
+    fn status_names_are_the_metric_labels() {
+        let states = PageCounts::default().by_state().map(|(name, _)| name);
+        assert_eq!(states, PageState::ALL.map(PageState::name));
+        let reasons = FaultsBlocked::default().by_reason().map(|(name, _)| name);
+        assert_eq!(reasons, BlockReason::ALL.map(BlockReason::name));
+    }
 }

@@ -76,7 +76,6 @@ pub struct TargetStats {
     pub stale_pages_at_switchover: AtomicU64,
     pub pages_marked_stale: AtomicU64,
     pub final_bitmap_applied: AtomicBool,
-    pub faults_total: AtomicU64,
     pub faults_missing_fetched: AtomicU64,
     pub faults_unknown: AtomicU64,
     pub pages_fetched_on_demand: AtomicU64,
@@ -101,7 +100,6 @@ impl TargetStats {
     /// Counts one fault of `kind` on a page whose state was `known` (not
     /// `unknown`, waiting for the final bitmap).
     pub fn record_fault(&self, kind: FaultKind, known: bool) {
-        self.faults_total.fetch_add(1, Ordering::Relaxed);
         self.faults[kind as usize][usize::from(known)].fetch_add(1, Ordering::Relaxed);
     }
 
@@ -113,6 +111,11 @@ impl TargetStats {
     /// Faults of `kind` on pages whose state was `known`.
     pub fn faults(&self, kind: FaultKind, known: bool) -> u64 {
         self.faults[kind as usize][usize::from(known)].load(Ordering::Relaxed)
+    }
+
+    /// Every fault resolved or waiting for a fetch (not the blocked ones).
+    pub fn faults_total(&self) -> u64 {
+        FaultKind::ALL.iter().map(|&kind| self.faults_of(kind)).sum()
     }
 
     /// Faults of `kind`, known or not.

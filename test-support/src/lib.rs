@@ -42,5 +42,5 @@ pub const PATIENCE: Duration = Duration::from_secs(30);
 /// Pages written in [`base`, `base + size`) since the last call, through the
 /// VMM's handed-over pagemap (PAGEMAP_SCAN; they are write-protected again).
 pub fn written_pages(pagemap: BorrowedFd<'_>, base: u64, size: u64, page_size: u64) -> Vec<u64> {
-    guest_memory::written::written_pages(pagemap, base, size, page_size).expect("PAGEMAP_SCAN")
+    guest_memory::page_tables::written_pages(pagemap, base, size, page_size).expect("PAGEMAP_SCAN")
 }

@@ -3,6 +3,7 @@
 
 use guest_memory::UffdError;
 use guest_memory::handoff::HandoffError;
+use guest_memory::page_tables::ScanError;
 
 /// Why the stand-in could not run, or a command could not be carried out.
 #[derive(Debug, thiserror::Error)]
@@ -23,6 +24,8 @@ pub enum VmmError {
     AlreadyRunning,
     #[error("snapshot {path} has {have} bytes, the guest has {need}")]
     SnapshotSize { path: String, have: u64, need: u64 },
+    #[error("reading which guest pages are mapped: {0}")]
+    Mapped(#[from] ScanError),
 }
 
 /// Wraps an I/O error with what was being done.

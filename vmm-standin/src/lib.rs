@@ -27,7 +27,6 @@
 //! - [`undo_log`]: what the target guest wrote, and the content from before;
 //! - [`verify`]: the target's memory compared with the source's snapshot,
 //!   every page or only the pages already mapped;
-//! - [`pagemap`]: which of our own pages are mapped (`/proc/self/pagemap`);
 //! - [`pattern`]: the content every party derives from the seed;
 //! - [`size`]: memory sizes as users type them (also the demo's `--memory`).
 #![forbid(unsafe_code)]
@@ -35,7 +34,6 @@
 pub mod config;
 pub mod error;
 pub mod guest;
-pub mod pagemap;
 pub mod pattern;
 pub mod protocol;
 pub mod ram;

@@ -16,10 +16,10 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use guest_memory::MemoryMap;
+use guest_memory::page_tables::present_pages;
 
 use crate::error::{VmmError, io_context};
 use crate::guest::TargetGuest;
-use crate::pagemap::Pagemap;
 
 /// How many mismatching pages an outcome lists.
 const MISMATCHES_REPORTED: usize = 16;
@@ -55,14 +55,16 @@ impl TargetGuest {
     /// Compares the pages in `scope` with the snapshot at `path`.
     pub fn verify(&self, path: &Path, scope: Scope) -> Result<VerifyOutcome, VmmError> {
         let snapshot = self.map_snapshot(path)?;
-        let pagemap = match scope {
+        // Read once: a page mapped now stays mapped; one mapped later is
+        // left out.
+        let mapped = match scope {
             Scope::EveryPage => None,
-            Scope::MappedPages => Some(Pagemap::open_own().map_err(io_context("opening /proc/self/pagemap"))?),
+            Scope::MappedPages => Some(self.mapped_pages()?),
         };
         let next_chunk = AtomicU64::new(0);
         let tallies: Vec<Result<Tally, VmmError>> = std::thread::scope(|scope| {
             let threads: Vec<_> = (0..self.vcpus())
-                .map(|_| scope.spawn(|| self.compare_chunks(&snapshot, pagemap.as_ref(), &next_chunk)))
+                .map(|_| scope.spawn(|| self.compare_chunks(&snapshot, mapped.as_deref(), &next_chunk)))
                 .collect();
             threads
                 .into_iter()
@@ -94,12 +96,25 @@ impl TargetGuest {
             .map_err(io_context(format!("mapping the snapshot {}", path.display())))
     }
 
-    /// Compares chunks of pages until none is left; with a `pagemap`, only
-    /// the pages it reports mapped.
+    /// Per page, whether our page tables map it now (PAGEMAP_SCAN on our own
+    /// pagemap; nothing is touched).
+    fn mapped_pages(&self) -> Result<Vec<bool>, VmmError> {
+        let ram = self.ram();
+        let pagemap = File::open("/proc/self/pagemap").map_err(io_context("opening /proc/self/pagemap"))?;
+        let present = present_pages(pagemap.as_fd(), ram.map.addr(), ram.size(), ram.page_size)?;
+        let mut mapped = vec![false; ram.total_pages as usize];
+        for page in present {
+            mapped[page as usize] = true;
+        }
+        Ok(mapped)
+    }
+
+    /// Compares chunks of pages until none is left; with `mapped`, only the
+    /// pages it says are mapped.
     fn compare_chunks(
         &self,
         snapshot: &MemoryMap,
-        pagemap: Option<&Pagemap>,
+        mapped: Option<&[bool]>,
         next: &AtomicU64,
     ) -> Result<Tally, VmmError> {
         let ram = self.ram();
@@ -112,17 +127,8 @@ impl TargetGuest {
                 return Ok(tally);
             }
             let end = (first + CHUNK_PAGES).min(ram.total_pages);
-            // A page mapped now stays mapped; one mapped later is left out.
-            let mapped = match pagemap {
-                Some(pagemap) => Some(
-                    pagemap
-                        .mapped(ram.map.addr() + first * ram.page_size, (end - first) as usize, ram.page_size)
-                        .map_err(io_context("reading /proc/self/pagemap"))?,
-                ),
-                None => None,
-            };
             for page in first..end {
-                if mapped.as_ref().is_some_and(|mapped| !mapped[(page - first) as usize]) {
+                if mapped.is_some_and(|mapped| !mapped[page as usize]) {
                     continue;
                 }
                 let offset = ram.page_offset(page);

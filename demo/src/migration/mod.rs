@@ -430,7 +430,7 @@ impl Migration<'_> {
         self.report.switchover_rpc_ms = paused.elapsed().as_secs_f64() * 1e3;
         self.progress.say(format!(
             "switchover: target agent in phase {} ({:.2} ms)",
-            crate::status_watch::phase::name(reply.phase()),
+            reply.phase().label(),
             self.report.switchover_rpc_ms
         ));
         Ok(paused)
