@@ -26,9 +26,11 @@
 //!   both agents (a path that is not a socket, or a socket in use, is
 //!   refused; a stale socket is replaced; mode 0600; removed when dropped);
 //! - [`exit`]: the exit status, and the reason on stderr;
+//! - [`duration`]: durations on the command line (`250ms`, `30s`);
 //! - [`error`]: what can go wrong in all of these.
 #![forbid(unsafe_code)]
 
+pub mod duration;
 pub mod error;
 pub mod exit;
 pub mod grpc;
@@ -39,6 +41,7 @@ mod metrics_server;
 pub mod shell;
 pub mod shutdown;
 
+pub use duration::parse_duration;
 pub use error::{HandoffSocketError, ServeError, ShellError};
 pub use exit::exit_code;
 pub use grpc::{grpc_router, serve_router, set_health};

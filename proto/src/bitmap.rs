@@ -49,6 +49,8 @@ pub struct DirtyBitmap {
     pub epoch: u64,
     /// The VM was paused before the scan: this bitmap is final.
     pub paused: bool,
+    /// The source's pause epoch when the scan started (0: running).
+    pub pause_epoch: u64,
     /// Sorted, non-overlapping, adjacent runs merged.
     pub runs: Vec<DirtyRun>,
 }
@@ -137,6 +139,8 @@ pub fn encode_chunks(epoch: u64, paused: bool, runs: &[DirtyRun]) -> Result<Vec<
         base_index,
         total_dirty_pages,
         last: false,
+        // The source's pause fence is the caller's to set on every chunk.
+        pause_epoch: 0,
     };
 
     let mut chunks: Vec<DirtyBitmapChunk> = Vec::new();
@@ -173,7 +177,8 @@ pub fn encode_chunks(epoch: u64, paused: bool, runs: &[DirtyRun]) -> Result<Vec<
 #[derive(Debug, Default)]
 pub struct BitmapDecoder {
     /// (epoch, paused, total_dirty_pages) of the first chunk.
-    header: Option<(u64, bool, u64)>,
+    /// (epoch, paused, total_dirty_pages, pause_epoch) of the first chunk.
+    header: Option<(u64, bool, u64, u64)>,
     runs: Vec<DirtyRun>,
     finished: bool,
 }
@@ -188,12 +193,13 @@ impl BitmapDecoder {
         if self.finished {
             return Err(BitmapError::AfterLast);
         }
-        let header = (chunk.epoch, chunk.paused, chunk.total_dirty_pages);
-        let (epoch, paused, total) = *self.header.get_or_insert(header);
+        let header = (chunk.epoch, chunk.paused, chunk.total_dirty_pages, chunk.pause_epoch);
+        let (epoch, paused, total, pause_epoch) = *self.header.get_or_insert(header);
         for (field, first, got) in [
             ("epoch", epoch, chunk.epoch),
             ("paused", u64::from(paused), u64::from(chunk.paused)),
             ("total_dirty_pages", total, chunk.total_dirty_pages),
+            ("pause_epoch", pause_epoch, chunk.pause_epoch),
         ] {
             if first != got {
                 return Err(BitmapError::Inconsistent { field, first, got });
@@ -217,11 +223,11 @@ impl BitmapDecoder {
 
     /// The whole bitmap, once the last chunk was pushed.
     pub fn finish(self) -> Result<DirtyBitmap, BitmapError> {
-        let (epoch, paused, claimed) = match (self.finished, self.header) {
+        let (epoch, paused, claimed, pause_epoch) = match (self.finished, self.header) {
             (true, Some(header)) => header,
             _ => return Err(BitmapError::Incomplete),
         };
-        let bitmap = DirtyBitmap { epoch, paused, runs: self.runs };
+        let bitmap = DirtyBitmap { epoch, paused, pause_epoch, runs: self.runs };
         let decoded = bitmap.page_count();
         if decoded != claimed {
             return Err(BitmapError::TotalMismatch { claimed, decoded });
@@ -262,7 +268,7 @@ mod tests {
         assert!(chunks.iter().all(|c| c.epoch == 7 && c.paused && c.total_dirty_pages == 58));
         assert_eq!(chunks.iter().filter(|c| c.last).count(), 1);
         assert!(chunks[2].last);
-        assert_eq!(bitmap, DirtyBitmap { epoch: 7, paused: true, runs: runs.to_vec() });
+        assert_eq!(bitmap, DirtyBitmap { epoch: 7, paused: true, pause_epoch: 0, runs: runs.to_vec() });
     }
 
     #[test]
@@ -336,9 +342,9 @@ mod tests {
             page_size: 4096,
         }])
         .expect("layout");
-        let bitmap = DirtyBitmap { epoch: 2, paused: false, runs: vec![run(0, 6, 3)] };
+        let bitmap = DirtyBitmap { epoch: 2, paused: false, pause_epoch: 0, runs: vec![run(0, 6, 3)] };
         assert!(matches!(bitmap.global_runs(&layout), Err(BitmapError::OutsideLayout { .. })));
-        let bitmap = DirtyBitmap { epoch: 2, paused: false, runs: vec![run(1, 0, 1)] };
+        let bitmap = DirtyBitmap { epoch: 2, paused: false, pause_epoch: 0, runs: vec![run(1, 0, 1)] };
         assert!(matches!(bitmap.global_runs(&layout), Err(BitmapError::OutsideLayout { .. })));
     }
 }

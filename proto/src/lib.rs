@@ -19,6 +19,14 @@ pub const MAX_REQUEST_BYTES: u64 = 2 << 20;
 /// Largest gRPC message either side decodes (2 MiB pages plus framing).
 pub const MAX_MESSAGE_BYTES: usize = 4 << 20;
 
+/// Response header of every `PageServer` call: the serving agent's
+/// incarnation (`Layout.incarnation`).
+pub const INCARNATION_HEADER: &str = "pageserver-incarnation";
+
+/// Response header of every `PageServer` call: the identity of the memory
+/// served (`Layout.memory_id`).
+pub const MEMORY_ID_HEADER: &str = "pageserver-memory-id";
+
 impl v1::MigrationPhase {
     /// The phase as the agents' logs and the `phase` label of
     /// `pageserver_target_phase` name it ("precopy-converged").
@@ -54,12 +62,14 @@ impl v1::PageCounts {
 impl v1::FaultsBlocked {
     /// The counts by reason, named as the `reason` label of
     /// `pageserver_target_faults_blocked` names them.
-    pub fn by_reason(&self) -> [(&'static str, u64); 4] {
+    pub fn by_reason(&self) -> [(&'static str, u64); 6] {
         [
             ("outside_regions", self.outside_regions),
             ("install_failed", self.install_failed),
             ("source_refused", self.source_refused),
             ("fault_loop_stopped", self.fault_loop_stopped),
+            ("migration_failed", self.migration_failed),
+            ("source_unreachable", self.source_unreachable),
         ]
     }
 }

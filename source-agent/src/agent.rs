@@ -36,6 +36,9 @@ pub struct AlreadyAttached {
 #[derive(Debug)]
 pub struct SourceAgent {
     vm: String,
+    /// This agent process's life (`Layout.incarnation`): random, so that a
+    /// restarted agent never reuses one.
+    incarnation: String,
     /// Why there is no memory yet, for UNAVAILABLE statuses.
     waiting_reason: String,
     memory: OnceLock<Arc<SourceMemory>>,
@@ -50,6 +53,7 @@ impl SourceAgent {
     fn empty(vm: String, waiting_reason: String) -> Self {
         Self {
             vm,
+            incarnation: new_incarnation(),
             waiting_reason,
             memory: OnceLock::new(),
             attached: watch::Sender::new(false),
@@ -69,6 +73,11 @@ impl SourceAgent {
         // A fresh agent has no memory yet, so this cannot fail.
         let _ = agent.attach(memory);
         agent
+    }
+
+    /// This agent's incarnation (`Layout.incarnation`).
+    pub fn incarnation(&self) -> &str {
+        &self.incarnation
     }
 
     /// The VM's name, from the agent's configuration.
@@ -103,5 +112,16 @@ impl SourceAgent {
     /// Watches whether memory is attached (true once, forever).
     pub fn subscribe_attached(&self) -> watch::Receiver<bool> {
         self.attached.subscribe()
+    }
+}
+
+/// A new incarnation: 128 random bits from the kernel, in hex (the time and
+/// pid if the kernel has no randomness to give, which still differ from any
+/// earlier agent's on this host).
+fn new_incarnation() -> String {
+    let mut bytes = [0u8; 16];
+    match rustix::rand::getrandom(&mut bytes, rustix::rand::GetRandomFlags::empty()) {
+        Ok(16) => bytes.iter().map(|b| format!("{b:02x}")).collect(),
+        _ => format!("{:x}-{:x}", std::process::id(), guest_memory::memfile::monotonic_ns()),
     }
 }

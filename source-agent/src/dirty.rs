@@ -100,6 +100,9 @@ pub struct DirtyTracker {
     /// The newest epoch whose scan is complete (readable without the lock).
     newest_epoch: AtomicU64,
     paused: AtomicBool,
+    /// The epoch of the first scan after the pause (0 while the VM runs):
+    /// what a page read proves it was read from (see `pause_epoch`).
+    pause_epoch: AtomicU64,
     vmm_gone: AtomicBool,
     /// How long each PAGEMAP_SCAN pass took, for metrics.
     scan_latency: LatencyHistogram,
@@ -120,6 +123,7 @@ impl DirtyTracker {
             state: Mutex::new(state),
             newest_epoch: AtomicU64::new(1),
             paused: AtomicBool::new(paused),
+            pause_epoch: AtomicU64::new(u64::from(paused)),
             vmm_gone: AtomicBool::new(false),
             scan_latency: LatencyHistogram::new(),
         }
@@ -143,6 +147,16 @@ impl DirtyTracker {
     /// Whether the VM is paused (or gone, or a file): its memory does not change.
     pub fn is_paused(&self) -> bool {
         self.paused.load(Ordering::Acquire)
+    }
+
+    /// The pause epoch: the epoch of the first scan that started after the
+    /// VM paused (or after its VMM left), 0 while it runs or before that scan
+    /// is complete. A memory file is paused at epoch 1 for ever. While this
+    /// stays the same, the memory does not change: a page read between two
+    /// equal readings of it is the page's content at the pause, and the
+    /// final bitmap it came with is exact for it.
+    pub fn pause_epoch(&self) -> u64 {
+        self.pause_epoch.load(Ordering::Acquire)
     }
 
     /// The duration of every scan so far.
@@ -175,13 +189,20 @@ impl DirtyTracker {
     pub fn vm_paused(&self) -> Result<u64, DirtyError> {
         self.paused.store(true, Ordering::Release);
         let mut state = self.lock();
-        self.scan_locked(&mut state)
+        let scanned = self.scan_locked(&mut state);
+        // A failed scan still made its epoch (counting what it could not
+        // report as dirty), so it fences the pause as well as a good one.
+        if self.is_paused() {
+            let _ = self.pause_epoch.compare_exchange(0, u64::from(state.epoch), Ordering::AcqRel, Ordering::Acquire);
+        }
+        scanned
     }
 
     /// The VMM resumed its vCPUs: the memory changes again.
     pub fn vm_resumed(&self) {
         let mut state = self.lock();
         self.paused.store(false, Ordering::Release);
+        self.pause_epoch.store(0, Ordering::Release);
         state.settled = self.is_vmm_gone();
     }
 
@@ -207,6 +228,7 @@ impl DirtyTracker {
         self.vmm_gone.store(true, Ordering::Release);
         self.paused.store(true, Ordering::Release);
         self.newest_epoch.store(u64::from(state.epoch), Ordering::Release);
+        let _ = self.pause_epoch.compare_exchange(0, u64::from(state.epoch), Ordering::AcqRel, Ordering::Acquire);
     }
 
     /// Scans (a new epoch, unless this is a memory file), then returns every

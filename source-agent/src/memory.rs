@@ -60,6 +60,8 @@ pub enum MemoryError {
         #[source]
         source: std::io::Error,
     },
+    #[error("reading the identity (fstat) of the VMM's memory file")]
+    Identity(#[source] std::io::Error),
     #[error("the hand-off carries no pagemap descriptor, which dirty tracking needs")]
     NoPagemap,
     #[error("starting dirty tracking on the VMM's memory (is it registered with a WP_ASYNC userfaultfd?): {0}")]
@@ -93,7 +95,22 @@ pub struct SourceMemory {
     maps: Vec<MemoryMap>,
     dirty: DirtyTracker,
     origin: MemoryOrigin,
+    /// `Layout.memory_id`: see [`memory_id`].
+    id: String,
     _vmm: Option<VmmDescriptors>,
+}
+
+/// The identity of the memory behind `fd`, as `Layout.memory_id` reports
+/// it: the file's device and inode, and the VMM's pid for handed-off
+/// memory. Every agent the same VMM hands the same memory to reports the
+/// same id; another VM's memory (another memfd) never does.
+fn memory_id(fd: &impl AsFd, origin: &MemoryOrigin) -> Result<String, std::io::Error> {
+    let stat = rustix::fs::fstat(fd)?;
+    let (dev, ino) = (stat.st_dev, stat.st_ino);
+    Ok(match origin {
+        MemoryOrigin::Vmm { pid, .. } => format!("vmm-{pid}-{dev:x}-{ino:x}"),
+        MemoryOrigin::File { .. } => format!("file-{dev:x}-{ino:x}"),
+    })
 }
 
 fn map_regions(fd: &impl AsFd, layout: &GuestLayout) -> Result<Vec<MemoryMap>, MemoryError> {
@@ -125,13 +142,9 @@ impl SourceMemory {
         }
         let layout = GuestLayout::new(vec![RegionLayout { base_host_virt_addr: 0, size, offset: 0, page_size }])?;
         let maps = map_regions(&file, &layout)?;
-        Ok(Self {
-            dirty: DirtyTracker::for_file(layout.clone()),
-            layout,
-            maps,
-            origin: MemoryOrigin::File { path: path.to_owned() },
-            _vmm: None,
-        })
+        let origin = MemoryOrigin::File { path: path.to_owned() };
+        let id = memory_id(&file, &origin).map_err(open_error)?;
+        Ok(Self { dirty: DirtyTracker::for_file(layout.clone()), layout, maps, origin, id, _vmm: None })
     }
 
     /// Maps a VMM's handed-off memory read-only and starts dirty tracking
@@ -154,13 +167,9 @@ impl SourceMemory {
         }
         let dirty = DirtyTracker::for_vmm(layout.clone(), pagemap);
         dirty.start_tracking().map_err(MemoryError::StartTracking)?;
-        Ok(Self {
-            layout,
-            maps,
-            dirty,
-            origin: MemoryOrigin::Vmm { vm: message.vm.clone(), pid: message.pid },
-            _vmm: Some(VmmDescriptors { _memory: memory, _uffd: uffd }),
-        })
+        let origin = MemoryOrigin::Vmm { vm: message.vm.clone(), pid: message.pid };
+        let id = memory_id(&memory, &origin).map_err(MemoryError::Identity)?;
+        Ok(Self { layout, maps, dirty, origin, id, _vmm: Some(VmmDescriptors { _memory: memory, _uffd: uffd }) })
     }
 
     pub fn layout(&self) -> &GuestLayout {
@@ -177,6 +186,11 @@ impl SourceMemory {
 
     pub fn origin(&self) -> &MemoryOrigin {
         &self.origin
+    }
+
+    /// The memory's identity (`Layout.memory_id`).
+    pub fn id(&self) -> &str {
+        &self.id
     }
 
     /// `"vmm"` or `"file"`, as `GetLayout` reports it.

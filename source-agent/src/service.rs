@@ -16,6 +16,17 @@
 //!   the scan and reported in every chunk (see `pageserver_proto::bitmap` for the
 //!   encoding).
 //!
+//! - Every response carries the agent's incarnation and the memory's identity
+//!   as headers ([`INCARNATION_HEADER`], [`MEMORY_ID_HEADER`]), so that a
+//!   target checks on every stream, not only at its first `GetLayout`, that
+//!   it still talks to the source of its migration.
+//! - The pause fence: a `GetPages` reply carries the pause epoch
+//!   ([`DirtyTracker::pause_epoch`](crate::dirty::DirtyTracker::pause_epoch))
+//!   read before and after its pages were read; if the two differ (the VM
+//!   paused or resumed meanwhile) the request is answered ABORTED instead.
+//!   A request with `require_paused` is refused with FAILED_PRECONDITION,
+//!   nothing read, while the VM runs.
+//!
 //! Unary calls are timed, and counted as rejected when they fail, by the
 //! server's [`RpcMetricsLayer`](crate::rpc_metrics::RpcMetricsLayer); the
 //! requests inside a `GetPages` stream are timed and counted here, one by
@@ -28,10 +39,10 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use guest_memory::memfile::is_zero;
-use pageserver_proto::MAX_REQUEST_BYTES;
 use pageserver_proto::bitmap::encode_chunks;
 use pageserver_proto::v1 as pb;
 use pageserver_proto::v1::page_server_server::PageServer;
+use pageserver_proto::{INCARNATION_HEADER, MAX_REQUEST_BYTES, MEMORY_ID_HEADER};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -58,6 +69,23 @@ impl PageService {
 
     fn memory(&self) -> Result<Arc<SourceMemory>, Status> {
         self.agent.memory_or_reason().cloned().map_err(Status::unavailable)
+    }
+
+    /// A response with the identity headers (see the module docs).
+    fn stamped<T>(&self, memory: &SourceMemory, message: T) -> Response<T> {
+        let mut response = Response::new(message);
+        let headers = response.metadata_mut();
+        for (name, value) in [(INCARNATION_HEADER, self.agent.incarnation()), (MEMORY_ID_HEADER, memory.id())] {
+            match value.parse() {
+                Ok(value) => {
+                    headers.insert(name, value);
+                }
+                // Both are ASCII by construction; a target refuses a
+                // response without them.
+                Err(error) => tracing::error!(name, value, %error, "identity header not sent"),
+            }
+        }
+        response
     }
 }
 
@@ -125,12 +153,28 @@ fn answer_pages_request(memory: &SourceMemory, agent: &SourceAgent, request: &pb
 }
 
 fn pages_reply(memory: &SourceMemory, agent: &SourceAgent, request: &pb::PagesRequest) -> pb::PagesReply {
-    let result = check_batch(memory, request).and_then(|()| {
-        read_pages(memory, agent, request.region, request.first_index, u64::from(request.count))
-            .map_err(|e| range_status(&e))
-    });
+    let pause_epoch = memory.dirty().pause_epoch();
+    let result = check_batch(memory, request)
+        .and_then(|()| {
+            if request.require_paused && pause_epoch == 0 {
+                return Err(Status::failed_precondition(format!(
+                    "request {} needs the VM paused (post-copy), and it is running: nothing was read",
+                    request.request_id
+                )));
+            }
+            read_pages(memory, agent, request.region, request.first_index, u64::from(request.count))
+                .map_err(|e| range_status(&e))
+        })
+        .and_then(|pages| match memory.dirty().pause_epoch() {
+            after if after == pause_epoch => Ok(pages),
+            after => Err(Status::aborted(format!(
+                "the VM paused or resumed while request {} was read (pause epoch {pause_epoch}, then {after}): \
+                 ask again",
+                request.request_id
+            ))),
+        });
     match result {
-        Ok(pages) => pb::PagesReply { request_id: request.request_id, pages, error: None },
+        Ok(pages) => pb::PagesReply { request_id: request.request_id, pages, error: None, pause_epoch },
         Err(status) => {
             agent.rpcs.reject(Rpc::GetPages);
             tracing::debug!(request_id = request.request_id, error = %status.message(), "GetPages request refused");
@@ -138,6 +182,7 @@ fn pages_reply(memory: &SourceMemory, agent: &SourceAgent, request: &pb::PagesRe
                 request_id: request.request_id,
                 pages: Vec::new(),
                 error: Some(pb::RequestError { code: status.code() as i32, message: status.message().to_owned() }),
+                pause_epoch,
             }
         }
     }
@@ -162,6 +207,9 @@ impl PageService {
             paused: memory.dirty().is_paused(),
             vm: self.agent.vm().to_owned(),
             memory_source: memory.source_kind().to_owned(),
+            incarnation: self.agent.incarnation().to_owned(),
+            memory_id: memory.id().to_owned(),
+            pause_epoch: memory.dirty().pause_epoch(),
         })
     }
 
@@ -183,6 +231,7 @@ impl PageService {
         }
         // Read before scanning: only a scan that started after the pause is final.
         let paused = memory.dirty().is_paused();
+        let pause_epoch = memory.dirty().pause_epoch();
         if r#final && !paused {
             return Err(Status::failed_precondition("the VM is still running; a final bitmap needs it paused"));
         }
@@ -191,8 +240,11 @@ impl PageService {
             .await
             .map_err(|e| Status::internal(format!("dirty scan task failed: {e}")))?
             .map_err(dirty_status)?;
-        let chunks = encode_chunks(snapshot.epoch, paused, &snapshot.runs)
+        let mut chunks = encode_chunks(snapshot.epoch, paused, &snapshot.runs)
             .map_err(|e| Status::internal(format!("encoding the dirty bitmap: {e}")))?;
+        for chunk in &mut chunks {
+            chunk.pause_epoch = pause_epoch;
+        }
         tracing::debug!(
             since_epoch,
             epoch = snapshot.epoch,
@@ -208,11 +260,13 @@ impl PageService {
 #[tonic::async_trait]
 impl PageServer for PageService {
     async fn get_layout(&self, _request: Request<pb::GetLayoutRequest>) -> Result<Response<pb::Layout>, Status> {
-        self.layout().map(Response::new)
+        let memory = self.memory()?;
+        self.layout().map(|layout| self.stamped(&memory, layout))
     }
 
     async fn get_page(&self, request: Request<pb::GetPageRequest>) -> Result<Response<pb::Page>, Status> {
-        self.page(request.into_inner()).map(Response::new)
+        let memory = self.memory()?;
+        self.page(request.into_inner()).map(|page| self.stamped(&memory, page))
     }
 
     type GetPagesStream = ReceiverStream<Result<pb::PagesReply, Status>>;
@@ -245,7 +299,7 @@ impl PageServer for PageService {
                 }
             }
         });
-        Ok(Response::new(ReceiverStream::new(reply_stream)))
+        Ok(self.stamped(&*self.memory()?, ReceiverStream::new(reply_stream)))
     }
 
     type GetDirtyBitmapStream = tokio_stream::Iter<std::vec::IntoIter<Result<pb::DirtyBitmapChunk, Status>>>;
@@ -254,7 +308,8 @@ impl PageServer for PageService {
         &self,
         request: Request<pb::DirtyBitmapRequest>,
     ) -> Result<Response<Self::GetDirtyBitmapStream>, Status> {
+        let memory = self.memory()?;
         let chunks = self.dirty_bitmap(request.into_inner()).await?;
-        Ok(Response::new(tokio_stream::iter(chunks.into_iter().map(Ok).collect::<Vec<_>>())))
+        Ok(self.stamped(&memory, tokio_stream::iter(chunks.into_iter().map(Ok).collect::<Vec<_>>())))
     }
 }

@@ -72,7 +72,7 @@ async fn layout_and_single_pages() {
 }
 
 fn request(request_id: u64, region: u32, first_index: u64, count: u32) -> PagesRequest {
-    PagesRequest { request_id, region, first_index, count }
+    PagesRequest { request_id, region, first_index, count, require_paused: false }
 }
 
 #[tokio::test]

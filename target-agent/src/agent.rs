@@ -11,6 +11,13 @@
 //!    stale ones pulled in the background. Once nothing is being fetched,
 //!    phase `complete`.
 //!
+//! Every connection to the source is checked to reach this migration's
+//! source, and every page installed after switchover to have been read while
+//! it was paused ([`crate::fence`]). A source agent restarted on the same VMM
+//! is followed: pre-copy starts over, or, before the final bitmap, every page
+//! not known fresh becomes stale. A source unreachable for longer than
+//! `source_unreachable_timeout` fails the migration.
+//!
 //! From step 2 on, every step races the fault loop's exit event: if the
 //! fault loop stops, the migration fails at once with its reason, whatever
 //! step it was in, and never reports `complete`. After `complete` the fault
@@ -28,17 +35,14 @@ use guest_memory::handoff::{Handoff, Role, receive_handoff};
 use tokio::sync::{oneshot, watch};
 
 use crate::fault_loop::{FaultHint, FaultLoop, FaultLoopError, FaultLoopExit, describe_stop};
+use crate::fence::{SourceEpoch, SourceFence};
 use crate::guest::{GuestMemory, InstallError};
 use crate::phase::{Phase, PhaseTracker};
-use crate::source::{self, SourceError};
+use crate::source::{self, SourceError, SourceLink};
 use crate::stats::TargetStats;
 use crate::test_hooks::TestHooks;
 use crate::transfer::{self, TransferError};
 
-/// How long the final bitmap is asked for while the source does not say it
-/// is paused (its VMM's "paused" event may reach it a moment after the
-/// orchestrator's Switchover reaches us).
-const PAUSE_FENCE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often the completion wait looks at the page states.
 const COMPLETION_POLL: Duration = Duration::from_millis(5);
 
@@ -49,7 +53,34 @@ pub struct TargetConfig {
     pub handoff_socket: PathBuf,
     pub vm: String,
     pub max_precopy_rounds: u32,
+    /// How long the migration waits for an unreachable source (or for the
+    /// right one, while another answers) before it fails.
+    pub source_unreachable_timeout: Duration,
+    /// How long post-copy waits for a source that says its VM is not paused
+    /// (its VMM's "paused" event may reach it a moment after the
+    /// orchestrator's Switchover reaches us) before it fails.
+    pub pause_timeout: Duration,
     pub hooks: TestHooks,
+}
+
+impl TargetConfig {
+    /// The defaults the `target-agent` binary has too.
+    pub const DEFAULT_MAX_PRECOPY_ROUNDS: u32 = 8;
+    pub const DEFAULT_SOURCE_UNREACHABLE_TIMEOUT: Duration = Duration::from_secs(60);
+    pub const DEFAULT_PAUSE_TIMEOUT: Duration = Duration::from_secs(30);
+
+    /// A configuration with the defaults and no test hooks.
+    pub fn new(source_url: &str, handoff_socket: impl Into<PathBuf>, vm: &str) -> Self {
+        Self {
+            source_url: source_url.to_owned(),
+            handoff_socket: handoff_socket.into(),
+            vm: vm.to_owned(),
+            max_precopy_rounds: Self::DEFAULT_MAX_PRECOPY_ROUNDS,
+            source_unreachable_timeout: Self::DEFAULT_SOURCE_UNREACHABLE_TIMEOUT,
+            pause_timeout: Self::DEFAULT_PAUSE_TIMEOUT,
+            hooks: TestHooks::default(),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -68,8 +99,6 @@ pub enum TargetError {
     Guest(#[from] InstallError),
     #[error("starting the fault loop")]
     Thread(#[source] std::io::Error),
-    #[error("the source never reported itself paused: {0}")]
-    NotPaused(String),
     #[error("the fault loop stopped")]
     FaultLoop(#[from] FaultLoopError),
     #[error("the fault loop thread vanished without reporting its end")]
@@ -114,6 +143,16 @@ impl TargetAgent {
         })
     }
 
+    /// How long the migration has made no progress while it should (in
+    /// pre-copy and post-copy; zero while it waits for the hand-off or the
+    /// switchover, and once it is over).
+    pub fn stalled_for(&self) -> Duration {
+        match self.phase.get() {
+            Phase::Precopy | Phase::Postcopy => self.stats.since_progress(),
+            _ => Duration::ZERO,
+        }
+    }
+
     /// Starts the switchover (idempotent). Returns the phase after it.
     pub fn request_switchover(&self) -> Result<Phase, &'static str> {
         match self.phase.get() {
@@ -130,9 +169,18 @@ impl TargetAgent {
     pub async fn run(self: Arc<Self>) -> Result<(), TargetError> {
         let result = self.clone().migrate().await;
         if let Err(e) = &result {
-            self.phase.fail(e.describe());
+            self.fail(&e.describe());
         }
         result
+    }
+
+    /// Fails the migration: first nothing more is installed (the gate closes
+    /// once the installs under way are done), then the phase says `failed`.
+    fn fail(&self, reason: &str) {
+        if let Some(guest) = self.guest.get() {
+            guest.gate.close();
+        }
+        self.phase.fail(reason.to_owned());
     }
 
     async fn migrate(self: Arc<Self>) -> Result<(), TargetError> {
@@ -149,9 +197,17 @@ impl TargetAgent {
         let connected = source::connect(&url).await;
         stats.note_source_call(&connected);
         let mut client = connected?;
-        let layout = source::get_layout(&mut client).await;
+        let layout = source::get_layout(&mut client, None).await;
         stats.note_source_call(&layout);
-        source::check_layout(&layout?, &handoff.layout)?;
+        let (layout, _) = layout?;
+        source::check_layout(&layout, &handoff.layout)?;
+        let link = Arc::new(SourceLink {
+            url,
+            fence: SourceFence::learn(&layout, stats.clone())?,
+            unreachable_timeout: self.config.source_unreachable_timeout,
+            pause_timeout: self.config.pause_timeout,
+            stats: stats.clone(),
+        });
 
         let guest = Arc::new(GuestMemory::new(handoff, self.stats.clone())?);
         let _ = self.guest.set(guest.clone());
@@ -160,7 +216,7 @@ impl TargetAgent {
         let (complete_tx, complete_rx) = watch::channel(false);
         let fault_loop = FaultLoop::new(
             guest.clone(),
-            url.clone(),
+            link.clone(),
             postcopy_rx,
             complete_rx,
             hint.clone(),
@@ -169,7 +225,7 @@ impl TargetAgent {
         let mut exit = fault_loop.spawn().map_err(TargetError::Thread)?;
 
         tokio::select! {
-            result = self.move_memory(&guest, client, &postcopy_tx, hint) => result?,
+            result = self.move_memory(&guest, client, &link, &postcopy_tx, hint) => result?,
             stopped = &mut exit => return Err(fault_loop_stopped(stopped)),
         }
         let _ = complete_tx.send(true);
@@ -188,25 +244,27 @@ impl TargetAgent {
         &self,
         guest: &Arc<GuestMemory>,
         mut client: source::Client,
+        link: &SourceLink,
         postcopy: &watch::Sender<bool>,
         hint: Arc<FaultHint>,
     ) -> Result<(), TargetError> {
-        let url = &self.config.source_url;
         self.phase.advance(Phase::Precopy);
-        let epoch = transfer::precopy(guest, &mut client, url, self.config.max_precopy_rounds).await?;
+        self.stats.note_progress();
+        let epoch = transfer::precopy(guest, &mut client, link, self.config.max_precopy_rounds).await?;
         self.phase.advance(Phase::PrecopyConverged);
-        tracing::info!("pre-copy converged at epoch {epoch}; waiting for switchover");
+        tracing::info!("pre-copy converged at epoch {}; waiting for switchover", epoch.epoch);
 
         let mut switchover = self.switchover.subscribe();
         if switchover.wait_for(|requested| *requested).await.is_err() {
             return Err(TargetError::Internal("switchover channel closed".into()));
         }
         self.phase.advance(Phase::Postcopy);
+        self.stats.note_progress();
         let _ = postcopy.send(true);
         tracing::info!("switchover: serving faults");
 
         self.hold_bitmap_if_hooked().await;
-        let dirty = final_bitmap(&mut client, guest, epoch).await?;
+        let dirty = final_bitmap(&mut client, guest, link, &epoch).await?;
         let withheld = (self.config.hooks.withheld_stale_pages() as usize).min(dirty.len());
         if withheld > 0 {
             tracing::warn!("TEST HOOK: treating {withheld} stale pages as fresh; the guest will see stale data");
@@ -220,7 +278,7 @@ impl TargetAgent {
 
         let installer = guest.clone();
         let bulk = tokio::task::spawn_blocking(move || installer.bulk_install());
-        let pull = transfer::pull_stale(guest.clone(), &mut client, url, stale, hint);
+        let pull = transfer::pull_stale(guest.clone(), &mut client, link, stale, hint);
         let (bulk, pull) = tokio::join!(bulk, pull);
         let installed = bulk.map_err(|e| TargetError::Internal(format!("the bulk install task: {e}")))??;
         pull?;
@@ -254,24 +312,23 @@ fn fault_loop_stopped(exit: Result<FaultLoopExit, oneshot::error::RecvError>) ->
     }
 }
 
-/// Asks for the final bitmap until the source confirms it is paused.
-async fn final_bitmap(client: &mut source::Client, guest: &GuestMemory, since: u64) -> Result<Vec<u64>, TargetError> {
-    let deadline = tokio::time::Instant::now() + PAUSE_FENCE_TIMEOUT;
-    loop {
-        let dirty = source::get_dirty_pages(client, &guest.layout, since, true).await;
-        guest.stats.note_source_call(&dirty);
-        match dirty {
-            Ok(d) if d.paused => return Ok(d.pages),
-            Ok(_) => {}
-            Err(SourceError::Rpc { status, .. }) if status.code() == tonic::Code::FailedPrecondition => {
-                if tokio::time::Instant::now() > deadline {
-                    return Err(TargetError::NotPaused(status.message().to_string()));
-                }
-            }
-            Err(e) => return Err(e.into()),
-        }
-        tokio::time::sleep(COMPLETION_POLL).await;
+/// The final bitmap: the pages written since `since`, from the paused
+/// source. From a restarted source (another incarnation than `since`'s) it
+/// is every page: each one not yet installed becomes stale.
+async fn final_bitmap(
+    client: &mut source::Client,
+    guest: &GuestMemory,
+    link: &SourceLink,
+    since: &SourceEpoch,
+) -> Result<Vec<u64>, TargetError> {
+    let dirty = transfer::dirty_pages(guest, client, link, since, true, "the final dirty bitmap").await?;
+    if dirty.epoch.incarnation != since.incarnation {
+        tracing::warn!(
+            "the final bitmap comes from a restarted source agent: all {} pages count as dirty",
+            dirty.pages.len()
+        );
     }
+    Ok(dirty.pages)
 }
 
 /// Listens on the hand-off socket until one valid target hand-off arrives.

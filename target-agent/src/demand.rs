@@ -13,9 +13,15 @@
 //!   page asked for) is retried with [`REFUSAL_RETRY`]'s backoff, a bounded
 //!   number of times; then the fetch fails, loudly: the migration fails and
 //!   the faults on that page stay blocked (never a guess at its content);
-//! - a broken stream is reopened with [`RECONNECT`]'s backoff for as long as
-//!   it takes; the vCPUs waiting on pages wait meanwhile, and faults on
-//!   fresh pages go on being served by the fault loop.
+//! - a broken stream is reopened with [`RECONNECT`]'s backoff until the
+//!   source has been unreachable for the link's `unreachable_timeout`; the
+//!   vCPUs waiting on pages wait meanwhile, and faults on fresh pages go on
+//!   being served by the fault loop. A connection that reaches another
+//!   source than this migration's ([`crate::fence`]) counts as unreachable;
+//! - a source that says its VM is not paused is asked again every
+//!   [`NOT_PAUSED_RETRY`] until the link's `pause_timeout`, then the
+//!   migration fails (a switchover declared before the pause); a reply from
+//!   another pause than the earlier ones fails it at once.
 //!
 //! Requests are one page each and carry the page's global number as their
 //! id, so a reply names its claim directly.
@@ -34,9 +40,10 @@ use tokio::time::Instant;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::Streaming;
 
+use crate::fence::Incarnation;
 use crate::guest::{GuestMemory, InstallError};
 use crate::page_state::Claim;
-use crate::source::{self, SourceError, check_reply};
+use crate::source::{SourceError, SourceLink, check_reply};
 
 /// Reconnecting to the source: quickly at first (a vCPU is waiting), then
 /// no more often than every second, for as long as the migration lasts.
@@ -53,6 +60,10 @@ pub const REFUSAL_RETRY: BackoffPolicy = BackoffPolicy {
     max_attempts: Some(5),
     jitter: false,
 };
+
+/// Asking again for a page the source would not give because its VM is not
+/// paused (yet).
+pub const NOT_PAUSED_RETRY: Duration = Duration::from_millis(50);
 
 /// Claims the fetcher owns at once before its table grows (pages with a
 /// fault waiting: at most a few per vCPU).
@@ -74,13 +85,41 @@ pub enum DemandError {
         #[source]
         source: InstallError,
     },
+    #[error("the source has been unreachable for {waited:?} with {pages} pages waiting (first: {page})")]
+    Unreachable {
+        page: u64,
+        pages: usize,
+        waited: Duration,
+        #[source]
+        last: SourceError,
+    },
+    #[error(
+        "switchover was declared, but the source VM has not been paused for {waited:?}: page {page} was not \
+         installed"
+    )]
+    NotPaused {
+        page: u64,
+        waited: Duration,
+        #[source]
+        last: SourceError,
+    },
+    #[error("page {page}: the source cannot be trusted any more")]
+    Fence {
+        page: u64,
+        #[source]
+        source: SourceError,
+    },
 }
 
 impl DemandError {
     /// The page whose faults this leaves blocked.
     pub fn page(&self) -> u64 {
         match self {
-            DemandError::Refused { page, .. } | DemandError::Install { page, .. } => *page,
+            DemandError::Refused { page, .. }
+            | DemandError::Install { page, .. }
+            | DemandError::Unreachable { page, .. }
+            | DemandError::NotPaused { page, .. }
+            | DemandError::Fence { page, .. } => *page,
         }
     }
 }
@@ -109,13 +148,24 @@ enum StreamEnd {
 #[derive(Debug)]
 pub struct DemandFetcher {
     guest: Arc<GuestMemory>,
-    url: String,
+    link: Arc<SourceLink>,
     outstanding: HashMap<u64, Outstanding>,
+    /// Since when the source has said that its VM is not paused (cleared by
+    /// any page it gives).
+    not_paused_since: Option<Instant>,
+    /// Streams opened so far (every one after the first is a reconnect).
+    streams: u64,
 }
 
 impl DemandFetcher {
-    pub fn new(guest: Arc<GuestMemory>, url: String) -> Self {
-        Self { guest, url, outstanding: HashMap::with_capacity(OUTSTANDING_CAPACITY) }
+    pub fn new(guest: Arc<GuestMemory>, link: Arc<SourceLink>) -> Self {
+        Self {
+            guest,
+            link,
+            outstanding: HashMap::with_capacity(OUTSTANDING_CAPACITY),
+            not_paused_since: None,
+            streams: 0,
+        }
     }
 
     /// Fetches every claim received on `claims` until the fault loop drops
@@ -127,7 +177,18 @@ impl DemandFetcher {
             match end {
                 StreamEnd::FaultLoopGone => return Ok(()),
                 StreamEnd::Broken(error) => {
-                    self.guest.stats.source_up.store(error.source_answered(), Ordering::Relaxed);
+                    // Claims that came while no stream was open wait too.
+                    while let Ok(claim) = claims.try_recv() {
+                        self.own(claim);
+                    }
+                    let stats = &self.guest.stats;
+                    stats.set_source_up(error.source_answered());
+                    if let Some(waited) = stats.source_outage().filter(|w| *w > self.link.unreachable_timeout)
+                        && let Some(&page) = self.outstanding.keys().next()
+                    {
+                        let pages = self.outstanding.len();
+                        return Err(DemandError::Unreachable { page, pages, waited, last: error });
+                    }
                     let delay = reconnect.next_delay().unwrap_or(RECONNECT.max);
                     tracing::warn!(
                         "demand stream to the source broke ({error}); {} pages wait; reconnecting in {delay:?}",
@@ -139,9 +200,17 @@ impl DemandFetcher {
         }
     }
 
+    /// Takes ownership of a claim (not sent yet); returns its page.
+    fn own(&mut self, claim: Claim) -> u64 {
+        let page = claim.page();
+        let refusals = REFUSAL_RETRY.start();
+        self.outstanding.insert(page, Outstanding { claim, sent_ns: 0, refusals, retry_at: None });
+        page
+    }
+
     fn request(&self, page: u64) -> PagesRequest {
         let (region, index) = self.guest.layout.locate(page);
-        PagesRequest { request_id: page, region, first_index: index, count: 1 }
+        PagesRequest { request_id: page, region, first_index: index, count: 1, require_paused: true }
     }
 
     /// Sends the request for the outstanding `page`.
@@ -161,9 +230,11 @@ impl DemandFetcher {
         claims: &mut mpsc::UnboundedReceiver<Claim>,
         reconnect: &mut Backoff,
     ) -> Result<StreamEnd, DemandError> {
-        let connected = source::connect(&self.url).await;
-        self.guest.stats.note_source_call(&connected);
-        let mut client = match connected {
+        if self.streams > 0 {
+            self.guest.stats.source_reconnects.fetch_add(1, Ordering::Relaxed);
+        }
+        self.streams += 1;
+        let mut client = match self.link.connect(&self.guest.layout).await {
             Ok(client) => client,
             Err(error) => return Ok(StreamEnd::Broken(error)),
         };
@@ -173,11 +244,15 @@ impl DemandFetcher {
             // The receiver is alive: the stream is not opened yet.
             let _ = self.send(&requests, page);
         }
-        let mut replies = match client.get_pages(UnboundedReceiverStream::new(request_stream)).await {
-            Ok(response) => response.into_inner(),
+        let response = match client.get_pages(UnboundedReceiverStream::new(request_stream)).await {
+            Ok(response) => response,
             Err(status) => return Ok(StreamEnd::Broken(SourceError::Rpc { rpc: "GetPages", status })),
         };
-        self.serve(claims, &requests, &mut replies, reconnect).await
+        let incarnation = match self.link.fence.check_headers(response.metadata()) {
+            Ok(incarnation) => incarnation,
+            Err(error) => return Ok(StreamEnd::Broken(error)),
+        };
+        self.serve(claims, &requests, &mut response.into_inner(), &incarnation, reconnect).await
     }
 
     async fn serve(
@@ -185,6 +260,7 @@ impl DemandFetcher {
         claims: &mut mpsc::UnboundedReceiver<Claim>,
         requests: &mpsc::UnboundedSender<PagesRequest>,
         replies: &mut Streaming<PagesReply>,
+        incarnation: &Incarnation,
         reconnect: &mut Backoff,
     ) -> Result<StreamEnd, DemandError> {
         loop {
@@ -192,9 +268,7 @@ impl DemandFetcher {
             tokio::select! {
                 claim = claims.recv() => {
                     let Some(claim) = claim else { return Ok(StreamEnd::FaultLoopGone) };
-                    let page = claim.page();
-                    let refusals = REFUSAL_RETRY.start();
-                    self.outstanding.insert(page, Outstanding { claim, sent_ns: 0, refusals, retry_at: None });
+                    let page = self.own(claim);
                     if let Err(error) = self.send(requests, page) {
                         return Ok(StreamEnd::Broken(error));
                     }
@@ -205,9 +279,9 @@ impl DemandFetcher {
                         Ok(None) => return Ok(StreamEnd::Broken(SourceError::StreamEnded(self.outstanding.len()))),
                         Err(status) => return Ok(StreamEnd::Broken(SourceError::Rpc { rpc: "GetPages", status })),
                     };
-                    self.guest.stats.source_up.store(true, Ordering::Relaxed);
+                    self.guest.stats.set_source_up(true);
                     reconnect.reset();
-                    self.on_reply(reply)?;
+                    self.on_reply(reply, incarnation)?;
                 }
                 () = sleep_until(next_retry), if next_retry.is_some() => {
                     let now = Instant::now();
@@ -225,7 +299,7 @@ impl DemandFetcher {
 
     /// Installs the page a reply brings, or schedules the retry of a
     /// refused request.
-    fn on_reply(&mut self, reply: PagesReply) -> Result<(), DemandError> {
+    fn on_reply(&mut self, reply: PagesReply, incarnation: &Incarnation) -> Result<(), DemandError> {
         let page = reply.request_id;
         let Some(mut outstanding) = self.outstanding.remove(&page) else {
             // Nothing we own: never installed. Only a misbehaving source
@@ -234,12 +308,31 @@ impl DemandFetcher {
             return Ok(());
         };
         let request = self.request(page);
-        match check_reply(&request, reply, self.guest.page_size()) {
+        let fenced = match reply.error {
+            // A refusal is the refusal (check_reply), whatever its epoch.
+            Some(_) => Ok(()),
+            None => self.link.fence.check_paused(incarnation, reply.pause_epoch, &format!("page {page}")),
+        };
+        match fenced.and_then(|()| check_reply(&request, reply, self.guest.page_size())) {
             Ok(pages) => {
+                self.not_paused_since = None;
                 self.guest.stats.fetch_latency.record(monotonic_ns().saturating_sub(outstanding.sent_ns));
                 self.guest
                     .install_fetched(outstanding.claim, &pages[0])
                     .map_err(|source| DemandError::Install { page, source })
+            }
+            Err(error) if error.is_fatal() => Err(DemandError::Fence { page, source: error }),
+            Err(error) if error.is_not_paused() => {
+                if self.not_paused_since.is_none() {
+                    tracing::warn!("page {page}: {error}; waiting up to {:?} for the pause", self.link.pause_timeout);
+                }
+                let waited = self.not_paused_since.get_or_insert_with(Instant::now).elapsed();
+                if waited > self.link.pause_timeout {
+                    return Err(DemandError::NotPaused { page, waited, last: error });
+                }
+                outstanding.retry_at = Some(Instant::now() + NOT_PAUSED_RETRY);
+                self.outstanding.insert(page, outstanding);
+                Ok(())
             }
             Err(error) => match outstanding.refusals.next_delay() {
                 Ok(delay) => {

@@ -61,6 +61,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::demand::{DemandError, DemandFetcher};
 use crate::guest::{GuestMemory, InstallError};
 use crate::page_state::{Claim, FaultAction};
+use crate::source::SourceLink;
 use crate::stats::{BlockReason, FaultKind};
 use crate::test_hooks::TestHooks;
 
@@ -111,10 +112,17 @@ impl FaultLoopError {
     fn block_reason(&self) -> Option<BlockReason> {
         match self {
             FaultLoopError::OutsideRegions { .. } => Some(BlockReason::OutsideRegions),
+            FaultLoopError::Install { source: InstallError::Frozen(_), .. }
+            | FaultLoopError::Demand(DemandError::Install { source: InstallError::Frozen(_), .. }) => {
+                Some(BlockReason::MigrationFailed)
+            }
             FaultLoopError::Install { .. } | FaultLoopError::Demand(DemandError::Install { .. }) => {
                 Some(BlockReason::InstallFailed)
             }
-            FaultLoopError::Demand(DemandError::Refused { .. }) => Some(BlockReason::SourceRefused),
+            FaultLoopError::Demand(
+                DemandError::Refused { .. } | DemandError::NotPaused { .. } | DemandError::Fence { .. },
+            ) => Some(BlockReason::SourceRefused),
+            FaultLoopError::Demand(DemandError::Unreachable { .. }) => Some(BlockReason::SourceUnreachable),
             _ => None,
         }
     }
@@ -136,7 +144,7 @@ pub fn describe_stop(error: &FaultLoopError) -> String {
 #[derive(Debug)]
 pub struct FaultLoop {
     guest: Arc<GuestMemory>,
-    source_url: String,
+    link: Arc<SourceLink>,
     /// Becomes true at switchover.
     postcopy: watch::Receiver<bool>,
     /// Becomes true once every page is installed (a VMM exit is then normal).
@@ -148,13 +156,13 @@ pub struct FaultLoop {
 impl FaultLoop {
     pub fn new(
         guest: Arc<GuestMemory>,
-        source_url: String,
+        link: Arc<SourceLink>,
         postcopy: watch::Receiver<bool>,
         complete: watch::Receiver<bool>,
         hint: Arc<FaultHint>,
         hooks: TestHooks,
     ) -> Self {
-        Self { guest, source_url, postcopy, complete, hint, hooks }
+        Self { guest, link, postcopy, complete, hint, hooks }
     }
 
     /// Starts the loop on its own thread; its exit (error or panic included)
@@ -191,8 +199,7 @@ impl FaultLoop {
         guest.uffd.set_nonblocking().map_err(FaultLoopError::Setup)?;
         let readable = crate::sys::async_uffd(&guest.uffd).map_err(FaultLoopError::Setup)?;
         let (claims, claims_rx) = mpsc::unbounded_channel::<Claim>();
-        let mut fetcher =
-            tokio::task::spawn_local(DemandFetcher::new(guest.clone(), self.source_url.clone()).run(claims_rx));
+        let mut fetcher = tokio::task::spawn_local(DemandFetcher::new(guest.clone(), self.link.clone()).run(claims_rx));
         let mut held: Vec<(PageFault, u64)> = Vec::new();
         let mut postcopy = *self.postcopy.borrow();
         let mut buffer = EventBuffer::new(EVENTS_PER_READ);

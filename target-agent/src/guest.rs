@@ -26,6 +26,7 @@ use guest_memory::memfile::{fallocate_keep_size, monotonic_ns, punch_hole};
 use guest_memory::{GuestLayout, MemoryMap, UffdError, Userfaultfd, layout::LayoutError};
 use pageserver_proto::v1::Page;
 
+use crate::install_gate::{GateClosed, InstallGate};
 use crate::page_state::{Claim, ClaimMismatch, FetchOrigin, LocalFill, LocalResolution, PageStates};
 use crate::stats::{FaultKind, TargetStats};
 
@@ -59,6 +60,8 @@ pub enum InstallError {
     BadPage(#[from] LayoutError),
     #[error("finishing the fetch of a page")]
     Claim(#[from] ClaimMismatch),
+    #[error(transparent)]
+    Frozen(#[from] GateClosed),
 }
 
 /// Largest range one bulk UFFDIO_CONTINUE maps: the kernel holds the VMM's
@@ -75,6 +78,8 @@ pub struct GuestMemory {
     /// The VMM's userfaultfd (from the hand-off), registered MINOR|MISSING.
     pub uffd: Userfaultfd,
     pub states: PageStates,
+    /// Shut when the migration fails: nothing is installed after that.
+    pub gate: InstallGate,
     /// Per page: when the oldest fault still waiting on its fetch was read
     /// (0: none).
     fault_started_ns: Vec<AtomicU64>,
@@ -98,6 +103,7 @@ impl GuestMemory {
         let pages = layout.total_pages();
         Ok(Self {
             states: PageStates::new(pages),
+            gate: InstallGate::default(),
             fault_started_ns: (0..pages).map(|_| AtomicU64::new(0)).collect(),
             layout,
             maps,
@@ -130,6 +136,7 @@ impl GuestMemory {
             map.copy_in(off, &content.data);
             self.states.set_present(page);
         }
+        self.stats.note_progress();
     }
 
     /// Maps one page into the VMM and wakes its waiters. An EEXIST means it
@@ -159,6 +166,7 @@ impl GuestMemory {
     /// ever: no one else may install it, and faults on it wait (the caller
     /// fails the migration).
     pub fn install_fetched(&self, claim: Claim, content: &Page) -> Result<(), InstallError> {
+        let _pass = self.gate.enter()?;
         let page = claim.page();
         let (map, off) = self.locate(page);
         if content.zero {
@@ -179,6 +187,7 @@ impl GuestMemory {
             stats.pages_fetched_unknown.fetch_add(1, Ordering::Relaxed);
         }
         stats.bytes_received.fetch_add(content.data.len() as u64, Ordering::Relaxed);
+        stats.note_progress();
         // The faults waiting on it saw the state it was claimed from.
         self.settle_waiting_fault(page, known);
         Ok(())
@@ -229,6 +238,7 @@ impl GuestMemory {
     /// maps what the page cache holds, or fills a hole with zeros. Returns
     /// how the fault was resolved.
     pub fn resolve_local(&self, resolution: LocalResolution) -> Result<FaultKind, InstallError> {
+        let _pass = self.gate.enter()?;
         let page = resolution.page();
         let kind = match resolution.fill() {
             LocalFill::Continue => {
@@ -282,6 +292,7 @@ impl GuestMemory {
                 let part_end = run.end().min(region_end);
                 let mut cursor = page;
                 while cursor < part_end {
+                    let _pass = self.gate.enter()?;
                     let addr = self.layout.host_addr(cursor);
                     let len = (part_end - cursor).min((BULK_CHUNK_BYTES / ps).max(1)) * ps;
                     match self.uffd.continue_range(addr, len, true) {
@@ -301,6 +312,7 @@ impl GuestMemory {
                 page = part_end;
             }
             installed += self.states.finish_fresh_run(run);
+            self.stats.note_progress();
         }
         self.stats.pages_installed_bulk.fetch_add(installed, Ordering::Relaxed);
         Ok(installed)

@@ -13,9 +13,12 @@
 //!   state decides; its failure policy (freeze, report, never guess);
 //! - [`demand`]: fetches the pages faults wait for, with reconnects and
 //!   bounded retries of refused requests;
-//! - [`transfer`]: pre-copy rounds and the background pull;
+//! - [`transfer`]: pre-copy rounds and the background pull; [`retry`]: when
+//!   a call to the source is tried again and when the migration gives up;
 //! - [`guest`]: writing pages and mapping them into the VMM;
+//!   [`install_gate`]: nothing is installed once the migration failed;
 //! - [`source`]: the client side of the protocol, and what a reply must be;
+//!   [`fence`]: only this migration's source, only while it is paused;
 //! - [`agent`]: the migration's phases, supervising the fault loop;
 //!   [`phase`]: the phase and the failure;
 //! - [`service`]: the gRPC server (status, switchover, health, reflection);
@@ -27,10 +30,13 @@
 pub mod agent;
 pub mod demand;
 pub mod fault_loop;
+pub mod fence;
 pub mod guest;
+pub mod install_gate;
 pub mod metrics;
 pub mod page_state;
 pub mod phase;
+pub mod retry;
 pub mod service;
 pub mod source;
 pub mod stats;

@@ -10,11 +10,12 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
 use pageserver_agent_shell::exit::describe;
-use pageserver_agent_shell::{AgentShell, exit_code};
+use pageserver_agent_shell::{AgentShell, exit_code, parse_duration};
 use target_agent::agent::{TargetAgent, TargetConfig};
 use target_agent::phase::Phase;
 use target_agent::service::serve;
@@ -42,6 +43,15 @@ struct Args {
     /// Most pre-copy rounds before waiting for switchover.
     #[arg(long, env = "PAGESERVER_MAX_PRECOPY_ROUNDS", default_value_t = 8)]
     max_precopy_rounds: u32,
+    /// How long the migration waits for an unreachable source agent (or for
+    /// the right one while another answers on its address) before it fails,
+    /// freezing the guest (e.g. 30s, 500ms).
+    #[arg(long, env = "PAGESERVER_SOURCE_UNREACHABLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    source_unreachable_timeout: Duration,
+    /// How long post-copy waits for a source that says its VM is not paused
+    /// (Switchover declared before the pause) before it fails.
+    #[arg(long, env = "PAGESERVER_PAUSE_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pause_timeout: Duration,
     #[command(flatten)]
     hooks: target_agent::test_hooks::TestHooks,
 }
@@ -53,6 +63,8 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
+    // Bad configuration fails now, not after the VMM's hand-off.
+    target_agent::source::check_url(&args.source)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(async move {
         let agent = TargetAgent::new(TargetConfig {
@@ -60,6 +72,8 @@ fn run(args: Args) -> anyhow::Result<()> {
             handoff_socket: args.handoff_socket,
             vm: args.vm,
             max_precopy_rounds: args.max_precopy_rounds,
+            source_unreachable_timeout: args.source_unreachable_timeout,
+            pause_timeout: args.pause_timeout,
             hooks: args.hooks,
         });
         let metrics = target_agent::metrics::install(agent.clone()).context("setting up metrics")?;

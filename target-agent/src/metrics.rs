@@ -18,7 +18,11 @@
 //! | `pageserver_target_phase` | gauge | `phase` (1 for the current one, 0 for the others) |
 //! | `pageserver_target_source_up` | gauge | (1 while the last call to the source reached it) |
 //! | `pageserver_target_faults_waiting` | gauge | (pages with a fault waiting for their fetch) |
-//! | `pageserver_target_faults_blocked` | gauge | `reason` (`outside_regions`, `install_failed`, `source_refused`, `fault_loop_stopped`): faults that will never be resolved; each fails the migration |
+//! | `pageserver_target_source_reconnects_total` | counter | (connections to the source after the first) |
+//! | `pageserver_target_source_restarts_total` | counter | (new source-agent incarnations after the first) |
+//! | `pageserver_target_source_replies_refused_total` | counter | (replies refused by the fence: wrong memory, not paused) |
+//! | `pageserver_target_stalled_seconds` | gauge | (seconds without progress in pre-copy or post-copy) |
+//! | `pageserver_target_faults_blocked` | gauge | `reason` (`outside_regions`, `install_failed`, `source_refused`, `source_unreachable`, `fault_loop_stopped`, `migration_failed`): faults that will never be resolved; each fails the migration |
 //! | `pageserver_build_info` | gauge | `version`, `agent="target"` |
 //!
 //! `state_known="false"`: the fault hit a page whose state was still
@@ -65,6 +69,10 @@ pub const STALE_PAGES_AT_SWITCHOVER: &str = "pageserver_target_stale_pages_at_sw
 pub const PAGES: &str = "pageserver_target_pages";
 pub const PHASE: &str = "pageserver_target_phase";
 pub const SOURCE_UP: &str = "pageserver_target_source_up";
+pub const SOURCE_RECONNECTS: &str = "pageserver_target_source_reconnects_total";
+pub const SOURCE_RESTARTS: &str = "pageserver_target_source_restarts_total";
+pub const SOURCE_REPLIES_REFUSED: &str = "pageserver_target_source_replies_refused_total";
+pub const STALLED_SECONDS: &str = "pageserver_target_stalled_seconds";
 pub const FAULTS_WAITING: &str = "pageserver_target_faults_waiting";
 pub const FAULTS_BLOCKED: &str = "pageserver_target_faults_blocked";
 
@@ -111,6 +119,10 @@ pub struct TargetCollector {
     pages: [Gauge; PageState::ALL.len()],
     phase: [Gauge; Phase::ALL.len()],
     source_up: Gauge,
+    source_reconnects: Counter,
+    source_restarts: Counter,
+    source_replies_refused: Counter,
+    stalled: Gauge,
     faults_waiting: Gauge,
     faults_blocked: [Gauge; BlockReason::ALL.len()],
 }
@@ -138,6 +150,21 @@ impl TargetCollector {
         describe_gauge!(PAGES, "Guest pages per state (all 0 before the hand-off).");
         describe_gauge!(PHASE, "The migration phase: 1 for the current one, 0 for the others.");
         describe_gauge!(SOURCE_UP, "1 while the last call to the source agent reached it, 0 after it failed to.");
+        describe_counter!(SOURCE_RECONNECTS, "Connections to the source agent opened after the first.");
+        describe_counter!(
+            SOURCE_RESTARTS,
+            "New source-agent incarnations seen after the first (each makes every page not known fresh stale)."
+        );
+        describe_counter!(
+            SOURCE_REPLIES_REFUSED,
+            "Replies refused by the fence: from another memory than the migration's, or read while the source VM \
+             was not paused. Nothing of them is installed."
+        );
+        describe_gauge!(
+            STALLED_SECONDS,
+            Unit::Seconds,
+            "Seconds since the migration last made progress, in pre-copy and post-copy (0 otherwise)."
+        );
         describe_gauge!(FAULTS_WAITING, "Pages with a guest fault waiting until their fetch completes.");
         describe_gauge!(
             FAULTS_BLOCKED,
@@ -161,6 +188,10 @@ impl TargetCollector {
             pages: PageState::ALL.map(|state| gauge!(PAGES, "state" => state.name())),
             phase: Phase::ALL.map(|phase| gauge!(PHASE, "phase" => phase.name())),
             source_up: gauge!(SOURCE_UP),
+            source_reconnects: counter!(SOURCE_RECONNECTS),
+            source_restarts: counter!(SOURCE_RESTARTS),
+            source_replies_refused: counter!(SOURCE_REPLIES_REFUSED),
+            stalled: gauge!(STALLED_SECONDS),
             faults_waiting: gauge!(FAULTS_WAITING),
             faults_blocked: BlockReason::ALL.map(|reason| gauge!(FAULTS_BLOCKED, "reason" => reason.name())),
             agent,
@@ -194,7 +225,11 @@ impl Collector for TargetCollector {
         for (gauge, phase) in self.phase.iter().zip(Phase::ALL) {
             gauge.set(if phase == current { 1.0 } else { 0.0 });
         }
-        self.source_up.set(if s.source_up.load(Ordering::Relaxed) { 1.0 } else { 0.0 });
+        self.source_up.set(if s.source_up() { 1.0 } else { 0.0 });
+        self.source_reconnects.absolute(ld(&s.source_reconnects));
+        self.source_restarts.absolute(ld(&s.source_restarts));
+        self.source_replies_refused.absolute(ld(&s.source_replies_refused));
+        self.stalled.set(self.agent.stalled_for().as_secs_f64());
         self.faults_waiting.set(guest.map_or(0, |g| g.faults_waiting()) as f64);
         for (gauge, reason) in self.faults_blocked.iter().zip(BlockReason::ALL) {
             gauge.set(s.faults_blocked(reason) as f64);
@@ -234,13 +269,7 @@ mod tests {
 
     #[test]
     fn renders_every_family_with_the_vm_label() {
-        let agent = TargetAgent::new(TargetConfig {
-            source_url: "http://127.0.0.1:1".into(),
-            handoff_socket: "/tmp/none.sock".into(),
-            vm: "t-vm".into(),
-            max_precopy_rounds: 1,
-            hooks: Default::default(),
-        });
+        let agent = TargetAgent::new(TargetConfig::new("http://127.0.0.1:1", "/tmp/none.sock", "t-vm"));
         agent.stats.record_fault(FaultKind::Fresh, true);
         agent.stats.record_fault_latency(FaultKind::Fresh, true, 4_000);
         agent.stats.record_fault(FaultKind::Fetched, false);

@@ -61,7 +61,14 @@ pub fn status(agent: &TargetAgent) -> MigrationStatus {
             install_failed: s.faults_blocked(BlockReason::InstallFailed),
             source_refused: s.faults_blocked(BlockReason::SourceRefused),
             fault_loop_stopped: s.faults_blocked(BlockReason::FaultLoopStopped),
+            migration_failed: s.faults_blocked(BlockReason::MigrationFailed),
+            source_unreachable: s.faults_blocked(BlockReason::SourceUnreachable),
         }),
+        source_reconnects: ld(&s.source_reconnects),
+        source_restarts: ld(&s.source_restarts),
+        source_replies_refused: ld(&s.source_replies_refused),
+        source_up: s.source_up(),
+        seconds_since_progress: agent.stalled_for().as_secs_f64(),
         ..Default::default()
     };
     if let Some(guest) = agent.guest.get() {

@@ -8,10 +8,13 @@
 //! Nothing the source sends is trusted further than [`check_reply`] allows:
 //! a reply must answer exactly the pages its request asked for, each of the
 //! page size or flagged zero, or it is [`SourceError::BadReply`] and nothing
-//! of it is written anywhere.
+//! of it is written anywhere. Every stream must also come from this
+//! migration's source, and post-copy replies from it paused
+//! ([`crate::fence`]).
 #![forbid(unsafe_code)]
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::Duration;
 
 use guest_memory::GuestLayout;
@@ -23,7 +26,42 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::fence::{Incarnation, SourceEpoch, SourceFence};
+use crate::stats::TargetStats;
+
 pub type Client = PageServerClient<Channel>;
+
+/// Everything a connection to the source needs: where it is, who it must
+/// be, and how long to wait for it.
+#[derive(Debug)]
+pub struct SourceLink {
+    pub url: String,
+    pub fence: SourceFence,
+    /// How long faults and transfers wait for an unreachable (or wrong)
+    /// source before the migration fails.
+    pub unreachable_timeout: Duration,
+    /// How long post-copy waits for a source that says it is not paused.
+    pub pause_timeout: Duration,
+    pub stats: Arc<TargetStats>,
+}
+
+impl SourceLink {
+    /// A new connection: checks with `GetLayout` that it reaches this
+    /// migration's source, and that the layout still matches ours.
+    pub async fn connect(&self, layout: &GuestLayout) -> Result<Client, SourceError> {
+        let result = async {
+            let mut client = connect(&self.url).await?;
+            let (reply, incarnation) = get_layout(&mut client, Some(&self.fence)).await?;
+            self.fence.check_layout(&reply)?;
+            check_layout(&reply, layout)?;
+            tracing::debug!(incarnation = %incarnation.0, "connected to the source");
+            Ok(client)
+        }
+        .await;
+        self.stats.note_source_call(&result);
+        result
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
@@ -33,6 +71,8 @@ pub enum SourceError {
         #[source]
         source: tonic::transport::Error,
     },
+    #[error("bad source address {url:?}: {why}")]
+    BadUrl { url: String, why: String },
     #[error("connecting to the source at {url}: {source}")]
     Connect {
         url: String,
@@ -51,6 +91,15 @@ pub enum SourceError {
     BadBitmap(String),
     #[error("the page stream ended with {0} requests unanswered")]
     StreamEnded(usize),
+    #[error("not this migration's source: {0}")]
+    WrongSource(String),
+    #[error("{0} was read while the source VM was running (no pause epoch): not installed")]
+    NotPaused(String),
+    #[error(
+        "the source VM ran again after the switchover: {what} comes from pause epoch {got}, earlier pages from \
+         pause epoch {fenced}"
+    )]
+    PauseChanged { fenced: u64, got: u64, what: String },
 }
 
 impl SourceError {
@@ -60,7 +109,11 @@ impl SourceError {
     pub fn source_answered(&self) -> bool {
         use tonic::Code;
         match self {
-            SourceError::Address { .. } | SourceError::Connect { .. } | SourceError::StreamEnded(_) => false,
+            SourceError::Address { .. }
+            | SourceError::BadUrl { .. }
+            | SourceError::Connect { .. }
+            | SourceError::StreamEnded(_)
+            | SourceError::WrongSource(_) => false,
             SourceError::Rpc { status, .. } => !matches!(
                 status.code(),
                 Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded | Code::Internal
@@ -68,9 +121,46 @@ impl SourceError {
             SourceError::Refused { .. }
             | SourceError::BadReply { .. }
             | SourceError::LayoutMismatch(_)
-            | SourceError::BadBitmap(_) => true,
+            | SourceError::BadBitmap(_)
+            | SourceError::NotPaused(_)
+            | SourceError::PauseChanged { .. } => true,
         }
     }
+
+    /// Whether the source says the VM is not paused: a refusal of a
+    /// `require_paused` request, or a reply without a pause epoch. Worth
+    /// waiting for (the VMM's pause may reach the source a moment after the
+    /// orchestrator's switchover reached us), up to the pause timeout.
+    pub fn is_not_paused(&self) -> bool {
+        match self {
+            SourceError::NotPaused(_) => true,
+            SourceError::Refused { code, .. } => *code == tonic::Code::FailedPrecondition as i32,
+            SourceError::Rpc { status, .. } => status.code() == tonic::Code::FailedPrecondition,
+            _ => false,
+        }
+    }
+
+    /// Whether retrying cannot help and the migration must fail at once.
+    pub fn is_fatal(&self) -> bool {
+        matches!(self, SourceError::PauseChanged { .. } | SourceError::LayoutMismatch(_))
+    }
+}
+
+/// Checks that `url` is a source address this agent can use
+/// (`http://HOST:PORT`), before anything else starts.
+pub fn check_url(url: &str) -> Result<(), SourceError> {
+    let bad = |why: &str| SourceError::BadUrl { url: url.to_owned(), why: why.to_owned() };
+    let uri: http::Uri = url.parse().map_err(|e: http::uri::InvalidUri| bad(&e.to_string()))?;
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some(other) => return Err(bad(&format!("scheme {other:?}: only http is supported"))),
+        None => return Err(bad("no scheme: write http://HOST:PORT")),
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(bad("no host"));
+    }
+    Endpoint::from_shared(url.to_owned()).map_err(|source| SourceError::Address { url: url.to_owned(), source })?;
+    Ok(())
 }
 
 /// Opens a new HTTP/2 connection to the source (one per traffic class).
@@ -89,12 +179,18 @@ pub async fn connect(url: &str) -> Result<Client, SourceError> {
         .max_encoding_message_size(MAX_MESSAGE_BYTES))
 }
 
-pub async fn get_layout(client: &mut Client) -> Result<Layout, SourceError> {
-    client
-        .get_layout(GetLayoutRequest {})
-        .await
-        .map(|r| r.into_inner())
-        .map_err(|status| SourceError::Rpc { rpc: "GetLayout", status })
+/// `GetLayout`; with a fence, its response headers are checked too.
+pub async fn get_layout(
+    client: &mut Client,
+    fence: Option<&SourceFence>,
+) -> Result<(Layout, Incarnation), SourceError> {
+    let response =
+        client.get_layout(GetLayoutRequest {}).await.map_err(|status| SourceError::Rpc { rpc: "GetLayout", status })?;
+    let incarnation = match fence {
+        Some(fence) => fence.check_headers(response.metadata())?,
+        None => Incarnation(response.get_ref().incarnation.clone()),
+    };
+    Ok((response.into_inner(), incarnation))
 }
 
 /// Checks that the source's memory and the target's have the same shape.
@@ -115,25 +211,37 @@ pub fn check_layout(source: &Layout, target: &GuestLayout) -> Result<(), SourceE
 }
 
 /// A dirty bitmap, decoded to global page numbers (ascending per region).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct DirtyPages {
-    pub epoch: u64,
+    /// The epoch to ask from next time, in the incarnation that sent it.
+    pub epoch: SourceEpoch,
     pub paused: bool,
+    pub pause_epoch: u64,
     pub pages: Vec<u64>,
 }
 
-/// GetDirtyBitmap, decoded and checked (a corrupt or truncated stream is an
-/// error, never a smaller set of dirty pages).
+/// GetDirtyBitmap since `since`, decoded and checked (a corrupt or
+/// truncated stream is an error, never a smaller set of dirty pages). An
+/// epoch of an earlier incarnation of the source means nothing to the one
+/// that answers: every page is asked for then (since epoch 0).
 pub async fn get_dirty_pages(
     client: &mut Client,
+    fence: &SourceFence,
     layout: &GuestLayout,
-    since_epoch: u64,
+    since: &SourceEpoch,
     final_: bool,
 ) -> Result<DirtyPages, SourceError> {
     let rpc = |status| SourceError::Rpc { rpc: "GetDirtyBitmap", status };
     let bad = |e: BitmapError| SourceError::BadBitmap(e.to_string());
-    let mut stream =
-        client.get_dirty_bitmap(DirtyBitmapRequest { since_epoch, r#final: final_ }).await.map_err(rpc)?.into_inner();
+    let current = fence.incarnation();
+    let since_epoch = if current == since.incarnation { since.epoch } else { 0 };
+    let response = client.get_dirty_bitmap(DirtyBitmapRequest { since_epoch, r#final: final_ }).await.map_err(rpc)?;
+    let incarnation = fence.check_headers(response.metadata())?;
+    if since_epoch != 0 && incarnation != since.incarnation {
+        // Restarted between our look and the call: its epochs are not ours.
+        return Box::pin(get_dirty_pages(client, fence, layout, &SourceEpoch { incarnation, epoch: 0 }, final_)).await;
+    }
+    let mut stream = response.into_inner();
     let mut decoder = BitmapDecoder::new();
     while let Some(chunk) = stream.message().await.map_err(rpc)? {
         if decoder.push(&chunk).map_err(bad)? {
@@ -141,12 +249,17 @@ pub async fn get_dirty_pages(
         }
     }
     let bitmap = decoder.finish().map_err(bad)?;
-    Ok(DirtyPages { epoch: bitmap.epoch, paused: bitmap.paused, pages: bitmap.global_pages(layout).map_err(bad)? })
+    Ok(DirtyPages {
+        epoch: SourceEpoch { incarnation, epoch: bitmap.epoch },
+        paused: bitmap.paused,
+        pause_epoch: bitmap.pause_epoch,
+        pages: bitmap.global_pages(layout).map_err(bad)?,
+    })
 }
 
 /// Splits ascending global pages into requests of consecutive pages, within
 /// one region and at most MAX_REQUEST_BYTES each.
-pub fn batch_requests(layout: &GuestLayout, pages: &[u64], first_id: u64) -> Vec<PagesRequest> {
+pub fn batch_requests(layout: &GuestLayout, pages: &[u64], first_id: u64, require_paused: bool) -> Vec<PagesRequest> {
     let max = (MAX_REQUEST_BYTES / layout.page_size()).max(1);
     let mut out: Vec<PagesRequest> = Vec::new();
     for &page in pages {
@@ -159,7 +272,13 @@ pub fn batch_requests(layout: &GuestLayout, pages: &[u64], first_id: u64) -> Vec
             last.count += 1;
             continue;
         }
-        out.push(PagesRequest { request_id: first_id + out.len() as u64, region, first_index: index, count: 1 });
+        out.push(PagesRequest {
+            request_id: first_id + out.len() as u64,
+            region,
+            first_index: index,
+            count: 1,
+            require_paused,
+        });
     }
     out
 }
@@ -197,6 +316,19 @@ pub fn check_reply(request: &PagesRequest, reply: PagesReply, page_size: u64) ->
     Ok(pages)
 }
 
+/// How [`run_window`] runs a stream.
+#[derive(Debug, Clone, Copy)]
+pub struct WindowShape<'a> {
+    /// The stream must come from this migration's source.
+    pub fence: &'a SourceFence,
+    /// Post-copy: every reply must come from the paused source (the
+    /// requests must say `require_paused` too).
+    pub require_paused: bool,
+    /// Requests in flight at most.
+    pub window: usize,
+    pub page_size: u64,
+}
+
 /// Why a windowed page stream stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum WindowError<E> {
@@ -213,15 +345,17 @@ pub enum WindowError<E> {
 /// the caller's ticket for it, to `on_reply`. `next` is asked for another request whenever a slot frees, so
 /// a caller can choose late (e.g. near recent faults). When the stream
 /// stops for any reason, the requests not answered yet (with their tickets)
-/// are in `unanswered`, for the caller to retry or give up on.
+/// are in `unanswered`, for the caller to retry or give up on. The stream
+/// must come from `fence`'s source; with `require_paused` (post-copy, the
+/// requests say so too) every reply must come from the paused source.
 pub async fn run_window<T, E>(
     client: &mut Client,
-    window: usize,
-    page_size: u64,
+    shape: &WindowShape<'_>,
     mut next: impl FnMut() -> Option<(PagesRequest, T)>,
     mut on_reply: impl FnMut(PagesRequest, Vec<Page>, T) -> Result<(), E>,
     unanswered: &mut VecDeque<(PagesRequest, T)>,
 ) -> Result<(), WindowError<E>> {
+    let WindowShape { fence, require_paused, window, page_size } = *shape;
     let (tx, rx) = mpsc::channel::<PagesRequest>(window.max(1));
     let rpc = |status| SourceError::Rpc { rpc: "GetPages", status };
     let mut in_flight: HashMap<u64, (PagesRequest, T)> = HashMap::new();
@@ -244,7 +378,9 @@ pub async fn run_window<T, E>(
         return Ok(());
     }
     let result: Result<(), WindowError<E>> = async {
-        let mut replies = client.get_pages(ReceiverStream::new(rx)).await.map_err(rpc)?.into_inner();
+        let response = client.get_pages(ReceiverStream::new(rx)).await.map_err(rpc)?;
+        let incarnation = fence.check_headers(response.metadata())?;
+        let mut replies = response.into_inner();
         while !in_flight.is_empty() {
             let Some(reply) = replies.message().await.map_err(rpc)? else {
                 return Err(SourceError::StreamEnded(in_flight.len()).into());
@@ -253,7 +389,12 @@ pub async fn run_window<T, E>(
             let Some((request, ticket)) = in_flight.remove(&id) else {
                 return Err(SourceError::BadReply { request_id: id, why: "no such request is in flight".into() }.into());
             };
-            match check_reply(&request, reply, page_size) {
+            // A refusal is the refusal (check_reply), whatever its epoch.
+            let fenced = match require_paused && reply.error.is_none() {
+                true => fence.check_paused(&incarnation, reply.pause_epoch, &format!("the reply to request {id}")),
+                false => Ok(()),
+            };
+            match fenced.and_then(|()| check_reply(&request, reply, page_size)) {
                 Ok(pages) => on_reply(request, pages, ticket).map_err(WindowError::Reply)?,
                 Err(refused_or_bad) => {
                     in_flight.insert(id, (request, ticket));

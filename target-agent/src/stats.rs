@@ -6,6 +6,9 @@
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use guest_memory::memfile::monotonic_ns;
 
 use pageserver_metrics::{LatencyHistogram, LatencySnapshot};
 
@@ -46,14 +49,20 @@ pub enum BlockReason {
     SourceRefused,
     /// The fault loop stopped with the fault unresolved.
     FaultLoopStopped,
+    /// The migration had already failed: nothing is installed any more.
+    MigrationFailed,
+    /// The source stayed unreachable past the deadline.
+    SourceUnreachable,
 }
 
 impl BlockReason {
-    pub const ALL: [BlockReason; 4] = [
+    pub const ALL: [BlockReason; 6] = [
         BlockReason::OutsideRegions,
         BlockReason::InstallFailed,
         BlockReason::SourceRefused,
         BlockReason::FaultLoopStopped,
+        BlockReason::MigrationFailed,
+        BlockReason::SourceUnreachable,
     ];
 
     /// The `reason` label of `pageserver_target_faults_blocked`.
@@ -63,6 +72,8 @@ impl BlockReason {
             BlockReason::InstallFailed => "install_failed",
             BlockReason::SourceRefused => "source_refused",
             BlockReason::FaultLoopStopped => "fault_loop_stopped",
+            BlockReason::MigrationFailed => "migration_failed",
+            BlockReason::SourceUnreachable => "source_unreachable",
         }
     }
 }
@@ -91,9 +102,20 @@ pub struct TargetStats {
     /// Demand GetPages round trips.
     pub fetch_latency: LatencyHistogram,
     /// Faults that will never be resolved, by [`BlockReason`].
-    faults_blocked: [AtomicU64; 4],
+    faults_blocked: [AtomicU64; 6],
     /// Whether the last call to the source reached it ([`TargetStats::note_source_call`]).
-    pub source_up: AtomicBool,
+    source_up: AtomicBool,
+    /// When the source was last found down after being up (monotonic ns;
+    /// 0 while it is up).
+    source_down_since_ns: AtomicU64,
+    /// Connections to the source opened after the first.
+    pub source_reconnects: AtomicU64,
+    /// New source incarnations seen after the first.
+    pub source_restarts: AtomicU64,
+    /// Replies refused by the fence (wrong memory, not paused).
+    pub source_replies_refused: AtomicU64,
+    /// When the migration last moved forward (monotonic ns).
+    last_progress_ns: AtomicU64,
 }
 
 impl TargetStats {
@@ -153,6 +175,41 @@ impl TargetStats {
             Ok(_) => true,
             Err(e) => e.source_answered(),
         };
+        self.set_source_up(up);
+    }
+
+    /// Records whether the source is reachable now.
+    pub fn set_source_up(&self, up: bool) {
         self.source_up.store(up, Ordering::Relaxed);
+        if up {
+            self.source_down_since_ns.store(0, Ordering::Relaxed);
+        } else {
+            let _ = self.source_down_since_ns.compare_exchange(0, monotonic_ns(), Ordering::Relaxed, Ordering::Relaxed);
+        }
+    }
+
+    pub fn source_up(&self) -> bool {
+        self.source_up.load(Ordering::Relaxed)
+    }
+
+    /// How long the source has been unreachable (`None` while it is up).
+    pub fn source_outage(&self) -> Option<Duration> {
+        match self.source_down_since_ns.load(Ordering::Relaxed) {
+            0 => None,
+            since => Some(Duration::from_nanos(monotonic_ns().saturating_sub(since))),
+        }
+    }
+
+    /// Notes that the migration moved forward (a page, a bitmap, a phase).
+    pub fn note_progress(&self) {
+        self.last_progress_ns.store(monotonic_ns(), Ordering::Relaxed);
+    }
+
+    /// Time since the migration last moved forward.
+    pub fn since_progress(&self) -> Duration {
+        match self.last_progress_ns.load(Ordering::Relaxed) {
+            0 => Duration::ZERO,
+            at => Duration::from_nanos(monotonic_ns().saturating_sub(at)),
+        }
     }
 }

@@ -11,24 +11,25 @@
 //! fetching it twice) in small batches near the guest's latest fault, with a
 //! small window, so a fault that joins a background fetch waits little.
 //!
-//! Both retry a broken stream, and a request the source refuses or botches,
-//! under [`TRANSFER_RETRY`], resending what was not answered (the claims
-//! travel with their requests); once that gives up, the migration fails.
-//! A local failure (writing or mapping a page) fails it at once.
+//! Both retry what fails by the rules of [`crate::retry`], resending what
+//! was not answered (the claims travel with their requests); once those give
+//! up, the migration fails. A local failure (writing or mapping a page)
+//! fails it at once. Pre-copy reads a running VM; the pull asks for pages
+//! read while it is paused ([`crate::fence`]).
 #![forbid(unsafe_code)]
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
-use pageserver_backoff::BackoffPolicy;
 use pageserver_proto::v1::{Page, PagesRequest};
 
 use crate::fault_loop::FaultHint;
+use crate::fence::SourceEpoch;
 use crate::guest::{GuestMemory, InstallError};
 use crate::page_state::{Claim, FetchOrigin, PageState};
-use crate::source::{self, Client, SourceError, WindowError};
+use crate::retry::{GiveUp, Retrier};
+use crate::source::{self, Client, DirtyPages, SourceError, SourceLink, WindowError, WindowShape};
 
 /// Requests in flight on the background connection during pre-copy.
 const PRECOPY_WINDOW: usize = 16;
@@ -37,104 +38,108 @@ const PRECOPY_WINDOW: usize = 16;
 const PULL_REQUEST_BYTES: u64 = 64 << 10;
 const PULL_WINDOW_BYTES: u64 = 512 << 10;
 
-/// Retrying a bulk transfer after the stream broke or the source refused a
-/// request: eight times over about ten seconds.
-pub const TRANSFER_RETRY: BackoffPolicy = BackoffPolicy {
-    initial: Duration::from_millis(50),
-    max: Duration::from_secs(2),
-    max_attempts: Some(8),
-    jitter: true,
-};
-
 #[derive(Debug, thiserror::Error)]
 pub enum TransferError {
-    #[error("{what}: {attempts} attempts failed")]
-    Source {
-        what: &'static str,
-        attempts: u32,
-        #[source]
-        last: SourceError,
-    },
+    #[error(transparent)]
+    Source(#[from] GiveUp),
     #[error("{what}")]
     Install {
         what: &'static str,
         #[source]
         source: InstallError,
     },
-    #[error("{what}")]
-    Bitmap {
-        what: &'static str,
-        #[source]
-        source: SourceError,
-    },
 }
 
 /// Runs `next`'s requests to completion, reconnecting and re-asking for the
 /// unanswered ones (with their tickets) when the stream breaks or the source
-/// refuses one, until [`TRANSFER_RETRY`] gives up.
+/// refuses one, until the [`Retrier`] gives up. `require_paused`: post-copy.
+#[allow(clippy::too_many_arguments)]
 async fn run_with_retries<T>(
     guest: &GuestMemory,
     client: &mut Client,
-    url: &str,
+    link: &SourceLink,
+    require_paused: bool,
     window: usize,
     what: &'static str,
     mut next: impl FnMut() -> Option<(PagesRequest, T)>,
     mut on_reply: impl FnMut(PagesRequest, Vec<Page>, T) -> Result<(), InstallError>,
 ) -> Result<(), TransferError> {
-    let stats = &guest.stats;
     let mut unanswered = VecDeque::new();
-    let mut retry = TRANSFER_RETRY.start();
+    let mut retry = Retrier::new(what);
     loop {
-        let result =
-            source::run_window(client, window, guest.page_size(), &mut next, &mut on_reply, &mut unanswered).await;
+        let shape = WindowShape { fence: &link.fence, require_paused, window, page_size: guest.page_size() };
+        let result = source::run_window(client, &shape, &mut next, &mut on_reply, &mut unanswered).await;
         match result {
             Ok(()) => {
-                stats.source_up.store(true, Ordering::Relaxed);
+                retry.succeeded(link);
                 return Ok(());
             }
             Err(WindowError::Reply(source)) => return Err(TransferError::Install { what, source }),
-            Err(WindowError::Source(error)) => {
-                stats.source_up.store(error.source_answered(), Ordering::Relaxed);
-                let Ok(delay) = retry.next_delay() else {
-                    return Err(TransferError::Source { what, attempts: retry.failures(), last: error });
-                };
-                tracing::warn!(
-                    "{what}: {error}; retry {} in {delay:?} with {} requests unanswered",
-                    retry.failures(),
-                    unanswered.len()
-                );
-                tokio::time::sleep(delay).await;
-                let connected = source::connect(url).await;
-                stats.note_source_call(&connected);
-                if let Ok(c) = connected {
-                    *client = c;
-                }
+            Err(WindowError::Source(error)) => retry.after(link, &guest.layout, client, error).await?,
+        }
+    }
+}
+
+/// GetDirtyBitmap since `since`, retried by the [`Retrier`]'s rules.
+pub async fn dirty_pages(
+    guest: &GuestMemory,
+    client: &mut Client,
+    link: &SourceLink,
+    since: &SourceEpoch,
+    final_: bool,
+    what: &'static str,
+) -> Result<DirtyPages, TransferError> {
+    let mut retry = Retrier::new(what);
+    loop {
+        let result = source::get_dirty_pages(client, &link.fence, &guest.layout, since, final_).await;
+        // A final bitmap must come from the paused source, at the pause of
+        // the pages fetched before it.
+        let checked = result.and_then(|dirty| match final_ {
+            false => Ok(dirty),
+            true if !dirty.paused => Err(SourceError::NotPaused("the final bitmap".into())),
+            true => {
+                link.fence.check_paused(&dirty.epoch.incarnation, dirty.pause_epoch, "the final bitmap").map(|()| dirty)
             }
+        });
+        match checked {
+            Ok(dirty) => {
+                retry.succeeded(link);
+                guest.stats.note_progress();
+                return Ok(dirty);
+            }
+            Err(error) => retry.after(link, &guest.layout, client, error).await?,
         }
     }
 }
 
 /// Pre-copy rounds; returns the epoch the target's copy is current to.
+///
+/// A source agent restarted meanwhile (a new incarnation) cannot say what
+/// changed since an epoch of its predecessor: the next round then asks for
+/// every page again, and the rounds go on from there.
 pub async fn precopy(
     guest: &GuestMemory,
     client: &mut Client,
-    url: &str,
+    link: &SourceLink,
     max_rounds: u32,
-) -> Result<u64, TransferError> {
+) -> Result<SourceEpoch, TransferError> {
     let stats = &guest.stats;
-    let mut since = 0;
+    let mut since = SourceEpoch { incarnation: link.fence.incarnation(), epoch: 0 };
     let mut previous: Option<usize> = None;
     for round in 0..max_rounds.max(1) {
-        let dirty = source::get_dirty_pages(client, &guest.layout, since, false).await;
-        stats.note_source_call(&dirty);
-        let dirty = dirty.map_err(|source| TransferError::Bitmap { what: "a pre-copy dirty bitmap", source })?;
+        let dirty = dirty_pages(guest, client, link, &since, false, "a pre-copy dirty bitmap").await?;
         let count = dirty.pages.len();
-        tracing::info!("pre-copy round {round}: {count} dirty pages since epoch {since}");
-        let mut requests = source::batch_requests(&guest.layout, &dirty.pages, 0).into_iter();
+        if dirty.epoch.incarnation != since.incarnation {
+            tracing::warn!("pre-copy round {round}: a new source agent: every page is copied again");
+            previous = None;
+        }
+        tracing::info!("pre-copy round {round}: {count} dirty pages since epoch {}", since.epoch);
+        let mut requests = source::batch_requests(&guest.layout, &dirty.pages, 0, false).into_iter();
         run_with_retries(
             guest,
             client,
-            url,
+            link,
+            false,
             PRECOPY_WINDOW,
             "pre-copy",
             || requests.next().map(|r| (r, ())),
@@ -203,8 +208,13 @@ impl StalePicker<'_> {
                 self.cursor += 1;
             }
             self.next_id += 1;
-            let request =
-                PagesRequest { request_id: self.next_id, region, first_index: index, count: claims.len() as u32 };
+            let request = PagesRequest {
+                request_id: self.next_id,
+                region,
+                first_index: index,
+                count: claims.len() as u32,
+                require_paused: true,
+            };
             return Some((request, claims));
         }
         None
@@ -215,7 +225,7 @@ impl StalePicker<'_> {
 pub async fn pull_stale(
     guest: Arc<GuestMemory>,
     client: &mut Client,
-    url: &str,
+    link: &SourceLink,
     stale: Vec<u64>,
     hint: Arc<FaultHint>,
 ) -> Result<(), TransferError> {
@@ -227,7 +237,8 @@ pub async fn pull_stale(
     run_with_retries(
         &guest,
         client,
-        url,
+        link,
+        true,
         window,
         "the background pull",
         || picker.next(),

@@ -29,15 +29,9 @@ async fn start(name: &str) -> Running {
     let dir = std::env::temp_dir().join(format!("target-agent-test-{}-{name}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let socket = dir.join("target.sock");
-    let agent = TargetAgent::new(TargetConfig {
-        // Nothing listens there: the agent must not need the source before
-        // a VMM has handed its memory over.
-        source_url: "http://127.0.0.1:9".into(),
-        handoff_socket: socket.clone(),
-        vm: "test-vm".into(),
-        max_precopy_rounds: 4,
-        hooks: Default::default(),
-    });
+    // Nothing listens at the source's address: the agent must not need the
+    // source before a VMM has handed its memory over.
+    let agent = TargetAgent::new(TargetConfig::new("http://127.0.0.1:9", &socket, "test-vm"));
     tokio::spawn(agent.clone().run());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");

@@ -8,7 +8,12 @@
 //! - a reply that does not answer its request (another page) is never
 //!   installed, and counts as a failed attempt;
 //! - after the stream breaks, every unanswered request is sent once on the
-//!   new stream, and claims that arrived meanwhile once too.
+//!   new stream, and claims that arrived meanwhile once too;
+//! - the fence: a reply read while the source VM runs is never installed
+//!   (and the fetch fails after the pause timeout), a reply from another
+//!   pause fails the migration at once, and a source serving another memory
+//!   on the same address is never used (the fetch fails after the
+//!   unreachable timeout).
 
 use std::collections::BTreeMap;
 use std::os::fd::AsFd;
@@ -22,11 +27,14 @@ use guest_memory::{MemoryMap, RegionLayout, Userfaultfd, memfile};
 use pageserver_proto::v1::page_server_server::{PageServer, PageServerServer};
 use pageserver_proto::v1::{
     DirtyBitmapChunk, DirtyBitmapRequest, GetLayoutRequest, GetPageRequest, Layout, Page, PagesReply, PagesRequest,
-    RequestError,
+    Region, RequestError,
 };
+use pageserver_proto::{INCARNATION_HEADER, MEMORY_ID_HEADER};
 use target_agent::demand::{DemandError, DemandFetcher};
+use target_agent::fence::SourceFence;
 use target_agent::guest::GuestMemory;
 use target_agent::page_state::{FaultAction, PageState};
+use target_agent::source::{SourceError, SourceLink};
 use target_agent::stats::TargetStats;
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
@@ -47,7 +55,15 @@ enum Answer {
     WrongPage,
     /// Nothing; the stream is closed (the first time this page is asked).
     BreakStream,
+    /// The page, read while the VM runs (pause epoch 0), from a source that
+    /// ignores `require_paused`.
+    WhileRunning,
+    /// The page, read at another pause (pause epoch 2; the others 1).
+    OtherPause,
 }
+
+/// The fake source's pause epoch.
+const PAUSE_EPOCH: u64 = 1;
 
 /// A source agent that answers GetPages as `answers` says and records every
 /// request, by stream.
@@ -58,6 +74,39 @@ struct FakeSource {
     requests: Arc<Mutex<Vec<(usize, u64)>>>,
     streams: Arc<Mutex<usize>>,
     broken_once: Arc<Mutex<bool>>,
+    /// The memory id it names (a test may switch it to another VM's).
+    memory_id: Arc<Mutex<String>>,
+}
+
+impl FakeSource {
+    fn stamped<T>(&self, message: T) -> Response<T> {
+        let mut response = Response::new(message);
+        let memory_id = self.memory_id.lock().expect("lock").clone();
+        response.metadata_mut().insert(MEMORY_ID_HEADER, memory_id.parse().expect("ascii"));
+        response.metadata_mut().insert(INCARNATION_HEADER, "fake-1".parse().expect("ascii"));
+        response
+    }
+
+    fn layout(&self) -> Layout {
+        Layout {
+            regions: vec![Region {
+                index: 0,
+                size_bytes: PAGES * PAGE,
+                page_size: PAGE,
+                page_count: PAGES,
+                ..Default::default()
+            }],
+            page_size: PAGE,
+            total_pages: PAGES,
+            epoch: 1,
+            paused: true,
+            vm: "demand-test".into(),
+            memory_source: "vmm".into(),
+            incarnation: "fake-1".into(),
+            memory_id: self.memory_id.lock().expect("lock").clone(),
+            pause_epoch: PAUSE_EPOCH,
+        }
+    }
 }
 
 fn content(page: u64) -> Bytes {
@@ -67,7 +116,7 @@ fn content(page: u64) -> Bytes {
 #[tonic::async_trait]
 impl PageServer for FakeSource {
     async fn get_layout(&self, _: Request<GetLayoutRequest>) -> Result<Response<Layout>, Status> {
-        Err(Status::unimplemented("not in this test"))
+        Ok(self.stamped(self.layout()))
     }
 
     async fn get_page(&self, _: Request<GetPageRequest>) -> Result<Response<Page>, Status> {
@@ -93,7 +142,12 @@ impl PageServer for FakeSource {
                 let page = request.first_index;
                 me.requests.lock().expect("lock").push((stream_no, page));
                 let answer = me.answers.get(&page).copied().unwrap_or(Answer::Page);
-                let reply = |pages, error| PagesReply { request_id: request.request_id, pages, error };
+                let reply = |pages, error| PagesReply {
+                    request_id: request.request_id,
+                    pages,
+                    error,
+                    pause_epoch: PAUSE_EPOCH,
+                };
                 let page_of = |index: u64| Page { region: 0, index, zero: false, data: content(index) };
                 let reply = match answer {
                     Answer::Page => reply(vec![page_of(page)], None),
@@ -109,13 +163,15 @@ impl PageServer for FakeSource {
                         }
                         reply(vec![page_of(page)], None)
                     }
+                    Answer::WhileRunning => PagesReply { pause_epoch: 0, ..reply(vec![page_of(page)], None) },
+                    Answer::OtherPause => PagesReply { pause_epoch: 2, ..reply(vec![page_of(page)], None) },
                 };
                 if tx.send(Ok(reply)).await.is_err() {
                     return;
                 }
             }
         });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(self.stamped(ReceiverStream::new(rx)))
     }
 
     type GetDirtyBitmapStream = ReceiverStream<Result<DirtyBitmapChunk, Status>>;
@@ -135,6 +191,7 @@ impl FakeSource {
             requests: Arc::default(),
             streams: Arc::default(),
             broken_once: Arc::default(),
+            memory_id: Arc::new(Mutex::new("vmm-1-fake".into())),
         }
     }
 
@@ -210,10 +267,23 @@ async fn start(answers: &[(u64, Answer)]) -> Running {
     let source = FakeSource::new(answers);
     let url = source.serve().await;
     let (vmm, guest) = hand_off();
+    let stats = guest.stats.clone();
+    let link = Arc::new(SourceLink {
+        url,
+        fence: SourceFence::learn(&source.layout(), stats.clone()).expect("the fake source names itself"),
+        unreachable_timeout: UNREACHABLE_TIMEOUT,
+        pause_timeout: PAUSE_TIMEOUT,
+        stats,
+    });
     let (claims, claims_rx) = mpsc::unbounded_channel();
-    let fetcher = tokio::spawn(DemandFetcher::new(guest.clone(), url).run(claims_rx));
+    let fetcher = tokio::spawn(DemandFetcher::new(guest.clone(), link).run(claims_rx));
     Running { source, vmm, guest, claims, fetcher }
 }
+
+/// The fetcher's deadlines in these tests (short, so that a failure comes
+/// soon; no test measures them).
+const UNREACHABLE_TIMEOUT: Duration = Duration::from_secs(2);
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The fetcher's end, which must come within 30 s.
 async fn ended(fetcher: tokio::task::JoinHandle<Result<(), DemandError>>) -> Result<(), DemandError> {
@@ -274,4 +344,48 @@ async fn after_a_broken_stream_each_request_is_sent_once_again() {
         assert_eq!(on_last, 1, "page {page} must be asked exactly once on the new stream: {requests:?}");
     }
     assert_eq!(guest.stats.pages_fetched_on_demand.load(std::sync::atomic::Ordering::Relaxed), 2);
+}
+
+#[tokio::test]
+async fn a_page_read_while_the_source_runs_is_never_installed() {
+    let Running { source, vmm: _vmm, guest, claims, fetcher } = start(&[(2, Answer::WhileRunning)]).await;
+    claims.send(fault(&guest, 2)).expect("fetcher running");
+    match ended(fetcher).await {
+        Err(DemandError::NotPaused { page: 2, last: SourceError::NotPaused(_), .. }) => {}
+        other => panic!("expected page 2 to fail for want of a pause, got {other:?}"),
+    }
+    assert!(source.requests().len() > 1, "asked again while waiting for the pause: {:?}", source.requests());
+    assert_eq!(guest.states.state(2), PageState::FetchingUnknown, "never installed");
+    assert!(guest.stats.source_replies_refused.load(std::sync::atomic::Ordering::Relaxed) > 0);
+}
+
+#[tokio::test]
+async fn a_page_from_another_pause_fails_the_fetch_at_once() {
+    let Running { vmm: _vmm, guest, claims, fetcher, .. } = start(&[(4, Answer::OtherPause)]).await;
+    claims.send(fault(&guest, 1)).expect("fetcher running");
+    while guest.states.state(1) != PageState::Installed {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    claims.send(fault(&guest, 4)).expect("fetcher running");
+    match ended(fetcher).await {
+        Err(DemandError::Fence { page: 4, source: SourceError::PauseChanged { fenced: 1, got: 2, .. } }) => {}
+        other => panic!("expected the pause fence to stop page 4, got {other:?}"),
+    }
+    assert_eq!(guest.states.state(4), PageState::FetchingUnknown, "never installed");
+}
+
+#[tokio::test]
+async fn another_memory_on_the_source_address_is_never_used() {
+    let Running { source, vmm: _vmm, guest, claims, fetcher } = start(&[]).await;
+    // The migration learned its source; now another VM's agent answers there.
+    *source.memory_id.lock().expect("lock") = "vmm-2-another-vm".into();
+    claims.send(fault(&guest, 3)).expect("fetcher running");
+    match ended(fetcher).await {
+        Err(DemandError::Unreachable { page: 3, last: SourceError::WrongSource(why), .. }) => {
+            assert!(why.contains("vmm-2-another-vm"), "{why}")
+        }
+        other => panic!("expected the wrong source to be refused until the deadline, got {other:?}"),
+    }
+    assert!(source.requests().is_empty(), "nothing asked of it: {:?}", source.requests());
+    assert_eq!(guest.states.state(3), PageState::FetchingUnknown, "never installed");
 }
