@@ -8,6 +8,7 @@
 //!   stand-ins as separate processes, pre-copy, pause, switchover,
 //!   post-copy, and a byte-for-byte verification of the target's memory
 //!   ([`run_migration`]);
+//! - [`chaos`]: faults injected into a migration (`--chaos KIND@PHASE`);
 //! - [`qemu`]: the same with an unmodified QEMU and the VMM shim;
 //! - [`status_watch`]: the target agent's status, polled in the background,
 //!   and the waits both orchestrations build on it;
@@ -18,6 +19,7 @@
 #![forbid(unsafe_code)]
 
 pub use guest_memory::hugepages;
+pub mod chaos;
 pub mod migration;
 pub mod process;
 pub mod progress;

@@ -5,9 +5,12 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Parser;
+use pageserver_agent_shell::parse_duration;
+use pageserver_demo::chaos::ChaosEvent;
 use pageserver_demo::qemu::{QemuOptions, run_qemu_migration};
 use pageserver_demo::test_hooks::{AgentTestHooks, FaultLoopBreak};
 use pageserver_demo::{MigrationOptions, run_migration};
@@ -50,6 +53,18 @@ struct Args {
     /// comma-separated.
     #[arg(long, value_delimiter = ',')]
     touch_after_resume: Vec<u64>,
+    /// Faults to inject, KIND@PHASE, comma-separated: kill-source-agent,
+    /// stop-source-agent:MS, impostor-source-agent, switchover-before-pause;
+    /// at precopy, switchover or postcopy (stand-in VMM only). See the
+    /// README's "When things fail".
+    #[arg(long, value_delimiter = ',')]
+    chaos: Vec<ChaosEvent>,
+    /// The target agent's --source-unreachable-timeout (e.g. 10s).
+    #[arg(long, value_parser = parse_duration)]
+    source_unreachable_timeout: Option<Duration>,
+    /// The target agent's --pause-timeout (e.g. 5s).
+    #[arg(long, value_parser = parse_duration)]
+    pause_timeout: Option<Duration>,
     #[command(flatten)]
     hooks: HookArgs,
     /// Also write the report as JSON to this file.
@@ -106,8 +121,8 @@ enum Vmm {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if args.vmm == Vmm::Qemu {
-        if args.metrics_dump.is_some() {
-            bail!("--metrics-dump works with --vmm standin only");
+        if args.metrics_dump.is_some() || !args.chaos.is_empty() {
+            bail!("--metrics-dump and --chaos work with --vmm standin only");
         }
         return run_qemu(&args).await;
     }
@@ -123,6 +138,9 @@ async fn main() -> anyhow::Result<()> {
         touch_after_resume: args.touch_after_resume,
         hooks: args.hooks.hooks(),
         metrics_dump: args.metrics_dump.clone(),
+        chaos: args.chaos.clone(),
+        source_unreachable_timeout: args.source_unreachable_timeout,
+        pause_timeout: args.pause_timeout,
         ..MigrationOptions::default()
     };
     let report = unless_interrupted(run_migration(&options), "migration failed").await?;

@@ -294,6 +294,26 @@ impl ChildProcess {
         tail_of_file(&self.log_path, LOG_TAIL_LINES)
     }
 
+    /// Sends `signal` to the child (SIGSTOP, SIGCONT, ...).
+    pub fn signal(&self, signal: rustix::process::Signal) -> Result<(), ProcessError> {
+        let pid = self.child.id().and_then(|pid| rustix::process::Pid::from_raw(pid as i32));
+        let pid = pid.ok_or_else(|| ProcessError::Io {
+            name: self.name.clone(),
+            context: "signalling",
+            source: io::ErrorKind::NotFound.into(),
+        })?;
+        rustix::process::kill_process(pid, signal).map_err(|e| ProcessError::Io {
+            name: self.name.clone(),
+            context: "signalling",
+            source: e.into(),
+        })
+    }
+
+    /// SIGKILL, as a crash would, and waits for the child to be gone.
+    pub async fn kill(&mut self) {
+        let _ = self.child.kill().await;
+    }
+
     /// Stops an agent as an operator would: SIGTERM, then up to `grace` for
     /// it to finish, then SIGKILL. Returns its exit code (`None` if it had to
     /// be killed or died of a signal).

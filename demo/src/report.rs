@@ -99,6 +99,24 @@ pub struct Report {
     pub verify_seconds: f64,
     pub total_seconds: f64,
 
+    /// The chaos events fired ([`crate::chaos`]), in order.
+    #[serde(default)]
+    pub chaos: Vec<crate::chaos::ChaosRecord>,
+    /// The target agent's connections to the source after its first.
+    #[serde(default)]
+    pub source_reconnects: u64,
+    /// New source-agent incarnations the target agent followed.
+    #[serde(default)]
+    pub source_restarts: u64,
+    /// Replies the target agent's fence refused (another memory, or read
+    /// while the source VM ran).
+    #[serde(default)]
+    pub source_replies_refused: u64,
+    /// Hand-offs of guest memory to agents, by side ("source", "target"): 1
+    /// each unless an agent died and the VMM handed its memory to a new one.
+    #[serde(default)]
+    pub handoffs: BTreeMap<String, u64>,
+
     /// Where the agents served Prometheus metrics (`http://ADDR/metrics`)
     /// while the migration ran.
     #[serde(default)]
@@ -129,6 +147,9 @@ impl Report {
         self.pages_fetched_unknown = status.pages_fetched_unknown;
         self.pages_installed_bulk = status.pages_installed_bulk;
         self.bytes_received = status.bytes_received;
+        self.source_reconnects = status.source_reconnects;
+        self.source_restarts = status.source_restarts;
+        self.source_replies_refused = status.source_replies_refused;
         self.phase = status.phase().label().to_owned();
         let named = |counts: &[(&str, u64)]| counts.iter().map(|&(name, n)| (name.to_owned(), n)).collect();
         self.pages_by_state = named(&status.pages_by_state.unwrap_or_default().by_state());
@@ -203,6 +224,20 @@ impl fmt::Display for Report {
             writeln!(f, "  fault latency {kind:>8}: p50 {:8.1} µs  p99 {:8.1} µs  max {:8.1} µs", l.p50, l.p99, l.max)?;
         }
         writeln!(f, "guest:      {} accesses, {} pages written", self.guest_accesses, self.guest_pages_written)?;
+        for record in &self.chaos {
+            writeln!(
+                f,
+                "chaos:      {} at {:.2} s ({}): {}",
+                record.event, record.fired_at_s, record.target_phase, record.outcome
+            )?;
+        }
+        if !self.chaos.is_empty() || self.source_reconnects > 0 {
+            writeln!(
+                f,
+                "source:     {} reconnects, {} agent restarts followed, {} replies refused; hand-offs {:?}",
+                self.source_reconnects, self.source_restarts, self.source_replies_refused, self.handoffs
+            )?;
+        }
         if let Some(failure) = &self.failure {
             writeln!(f, "FAILED:     {failure}")?;
             writeln!(

@@ -18,8 +18,14 @@
 //!    `{"ok":false,"error":"..."}`. A refused hand-off leaves the agent
 //!    waiting for another.
 //! 3. VMM → agent, for as long as the connection lives: [`VmmEvent`] lines,
-//!    e.g. `{"event":"paused","at_ns":...}` once the vCPUs are stopped.
-//!    EOF means the VMM is gone.
+//!    e.g. `{"event":"paused","at_ns":...}` once the vCPUs are stopped, and
+//!    `{"event":"resumed"}` *before* they run again (a source agent serves
+//!    pages as the content at the pause until it reads it). EOF means the VMM
+//!    is gone.
+//! 4. If the agent goes away instead (the VMM reads EOF), the VMM may hand
+//!    the same memory and descriptors over again, to the next agent that
+//!    listens on the socket, with `previous_handoffs` counting the earlier
+//!    ones; a paused VMM then sends `paused` again at once.
 #![forbid(unsafe_code)]
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -72,6 +78,13 @@ pub struct HandoffMessage {
     pub pid: u32,
     pub regions: Vec<RegionLayout>,
     pub fds: Vec<FdKind>,
+    /// How many times the VMM handed this memory over before, to agents
+    /// that have since gone away (0: the first hand-off). A target agent
+    /// given memory handed over before takes over a migration under way: it
+    /// must not clear the memory, and rebuilds what is installed from the
+    /// VMM's page tables.
+    #[serde(default)]
+    pub previous_handoffs: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -74,7 +74,20 @@ impl PageService {
     /// A response with the identity headers (see the module docs).
     fn stamped<T>(&self, memory: &SourceMemory, message: T) -> Response<T> {
         let mut response = Response::new(message);
-        let headers = response.metadata_mut();
+        self.identify(memory, response.metadata_mut());
+        response
+    }
+
+    /// An error with the identity headers too, once there is memory: a
+    /// target tells a refusal of its own source from another's by them.
+    fn stamped_status(&self, mut status: Status) -> Status {
+        if let Some(memory) = self.agent.memory() {
+            self.identify(memory, status.metadata_mut());
+        }
+        status
+    }
+
+    fn identify(&self, memory: &SourceMemory, headers: &mut tonic::metadata::MetadataMap) {
         for (name, value) in [(INCARNATION_HEADER, self.agent.incarnation()), (MEMORY_ID_HEADER, memory.id())] {
             match value.parse() {
                 Ok(value) => {
@@ -85,7 +98,6 @@ impl PageService {
                 Err(error) => tracing::error!(name, value, %error, "identity header not sent"),
             }
         }
-        response
     }
 }
 
@@ -261,12 +273,12 @@ impl PageService {
 impl PageServer for PageService {
     async fn get_layout(&self, _request: Request<pb::GetLayoutRequest>) -> Result<Response<pb::Layout>, Status> {
         let memory = self.memory()?;
-        self.layout().map(|layout| self.stamped(&memory, layout))
+        self.layout().map(|layout| self.stamped(&memory, layout)).map_err(|s| self.stamped_status(s))
     }
 
     async fn get_page(&self, request: Request<pb::GetPageRequest>) -> Result<Response<pb::Page>, Status> {
         let memory = self.memory()?;
-        self.page(request.into_inner()).map(|page| self.stamped(&memory, page))
+        self.page(request.into_inner()).map(|page| self.stamped(&memory, page)).map_err(|s| self.stamped_status(s))
     }
 
     type GetPagesStream = ReceiverStream<Result<pb::PagesReply, Status>>;
@@ -309,7 +321,7 @@ impl PageServer for PageService {
         request: Request<pb::DirtyBitmapRequest>,
     ) -> Result<Response<Self::GetDirtyBitmapStream>, Status> {
         let memory = self.memory()?;
-        let chunks = self.dirty_bitmap(request.into_inner()).await?;
+        let chunks = self.dirty_bitmap(request.into_inner()).await.map_err(|s| self.stamped_status(s))?;
         Ok(self.stamped(&memory, tokio_stream::iter(chunks.into_iter().map(Ok).collect::<Vec<_>>())))
     }
 }

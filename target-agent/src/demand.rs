@@ -43,7 +43,7 @@ use tonic::Streaming;
 use crate::fence::Incarnation;
 use crate::guest::{GuestMemory, InstallError};
 use crate::page_state::Claim;
-use crate::source::{SourceError, SourceLink, check_reply};
+use crate::source::{SourceError, SourceLink, check_reply, rpc_error};
 
 /// Reconnecting to the source: quickly at first (a vCPU is waiting), then
 /// no more often than every second, for as long as the migration lasts.
@@ -246,7 +246,7 @@ impl DemandFetcher {
         }
         let response = match client.get_pages(UnboundedReceiverStream::new(request_stream)).await {
             Ok(response) => response,
-            Err(status) => return Ok(StreamEnd::Broken(SourceError::Rpc { rpc: "GetPages", status })),
+            Err(status) => return Ok(StreamEnd::Broken(rpc_error(Some(&self.link.fence), "GetPages", status))),
         };
         let incarnation = match self.link.fence.check_headers(response.metadata()) {
             Ok(incarnation) => incarnation,
@@ -277,7 +277,9 @@ impl DemandFetcher {
                     let reply = match reply {
                         Ok(Some(reply)) => reply,
                         Ok(None) => return Ok(StreamEnd::Broken(SourceError::StreamEnded(self.outstanding.len()))),
-                        Err(status) => return Ok(StreamEnd::Broken(SourceError::Rpc { rpc: "GetPages", status })),
+                        Err(status) => {
+                            return Ok(StreamEnd::Broken(rpc_error(Some(&self.link.fence), "GetPages", status)));
+                        }
                     };
                     self.guest.stats.set_source_up(true);
                     reconnect.reset();

@@ -21,7 +21,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use guest_memory::handoff::Handoff;
+use guest_memory::handoff::{EventReader, Handoff};
 use guest_memory::memfile::{fallocate_keep_size, monotonic_ns, punch_hole};
 use guest_memory::{GuestLayout, MemoryMap, UffdError, Userfaultfd, layout::LayoutError};
 use pageserver_proto::v1::Page;
@@ -77,6 +77,10 @@ pub struct GuestMemory {
     memory: OwnedFd,
     /// The VMM's userfaultfd (from the hand-off), registered MINOR|MISSING.
     pub uffd: Userfaultfd,
+    /// The hand-off connection, held open for the agent's life: its end
+    /// tells the VMM that this agent is gone, and the VMM then hands its
+    /// memory to the next agent on the socket.
+    _vmm_connection: EventReader,
     pub states: PageStates,
     /// Shut when the migration fails: nothing is installed after that.
     pub gate: InstallGate,
@@ -109,6 +113,7 @@ impl GuestMemory {
             maps,
             memory: handoff.memory,
             uffd: handoff.uffd,
+            _vmm_connection: handoff.events,
             stats,
         })
     }

@@ -21,7 +21,7 @@ use guest_memory::GuestLayout;
 use pageserver_proto::bitmap::{BitmapDecoder, BitmapError};
 use pageserver_proto::v1::page_server_client::PageServerClient;
 use pageserver_proto::v1::{DirtyBitmapRequest, GetLayoutRequest, Layout, Page, PagesReply, PagesRequest};
-use pageserver_proto::{MAX_MESSAGE_BYTES, MAX_REQUEST_BYTES};
+use pageserver_proto::{MAX_MESSAGE_BYTES, MAX_REQUEST_BYTES, MEMORY_ID_HEADER};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
@@ -179,13 +179,27 @@ pub async fn connect(url: &str) -> Result<Client, SourceError> {
         .max_encoding_message_size(MAX_MESSAGE_BYTES))
 }
 
+/// The error a failed call means: the source's own refusal (an `Rpc`
+/// error), or, when its identity headers say so, another source than this
+/// migration's. A refusal from a restarted source is noted as a restart (so
+/// that the next call asks in the new incarnation's terms).
+pub fn rpc_error(fence: Option<&SourceFence>, rpc: &'static str, status: tonic::Status) -> SourceError {
+    if let Some(fence) = fence
+        && status.metadata().contains_key(MEMORY_ID_HEADER)
+        && let Err(wrong) = fence.check_headers(status.metadata())
+    {
+        return wrong;
+    }
+    SourceError::Rpc { rpc, status }
+}
+
 /// `GetLayout`; with a fence, its response headers are checked too.
 pub async fn get_layout(
     client: &mut Client,
     fence: Option<&SourceFence>,
 ) -> Result<(Layout, Incarnation), SourceError> {
     let response =
-        client.get_layout(GetLayoutRequest {}).await.map_err(|status| SourceError::Rpc { rpc: "GetLayout", status })?;
+        client.get_layout(GetLayoutRequest {}).await.map_err(|status| rpc_error(fence, "GetLayout", status))?;
     let incarnation = match fence {
         Some(fence) => fence.check_headers(response.metadata())?,
         None => Incarnation(response.get_ref().incarnation.clone()),
@@ -231,7 +245,7 @@ pub async fn get_dirty_pages(
     since: &SourceEpoch,
     final_: bool,
 ) -> Result<DirtyPages, SourceError> {
-    let rpc = |status| SourceError::Rpc { rpc: "GetDirtyBitmap", status };
+    let rpc = |status| rpc_error(Some(fence), "GetDirtyBitmap", status);
     let bad = |e: BitmapError| SourceError::BadBitmap(e.to_string());
     let current = fence.incarnation();
     let since_epoch = if current == since.incarnation { since.epoch } else { 0 };
@@ -357,7 +371,7 @@ pub async fn run_window<T, E>(
 ) -> Result<(), WindowError<E>> {
     let WindowShape { fence, require_paused, window, page_size } = *shape;
     let (tx, rx) = mpsc::channel::<PagesRequest>(window.max(1));
-    let rpc = |status| SourceError::Rpc { rpc: "GetPages", status };
+    let rpc = |status| rpc_error(Some(fence), "GetPages", status);
     let mut in_flight: HashMap<u64, (PagesRequest, T)> = HashMap::new();
     let mut exhausted = false;
     // Fill the window before opening the stream so the first requests go

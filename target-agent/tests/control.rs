@@ -80,6 +80,7 @@ async fn malformed_handoffs_get_a_clear_refusal() {
             pid: std::process::id(),
             regions: vec![RegionLayout { base_host_virt_addr: map.addr(), size, offset: 0, page_size: 4096 }],
             fds,
+            previous_handoffs: 0,
         };
         let refusal = |msg: &HandoffMessage, fds: &[std::os::fd::BorrowedFd<'_>]| {
             let stream = UnixStream::connect(&socket).expect("connect");

@@ -237,6 +237,7 @@ fn hand_off() -> (Vmm, Arc<GuestMemory>) {
         pid: std::process::id(),
         regions: vec![region],
         fds: Role::Target.fds().to_vec(),
+        previous_handoffs: 0,
     };
     send_handoff(&vmm_end, &message, &[memory.as_fd(), uffd.as_fd()]).expect("hand-off accepted");
     let handoff = agent.join().expect("no panic").expect("a valid hand-off");

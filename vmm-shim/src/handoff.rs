@@ -101,6 +101,7 @@ pub fn hand_off(config: &Config, region: Region) -> Result<Kept, HandoffFailure>
         pid: std::process::id(),
         regions: vec![layout],
         fds: config.role.fds().to_vec(),
+        previous_handoffs: 0,
     };
     let mut fds = vec![memory.as_fd(), uffd.as_fd()];
     fds.extend(pagemap.as_ref().map(|p| p.as_fd()));

@@ -11,6 +11,9 @@
 //! | `verify-mapped PATH` | target | `{"event":"verified-mapped",..}` |
 //! | `quit` (or EOF) | both | exit 0 |
 //!
+//! Unasked: `agent-gone` when the agent holding the memory goes away, and
+//! `handed-off` once a new one took it over ([`crate::handoff_link`]).
+//!
 //! A command that cannot be carried out is answered with
 //! `{"event":"error","message":..}`; the stand-in keeps running. Commands
 //! are served while the target guest runs, so a test can look at a guest
@@ -68,6 +71,15 @@ pub enum StandinEvent {
         mismatched_pages: u64,
         first_mismatches: Vec<u64>,
     },
+    /// The agent holding the memory went away (after `handoffs` hand-offs);
+    /// the memory goes to the next agent that listens on the socket.
+    AgentGone {
+        handoffs: u32,
+    },
+    /// The memory was handed over again, to a new agent.
+    HandedOff {
+        handoffs: u32,
+    },
     Error {
         message: String,
     },
@@ -86,6 +98,8 @@ impl StandinEvent {
             Self::Touched { .. } => "touched",
             Self::Verified { .. } => "verified",
             Self::VerifiedMapped { .. } => "verified-mapped",
+            Self::AgentGone { .. } => "agent-gone",
+            Self::HandedOff { .. } => "handed-off",
             Self::Error { .. } => "error",
         }
     }

@@ -1,14 +1,14 @@
-//! Guest RAM: a memfd mapped read-write, as a VMM maps it, and the hand-off
-//! of its descriptors to an agent.
+//! Guest RAM: a memfd mapped read-write, as a VMM maps it, and connecting to
+//! an agent's hand-off socket.
 
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use guest_memory::MemoryMap;
 use guest_memory::RegionLayout;
-use guest_memory::handoff::{FdKind, HANDOFF_VERSION, HandoffMessage, Role, send_handoff};
+use guest_memory::handoff::{FdKind, Role};
 use guest_memory::memfile::{ftruncate, memfd_create};
 
 use crate::error::{VmmError, io_context};
@@ -85,29 +85,6 @@ pub fn connect_handoff(path: &Path, timeout: Duration) -> Result<UnixStream, Vmm
             }
         }
     }
-}
-
-/// Connects and hands `ram` to the agent with `fds` (in `role.fds()` order);
-/// returns the connection, which then carries events.
-pub fn hand_off(
-    socket: &Path,
-    role: Role,
-    vm: &str,
-    ram: &GuestRam,
-    fds: &[BorrowedFd<'_>],
-) -> Result<UnixStream, VmmError> {
-    let stream = connect_handoff(socket, HANDOFF_CONNECT_TIMEOUT)?;
-    let message = HandoffMessage {
-        version: HANDOFF_VERSION,
-        role,
-        vm: vm.to_owned(),
-        pid: std::process::id(),
-        regions: vec![ram.region()],
-        fds: role.fds().to_vec(),
-    };
-    debug_assert_eq!(fds.len(), message.fds.len());
-    send_handoff(&stream, &message, fds)?;
-    Ok(stream)
 }
 
 /// The descriptor kinds, for log lines.

@@ -7,7 +7,6 @@
 
 use std::fs::File;
 use std::io::BufRead;
-use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
@@ -16,21 +15,22 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use guest_memory::Userfaultfd;
-use guest_memory::handoff::{Role, VmmEvent, send_event};
+use guest_memory::handoff::{Role, VmmEvent};
 use guest_memory::memfile::{is_zero, monotonic_ns};
 
 use crate::config::StandinConfig;
 use crate::error::{VmmError, io_context};
+use crate::handoff_link::HandoffLink;
 use crate::pattern::{self, SplitMix64, Stream};
 use crate::protocol::{Command, EventSink, StandinEvent, command_loop};
-use crate::ram::{GuestRam, describe_fds, hand_off};
+use crate::ram::{GuestRam, describe_fds};
 
 /// How many hole pages the `ready` event lists.
 const ZERO_PAGES_REPORTED: usize = 16;
 /// Snapshot copy granularity (a multiple of both page sizes).
 const SNAPSHOT_CHUNK_BYTES: usize = 4 << 20;
 
-pub(crate) fn run(config: &StandinConfig, commands: impl BufRead, events: &EventSink) -> Result<(), VmmError> {
+pub(crate) fn run(config: &StandinConfig, commands: impl BufRead, events: &Arc<EventSink>) -> Result<(), VmmError> {
     let ram = Arc::new(GuestRam::create(
         &format!("{}-source", config.vm),
         config.memory_bytes,
@@ -49,12 +49,13 @@ pub(crate) fn run(config: &StandinConfig, commands: impl BufRead, events: &Event
 
     let uffd = Userfaultfd::for_role(Role::Source, &ram.region())?;
     let pagemap = File::open("/proc/self/pagemap").map_err(io_context("opening /proc/self/pagemap"))?;
-    let stream = hand_off(
-        &config.handoff_socket,
+    let link = HandoffLink::establish(
+        config.handoff_socket.clone(),
         Role::Source,
         &config.vm,
-        &ram,
-        &[ram.memfd.as_fd(), uffd.as_fd(), pagemap.as_fd()],
+        ram.region(),
+        &[&ram.memfd, &uffd, &pagemap],
+        events.clone(),
     )?;
     eprintln!(
         "vmm-standin[source]: hand-off to {} accepted ({})",
@@ -87,7 +88,7 @@ pub(crate) fn run(config: &StandinConfig, commands: impl BufRead, events: &Event
             let running = vcpus.take().ok_or("already paused")?;
             let writes = running.stop();
             let at_ns = monotonic_ns();
-            send_event(&stream, VmmEvent::Paused { at_ns }).map_err(|e| format!("telling the agent: {e}"))?;
+            link.send_event(VmmEvent::Paused { at_ns }).map_err(|e| format!("telling the agent: {e}"))?;
             events.emit(&StandinEvent::Paused { at_ns });
             eprintln!("vmm-standin[source]: paused after {writes} vCPU page writes");
             if let Some(path) = &config.snapshot {
@@ -102,7 +103,7 @@ pub(crate) fn run(config: &StandinConfig, commands: impl BufRead, events: &Event
         Command::Quit => Ok(()),
     })?;
     // Keep the descriptors (and the hand-off connection) alive until the end.
-    drop((vcpus, stream, pagemap, uffd));
+    drop((vcpus, link, pagemap, uffd));
     Ok(())
 }
 

@@ -6,7 +6,6 @@
 //! first access blocks until the agent resolves its fault.
 
 use std::io::BufRead;
-use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,8 +15,9 @@ use guest_memory::handoff::Role;
 use crate::config::StandinConfig;
 use crate::error::VmmError;
 use crate::guest::{GuestRunStats, TargetGuest};
+use crate::handoff_link::HandoffLink;
 use crate::protocol::{Command, EventSink, StandinEvent, command_loop};
-use crate::ram::{GuestRam, describe_fds, hand_off};
+use crate::ram::{GuestRam, describe_fds};
 use crate::verify::{Scope, VerifyOutcome};
 
 pub(crate) fn run(config: &StandinConfig, commands: impl BufRead, events: &Arc<EventSink>) -> Result<(), VmmError> {
@@ -25,9 +25,15 @@ pub(crate) fn run(config: &StandinConfig, commands: impl BufRead, events: &Arc<E
         GuestRam::create(&format!("{}-target", config.vm), config.memory_bytes, config.page_size(), config.hugetlb)?;
     let uffd = Userfaultfd::for_role(Role::Target, &ram.region())?;
     // The hand-off connection stays open while the VM lives (its EOF tells
-    // the agent that the VMM is gone).
-    let _connection =
-        hand_off(&config.handoff_socket, Role::Target, &config.vm, &ram, &[ram.memfd.as_fd(), uffd.as_fd()])?;
+    // the agent that the VMM is gone); a new agent gets the memory again.
+    let _link = HandoffLink::establish(
+        config.handoff_socket.clone(),
+        Role::Target,
+        &config.vm,
+        ram.region(),
+        &[&ram.memfd, &uffd],
+        events.clone(),
+    )?;
     eprintln!(
         "vmm-standin[target]: hand-off to {} accepted ({})",
         config.handoff_socket.display(),

@@ -16,7 +16,11 @@
 //! (`failure`), what the agent's health and blocked faults are, and compares
 //! every page the frozen guest can see, which must still all be the
 //! source's content at pause.
+//!
+//! Chaos events ([`crate::chaos`]) fire at their phase's point in this
+//! sequence (`chaos_run`).
 
+mod chaos_run;
 mod options;
 mod waits;
 
@@ -25,7 +29,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use pageserver_proto::v1::migration_target_client::MigrationTargetClient;
-use pageserver_proto::v1::{GetStatusRequest, MigrationStatus, SwitchoverRequest};
+use pageserver_proto::v1::{GetStatusRequest, MigrationPhase, MigrationStatus, SwitchoverRequest};
 use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
@@ -34,7 +38,8 @@ pub use options::{MigrationError, MigrationOptions};
 
 use vmm_standin::StandinEvent;
 
-use crate::process::{Binaries, ChildProcess, ProcessError, WorkDir};
+use crate::chaos::ChaosPhase;
+use crate::process::{AgentAddrs, Binaries, ChildProcess, ProcessError, WorkDir};
 use crate::progress::Progress;
 use crate::report::Report;
 use crate::status_watch::{Failure, StatusError, StatusWatch};
@@ -63,11 +68,16 @@ pub async fn run_migration(opts: &MigrationOptions) -> Result<Report, MigrationE
         progress: Progress::start(opts.quiet),
         children: Children::default(),
         target_channel: None,
+        source_agent_args: Vec::new(),
+        source_addrs: None,
+        source_paused: false,
+        snapshot_written: false,
         report: Report {
             guest_bytes: opts.memory_bytes,
             hugetlb: opts.hugetlb,
             vcpus: u64::from(opts.vcpus),
             seed: opts.seed,
+            handoffs: [("source".to_owned(), 1), ("target".to_owned(), 1)].into(),
             ..Report::default()
         },
     };
@@ -155,6 +165,14 @@ struct Migration<'a> {
     report: Report,
     /// The connection to the target agent (its status, and its health).
     target_channel: Option<Channel>,
+    /// How the source agent was started (a chaos event starts it again).
+    source_agent_args: Vec<String>,
+    source_addrs: Option<AgentAddrs>,
+    /// Whether the source VM was told to pause.
+    source_paused: bool,
+    /// Whether its snapshot at pause was seen written (an event read while
+    /// waiting for another).
+    snapshot_written: bool,
 }
 
 impl Migration<'_> {
@@ -163,7 +181,12 @@ impl Migration<'_> {
         let client = self.start_target(&source_addr).await?;
         let watch = StatusWatch::start(client.clone());
         self.precopy(&watch).await?;
-        let paused = self.pause_and_switch_over(&client).await?;
+        let paused = if self.opts.switchover_before_pause() {
+            self.switch_over_before_pause(&client).await?
+        } else {
+            self.pause_and_switch_over(&client).await?
+        };
+        self.fire_chaos(ChaosPhase::Switchover, &watch).await?;
         match self.postcopy(&watch, &client, paused).await {
             Ok(()) => {}
             Err(MigrationError::Status(StatusError::Failed(Failure::MigrationFailed { error }))) => {
@@ -198,6 +221,10 @@ impl Migration<'_> {
     ) -> Result<(), MigrationError> {
         self.progress.say(format!("the target agent's migration FAILED: {error}"));
         self.report.failure = Some(error);
+        if !self.source_paused {
+            // The comparison needs the source's memory frozen.
+            self.pause_source().await?;
+        }
         let status = get_status(&mut client).await?;
         self.apply_final_status(&status);
         self.report.target_health = self.target_health().await;
@@ -216,9 +243,12 @@ impl Migration<'_> {
     async fn compare_with_snapshot(&mut self, scope: Scope) -> Result<(u64, u64), MigrationError> {
         let timeout = self.timeout();
         let snapshot = self.path("snapshot");
-        let source_vm = running(&mut self.children.source_vm, "source VM")?;
-        let written = |e: &StandinEvent| matches!(e, StandinEvent::SnapshotWritten { .. }).then_some(());
-        wait_for(source_vm, "snapshot-written", deadline(timeout), written).await?;
+        if !self.snapshot_written {
+            let source_vm = running(&mut self.children.source_vm, "source VM")?;
+            let written = |e: &StandinEvent| matches!(e, StandinEvent::SnapshotWritten { .. }).then_some(());
+            wait_for(source_vm, "snapshot-written", deadline(timeout), written).await?;
+            self.snapshot_written = true;
+        }
         let started = Instant::now();
         let target_vm = running(&mut self.children.target_vm, "target VM")?;
         let (command, answer) = match scope {
@@ -305,19 +335,13 @@ impl Migration<'_> {
     /// gRPC address.
     async fn start_source(&mut self) -> Result<String, MigrationError> {
         let socket = self.path("source.sock");
-        let args = [
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            &self.opts.metrics_listen.0,
-            "--handoff-socket",
-            &socket,
-            "--vm",
-            &self.opts.vm_name,
-        ];
+        self.source_agent_args = vec![format!("--handoff-socket={socket}"), format!("--vm={}", self.opts.vm_name)];
+        let mut args = self.source_agent_args.clone();
+        args.extend(["--listen=127.0.0.1:0".to_owned(), format!("--metrics-listen={}", self.opts.metrics_listen.0)]);
         let agent =
             self.children.source_agent.insert(spawn("source-agent", &self.binaries.source_agent, &args, self.work)?);
         let addrs = agent.wait_listening(deadline(self.opts.phase_timeout)).await?;
+        self.source_addrs = Some(addrs.clone());
         self.progress
             .say(format!("source agent serving on {} (metrics: http://{}/metrics)", addrs.grpc, addrs.metrics));
         self.report.source_metrics_addr = addrs.metrics;
@@ -358,6 +382,12 @@ impl Migration<'_> {
             format!("--vm={}", self.opts.vm_name),
             format!("--max-precopy-rounds={}", self.opts.max_precopy_rounds),
         ];
+        if let Some(timeout) = self.opts.source_unreachable_timeout {
+            args.push(format!("--source-unreachable-timeout={}ms", timeout.as_millis()));
+        }
+        if let Some(timeout) = self.opts.pause_timeout {
+            args.push(format!("--pause-timeout={}ms", timeout.as_millis()));
+        }
         args.extend(self.opts.hooks.args());
         let agent =
             self.children.target_agent.insert(spawn("target-agent", &self.binaries.target_agent, &args, self.work)?);
@@ -385,6 +415,13 @@ impl Migration<'_> {
 
     async fn precopy(&mut self, watch: &StatusWatch) -> Result<(), MigrationError> {
         let started = Instant::now();
+        if !self.opts.chaos_in(ChaosPhase::Precopy).is_empty() {
+            let precopy = |s: &crate::status_watch::PollState| {
+                s.latest.as_ref().is_some_and(|status| status.phase >= MigrationPhase::Precopy as i32)
+            };
+            watch.wait_until("pre-copy to start", self.timeout(), precopy).await?;
+            self.fire_chaos(ChaosPhase::Precopy, watch).await?;
+        }
         let progress = &self.progress;
         let round_done = |round, dirty| progress.say(format!("pre-copy round {round}: {dirty} dirty pages"));
         watch.wait_precopy_converged(self.timeout(), round_done).await?;
@@ -411,16 +448,32 @@ impl Migration<'_> {
         if !self.opts.write_before_pause.is_empty() {
             self.progress.say(format!("source wrote pages {:?} just before the pause", self.opts.write_before_pause));
         }
+        let paused = self.pause_source().await?;
+        self.switchover(client, paused).await?;
+        Ok(paused)
+    }
+
+    /// Pauses the source VM; returns when the pause was seen.
+    async fn pause_source(&mut self) -> Result<Instant, MigrationError> {
+        let vm = running(&mut self.children.source_vm, "source VM")?;
         vm.send("pause").await?;
-        let at_ns = wait_for(vm, "paused", deadline(timeout), |e| match e {
+        let at_ns = wait_for(vm, "paused", deadline(self.opts.phase_timeout), |e| match e {
             StandinEvent::Paused { at_ns } => Some(*at_ns),
             _ => None,
         })
         .await?;
-        let paused = Instant::now();
+        self.source_paused = true;
         self.report.paused_at_ns = at_ns;
         self.progress.say("source VM paused");
+        Ok(Instant::now())
+    }
 
+    /// `Switchover`, timed from `paused`.
+    async fn switchover(
+        &mut self,
+        client: &MigrationTargetClient<Channel>,
+        paused: Instant,
+    ) -> Result<(), MigrationError> {
         let reply = client
             .clone()
             .switchover(SwitchoverRequest {})
@@ -433,7 +486,7 @@ impl Migration<'_> {
             reply.phase().label(),
             self.report.switchover_rpc_ms
         ));
-        Ok(paused)
+        Ok(())
     }
 
     /// The optional concurrent touches, then the guest's run.
@@ -458,8 +511,11 @@ impl Migration<'_> {
         // `resumed` comes at once; `guest-done` when the run is over.
         vm.send("resume").await?;
         let run_deadline = deadline(timeout + Duration::from_millis(self.opts.run_ms));
+        let resumed = wait_for(vm, "resumed", run_deadline, |e| matches!(e, StandinEvent::Resumed).then_some(()));
+        watch.unless_failed(resumed).await?;
+        self.fire_chaos(ChaosPhase::Postcopy, watch).await?;
+        let vm = running(&mut self.children.target_vm, "target VM")?;
         let run = async {
-            wait_for(vm, "resumed", run_deadline, |e| matches!(e, StandinEvent::Resumed).then_some(())).await?;
             wait_for(vm, "guest-done", run_deadline, |e| match e {
                 StandinEvent::GuestDone { first_access_done_ns, accesses, pages_written } => {
                     Some((*first_access_done_ns, *accesses, *pages_written))

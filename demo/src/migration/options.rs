@@ -6,6 +6,7 @@ use std::time::Duration;
 use guest_memory::hugepages::HugePageError;
 use pageserver_metrics::ScrapeError;
 
+use crate::chaos::{ChaosEvent, ChaosKind, ChaosPhase};
 use crate::process::ProcessError;
 use crate::status_watch::StatusError;
 use crate::test_hooks::AgentTestHooks;
@@ -43,6 +44,13 @@ pub struct MigrationOptions {
     pub metrics_dump: Option<PathBuf>,
     /// Where the agents serve `/metrics` (source, target); port 0 picks one.
     pub metrics_listen: (String, String),
+    /// Faults to inject ([`crate::chaos`]).
+    pub chaos: Vec<ChaosEvent>,
+    /// The target agent's `--source-unreachable-timeout` (its default if
+    /// unset).
+    pub source_unreachable_timeout: Option<Duration>,
+    /// The target agent's `--pause-timeout` (its default if unset).
+    pub pause_timeout: Option<Duration>,
 }
 
 impl Default for MigrationOptions {
@@ -64,6 +72,9 @@ impl Default for MigrationOptions {
             hooks: AgentTestHooks::default(),
             metrics_dump: None,
             metrics_listen: ("127.0.0.1:0".to_owned(), "127.0.0.1:0".to_owned()),
+            chaos: Vec::new(),
+            source_unreachable_timeout: None,
+            pause_timeout: None,
         }
     }
 }
@@ -94,6 +105,16 @@ impl MigrationOptions {
         }
         Ok(())
     }
+
+    /// The chaos events that fire in `phase`.
+    pub fn chaos_in(&self, phase: ChaosPhase) -> Vec<ChaosEvent> {
+        self.chaos.iter().copied().filter(|event| event.phase == phase).collect()
+    }
+
+    /// Whether `Switchover` is to be called before the source pauses.
+    pub fn switchover_before_pause(&self) -> bool {
+        self.chaos.iter().any(|event| event.kind == ChaosKind::SwitchoverBeforePause)
+    }
 }
 
 /// Why a migration did not run to the end.
@@ -117,6 +138,8 @@ pub enum MigrationError {
         #[source]
         source: tonic::transport::Error,
     },
+    #[error("chaos event {event}: {why}")]
+    Chaos { event: String, why: String },
     #[error("{call} on the target agent failed: {status}")]
     Rpc { call: &'static str, status: Box<tonic::Status> },
     #[error("the {agent} agent's metrics: {source}")]

@@ -159,6 +159,7 @@ impl TestVmm {
                 page_size: PAGE_SIZE,
             }],
             fds,
+            previous_handoffs: 0,
         }
     }
 

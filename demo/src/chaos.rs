@@ -1,0 +1,156 @@
+//! Faults injected into a real migration (`pageserver-demo --chaos`), so
+//! that an operator can rehearse them and the tests can prove what the
+//! agents do about them.
+//!
+//! An event is `KIND@PHASE`; several are separated by commas. PHASE is when
+//! it fires: `precopy` (as pre-copy starts), `switchover` (right after the
+//! `Switchover` call: the guest runs, the final bitmap may not be in), or
+//! `postcopy` (the target guest has resumed).
+//!
+//! | KIND | what happens | expected |
+//! |---|---|---|
+//! | `kill-source-agent` | SIGKILL the source agent; start a new one on the same address and socket; the source VMM hands its memory over again | completes, 0 mismatched |
+//! | `stop-source-agent:MS` | SIGSTOP the source agent for MS ms, then SIGCONT | completes, 0 mismatched |
+//! | `impostor-source-agent` | SIGKILL the source agent; start one serving *another* VM's memory (same name, same layout) on its address | the target refuses it, and fails after its `--source-unreachable-timeout`; nothing wrong installed |
+//! | `switchover-before-pause` | (`switchover` only) `Switchover` is called before the source VM is paused | the target installs nothing read from the running VM, and fails after its `--pause-timeout` |
+#![forbid(unsafe_code)]
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// When an event fires.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ChaosPhase {
+    Precopy,
+    Switchover,
+    Postcopy,
+}
+
+impl ChaosPhase {
+    pub fn name(self) -> &'static str {
+        match self {
+            ChaosPhase::Precopy => "precopy",
+            ChaosPhase::Switchover => "switchover",
+            ChaosPhase::Postcopy => "postcopy",
+        }
+    }
+}
+
+/// What an event does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChaosKind {
+    KillSourceAgent,
+    StopSourceAgent { stopped: Duration },
+    ImpostorSourceAgent,
+    SwitchoverBeforePause,
+}
+
+impl ChaosKind {
+    /// Whether the migration is expected to complete despite the event.
+    pub fn survivable(self) -> bool {
+        matches!(self, ChaosKind::KillSourceAgent | ChaosKind::StopSourceAgent { .. })
+    }
+}
+
+/// One `KIND@PHASE`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChaosEvent {
+    pub kind: ChaosKind,
+    pub phase: ChaosPhase,
+}
+
+impl fmt::Display for ChaosEvent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.kind {
+            ChaosKind::KillSourceAgent => write!(f, "kill-source-agent")?,
+            ChaosKind::StopSourceAgent { stopped } => write!(f, "stop-source-agent:{}", stopped.as_millis())?,
+            ChaosKind::ImpostorSourceAgent => write!(f, "impostor-source-agent")?,
+            ChaosKind::SwitchoverBeforePause => write!(f, "switchover-before-pause")?,
+        }
+        write!(f, "@{}", self.phase.name())
+    }
+}
+
+impl FromStr for ChaosEvent {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let (kind, phase) = text.split_once('@').ok_or_else(|| format!("{text:?}: expected KIND@PHASE"))?;
+        let phase = match phase {
+            "precopy" => ChaosPhase::Precopy,
+            "switchover" => ChaosPhase::Switchover,
+            "postcopy" => ChaosPhase::Postcopy,
+            other => return Err(format!("{text:?}: unknown phase {other:?} (precopy, switchover, postcopy)")),
+        };
+        let (name, argument) = match kind.split_once(':') {
+            Some((name, argument)) => (name, Some(argument)),
+            None => (kind, None),
+        };
+        let millis = |argument: Option<&str>| -> Result<Duration, String> {
+            let ms = argument.ok_or_else(|| format!("{text:?}: {name} needs :MS"))?;
+            ms.parse::<u64>().map(Duration::from_millis).map_err(|_| format!("{text:?}: {ms:?} is not milliseconds"))
+        };
+        let no_argument = |kind: ChaosKind| match argument {
+            None => Ok(kind),
+            Some(_) => Err(format!("{text:?}: {name} takes no argument")),
+        };
+        let kind = match name {
+            "kill-source-agent" => no_argument(ChaosKind::KillSourceAgent)?,
+            "stop-source-agent" => ChaosKind::StopSourceAgent { stopped: millis(argument)? },
+            "impostor-source-agent" => no_argument(ChaosKind::ImpostorSourceAgent)?,
+            "switchover-before-pause" if phase == ChaosPhase::Switchover => {
+                no_argument(ChaosKind::SwitchoverBeforePause)?
+            }
+            "switchover-before-pause" => return Err(format!("{text:?}: only @switchover makes sense")),
+            other => {
+                return Err(format!(
+                    "{text:?}: unknown kind {other:?} (kill-source-agent, stop-source-agent:MS, \
+                     impostor-source-agent, switchover-before-pause)"
+                ));
+            }
+        };
+        Ok(ChaosEvent { kind, phase })
+    }
+}
+
+/// What one event did, for the report.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ChaosRecord {
+    /// The event as given (`kill-source-agent@postcopy`).
+    pub event: String,
+    /// Seconds since the migration started.
+    pub fired_at_s: f64,
+    /// The target agent's phase when it fired.
+    pub target_phase: String,
+    /// What was done and what recovered from it.
+    pub outcome: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_parse_and_print_back() {
+        for text in
+            ["kill-source-agent@postcopy", "stop-source-agent:500@precopy", "switchover-before-pause@switchover"]
+        {
+            let event: ChaosEvent = text.parse().expect(text);
+            assert_eq!(event.to_string(), text);
+        }
+        for bad in [
+            "kill-source-agent",
+            "kill-source-agent@later",
+            "stop-source-agent@postcopy",
+            "stop-source-agent:soon@postcopy",
+            "kill-source-agent:5@postcopy",
+            "switchover-before-pause@postcopy",
+            "unplug@postcopy",
+        ] {
+            assert!(bad.parse::<ChaosEvent>().is_err(), "{bad} must be refused");
+        }
+    }
+}

@@ -1,0 +1,132 @@
+//! Firing the chaos events of a migration ([`crate::chaos`]) at their
+//! phase's point, and recording what each did.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use pageserver_proto::v1::GetStatusRequest;
+use pageserver_proto::v1::migration_target_client::MigrationTargetClient;
+use rustix::process::Signal;
+use tonic::transport::Channel;
+use vmm_standin::StandinEvent;
+
+use super::waits::{deadline, wait_for};
+use super::{Migration, MigrationError, running, spawn};
+use crate::chaos::{ChaosEvent, ChaosKind, ChaosPhase, ChaosRecord};
+use crate::status_watch::StatusWatch;
+
+impl Migration<'_> {
+    /// Fires every event of `phase`, in the order given.
+    pub(super) async fn fire_chaos(&mut self, phase: ChaosPhase, watch: &StatusWatch) -> Result<(), MigrationError> {
+        for event in self.opts.chaos_in(phase) {
+            let record = ChaosRecord {
+                event: event.to_string(),
+                fired_at_s: self.progress.seconds(),
+                target_phase: self.target_phase_now(watch).await,
+                outcome: String::new(),
+            };
+            self.progress.say(format!("CHAOS {event} (target agent in phase {})", record.target_phase));
+            let outcome = self.fire(event).await?;
+            self.progress.say(format!("CHAOS {event}: {outcome}"));
+            self.report.chaos.push(ChaosRecord { outcome, ..record });
+        }
+        Ok(())
+    }
+
+    /// The target agent's phase right now (the watch's last poll if it
+    /// cannot be asked).
+    async fn target_phase_now(&self, watch: &StatusWatch) -> String {
+        let Some(channel) = self.target_channel.clone() else { return watch.current().phase().to_owned() };
+        match MigrationTargetClient::new(channel).get_status(GetStatusRequest {}).await {
+            Ok(status) => status.into_inner().phase().label().to_owned(),
+            Err(_) => watch.current().phase().to_owned(),
+        }
+    }
+
+    async fn fire(&mut self, event: ChaosEvent) -> Result<String, MigrationError> {
+        let failed = |why: String| MigrationError::Chaos { event: event.to_string(), why };
+        match event.kind {
+            ChaosKind::KillSourceAgent => {
+                running(&mut self.children.source_agent, "source agent")?.kill().await;
+                let started = Instant::now();
+                self.start_source_agent_again(None).await?;
+                let handoffs = self.wait_for_source_handoff().await?;
+                Ok(format!(
+                    "SIGKILLed the source agent; a new one took the VM's memory over (hand-off {handoffs}) {:.0} ms \
+                     later",
+                    started.elapsed().as_secs_f64() * 1e3
+                ))
+            }
+            ChaosKind::StopSourceAgent { stopped } => {
+                let agent = running(&mut self.children.source_agent, "source agent")?;
+                agent.signal(Signal::STOP)?;
+                tokio::time::sleep(stopped).await;
+                agent.signal(Signal::CONT)?;
+                Ok(format!("SIGSTOPped the source agent for {} ms, then SIGCONT", stopped.as_millis()))
+            }
+            ChaosKind::ImpostorSourceAgent => {
+                running(&mut self.children.source_agent, "source agent")?.kill().await;
+                let other_vm = self.work.join("another-vm.mem");
+                let file =
+                    std::fs::File::create(&other_vm).map_err(|e| failed(format!("creating {other_vm:?}: {e}")))?;
+                file.set_len(self.opts.memory_bytes).map_err(|e| failed(format!("sizing {other_vm:?}: {e}")))?;
+                self.start_source_agent_again(Some(other_vm)).await?;
+                Ok("SIGKILLed the source agent; another VM's memory (same name, same layout) is served on its \
+                    address: the target must refuse it"
+                    .to_owned())
+            }
+            ChaosKind::SwitchoverBeforePause => Ok("Switchover was called before the source VM paused".to_owned()),
+        }
+    }
+
+    /// Starts a source agent on the address and socket of the first one:
+    /// for the same VMM, or serving `memory_file` (another VM's memory).
+    async fn start_source_agent_again(&mut self, memory_file: Option<PathBuf>) -> Result<(), MigrationError> {
+        let addrs = self.source_addrs.clone().ok_or(MigrationError::NotStarted("source agent"))?;
+        let mut args = vec![format!("--listen={}", addrs.grpc), format!("--metrics-listen={}", addrs.metrics)];
+        match memory_file {
+            None => args.extend(self.source_agent_args.iter().cloned()),
+            Some(path) => args.extend([
+                format!("--memory-file={}", path.display()),
+                format!("--page-size={}", self.opts.page_size()),
+                format!("--vm={}", self.opts.vm_name),
+            ]),
+        }
+        let name = format!("source-agent-{}", self.report.chaos.len() + 2);
+        let agent = self.children.source_agent.insert(spawn(&name, &self.binaries.source_agent, &args, self.work)?);
+        agent.wait_listening(deadline(self.opts.phase_timeout)).await?;
+        Ok(())
+    }
+
+    /// Waits until the source VM has handed its memory to a new agent;
+    /// returns its hand-off count.
+    async fn wait_for_source_handoff(&mut self) -> Result<u32, MigrationError> {
+        let vm = running(&mut self.children.source_vm, "source VM")?;
+        let mut snapshot_written = false;
+        let handoffs = wait_for(vm, "handed-off", deadline(self.opts.phase_timeout), |e| match e {
+            StandinEvent::HandedOff { handoffs } => Some(*handoffs),
+            StandinEvent::SnapshotWritten { .. } => {
+                snapshot_written = true;
+                None
+            }
+            _ => None,
+        })
+        .await?;
+        self.snapshot_written |= snapshot_written;
+        self.report.handoffs.insert("source".to_owned(), u64::from(handoffs));
+        Ok(handoffs)
+    }
+
+    /// `Switchover` while the source VM still runs (chaos
+    /// `switchover-before-pause`); the pause comes only if the migration
+    /// fails (for the comparison). Returns when `Switchover` was called.
+    pub(super) async fn switch_over_before_pause(
+        &mut self,
+        client: &MigrationTargetClient<Channel>,
+    ) -> Result<Instant, MigrationError> {
+        let called = Instant::now();
+        self.progress.say("CHAOS: Switchover before the source VM is paused");
+        self.switchover(client, called).await?;
+        Ok(called)
+    }
+}
