@@ -9,7 +9,14 @@
 //!   and limit. In the `GetPages` stream a bad request is answered by a
 //!   `PagesReply` carrying only its `request_id` and the error, and the stream
 //!   goes on. A good request is answered by exactly one reply holding all its
-//!   pages. Zero pages are sent as `zero = true` without data.
+//!   pages. Zero pages are sent as `zero = true` without data. Every check
+//!   is overflow-safe: `u64::MAX` indexes, `u32::MAX` counts and regions, and
+//!   `first_index + count` past `u64::MAX` are refused with the codes above.
+//! - A message larger than `MAX_MESSAGE_BYTES` is refused by tonic before it
+//!   is decoded, with OUT_OF_RANGE ("decoded message length too large"): a
+//!   unary call fails with it; inside a `GetPages` stream it ends the stream
+//!   with that status (the requests after it are not read), logged at warn
+//!   and counted as a rejected `GetPages` request.
 //! - `GetDirtyBitmap` follows the epoch rules of [`crate::dirty`]: a
 //!   `since_epoch` newer than the newest epoch is INVALID_ARGUMENT; a final
 //!   bitmap while the VM runs is FAILED_PRECONDITION; `paused` is read before
@@ -234,8 +241,13 @@ impl PageServer for PageService {
                     // The client finished its requests: the stream ends after
                     // the replies already queued.
                     Ok(None) => break,
+                    // A request tonic could not decode (e.g. over the size
+                    // limit): the stream cannot go on, and the client must
+                    // learn why rather than wait for a reply that never comes.
                     Err(status) => {
-                        tracing::debug!(%status, "GetPages request stream ended with an error");
+                        agent.rpcs.reject(Rpc::GetPages);
+                        tracing::warn!(%status, "GetPages request stream failed; ending the stream with its status");
+                        let _ = replies.send(Err(status)).await;
                         break;
                     }
                 };
