@@ -8,8 +8,8 @@
 //! 1. VMM → agent, one `sendmsg`: a JSON [`HandoffMessage`] ending in `\n`,
 //!    with the descriptors attached (SCM_RIGHTS) in the order its `fds` names
 //!    them:
-//!    - source: `memory` (the guest-memory file; the agent maps it
-//!      read-only), `uffd` (registered WP with WP_ASYNC over the VMM's
+//!    - source: `memory` (the guest-memory file; the agent reads it with
+//!      `pread` through a read-only descriptor), `uffd` (registered WP with WP_ASYNC over the VMM's
 //!      mapping), `pagemap` (the VMM's own `/proc/self/pagemap`, on which
 //!      PAGEMAP_SCAN scans the VMM's address space);
 //!    - target: `memory` (mapped read-write by the agent) and `uffd`

@@ -5,8 +5,8 @@
 //! refused; a stale socket is replaced; mode 0600) and accepts connections
 //! one at a time on a dedicated thread. Each connection gets
 //! [`HANDOFF_READ_TIMEOUT`] to deliver its hand-off message, which
-//! `guest_memory::handoff::receive_handoff_with` validates. A valid one is
-//! mapped read-only, dirty tracking starts (the initial write-protecting
+//! `guest_memory::handoff::receive_handoff_with` validates. Of a valid one
+//! the memory file is reopened read-only, dirty tracking starts (the initial write-protecting
 //! scan, which also proves the uffd is registered WP-async), and the memory
 //! is attached to the agent; only then is the VMM answered `ok`, so an `ok`
 //! means the agent is serving. Any failure on the way is sent to the VMM as

@@ -1,8 +1,8 @@
 //! The source agent of a post-copy migration: it serves one VM's memory
 //! (pages and dirty bitmaps) over gRPC (`pageserver.v1.PageServer`).
 //!
-//! - [`memory`]: the guest memory, mapped read-only, from a VMM's hand-off or
-//!   a plain memory file;
+//! - [`memory`]: the guest memory, read with `pread` from a read-only
+//!   descriptor, from a VMM's hand-off or a plain memory file;
 //! - [`dirty`]: dirty tracking with epochs (userfaultfd WP-async +
 //!   PAGEMAP_SCAN), and the rules that make bitmaps safe to retry (their
 //!   wire encoding is `pageserver_proto::bitmap`);

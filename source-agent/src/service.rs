@@ -12,6 +12,12 @@
 //!   pages. Zero pages are sent as `zero = true` without data. Every check
 //!   is overflow-safe: `u64::MAX` indexes, `u32::MAX` counts and regions, and
 //!   `first_index + count` past `u64::MAX` are refused with the codes above.
+//! - Pages the layout has but the memory file no longer holds (it was
+//!   truncated while served) are DATA_LOSS, for the requests that ask for
+//!   them only; the message names the memory, region, pages, file offset and
+//!   how many bytes of how many could be read. Pages before the new end are
+//!   still served. (The agent reads with `pread`, see [`crate::memory`]: a
+//!   shrunk file is an error, never a SIGBUS.)
 //! - A message larger than `MAX_MESSAGE_BYTES` is refused by tonic before it
 //!   is decoded, with OUT_OF_RANGE ("decoded message length too large"): a
 //!   unary call fails with it; inside a `GetPages` stream it ends the stream
@@ -45,9 +51,9 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::agent::SourceAgent;
 use crate::dirty::DirtyError;
-use crate::memory::{PageRangeError, SourceMemory};
+use crate::memory::{PageRangeError, ReadError, SourceMemory};
 use crate::metrics::Rpc;
-use crate::wire::{page_range_code, regions_to_proto};
+use crate::wire::{page_range_code, read_error_code, regions_to_proto};
 
 /// Replies a `GetPages` stream may queue before it stops reading requests.
 const PAGES_REPLY_QUEUE: usize = 64;
@@ -70,6 +76,14 @@ impl PageService {
 
 fn range_status(error: &PageRangeError) -> Status {
     Status::new(page_range_code(error), error.to_string())
+}
+
+fn read_status(error: &ReadError) -> Status {
+    let code = read_error_code(error);
+    if code == tonic::Code::DataLoss {
+        tracing::warn!(%error, "pages the layout has cannot be read");
+    }
+    Status::new(code, error.to_string())
 }
 
 /// Why a GetPages request is refused before any page is read.
@@ -101,7 +115,7 @@ fn read_pages(
     region: u32,
     first: u64,
     count: u64,
-) -> Result<Vec<pb::Page>, PageRangeError> {
+) -> Result<Vec<pb::Page>, ReadError> {
     let page_size = memory.page_size() as usize;
     let mut buffer = vec![0u8; count as usize * page_size];
     memory.read_pages(region, first, &mut buffer)?;
@@ -134,7 +148,7 @@ fn answer_pages_request(memory: &SourceMemory, agent: &SourceAgent, request: &pb
 fn pages_reply(memory: &SourceMemory, agent: &SourceAgent, request: &pb::PagesRequest) -> pb::PagesReply {
     let result = check_batch(memory, request).and_then(|()| {
         read_pages(memory, agent, request.region, request.first_index, u64::from(request.count))
-            .map_err(|e| range_status(&e))
+            .map_err(|e| read_status(&e))
     });
     match result {
         Ok(pages) => pb::PagesReply { request_id: request.request_id, pages, error: None },
@@ -176,7 +190,7 @@ impl PageService {
         let memory = self.memory()?;
         let pb::GetPageRequest { region, index } = request;
         memory.check_pages(region, index, 1).map_err(|e| range_status(&e))?;
-        let mut pages = read_pages(&memory, &self.agent, region, index, 1).map_err(|e| range_status(&e))?;
+        let mut pages = read_pages(&memory, &self.agent, region, index, 1).map_err(|e| read_status(&e))?;
         pages.pop().ok_or_else(|| Status::internal("no page read"))
     }
 
