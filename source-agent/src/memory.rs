@@ -66,6 +66,8 @@ pub enum MemoryError {
         #[source]
         source: io::Error,
     },
+    #[error("duplicating the memory file's descriptor: {0}")]
+    Duplicate(#[source] io::Error),
     #[error("the hand-off carries no pagemap descriptor, which dirty tracking needs")]
     NoPagemap,
     #[error("starting dirty tracking on the VMM's memory (is it registered with a WP_ASYNC userfaultfd?): {0}")]
@@ -183,7 +185,8 @@ impl SourceMemory {
         for r in layout.regions() {
             uffd.write_protect(r.base_host_virt_addr, r.size).map_err(MemoryError::WriteProtect)?;
         }
-        let dirty = DirtyTracker::for_vmm(layout.clone(), pagemap);
+        let holes = file.try_clone().map_err(MemoryError::Duplicate)?;
+        let dirty = DirtyTracker::for_vmm(layout.clone(), pagemap, holes);
         dirty.start_tracking().map_err(MemoryError::StartTracking)?;
         Ok(Self {
             layout,

@@ -167,7 +167,9 @@ fn pages_reply(memory: &SourceMemory, agent: &SourceAgent, request: &pb::PagesRe
 fn dirty_status(error: DirtyError) -> Status {
     match error {
         DirtyError::EpochTooNew { .. } => Status::invalid_argument(error.to_string()),
-        DirtyError::Scan { .. } | DirtyError::EpochOverflow => Status::internal(error.to_string()),
+        DirtyError::Scan { .. } | DirtyError::Holes { .. } | DirtyError::EpochOverflow => {
+            Status::internal(error.to_string())
+        }
     }
 }
 

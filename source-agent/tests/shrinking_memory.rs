@@ -129,8 +129,13 @@ async fn a_handed_off_memfd_the_vmm_truncates() {
     })
     .await
     .expect("hand-off task");
+    let mut agent = agent;
+    let (before, _) = common::dirty_pages(&mut agent.client, 0, false).await.expect("a first round");
     // The test VMM never touches its mapping past the new end.
     memfile::ftruncate(vmm.memory.as_fd(), HALF * PAGE_SIZE).expect("truncate the memfd");
+    // The pages that went are dirty: a target must not keep their old content.
+    let (_, dirty) = common::dirty_pages(&mut agent.client, before.epoch, false).await.expect("the next round");
+    assert_eq!(dirty, (HALF..PAGES).collect::<Vec<_>>());
     agent.check_shrunk(&format!("VM \"test-vm\" (VMM pid {})", std::process::id())).await;
     drop(vmm);
 }
