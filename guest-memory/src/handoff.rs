@@ -8,8 +8,8 @@
 //! 1. VMM → agent, one `sendmsg`: a JSON [`HandoffMessage`] ending in `\n`,
 //!    with the descriptors attached (SCM_RIGHTS) in the order its `fds` names
 //!    them:
-//!    - source: `memory` (the guest-memory file; the agent maps it
-//!      read-only), `uffd` (registered WP with WP_ASYNC over the VMM's
+//!    - source: `memory` (the guest-memory file; the agent reads it with
+//!      `pread` through a read-only descriptor), `uffd` (registered WP with WP_ASYNC over the VMM's
 //!      mapping), `pagemap` (the VMM's own `/proc/self/pagemap`, on which
 //!      PAGEMAP_SCAN scans the VMM's address space);
 //!    - target: `memory` (mapped read-write by the agent) and `uffd`
@@ -26,12 +26,18 @@
 //!    the same memory and descriptors over again, to the next agent that
 //!    listens on the socket, with `previous_handoffs` counting the earlier
 //!    ones; a paused VMM then sends `paused` again at once.
+//!
+//! The agent reads at most [`MAX_MESSAGE_BYTES`] of a message; every rule a
+//! message must follow is checked in [`validate`] ([`parse_message`] is the
+//! pure part, fuzzed in `tests/fuzz_handoff.rs`).
 #![forbid(unsafe_code)]
+
+mod validate;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixStream;
+use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
@@ -39,8 +45,11 @@ use crate::fd_passing::{recv_with_fds, send_with_fds};
 use crate::layout::{GuestLayout, LayoutError, RegionLayout};
 use crate::uffd::Userfaultfd;
 
+pub use validate::{MAX_MESSAGE_BYTES, parse_message};
+
 pub const HANDOFF_VERSION: u32 = 1;
-const MAX_MESSAGE_BYTES: usize = 1 << 20;
+/// What the agent reads at once while waiting for the message's newline.
+const READ_CHUNK: usize = 64 << 10;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -115,8 +124,12 @@ pub enum HandoffError {
     },
     #[error("malformed hand-off message: {0}")]
     Json(#[source] serde_json::Error),
-    #[error("hand-off message larger than {MAX_MESSAGE_BYTES} bytes or not newline-terminated")]
+    #[error("hand-off message larger than {MAX_MESSAGE_BYTES} bytes (no newline in its first {MAX_MESSAGE_BYTES})")]
     TooLarge,
+    #[error("hand-off message ends after {len} bytes without a newline")]
+    Unterminated { len: usize },
+    #[error("no complete hand-off message arrived in time (the agent's read timeout)")]
+    Silent,
     #[error("hand-off version {got} is not supported (this agent speaks {HANDOFF_VERSION})")]
     Version { got: u32 },
     #[error("hand-off is for the {got:?} role, this agent is the {expected:?}")]
@@ -227,80 +240,52 @@ pub fn receive_handoff_with<T, E: std::fmt::Display>(
 
 type Parts = (HandoffMessage, GuestLayout, OwnedFd, Userfaultfd, Option<OwnedFd>);
 
-fn read_and_validate(stream: &UnixStream, role: Role) -> Result<Parts, HandoffError> {
-    let mut buf = vec![0u8; 64 << 10];
-    let (mut len, fds) = recv_with_fds(stream.as_fd(), &mut buf).map_err(io("receiving hand-off"))?;
+/// A read error, or [`HandoffError::Silent`] when the socket's read timeout
+/// expired.
+fn receive_error(source: std::io::Error) -> HandoffError {
+    match source.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => HandoffError::Silent,
+        _ => HandoffError::Io { context: "receiving hand-off", source },
+    }
+}
+
+/// Reads the message line (at most [`MAX_MESSAGE_BYTES`]) and the
+/// descriptors attached to its first bytes. The stream's read timeout, if
+/// any, bounds the whole message (checked after each read), not each read:
+/// a peer trickling bytes is cut off like a silent one.
+fn read_message(stream: &UnixStream) -> Result<(Vec<u8>, Vec<OwnedFd>), HandoffError> {
+    let deadline = stream.read_timeout().ok().flatten().map(|timeout| Instant::now() + timeout);
+    let mut buf = vec![0u8; READ_CHUNK];
+    let (mut len, fds) = recv_with_fds(stream.as_fd(), &mut buf).map_err(receive_error)?;
     if len == 0 {
         return Err(HandoffError::Closed);
     }
     // The JSON may arrive in more than one read; the fds come with the first.
-    while !buf[..len].contains(&b'\n') {
-        if len == buf.len() {
-            if buf.len() >= MAX_MESSAGE_BYTES {
-                return Err(HandoffError::TooLarge);
-            }
-            buf.resize(buf.len() * 2, 0);
+    // Each byte is searched for the newline once.
+    let mut searched = 0;
+    while len < MAX_MESSAGE_BYTES && !buf[searched..len].contains(&b'\n') {
+        searched = len;
+        if deadline.is_some_and(|deadline| Instant::now() >= deadline) {
+            return Err(HandoffError::Silent);
         }
-        let n = (&*stream).read(&mut buf[len..]).map_err(io("receiving hand-off"))?;
+        if len == buf.len() {
+            buf.resize((buf.len() * 2).min(MAX_MESSAGE_BYTES), 0);
+        }
+        let n = (&*stream).read(&mut buf[len..]).map_err(receive_error)?;
         if n == 0 {
-            return Err(HandoffError::TooLarge);
+            break;
         }
         len += n;
     }
-    let end = buf[..len].iter().position(|&b| b == b'\n').unwrap_or(len);
-    let message: HandoffMessage = serde_json::from_slice(&buf[..end]).map_err(HandoffError::Json)?;
-    if message.version != HANDOFF_VERSION {
-        return Err(HandoffError::Version { got: message.version });
-    }
-    if message.role != role {
-        return Err(HandoffError::WrongRole { expected: role, got: message.role });
-    }
-    let expected = role.fds();
-    let mut named = message.fds.clone();
-    named.sort_by_key(|k| *k as u8);
-    let mut want = expected.to_vec();
-    want.sort_by_key(|k| *k as u8);
-    if named != want {
-        return Err(HandoffError::FdKinds { named: message.fds.clone(), expected });
-    }
-    if fds.len() != message.fds.len() {
-        return Err(HandoffError::FdCount { named: message.fds.len(), attached: fds.len() });
-    }
-    let layout = GuestLayout::new(message.regions.clone())?;
-    let (mut memory, mut uffd, mut pagemap) = (None, None, None);
-    for (kind, fd) in message.fds.iter().zip(fds) {
-        let actual = std::fs::read_link(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd)))
-            .map(|p| p.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let fits = match kind {
-            FdKind::Uffd => actual == "anon_inode:[userfaultfd]",
-            FdKind::Pagemap => actual.starts_with("/proc/") && actual.ends_with("/pagemap"),
-            FdKind::Memory => !actual.starts_with("anon_inode:") && !actual.starts_with("socket:"),
-        };
-        if !fits {
-            return Err(HandoffError::FdType { kind: *kind, actual });
-        }
-        match kind {
-            FdKind::Memory => memory = Some(fd),
-            FdKind::Uffd => uffd = Some(Userfaultfd::from_handoff(fd)),
-            FdKind::Pagemap => pagemap = Some(fd),
-        }
-    }
-    let (memory, uffd) = match (memory, uffd) {
-        (Some(m), Some(u)) => (m, u),
-        _ => {
-            return Err(HandoffError::FdKinds { named: message.fds.clone(), expected });
-        }
-    };
-    let meta = std::fs::File::from(memory.try_clone().map_err(io("duplicating memory fd"))?)
-        .metadata()
-        .map_err(io("inspecting memory file"))?;
-    if meta.size() < layout.file_len() {
-        return Err(HandoffError::MemoryTooSmall { need: layout.file_len(), have: meta.size() });
-    }
-    if meta.blksize() != layout.page_size() {
-        return Err(HandoffError::PageSizeMismatch { file: meta.blksize(), layout: layout.page_size() });
-    }
+    buf.truncate(len);
+    Ok((buf, fds))
+}
+
+fn read_and_validate(stream: &UnixStream, role: Role) -> Result<Parts, HandoffError> {
+    let (received, fds) = read_message(stream)?;
+    let (message, layout) = parse_message(&received, fds.len(), role)?;
+    let validate::Descriptors { memory, uffd, pagemap } = validate::sort_descriptors(&message, fds)?;
+    validate::check_memory_file(&memory, &layout)?;
     Ok((message, layout, memory, uffd, pagemap))
 }
 

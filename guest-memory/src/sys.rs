@@ -1,7 +1,8 @@
 //! Every `unsafe` line of this crate, each block with why it is sound:
 //!
-//! - [`MemoryMap`]: `mmap`/`munmap` (through `rustix`) and the raw copies in
-//!   and out of guest memory, which must never become Rust references;
+//! - [`MemoryMap`]: `mmap`/`munmap`/`madvise` (through `rustix`) and the raw
+//!   copies in and out of guest memory, which must never become Rust
+//!   references;
 //! - the userfaultfd calls the `userfaultfd` crate marks `unsafe` (wrapping a
 //!   handed-off descriptor, `UFFDIO_ZEROPAGE`, `UFFDIO_COPY`): they act on
 //!   another process's address space, so they are sound for us whatever the
@@ -114,6 +115,22 @@ impl MemoryMap {
         unsafe { std::ptr::write_bytes(self.ptr.as_ptr().add(offset), 0, len) }
     }
 
+    /// `madvise(2)` over `len` bytes at `offset` (page aligned): drops the
+    /// mapping's page-table entries ([`Discard::DontNeed`]), or also frees the
+    /// file's pages, which read back as zeros ([`Discard::Remove`]), as a VMM
+    /// does for a ballooned or reported-free guest page.
+    pub fn discard(&self, offset: usize, len: usize, how: Discard) -> io::Result<()> {
+        self.check(offset, len);
+        let advice = match how {
+            Discard::DontNeed => rustix::mm::Advice::LinuxDontNeed,
+            Discard::Remove => rustix::mm::Advice::LinuxRemove,
+        };
+        // SAFETY: the range is inside the live mapping (checked), which no
+        // Rust reference points into (see the type's docs): dropping its
+        // page-table entries or its file pages invalidates nothing of ours.
+        Ok(unsafe { rustix::mm::madvise(self.ptr.as_ptr().add(offset).cast(), len, advice) }?)
+    }
+
     /// Reads the aligned 64-bit word at `offset`.
     pub fn read_u64(&self, offset: usize) -> u64 {
         self.check(offset, 8);
@@ -131,6 +148,16 @@ impl MemoryMap {
         // SAFETY: in bounds, aligned, writable (checked above).
         unsafe { std::ptr::write_volatile(self.ptr.as_ptr().add(offset).cast::<u64>(), value) }
     }
+}
+
+/// How [`MemoryMap::discard`] drops pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Discard {
+    /// `MADV_DONTNEED`: only this mapping's page-table entries go; a shared
+    /// file keeps its content.
+    DontNeed,
+    /// `MADV_REMOVE`: the file's pages go too (a hole punched in it).
+    Remove,
 }
 
 impl Drop for MemoryMap {

@@ -71,14 +71,17 @@ pub enum BitmapError {
     Incomplete,
     #[error("the bitmap claims {claimed} dirty pages but its runs hold {decoded}")]
     TotalMismatch { claimed: u64, decoded: u64 },
+    #[error("the dirty runs hold more than u64::MAX pages in all")]
+    TotalOverflow,
     #[error("dirty run {run:?} does not fit the layout: {reason}")]
     OutsideLayout { run: DirtyRun, reason: String },
 }
 
 impl DirtyBitmap {
-    /// Number of dirty pages.
+    /// Number of dirty pages (saturating; a decoded bitmap's runs add up
+    /// without overflow, [`BitmapDecoder::finish`] checks it).
     pub fn page_count(&self) -> u64 {
-        self.runs.iter().map(|r| r.len).sum()
+        self.runs.iter().fold(0u64, |total, r| total.saturating_add(r.len))
     }
 
     /// The runs as (first global page, length), checked against `layout`.
@@ -103,11 +106,19 @@ impl DirtyBitmap {
     }
 }
 
+/// Sum of the runs' lengths, unless it overflows.
+fn total_pages(runs: &[DirtyRun]) -> Result<u64, BitmapError> {
+    runs.iter().try_fold(0u64, |total, r| total.checked_add(r.len)).ok_or(BitmapError::TotalOverflow)
+}
+
 /// Appends `run` to sorted `runs`, merging it with the previous run if they
-/// touch.
+/// touch. A run that ends past `u64::MAX` is an error.
 fn push_run(runs: &mut Vec<DirtyRun>, run: DirtyRun) -> Result<(), BitmapError> {
     if run.len == 0 {
         return Ok(());
+    }
+    if run.first_index.checked_add(run.len).is_none() {
+        return Err(BitmapError::IndexOverflow { region: run.region });
     }
     if let Some(previous) = runs.last_mut() {
         let in_order =
@@ -130,7 +141,7 @@ pub fn encode_chunks(epoch: u64, paused: bool, runs: &[DirtyRun]) -> Result<Vec<
     for run in runs {
         push_run(&mut merged, *run)?;
     }
-    let total_dirty_pages = merged.iter().map(|r| r.len).sum();
+    let total_dirty_pages = total_pages(&merged)?;
     let empty_chunk = |region: u32, base_index: u64| DirtyBitmapChunk {
         epoch,
         paused,
@@ -227,8 +238,8 @@ impl BitmapDecoder {
             (true, Some(header)) => header,
             _ => return Err(BitmapError::Incomplete),
         };
+        let decoded = total_pages(&self.runs)?;
         let bitmap = DirtyBitmap { epoch, paused, pause_epoch, runs: self.runs };
-        let decoded = bitmap.page_count();
         if decoded != claimed {
             return Err(BitmapError::TotalMismatch { claimed, decoded });
         }
@@ -331,6 +342,33 @@ mod tests {
         assert!(matches!(decode_chunks(&twice), Err(BitmapError::AfterLast | BitmapError::Unsorted { .. })));
         let backwards = [run(0, 5, 1), run(0, 2, 1)];
         assert!(matches!(encode_chunks(1, false, &backwards), Err(BitmapError::Unsorted { .. })));
+    }
+
+    /// Found by `tests/fuzz_bitmap.rs`: runs in two regions whose lengths add
+    /// up past `u64::MAX` overflowed the total (a panic with overflow checks,
+    /// a wrapped total without).
+    #[test]
+    fn totals_past_u64_max_are_errors() {
+        let mut chunks = encode_chunks(7, false, &[run(0, 0, 1), run(1, 0, 1)]).expect("encodes");
+        chunks[0].runs[1] = u64::MAX;
+        assert_eq!(decode_chunks(&chunks), Err(BitmapError::TotalOverflow));
+        for chunk in &mut chunks {
+            chunk.total_dirty_pages = 0; // what the wrapped sum was
+        }
+        assert_eq!(decode_chunks(&chunks), Err(BitmapError::TotalOverflow));
+        let huge = [run(0, 0, u64::MAX), run(1, 0, 1)];
+        assert_eq!(encode_chunks(1, false, &huge), Err(BitmapError::TotalOverflow));
+        let bitmap = DirtyBitmap { epoch: 1, paused: false, pause_epoch: 0, runs: huge.to_vec() };
+        assert_eq!(bitmap.page_count(), u64::MAX);
+    }
+
+    /// Found by `tests/fuzz_bitmap.rs`: the encoder took a run ending past
+    /// `u64::MAX` and sent a chunk its own decoder refuses.
+    #[test]
+    fn runs_ending_past_u64_max_are_not_encoded() {
+        assert_eq!(encode_chunks(3, true, &[run(0, 1, u64::MAX)]), Err(BitmapError::IndexOverflow { region: 0 }));
+        assert_eq!(encode_chunks(3, true, &[run(0, u64::MAX, 1)]), Err(BitmapError::IndexOverflow { region: 0 }));
+        assert!(encode_chunks(3, true, &[run(0, u64::MAX - 1, 1)]).is_ok());
     }
 
     #[test]

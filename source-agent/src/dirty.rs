@@ -11,6 +11,11 @@
 //! them again, atomically, page by page. The first scan, at the hand-off,
 //! protects every page ([`DirtyTracker::start_tracking`]).
 //!
+//! Every scan also looks for pages *removed* from the memory file (a hole
+//! punched, `MADV_REMOVE`, the file shrinking): their content changed
+//! without a write, which write-protection does not report; they are dirty
+//! at the scan's epoch too ([`crate::removed`]).
+//!
 //! # Epoch rules
 //!
 //! - Epochs count scans. The current epoch starts at 1, and every page starts
@@ -41,6 +46,7 @@
 //!   after, and the VM counts as paused.
 #![forbid(unsafe_code)]
 
+use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
@@ -51,6 +57,8 @@ use guest_memory::page_tables::{ScanError, scan_written};
 use guest_memory::sys::PageRegion;
 use pageserver_metrics::LatencyHistogram;
 use pageserver_proto::bitmap::DirtyRun;
+
+use crate::removed::RemovedPages;
 
 /// Regions one PAGEMAP_SCAN call may return before we call again.
 const SCAN_BATCH_REGIONS: usize = 4096;
@@ -64,6 +72,12 @@ pub enum DirtyError {
         region: u32,
         #[source]
         source: ScanError,
+    },
+    #[error("looking for pages removed from region {region} of the memory file: {source}")]
+    Holes {
+        region: u32,
+        #[source]
+        source: std::io::Error,
     },
     #[error("the dirty epoch counter is exhausted")]
     EpochOverflow,
@@ -85,6 +99,8 @@ struct EpochState {
     /// Per global page: the epoch at which it was last found dirty.
     last_dirty: Vec<u32>,
     scan_buf: Vec<PageRegion>,
+    /// Pages removed from the memory file (`None` for a memory file).
+    removed: Option<RemovedPages>,
     /// A complete scan started while the VM was paused, and it has not
     /// resumed since (or the memory can no longer change at all).
     settled: bool,
@@ -109,12 +125,17 @@ pub struct DirtyTracker {
 }
 
 impl DirtyTracker {
-    fn new(layout: GuestLayout, pagemap: Option<OwnedFd>, paused: bool) -> Self {
+    fn new(layout: GuestLayout, tracked: Option<(OwnedFd, File)>, paused: bool) -> Self {
         let pages = usize::try_from(layout.total_pages()).unwrap_or(usize::MAX);
+        let (pagemap, removed) = match tracked {
+            Some((pagemap, memory)) => (Some(pagemap), Some(RemovedPages::new(memory, &layout))),
+            None => (None, None),
+        };
         let state = EpochState {
             epoch: 1,
             last_dirty: vec![1; pages],
             scan_buf: Vec::with_capacity(SCAN_BATCH_REGIONS),
+            removed,
             settled: pagemap.is_none(),
         };
         Self {
@@ -134,9 +155,11 @@ impl DirtyTracker {
         Self::new(layout, None, true)
     }
 
-    /// A running VMM's memory, scanned through its pagemap.
-    pub fn for_vmm(layout: GuestLayout, pagemap: OwnedFd) -> Self {
-        Self::new(layout, Some(pagemap), false)
+    /// A running VMM's memory, scanned through its pagemap, and its memory
+    /// file (a descriptor of its own: lookups move the file position) for
+    /// removed pages.
+    pub fn for_vmm(layout: GuestLayout, pagemap: OwnedFd, memory: File) -> Self {
+        Self::new(layout, Some((pagemap, memory)), false)
     }
 
     /// The newest complete epoch.
@@ -278,15 +301,16 @@ impl DirtyTracker {
     }
 
     /// One PAGEMAP_SCAN pass over every region, recording what it reports
-    /// (and, after a failure, the rest of the region) at `epoch`. Returns the
-    /// number of pages found written.
+    /// (and, after a failure, the rest of the region) at `epoch`, then the
+    /// pages removed from the file ([`crate::removed`]). Returns the number
+    /// of pages found dirty.
     fn scan_regions(&self, state: &mut EpochState, epoch: u32) -> Result<u64, DirtyError> {
         let Some(pagemap) = self.pagemap.as_ref() else { return Ok(0) };
         let started = Instant::now();
         let page_size = self.layout.page_size();
         let mut found = 0u64;
         let mut first_error = None;
-        let EpochState { last_dirty, scan_buf, .. } = state;
+        let EpochState { last_dirty, scan_buf, removed, .. } = state;
         for (region_index, region) in self.layout.regions().iter().enumerate() {
             let region_id = region_index as u32;
             let first_page = self.layout.region_first_page(region_id).unwrap_or(0) as usize;
@@ -308,6 +332,17 @@ impl DirtyTracker {
                 // report: count the rest of the region as dirty.
                 mark(error.at(), end);
                 first_error.get_or_insert(DirtyError::Scan { region: region_id, source: error });
+            }
+        }
+        if let Some(removed) = removed.as_mut() {
+            let looked = removed.look(&self.layout, |page| {
+                if let Some(last) = last_dirty.get_mut(page as usize) {
+                    found += u64::from(*last != epoch);
+                    *last = epoch;
+                }
+            });
+            if let Err((region, source)) = looked {
+                first_error.get_or_insert(DirtyError::Holes { region, source });
             }
         }
         crate::metrics::record_duration(&self.scan_latency, started.elapsed());

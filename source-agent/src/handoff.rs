@@ -3,16 +3,19 @@
 //! The agent binds the socket by the shell's policy
 //! ([`HandoffSocket`]: a path that is not a socket, or a socket in use, is
 //! refused; a stale socket is replaced; mode 0600) and accepts connections
-//! one at a time on a dedicated thread. Each connection gets
-//! [`HANDOFF_READ_TIMEOUT`] to deliver its hand-off message, which
-//! `guest_memory::handoff::receive_handoff_with` validates. A valid one is
-//! mapped read-only, dirty tracking starts (the initial write-protecting
+//! on a dedicated thread, handling each on a thread of its own, at most
+//! [`MAX_CONCURRENT_HANDOFFS`] at once (the rest wait in the listen backlog):
+//! a peer that connects and says nothing does not hold up the VMM behind it.
+//! Each connection gets [`HANDOFF_READ_TIMEOUT`] to deliver its hand-off
+//! message, which
+//! `guest_memory::handoff::receive_handoff_with` validates. Of a valid one
+//! the memory file is reopened read-only, dirty tracking starts (the initial write-protecting
 //! scan, which also proves the uffd is registered WP-async), and the memory
 //! is attached to the agent; only then is the VMM answered `ok`, so an `ok`
 //! means the agent is serving. Any failure on the way is sent to the VMM as
 //! the refusal's message, logged, and the agent keeps waiting. After a
 //! success, further connections are told that this agent already has its
-//! VM's memory.
+//! VM's memory (of two valid hand-offs at once, the first to attach wins).
 //!
 //! The accepted connection then carries the VMM's events, followed on a
 //! second thread: `paused` / `resumed` switch the VM's paused flag (a pause
@@ -37,6 +40,9 @@ use crate::memory::{MemoryError, SourceMemory};
 
 /// Bytes read from a refused hand-off before answering anyway.
 const REFUSED_MESSAGE_LIMIT: usize = 1 << 20;
+
+/// Hand-off connections handled at once.
+pub const MAX_CONCURRENT_HANDOFFS: usize = 4;
 
 /// Why one hand-off connection did not give the agent its memory.
 #[derive(Debug, thiserror::Error)]
@@ -87,6 +93,11 @@ pub fn listen_for_handoff(path: &Path, agent: Arc<SourceAgent>) -> Result<Handof
 }
 
 fn accept_loop(listener: UnixListener, agent: Arc<SourceAgent>, stop: Arc<AtomicBool>) {
+    // One token per connection being handled.
+    let (release, tokens) = std::sync::mpsc::sync_channel::<()>(MAX_CONCURRENT_HANDOFFS);
+    for _ in 0..MAX_CONCURRENT_HANDOFFS {
+        let _ = release.send(());
+    }
     for connection in listener.incoming() {
         if stop.load(Ordering::Acquire) {
             break;
@@ -99,14 +110,29 @@ fn accept_loop(listener: UnixListener, agent: Arc<SourceAgent>, stop: Arc<Atomic
                 continue;
             }
         };
-        if let Some(memory) = agent.memory() {
-            refuse(stream, &format!("this agent already serves the memory of {}", memory.origin()));
-            continue;
+        if tokens.recv().is_err() {
+            break;
         }
-        match accept_one(stream, &agent) {
-            Ok(()) => {}
-            Err(error) => tracing::error!(%error, "hand-off failed; still waiting for one"),
+        let (agent, done) = (agent.clone(), release.clone());
+        let handler = std::thread::Builder::new().name("handoff-connection".into()).spawn(move || {
+            handle_connection(stream, &agent);
+            let _ = done.send(());
+        });
+        if let Err(error) = handler {
+            // The connection went with the closure: the peer sees it closed.
+            tracing::error!(%error, "cannot start a thread for a hand-off connection; dropped it");
+            let _ = release.send(());
         }
+    }
+}
+
+fn handle_connection(stream: UnixStream, agent: &SourceAgent) {
+    if let Some(memory) = agent.memory() {
+        refuse(stream, &format!("this agent already serves the memory of {}", memory.origin()));
+        return;
+    }
+    if let Err(error) = accept_one(stream, agent) {
+        tracing::error!(%error, "hand-off failed; still waiting for one");
     }
 }
 

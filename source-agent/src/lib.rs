@@ -1,13 +1,15 @@
 //! The source agent of a post-copy migration: it serves one VM's memory
 //! (pages and dirty bitmaps) over gRPC (`pageserver.v1.PageServer`).
 //!
-//! - [`memory`]: the guest memory, mapped read-only, from a VMM's hand-off or
-//!   a plain memory file;
+//! - [`memory`]: the guest memory, read with `pread` from a read-only
+//!   descriptor, from a VMM's hand-off or a plain memory file;
 //! - [`dirty`]: dirty tracking with epochs (userfaultfd WP-async +
 //!   PAGEMAP_SCAN), and the rules that make bitmaps safe to retry (their
 //!   wire encoding is `pageserver_proto::bitmap`);
 //! - [`service`] and [`server`]: the gRPC service and server (with the
 //!   agent shell's health and reflection);
+//! - [`removed`]: pages removed from a VMM's memory file (holes punched),
+//!   which write-protection does not report, found at every scan;
 //! - [`handoff`]: the Unix socket on which the VMM hands its memory over;
 //! - [`control`]: `pageserver.v1.MigrationSource`, for an orchestrator to
 //!   report the VM paused (QEMU cannot say so over the hand-off);
@@ -23,6 +25,7 @@ pub mod dirty;
 pub mod handoff;
 pub mod memory;
 pub mod metrics;
+pub mod removed;
 pub mod rpc_metrics;
 pub mod server;
 pub mod service;

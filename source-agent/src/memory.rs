@@ -1,20 +1,30 @@
-//! The guest memory a source agent serves: read-only mappings of every region,
-//! where they came from, and their dirty tracking.
+//! The guest memory a source agent serves: the memory file's descriptor,
+//! its layout, where it came from, and its dirty tracking.
 //!
 //! Memory comes either from a VMM's hand-off (the memory file's descriptor,
 //! plus the userfaultfd and pagemap descriptors that dirty tracking needs,
 //! all kept open for the life of the agent) or from a plain memory file (one
-//! region at host address 0, never changing). Either way the agent maps the
-//! memory read-only: it cannot corrupt the guest it serves.
+//! region at host address 0, never changing). Either way the agent holds the
+//! file open read-only (a handed-off descriptor is reopened read-only through
+//! `/proc/self/fd`) and reads pages with `pread`: it cannot corrupt the guest
+//! it serves, and it maps nothing. A file that shrinks while it is served
+//! (a VMM truncating its memfd, someone truncating a memory file) makes the
+//! pages past its new end a short read, an error for the requests that ask
+//! for them ([`ReadError::ShortRead`]); through a mapping it would have been
+//! a SIGBUS that kills the agent. `pread` works the same on memfd (shmem),
+//! regular files and hugetlbfs files, and reads holes as zeros without
+//! allocating anything.
 #![forbid(unsafe_code)]
 
 use std::fs::File;
-use std::os::fd::{AsFd, OwnedFd};
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use guest_memory::handoff::HandoffMessage;
 use guest_memory::layout::LayoutError;
-use guest_memory::{GuestLayout, MemoryMap, RegionLayout, Userfaultfd};
+use guest_memory::{GuestLayout, RegionLayout, Userfaultfd};
 
 use crate::dirty::{DirtyError, DirtyTracker};
 
@@ -50,18 +60,16 @@ pub enum MemoryError {
     TooSmall { path: PathBuf, len: u64, page_size: u64 },
     #[error("invalid memory layout: {0}")]
     Layout(#[from] LayoutError),
-    #[error("region {region} is {size} bytes, more than this host can map")]
-    TooLarge { region: usize, size: u64 },
-    #[error("mapping region {region} ({size} bytes at file offset {offset:#x}) read-only: {source}")]
-    Map {
-        region: usize,
-        size: u64,
-        offset: u64,
+    #[error("reopening the handed-off memory file read-only ({path}): {source}")]
+    Reopen {
+        path: String,
         #[source]
-        source: std::io::Error,
+        source: io::Error,
     },
     #[error("reading the identity (fstat) of the VMM's memory file")]
-    Identity(#[source] std::io::Error),
+    Identity(#[source] io::Error),
+    #[error("duplicating the memory file's descriptor: {0}")]
+    Duplicate(#[source] io::Error),
     #[error("the hand-off carries no pagemap descriptor, which dirty tracking needs")]
     NoPagemap,
     #[error("starting dirty tracking on the VMM's memory (is it registered with a WP_ASYNC userfaultfd?): {0}")]
@@ -79,10 +87,31 @@ pub enum PageRangeError {
     PastEnd { region: u32, first: u64, end: u64, pages: u64 },
 }
 
+/// Why pages that the layout has could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error(transparent)]
+    Range(#[from] PageRangeError),
+    #[error(
+        "{origin} ends inside pages {first}..{end} of region {region}: read {read} of {len} bytes at file offset \
+         {offset:#x} (the file shrank while served)"
+    )]
+    ShortRead { origin: String, region: u32, first: u64, end: u64, offset: u64, len: usize, read: usize },
+    #[error("reading pages {first}..{end} of region {region} of {origin} at file offset {offset:#x}: {source}")]
+    Io {
+        origin: String,
+        region: u32,
+        first: u64,
+        end: u64,
+        offset: u64,
+        #[source]
+        source: io::Error,
+    },
+}
+
 /// Descriptors from the VMM that must stay open while we serve its memory.
 #[derive(Debug)]
 struct VmmDescriptors {
-    _memory: OwnedFd,
     /// The WP-async registration lives as long as some copy of this uffd.
     _uffd: Userfaultfd,
 }
@@ -91,8 +120,8 @@ struct VmmDescriptors {
 #[derive(Debug)]
 pub struct SourceMemory {
     layout: GuestLayout,
-    /// One read-only mapping per region, in region order.
-    maps: Vec<MemoryMap>,
+    /// The memory file, open read-only; pages are read with `pread`.
+    file: File,
     dirty: DirtyTracker,
     origin: MemoryOrigin,
     /// `Layout.memory_id`: see [`memory_id`].
@@ -104,7 +133,7 @@ pub struct SourceMemory {
 /// it: the file's device and inode, and the VMM's pid for handed-off
 /// memory. Every agent the same VMM hands the same memory to reports the
 /// same id; another VM's memory (another memfd) never does.
-fn memory_id(fd: &impl AsFd, origin: &MemoryOrigin) -> Result<String, std::io::Error> {
+fn memory_id(fd: &impl std::os::fd::AsFd, origin: &MemoryOrigin) -> Result<String, io::Error> {
     let stat = rustix::fs::fstat(fd)?;
     let (dev, ino) = (stat.st_dev, stat.st_ino);
     Ok(match origin {
@@ -113,25 +142,30 @@ fn memory_id(fd: &impl AsFd, origin: &MemoryOrigin) -> Result<String, std::io::E
     })
 }
 
-fn map_regions(fd: &impl AsFd, layout: &GuestLayout) -> Result<Vec<MemoryMap>, MemoryError> {
-    layout
-        .regions()
-        .iter()
-        .enumerate()
-        .map(|(region, r)| {
-            let len = usize::try_from(r.size).map_err(|_| MemoryError::TooLarge { region, size: r.size })?;
-            MemoryMap::map(fd.as_fd(), r.offset, len, false).map_err(|source| MemoryError::Map {
-                region,
-                size: r.size,
-                offset: r.offset,
-                source,
-            })
-        })
-        .collect()
+/// A read-only descriptor of the file `fd` refers to (a handed-off
+/// descriptor may be open read-write); `fd` is closed.
+fn reopen_read_only(fd: OwnedFd) -> Result<File, MemoryError> {
+    let path = format!("/proc/self/fd/{}", fd.as_raw_fd());
+    File::open(&path).map_err(|source| MemoryError::Reopen { path, source })
+}
+
+/// Reads into `buf` from `offset` until it is full or the file ends; returns
+/// the bytes read.
+fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
 }
 
 impl SourceMemory {
-    /// Maps a memory file read-only as one region of whole pages.
+    /// Opens a memory file read-only as one region of whole pages.
     pub fn open_file(path: &Path, page_size: u64) -> Result<Self, MemoryError> {
         let open_error = |source| MemoryError::Open { path: path.to_owned(), source };
         let file = File::open(path).map_err(open_error)?;
@@ -141,14 +175,13 @@ impl SourceMemory {
             return Err(MemoryError::TooSmall { path: path.to_owned(), len, page_size });
         }
         let layout = GuestLayout::new(vec![RegionLayout { base_host_virt_addr: 0, size, offset: 0, page_size }])?;
-        let maps = map_regions(&file, &layout)?;
         let origin = MemoryOrigin::File { path: path.to_owned() };
         let id = memory_id(&file, &origin).map_err(open_error)?;
-        Ok(Self { dirty: DirtyTracker::for_file(layout.clone()), layout, maps, origin, id, _vmm: None })
+        Ok(Self { dirty: DirtyTracker::for_file(layout.clone()), layout, file, origin, id, _vmm: None })
     }
 
-    /// Maps a VMM's handed-off memory read-only and starts dirty tracking
-    /// (the initial scan that write-protects every page).
+    /// Takes a VMM's handed-off memory (reopened read-only) and starts dirty
+    /// tracking (the initial scan that write-protects every page).
     pub fn from_handoff(
         message: &HandoffMessage,
         layout: GuestLayout,
@@ -157,7 +190,7 @@ impl SourceMemory {
         pagemap: Option<OwnedFd>,
     ) -> Result<Self, MemoryError> {
         let pagemap = pagemap.ok_or(MemoryError::NoPagemap)?;
-        let maps = map_regions(&memory, &layout)?;
+        let file = reopen_read_only(memory)?;
         // Write-protect the whole range first: on shmem and hugetlbfs this
         // also leaves a marker in every empty page-table entry, so a page
         // the VMM merely *reads* later (a hole faulted in) is not reported
@@ -165,11 +198,12 @@ impl SourceMemory {
         for r in layout.regions() {
             uffd.write_protect(r.base_host_virt_addr, r.size).map_err(MemoryError::WriteProtect)?;
         }
-        let dirty = DirtyTracker::for_vmm(layout.clone(), pagemap);
+        let holes = file.try_clone().map_err(MemoryError::Duplicate)?;
+        let dirty = DirtyTracker::for_vmm(layout.clone(), pagemap, holes);
         dirty.start_tracking().map_err(MemoryError::StartTracking)?;
         let origin = MemoryOrigin::Vmm { vm: message.vm.clone(), pid: message.pid };
-        let id = memory_id(&memory, &origin).map_err(MemoryError::Identity)?;
-        Ok(Self { layout, maps, dirty, origin, id, _vmm: Some(VmmDescriptors { _memory: memory, _uffd: uffd }) })
+        let id = memory_id(&file, &origin).map_err(MemoryError::Identity)?;
+        Ok(Self { layout, file, dirty, origin, id, _vmm: Some(VmmDescriptors { _uffd: uffd }) })
     }
 
     pub fn layout(&self) -> &GuestLayout {
@@ -217,15 +251,24 @@ impl SourceMemory {
         }
     }
 
-    /// Copies pages `first..` of `region` into `dst` (a whole number of
-    /// pages), after checking that they exist.
-    pub fn read_pages(&self, region: u32, first: u64, dst: &mut [u8]) -> Result<(), PageRangeError> {
+    /// Reads pages `first..` of `region` into `dst` (a whole number of
+    /// pages), after checking that the layout has them. Pages the file no
+    /// longer holds (it shrank) are a [`ReadError::ShortRead`].
+    pub fn read_pages(&self, region: u32, first: u64, dst: &mut [u8]) -> Result<(), ReadError> {
         let page_size = self.page_size();
         let count = dst.len() as u64 / page_size;
         self.check_pages(region, first, count.max(1))?;
-        let map = &self.maps[region as usize];
-        let len = (count * page_size) as usize;
-        map.copy_out((first * page_size) as usize, &mut dst[..len]);
-        Ok(())
+        let dst = &mut dst[..(count * page_size) as usize];
+        let end = first + count;
+        // check_pages found the region, and the layout's offsets do not overflow.
+        let offset = self.layout.region(region).map_or(0, |r| r.offset) + first * page_size;
+        let origin = || self.origin.to_string();
+        match read_full_at(&self.file, dst, offset) {
+            Ok(read) if read == dst.len() => Ok(()),
+            Ok(read) => {
+                Err(ReadError::ShortRead { origin: origin(), region, first, end, offset, len: dst.len(), read })
+            }
+            Err(source) => Err(ReadError::Io { origin: origin(), region, first, end, offset, source }),
+        }
     }
 }

@@ -9,7 +9,20 @@
 //!   and limit. In the `GetPages` stream a bad request is answered by a
 //!   `PagesReply` carrying only its `request_id` and the error, and the stream
 //!   goes on. A good request is answered by exactly one reply holding all its
-//!   pages. Zero pages are sent as `zero = true` without data.
+//!   pages. Zero pages are sent as `zero = true` without data. Every check
+//!   is overflow-safe: `u64::MAX` indexes, `u32::MAX` counts and regions, and
+//!   `first_index + count` past `u64::MAX` are refused with the codes above.
+//! - Pages the layout has but the memory file no longer holds (it was
+//!   truncated while served) are DATA_LOSS, for the requests that ask for
+//!   them only; the message names the memory, region, pages, file offset and
+//!   how many bytes of how many could be read. Pages before the new end are
+//!   still served. (The agent reads with `pread`, see [`crate::memory`]: a
+//!   shrunk file is an error, never a SIGBUS.)
+//! - A message larger than `MAX_MESSAGE_BYTES` is refused by tonic before it
+//!   is decoded, with OUT_OF_RANGE ("decoded message length too large"): a
+//!   unary call fails with it; inside a `GetPages` stream it ends the stream
+//!   with that status (the requests after it are not read), logged at warn
+//!   and counted as a rejected `GetPages` request.
 //! - `GetDirtyBitmap` follows the epoch rules of [`crate::dirty`]: a
 //!   `since_epoch` newer than the newest epoch is INVALID_ARGUMENT; a final
 //!   bitmap while the VM runs is FAILED_PRECONDITION; `paused` is read before
@@ -49,9 +62,9 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::agent::SourceAgent;
 use crate::dirty::DirtyError;
-use crate::memory::{PageRangeError, SourceMemory};
+use crate::memory::{PageRangeError, ReadError, SourceMemory};
 use crate::metrics::Rpc;
-use crate::wire::{page_range_code, regions_to_proto};
+use crate::wire::{page_range_code, read_error_code, regions_to_proto};
 
 /// Replies a `GetPages` stream may queue before it stops reading requests.
 const PAGES_REPLY_QUEUE: usize = 64;
@@ -105,6 +118,14 @@ fn range_status(error: &PageRangeError) -> Status {
     Status::new(page_range_code(error), error.to_string())
 }
 
+fn read_status(error: &ReadError) -> Status {
+    let code = read_error_code(error);
+    if code == tonic::Code::DataLoss {
+        tracing::warn!(%error, "pages the layout has cannot be read");
+    }
+    Status::new(code, error.to_string())
+}
+
 /// Why a GetPages request is refused before any page is read.
 fn check_batch(memory: &SourceMemory, request: &pb::PagesRequest) -> Result<(), Status> {
     let page_size = memory.page_size();
@@ -134,7 +155,7 @@ fn read_pages(
     region: u32,
     first: u64,
     count: u64,
-) -> Result<Vec<pb::Page>, PageRangeError> {
+) -> Result<Vec<pb::Page>, ReadError> {
     let page_size = memory.page_size() as usize;
     let mut buffer = vec![0u8; count as usize * page_size];
     memory.read_pages(region, first, &mut buffer)?;
@@ -175,7 +196,7 @@ fn pages_reply(memory: &SourceMemory, agent: &SourceAgent, request: &pb::PagesRe
                 )));
             }
             read_pages(memory, agent, request.region, request.first_index, u64::from(request.count))
-                .map_err(|e| range_status(&e))
+                .map_err(|e| read_status(&e))
         })
         .and_then(|pages| match memory.dirty().pause_epoch() {
             after if after == pause_epoch => Ok(pages),
@@ -203,7 +224,9 @@ fn pages_reply(memory: &SourceMemory, agent: &SourceAgent, request: &pb::PagesRe
 fn dirty_status(error: DirtyError) -> Status {
     match error {
         DirtyError::EpochTooNew { .. } => Status::invalid_argument(error.to_string()),
-        DirtyError::Scan { .. } | DirtyError::EpochOverflow => Status::internal(error.to_string()),
+        DirtyError::Scan { .. } | DirtyError::Holes { .. } | DirtyError::EpochOverflow => {
+            Status::internal(error.to_string())
+        }
     }
 }
 
@@ -229,7 +252,7 @@ impl PageService {
         let memory = self.memory()?;
         let pb::GetPageRequest { region, index } = request;
         memory.check_pages(region, index, 1).map_err(|e| range_status(&e))?;
-        let mut pages = read_pages(&memory, &self.agent, region, index, 1).map_err(|e| range_status(&e))?;
+        let mut pages = read_pages(&memory, &self.agent, region, index, 1).map_err(|e| read_status(&e))?;
         pages.pop().ok_or_else(|| Status::internal("no page read"))
     }
 
@@ -300,8 +323,13 @@ impl PageServer for PageService {
                     // The client finished its requests: the stream ends after
                     // the replies already queued.
                     Ok(None) => break,
+                    // A request tonic could not decode (e.g. over the size
+                    // limit): the stream cannot go on, and the client must
+                    // learn why rather than wait for a reply that never comes.
                     Err(status) => {
-                        tracing::debug!(%status, "GetPages request stream ended with an error");
+                        agent.rpcs.reject(Rpc::GetPages);
+                        tracing::warn!(%status, "GetPages request stream failed; ending the stream with its status");
+                        let _ = replies.send(Err(status)).await;
                         break;
                     }
                 };

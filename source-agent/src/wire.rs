@@ -4,7 +4,7 @@
 use guest_memory::GuestLayout;
 use pageserver_proto::v1 as pb;
 
-use crate::memory::PageRangeError;
+use crate::memory::{PageRangeError, ReadError};
 
 /// The regions of `layout` as `GetLayout` reports them.
 pub fn regions_to_proto(layout: &GuestLayout) -> Vec<pb::Region> {
@@ -28,5 +28,15 @@ pub fn page_range_code(error: &PageRangeError) -> tonic::Code {
     match error {
         PageRangeError::UnknownRegion { .. } => tonic::Code::NotFound,
         PageRangeError::OutOfRange { .. } | PageRangeError::PastEnd { .. } => tonic::Code::OutOfRange,
+    }
+}
+
+/// The gRPC code for pages that could not be read: a range error's code, or
+/// DATA_LOSS when the layout has the pages but the file no longer holds them
+/// (it shrank) or cannot be read.
+pub fn read_error_code(error: &ReadError) -> tonic::Code {
+    match error {
+        ReadError::Range(range) => page_range_code(range),
+        ReadError::ShortRead { .. } | ReadError::Io { .. } => tonic::Code::DataLoss,
     }
 }

@@ -289,3 +289,41 @@ async fn the_orchestrator_reports_the_pause_over_grpc() {
     assert!(!paused(&mut client).await);
     setup.server.stop().await;
 }
+
+/// After a round, the VMM drops pages as a balloon or free-page reporting
+/// does: `MADV_DONTNEED` (its page-table entries go, the shared file keeps
+/// the content), `MADV_REMOVE` and `fallocate(PUNCH_HOLE)` (the content goes:
+/// the page reads as zeros), of pages it had not written since the round
+/// and of pages it had. Every page whose content changed is in the next
+/// bitmap. On this kernel (6.18) `PAGEMAP_SCAN` alone misses the clean pages
+/// whose content was removed (the uffd-wp marker survives the hole punch),
+/// so the agent also looks for holes (`source_agent::removed`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_the_vmm_drops_after_a_round() {
+    use guest_memory::sys::Discard;
+
+    let (setup, mut client, vmm, e1) = handed_off_and_scanned(16).await;
+    let page = |index: u64| (index * common::PAGE_SIZE) as usize;
+    vmm.map.discard(page(2), page(1), Discard::DontNeed).expect("MADV_DONTNEED");
+    vmm.map.discard(page(3), page(1), Discard::Remove).expect("MADV_REMOVE");
+    vmm.write_page(5, 1);
+    vmm.map.discard(page(5), page(1), Discard::DontNeed).expect("MADV_DONTNEED");
+    vmm.write_page(6, 1);
+    vmm.map.discard(page(6), page(1), Discard::Remove).expect("MADV_REMOVE");
+    guest_memory::memfile::punch_hole(vmm.memory.as_fd(), page(8) as u64, page(1) as u64).expect("punch a hole");
+    vmm.write_page(9, 1);
+
+    let (_, pages) = dirty_pages(&mut client, e1, false).await.expect("since E1");
+    assert_eq!(pages, [3, 5, 6, 8, 9], "every page whose content changed, and only those");
+    let content = |index| {
+        let mut client = client.clone();
+        async move { client.get_page(GetPageRequest { region: 0, index }).await.expect("GetPage").into_inner() }
+    };
+    // Not in the bitmap, and rightly so: the target's copy is still right.
+    assert_eq!(content(2).await.data, page_pattern(2, 0), "MADV_DONTNEED keeps a shared page's content");
+    for removed in [3, 6, 8] {
+        assert!(content(removed).await.zero, "page {removed} reads as zeros now");
+    }
+    assert_eq!(content(5).await.data, page_pattern(5, 1));
+    setup.server.stop().await;
+}
