@@ -12,6 +12,7 @@
 //! | `kill-source-agent` | SIGKILL the source agent; start a new one on the same address and socket; the source VMM hands its memory over again | completes, 0 mismatched |
 //! | `stop-source-agent:MS` | SIGSTOP the source agent for MS ms, then SIGCONT | completes, 0 mismatched |
 //! | `impostor-source-agent` | SIGKILL the source agent; start one serving *another* VM's memory (same name, same layout) on its address | the target refuses it, and fails after its `--source-unreachable-timeout`; nothing wrong installed |
+//! | `kill-target-agent` | SIGKILL the target agent; start a new one on the same addresses and socket; the target VMM hands its memory, uffd and pagemap over again, with the old agent's checkpoint | the new agent rebuilds the page states (installed: the VMM's page tables; stale: the bitmap asked again), wakes the vCPUs whose faults died with the old one, completes; 0 mismatched |
 //! | `switchover-before-pause` | (`switchover` only) `Switchover` is called before the source VM is paused | the target installs nothing read from the running VM, and fails after its `--pause-timeout` |
 #![forbid(unsafe_code)]
 
@@ -45,13 +46,14 @@ pub enum ChaosKind {
     KillSourceAgent,
     StopSourceAgent { stopped: Duration },
     ImpostorSourceAgent,
+    KillTargetAgent,
     SwitchoverBeforePause,
 }
 
 impl ChaosKind {
     /// Whether the migration is expected to complete despite the event.
     pub fn survivable(self) -> bool {
-        matches!(self, ChaosKind::KillSourceAgent | ChaosKind::StopSourceAgent { .. })
+        matches!(self, ChaosKind::KillSourceAgent | ChaosKind::StopSourceAgent { .. } | ChaosKind::KillTargetAgent)
     }
 }
 
@@ -68,6 +70,7 @@ impl fmt::Display for ChaosEvent {
             ChaosKind::KillSourceAgent => write!(f, "kill-source-agent")?,
             ChaosKind::StopSourceAgent { stopped } => write!(f, "stop-source-agent:{}", stopped.as_millis())?,
             ChaosKind::ImpostorSourceAgent => write!(f, "impostor-source-agent")?,
+            ChaosKind::KillTargetAgent => write!(f, "kill-target-agent")?,
             ChaosKind::SwitchoverBeforePause => write!(f, "switchover-before-pause")?,
         }
         write!(f, "@{}", self.phase.name())
@@ -101,6 +104,7 @@ impl FromStr for ChaosEvent {
             "kill-source-agent" => no_argument(ChaosKind::KillSourceAgent)?,
             "stop-source-agent" => ChaosKind::StopSourceAgent { stopped: millis(argument)? },
             "impostor-source-agent" => no_argument(ChaosKind::ImpostorSourceAgent)?,
+            "kill-target-agent" => no_argument(ChaosKind::KillTargetAgent)?,
             "switchover-before-pause" if phase == ChaosPhase::Switchover => {
                 no_argument(ChaosKind::SwitchoverBeforePause)?
             }
@@ -108,7 +112,7 @@ impl FromStr for ChaosEvent {
             other => {
                 return Err(format!(
                     "{text:?}: unknown kind {other:?} (kill-source-agent, stop-source-agent:MS, \
-                     impostor-source-agent, switchover-before-pause)"
+                     impostor-source-agent, kill-target-agent, switchover-before-pause)"
                 ));
             }
         };

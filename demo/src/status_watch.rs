@@ -15,8 +15,9 @@ use tonic::transport::Channel;
 
 /// How often the status is polled.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(20);
-/// Consecutive failed calls after which the agent counts as unreachable.
-const MAX_CONSECUTIVE_ERRORS: u32 = 5;
+/// How long calls may keep failing before the agent counts as unreachable
+/// (long enough for a target agent killed by a chaos event to be replaced).
+const UNREACHABLE_AFTER: Duration = Duration::from_secs(5);
 
 /// The one place that reads and compares a status's phase.
 pub mod phase {
@@ -182,6 +183,7 @@ impl Drop for StatusWatch {
 
 async fn poll(mut client: MigrationTargetClient<Channel>, tx: watch::Sender<PollState>) {
     let mut errors = 0u32;
+    let mut failing_since: Option<Instant> = None;
     let mut interval = tokio::time::interval(POLL_INTERVAL);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -189,6 +191,7 @@ async fn poll(mut client: MigrationTargetClient<Channel>, tx: watch::Sender<Poll
         match client.get_status(GetStatusRequest {}).await {
             Ok(response) => {
                 errors = 0;
+                failing_since = None;
                 let status = response.into_inner();
                 tx.send_modify(|state| {
                     if phase::is(&status, phase::MigrationPhase::Complete) && state.complete_at.is_none() {
@@ -202,7 +205,7 @@ async fn poll(mut client: MigrationTargetClient<Channel>, tx: watch::Sender<Poll
             }
             Err(status) => {
                 errors += 1;
-                if errors >= MAX_CONSECUTIVE_ERRORS {
+                if failing_since.get_or_insert_with(Instant::now).elapsed() >= UNREACHABLE_AFTER {
                     tx.send_modify(|state| {
                         state.failure.get_or_insert_with(|| Failure::Unreachable {
                             calls: errors,

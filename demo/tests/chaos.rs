@@ -80,6 +80,45 @@ async fn hugetlbfs_a_stopped_source_agent_makes_vcpus_wait_and_the_migration_com
     assert_every_byte_verified(&r);
 }
 
+/// A target agent killed and started again: the target VMM hands its
+/// memory, uffd and pagemap to the new one with the old one's checkpoint;
+/// the new agent rebuilds the page states and every byte arrives.
+fn assert_recovered_from_a_target_restart(r: &Report) {
+    assert_every_byte_verified(r);
+    assert_eq!(r.handoffs["target"], 2, "the target VMM handed its memory over again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_agent_killed_during_precopy_is_replaced_and_the_migration_completes() {
+    let r = migrate_with("kill-target-agent@precopy", false).await;
+    assert_recovered_from_a_target_restart(&r);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_agent_killed_at_switchover_is_replaced_and_the_migration_completes() {
+    let r = migrate_with("kill-target-agent@switchover", false).await;
+    assert_recovered_from_a_target_restart(&r);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_agent_killed_during_postcopy_is_replaced_and_the_migration_completes() {
+    let r = migrate_with("kill-target-agent@postcopy", false).await;
+    assert_recovered_from_a_target_restart(&r);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hugetlbfs_a_target_agent_killed_during_postcopy_is_replaced_and_the_migration_completes() {
+    let r = migrate_with("kill-target-agent@postcopy", true).await;
+    assert_recovered_from_a_target_restart(&r);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_agents_killed_at_switchover_are_replaced_and_the_migration_completes() {
+    let r = migrate_with("kill-target-agent@switchover,kill-source-agent@switchover", false).await;
+    assert_recovered_from_a_target_restart(&r);
+    assert_eq!(r.handoffs["source"], 2);
+}
+
 /// The hostile case: the source agent dies and an agent serving another
 /// VM's memory (same VM name, same layout) takes its address. The target
 /// must install nothing from it, and fail once the source has been

@@ -12,8 +12,10 @@
 //!      `pread` through a read-only descriptor), `uffd` (registered WP with WP_ASYNC over the VMM's
 //!      mapping), `pagemap` (the VMM's own `/proc/self/pagemap`, on which
 //!      PAGEMAP_SCAN scans the VMM's address space);
-//!    - target: `memory` (mapped read-write by the agent) and `uffd`
-//!      (registered MINOR + MISSING over the VMM's mapping).
+//!    - target: `memory` (mapped read-write by the agent), `uffd`
+//!      (registered MINOR + MISSING over the VMM's mapping) and `pagemap`
+//!      (from which an agent taking over a migration learns what is
+//!      installed).
 //! 2. agent → VMM: a [`HandoffReply`] line, `{"ok":true}` or
 //!    `{"ok":false,"error":"..."}`. A refused hand-off leaves the agent
 //!    waiting for another.
@@ -25,7 +27,9 @@
 //! 4. If the agent goes away instead (the VMM reads EOF), the VMM may hand
 //!    the same memory and descriptors over again, to the next agent that
 //!    listens on the socket, with `previous_handoffs` counting the earlier
-//!    ones; a paused VMM then sends `paused` again at once.
+//!    ones and `checkpoint` carrying the last [`AgentMessage::Checkpoint`]
+//!    the old agent sent (agent → VMM lines on the same connection); a
+//!    paused VMM then sends `paused` again at once.
 //!
 //! The agent reads at most [`MAX_MESSAGE_BYTES`] of a message; every rule a
 //! message must follow is checked in [`validate`] ([`parse_message`] is the
@@ -71,7 +75,7 @@ impl Role {
     pub fn fds(self) -> &'static [FdKind] {
         match self {
             Role::Source => &[FdKind::Memory, FdKind::Uffd, FdKind::Pagemap],
-            Role::Target => &[FdKind::Memory, FdKind::Uffd],
+            Role::Target => &[FdKind::Memory, FdKind::Uffd, FdKind::Pagemap],
         }
     }
 }
@@ -94,6 +98,22 @@ pub struct HandoffMessage {
     /// VMM's page tables.
     #[serde(default)]
     pub previous_handoffs: u32,
+    /// The last [`AgentMessage::Checkpoint`] the previous agent sent, given
+    /// back to the agent that takes over (absent on a first hand-off, or if
+    /// the previous agent sent none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<serde_json::Value>,
+}
+
+/// What an agent may tell the VMM after the hand-off, on the same
+/// connection (one JSON line each).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AgentMessage {
+    /// Opaque to the VMM: what a later agent needs to take over from this
+    /// one (the VMM keeps the last one and passes it in the next hand-off's
+    /// `checkpoint`).
+    Checkpoint(serde_json::Value),
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -296,6 +316,14 @@ pub struct EventReader {
 }
 
 impl EventReader {
+    /// Tells the VMM `message` (agent → VMM, on the same connection).
+    pub fn send(&self, message: &AgentMessage) -> Result<(), HandoffError> {
+        let mut line = serde_json::to_vec(message).map_err(HandoffError::Json)?;
+        line.push(b'\n');
+        let mut connection: &UnixStream = self.reader.get_ref();
+        connection.write_all(&line).map_err(io("sending to the VMM"))
+    }
+
     /// The next event; `Ok(None)` when the VMM closed the connection.
     pub fn next_event(&mut self) -> Result<Option<VmmEvent>, HandoffError> {
         let mut line = String::new();

@@ -178,7 +178,16 @@ fn plausible_message() -> impl Strategy<Value = (Value, Role)> {
         if reverse {
             fds.reverse();
         }
-        let message = HandoffMessage { version: 1, role, vm: "vm".into(), pid: 1, regions, fds, previous_handoffs: 0 };
+        let message = HandoffMessage {
+            version: 1,
+            role,
+            vm: "vm".into(),
+            pid: 1,
+            regions,
+            fds,
+            previous_handoffs: 0,
+            checkpoint: None,
+        };
         (serde_json::to_value(message).unwrap_or(Value::Null), role)
     })
 }

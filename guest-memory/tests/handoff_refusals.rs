@@ -36,6 +36,7 @@ fn message(regions: Vec<RegionLayout>, fds: Vec<FdKind>) -> Vec<u8> {
         regions,
         fds,
         previous_handoffs: 0,
+        checkpoint: None,
     };
     let mut line = serde_json::to_vec(&message).expect("serialize");
     line.push(b'\n');
@@ -172,6 +173,7 @@ fn hostile_handoffs_are_refused_and_leak_no_descriptor() {
         regions: vec![region(1 << 30, PAGE, 0, PAGE)],
         fds: vec![FdKind::Memory, FdKind::Uffd, FdKind::Pagemap],
         previous_handoffs: 0,
+        checkpoint: None,
     })
     .expect("a JSON value")
     .to_string()

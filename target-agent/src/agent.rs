@@ -34,12 +34,13 @@ use std::time::Duration;
 use guest_memory::handoff::{Handoff, Role, receive_handoff};
 use tokio::sync::{oneshot, watch};
 
-use crate::fault_loop::{FaultHint, FaultLoop, FaultLoopError, FaultLoopExit, describe_stop};
-use crate::fence::{SourceEpoch, SourceFence};
+use crate::fault_loop::{FaultHint, FaultLoop, FaultLoopError, FaultLoopExit, GUEST_FROZEN, describe_stop};
+use crate::fence::{Incarnation, SourceEpoch, SourceFence};
 use crate::guest::{GuestMemory, InstallError};
 use crate::phase::{Phase, PhaseTracker};
 use crate::source::{self, SourceError, SourceLink};
 use crate::stats::TargetStats;
+use crate::takeover::{self, Checkpoint, TakeoverError};
 use crate::test_hooks::TestHooks;
 use crate::transfer::{self, TransferError};
 
@@ -83,6 +84,19 @@ impl TargetConfig {
     }
 }
 
+/// Where an agent starts the migration.
+#[derive(Debug)]
+enum Start {
+    /// From the beginning: a first hand-off, or a takeover before pre-copy
+    /// converged.
+    Precopy,
+    /// A takeover after pre-copy converged: the file is current to this
+    /// epoch; waiting for switchover.
+    Converged(SourceEpoch),
+    /// A takeover after switchover: the guest runs here.
+    SwitchedOver(SourceEpoch),
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum TargetError {
     #[error("hand-off socket {path}")]
@@ -99,6 +113,14 @@ pub enum TargetError {
     Guest(#[from] InstallError),
     #[error("starting the fault loop")]
     Thread(#[source] std::io::Error),
+    #[error("the source has been unreachable for {waited:?}")]
+    Unreachable {
+        waited: Duration,
+        #[source]
+        last: SourceError,
+    },
+    #[error("taking over the migration")]
+    Takeover(#[from] TakeoverError),
     #[error("the fault loop stopped")]
     FaultLoop(#[from] FaultLoopError),
     #[error("the fault loop thread vanished without reporting its end")]
@@ -114,6 +136,17 @@ impl TargetError {
         match self {
             TargetError::FaultLoop(error) => describe_stop(error),
             other => pageserver_agent_shell::exit::describe(other),
+        }
+    }
+
+    /// [`TargetError::describe`], with what the failure means for the guest
+    /// in `phase`.
+    pub fn describe_in(&self, phase: Phase) -> String {
+        let reason = self.describe();
+        match (self, phase) {
+            (TargetError::FaultLoop(_), _) => reason,
+            (_, Phase::Postcopy | Phase::Complete) => format!("{reason}. {GUEST_FROZEN}"),
+            _ => format!("{reason}. Nothing was installed: the guest has not run here"),
         }
     }
 }
@@ -169,7 +202,7 @@ impl TargetAgent {
     pub async fn run(self: Arc<Self>) -> Result<(), TargetError> {
         let result = self.clone().migrate().await;
         if let Err(e) = &result {
-            self.fail(&e.describe());
+            self.fail(&e.describe_in(self.phase.get()));
         }
         result
     }
@@ -194,13 +227,18 @@ impl TargetAgent {
         );
         let url = self.config.source_url.clone();
         let stats = &self.stats;
-        let connected = source::connect(&url).await;
-        stats.note_source_call(&connected);
-        let mut client = connected?;
-        let layout = source::get_layout(&mut client, None).await;
-        stats.note_source_call(&layout);
-        let (layout, _) = layout?;
-        source::check_layout(&layout, &handoff.layout)?;
+        let (client, layout) = self.first_contact(&url, &handoff.layout).await?;
+        let takeover = handoff.message.previous_handoffs > 0;
+        let checkpoint = takeover::checkpoint_of(handoff.message.checkpoint.as_ref())?;
+        if let Some(checkpoint) = &checkpoint
+            && checkpoint.source_memory_id != layout.memory_id
+        {
+            return Err(SourceError::WrongSource(format!(
+                "it serves memory {:?}, but the migration this agent takes over reads memory {:?}",
+                layout.memory_id, checkpoint.source_memory_id
+            ))
+            .into());
+        }
         let link = Arc::new(SourceLink {
             url,
             fence: SourceFence::learn(&layout, stats.clone())?,
@@ -211,6 +249,7 @@ impl TargetAgent {
 
         let guest = Arc::new(GuestMemory::new(handoff, self.stats.clone())?);
         let _ = self.guest.set(guest.clone());
+        let start = self.prepare(&guest, takeover, checkpoint)?;
         let hint = Arc::new(FaultHint::default());
         let (postcopy_tx, postcopy_rx) = watch::channel(false);
         let (complete_tx, complete_rx) = watch::channel(false);
@@ -223,9 +262,14 @@ impl TargetAgent {
             self.config.hooks.clone(),
         );
         let mut exit = fault_loop.spawn().map_err(TargetError::Thread)?;
+        if takeover {
+            // The faults the dead agent read died with it: their vCPUs fault
+            // again, and this agent reads them.
+            takeover::wake_all(&guest)?;
+        }
 
         tokio::select! {
-            result = self.move_memory(&guest, client, &link, &postcopy_tx, hint) => result?,
+            result = self.move_memory(start, &guest, client, &link, &postcopy_tx, hint) => result?,
             stopped = &mut exit => return Err(fault_loop_stopped(stopped)),
         }
         let _ = complete_tx.send(true);
@@ -238,26 +282,125 @@ impl TargetAgent {
         }
     }
 
+    /// The first connection to the source and its layout, checked against
+    /// the VMM's; tried again (the source agent may be starting, or waiting
+    /// for its own VMM) until the source has been unreachable for the
+    /// configured deadline. A source that answers with a layout that does
+    /// not match fails at once.
+    async fn first_contact(
+        &self,
+        url: &str,
+        expected: &guest_memory::GuestLayout,
+    ) -> Result<(source::Client, pageserver_proto::v1::Layout), TargetError> {
+        let stats = &self.stats;
+        let mut backoff = crate::demand::RECONNECT.start();
+        loop {
+            let attempt = async {
+                let mut client = source::connect(url).await?;
+                let (layout, _) = source::get_layout(&mut client, None).await?;
+                source::check_layout(&layout, expected)?;
+                Ok::<_, SourceError>((client, layout))
+            }
+            .await;
+            stats.note_source_call(&attempt);
+            let error = match attempt {
+                Ok(contact) => return Ok(contact),
+                Err(error) if error.source_answered() => return Err(error.into()),
+                Err(error) => error,
+            };
+            let waited = stats.source_outage().unwrap_or_default();
+            if waited > self.config.source_unreachable_timeout {
+                return Err(TargetError::Unreachable { waited, last: error });
+            }
+            let delay = backoff.next_delay().unwrap_or(crate::demand::RECONNECT.max);
+            tracing::warn!("the source is not reachable yet ({error}); trying again in {delay:?}");
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    /// Where this agent starts: a first hand-off empties the file and starts
+    /// with pre-copy; a takeover rebuilds the page states
+    /// ([`crate::takeover`]) and goes on from the checkpoint.
+    fn prepare(
+        &self,
+        guest: &GuestMemory,
+        takeover: bool,
+        checkpoint: Option<Checkpoint>,
+    ) -> Result<Start, TargetError> {
+        if !takeover {
+            guest.clear()?;
+            return Ok(Start::Precopy);
+        }
+        let pagemap = guest.pagemap().ok_or(TakeoverError::NoPagemap)?;
+        let mapped = takeover::mapped_pages(pagemap, &guest.layout)?;
+        let Some(checkpoint) = checkpoint else {
+            if !mapped.is_empty() {
+                return Err(TakeoverError::InstalledWithoutCheckpoint { installed: mapped.len() as u64 }.into());
+            }
+            tracing::warn!("taking over a migration that had not converged: pre-copy starts over");
+            guest.clear()?;
+            return Ok(Start::Precopy);
+        };
+        guest.states.take_over(&mapped);
+        let epoch =
+            SourceEpoch { incarnation: Incarnation(checkpoint.source_incarnation), epoch: checkpoint.precopy_epoch };
+        tracing::warn!(
+            installed = mapped.len(),
+            epoch = epoch.epoch,
+            switched_over = checkpoint.switched_over,
+            "taking over a migration from an agent that died"
+        );
+        Ok(if checkpoint.switched_over {
+            self.switchover.send_replace(true);
+            Start::SwitchedOver(epoch)
+        } else {
+            Start::Converged(epoch)
+        })
+    }
+
+    /// Tells the VMM where the migration is (for a takeover).
+    fn checkpoint(&self, guest: &GuestMemory, link: &SourceLink, epoch: &SourceEpoch, switched_over: bool) {
+        guest.send_checkpoint(&Checkpoint {
+            source_memory_id: link.fence.memory_id().to_owned(),
+            source_incarnation: epoch.incarnation.0.clone(),
+            precopy_epoch: epoch.epoch,
+            switched_over,
+        });
+    }
+
     /// Pre-copy, switchover, the final bitmap, bulk install and the stale
-    /// pull, up to the moment nothing is left to fetch.
+    /// pull, up to the moment nothing is left to fetch; from wherever
+    /// `start` says.
     async fn move_memory(
         &self,
+        start: Start,
         guest: &Arc<GuestMemory>,
         mut client: source::Client,
         link: &SourceLink,
         postcopy: &watch::Sender<bool>,
         hint: Arc<FaultHint>,
     ) -> Result<(), TargetError> {
-        self.phase.advance(Phase::Precopy);
-        self.stats.note_progress();
-        let epoch = transfer::precopy(guest, &mut client, link, self.config.max_precopy_rounds).await?;
-        self.phase.advance(Phase::PrecopyConverged);
-        tracing::info!("pre-copy converged at epoch {}; waiting for switchover", epoch.epoch);
-
-        let mut switchover = self.switchover.subscribe();
-        if switchover.wait_for(|requested| *requested).await.is_err() {
-            return Err(TargetError::Internal("switchover channel closed".into()));
+        let (epoch, switched_over) = match start {
+            Start::Precopy => {
+                self.phase.advance(Phase::Precopy);
+                self.stats.note_progress();
+                (transfer::precopy(guest, &mut client, link, self.config.max_precopy_rounds).await?, false)
+            }
+            Start::Converged(epoch) => (epoch, false),
+            Start::SwitchedOver(epoch) => (epoch, true),
+        };
+        if !switched_over {
+            self.phase.advance(Phase::PrecopyConverged);
+            self.checkpoint(guest, link, &epoch, false);
+            tracing::info!("pre-copy converged at epoch {}; waiting for switchover", epoch.epoch);
+            let mut switchover = self.switchover.subscribe();
+            if switchover.wait_for(|requested| *requested).await.is_err() {
+                return Err(TargetError::Internal("switchover channel closed".into()));
+            }
         }
+        // Before any install: an agent taking over after this knows the
+        // guest runs here.
+        self.checkpoint(guest, link, &epoch, true);
         self.phase.advance(Phase::Postcopy);
         self.stats.note_progress();
         let _ = postcopy.send(true);

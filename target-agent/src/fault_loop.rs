@@ -134,12 +134,12 @@ pub type FaultLoopExit = Result<(), FaultLoopError>;
 
 /// The error text of a stopped fault loop, with the consequence spelled out.
 pub fn describe_stop(error: &FaultLoopError) -> String {
-    let message = pageserver_agent_shell::exit::describe(error);
-    format!(
-        "{message}. The guest is frozen: its faults are no longer served, and no page was installed without \
-         its content from the paused source"
-    )
+    format!("{}. {GUEST_FROZEN}", pageserver_agent_shell::exit::describe(error))
 }
+
+/// What any failure after switchover means for the guest.
+pub const GUEST_FROZEN: &str = "The guest is frozen: its faults are no longer served, and no page was installed without its content from the \
+     paused source";
 
 #[derive(Debug)]
 pub struct FaultLoop {

@@ -100,6 +100,11 @@ impl SourceFence {
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// The memory this migration reads (`Layout.memory_id`).
+    pub fn memory_id(&self) -> &str {
+        &self.memory_id
+    }
+
     /// The newest incarnation seen.
     pub fn incarnation(&self) -> Incarnation {
         self.lock().incarnation.clone()

@@ -21,7 +21,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use guest_memory::handoff::{EventReader, Handoff};
+use guest_memory::handoff::{AgentMessage, EventReader, Handoff};
 use guest_memory::memfile::{fallocate_keep_size, monotonic_ns, punch_hole};
 use guest_memory::{GuestLayout, MemoryMap, UffdError, Userfaultfd, layout::LayoutError};
 use pageserver_proto::v1::Page;
@@ -29,6 +29,7 @@ use pageserver_proto::v1::Page;
 use crate::install_gate::{GateClosed, InstallGate};
 use crate::page_state::{Claim, ClaimMismatch, FetchOrigin, LocalFill, LocalResolution, PageStates};
 use crate::stats::{FaultKind, TargetStats};
+use crate::takeover::Checkpoint;
 
 #[derive(Debug, thiserror::Error)]
 pub enum InstallError {
@@ -77,10 +78,12 @@ pub struct GuestMemory {
     memory: OwnedFd,
     /// The VMM's userfaultfd (from the hand-off), registered MINOR|MISSING.
     pub uffd: Userfaultfd,
-    /// The hand-off connection, held open for the agent's life: its end
-    /// tells the VMM that this agent is gone, and the VMM then hands its
-    /// memory to the next agent on the socket.
-    _vmm_connection: EventReader,
+    /// The VMM's pagemap (from the hand-off), for a takeover.
+    pagemap: Option<OwnedFd>,
+    /// The hand-off connection, held open for the agent's life: it carries
+    /// checkpoints to the VMM, and its end tells the VMM that this agent is
+    /// gone (it then hands its memory to the next agent on the socket).
+    vmm: EventReader,
     pub states: PageStates,
     /// Shut when the migration fails: nothing is installed after that.
     pub gate: InstallGate,
@@ -91,15 +94,12 @@ pub struct GuestMemory {
 }
 
 impl GuestMemory {
+    /// Maps the handed-off memory file; nothing in it is changed (see
+    /// [`GuestMemory::clear`]).
     pub fn new(handoff: Handoff, stats: Arc<TargetStats>) -> Result<Self, InstallError> {
         let layout = handoff.layout;
         let mut maps = Vec::with_capacity(layout.regions().len());
         for (i, r) in layout.regions().iter().enumerate() {
-            // Start from an empty file: the page states say every page is a
-            // hole until pre-copy writes it, and a page left over from an
-            // earlier use of the file must never be mapped as if fresh.
-            punch_hole(handoff.memory.as_fd(), r.offset, r.size)
-                .map_err(|source| InstallError::Empty { region: i, source })?;
             let map = MemoryMap::map(handoff.memory.as_fd(), r.offset, r.size as usize, true)
                 .map_err(|source| InstallError::Map { region: i, source })?;
             maps.push(map);
@@ -113,9 +113,37 @@ impl GuestMemory {
             maps,
             memory: handoff.memory,
             uffd: handoff.uffd,
-            _vmm_connection: handoff.events,
+            pagemap: handoff.pagemap,
+            vmm: handoff.events,
             stats,
         })
+    }
+
+    /// Empties the file, for a migration that starts here: the page states
+    /// say every page is a hole until pre-copy writes it, and a page left
+    /// over from an earlier use of the file must never be mapped as if fresh.
+    pub fn clear(&self) -> Result<(), InstallError> {
+        for (i, r) in self.layout.regions().iter().enumerate() {
+            punch_hole(self.memory.as_fd(), r.offset, r.size)
+                .map_err(|source| InstallError::Empty { region: i, source })?;
+        }
+        Ok(())
+    }
+
+    /// Tells the VMM where the migration is, for an agent that may take
+    /// over ([`crate::takeover`]). A VMM that cannot be told is logged, not
+    /// fatal: it only matters if this agent dies too.
+    pub fn send_checkpoint(&self, checkpoint: &Checkpoint) {
+        let message = serde_json::to_value(checkpoint).map(AgentMessage::Checkpoint);
+        match message.map_err(guest_memory::handoff::HandoffError::Json).and_then(|m| self.vmm.send(&m)) {
+            Ok(()) => tracing::debug!(?checkpoint, "checkpoint sent to the VMM"),
+            Err(error) => tracing::warn!(%error, "could not send the VMM a checkpoint; a takeover would start over"),
+        }
+    }
+
+    /// The VMM's pagemap (from the hand-off).
+    pub fn pagemap(&self) -> Option<&OwnedFd> {
+        self.pagemap.as_ref()
     }
 
     pub fn page_size(&self) -> u64 {

@@ -20,6 +20,7 @@
 //! - [`source`]: the client side of the protocol, and what a reply must be;
 //!   [`fence`]: only this migration's source, only while it is paused;
 //! - [`agent`]: the migration's phases, supervising the fault loop;
+//!   [`takeover`]: going on with a migration whose agent died;
 //!   [`phase`]: the phase and the failure;
 //! - [`service`]: the gRPC server (status, switchover, health, reflection);
 //! - [`stats`]: what the agent counts; [`metrics`]: its Prometheus metrics;
@@ -41,5 +42,6 @@ pub mod service;
 pub mod source;
 pub mod stats;
 mod sys;
+pub mod takeover;
 pub mod test_hooks;
 pub mod transfer;

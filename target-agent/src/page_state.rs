@@ -34,6 +34,10 @@
 //!    the others [`FaultAction::Wait`] for the holder's install, which wakes
 //!    them.
 //! 5. `Installed` is final: nothing leaves it, so nothing is fetched twice.
+//! 6. An agent taking over a migration ([`crate::takeover`]) starts from the
+//!    kernel's view: the pages the VMM maps are `Installed`, every other
+//!    page `Unknown` until the final bitmap (asked again) says which are
+//!    stale.
 //!
 //! # Invariants (checked by the unit tests in `page_state/tests.rs`)
 //!
@@ -388,6 +392,19 @@ impl PageStates {
     /// `Installed`. Returns how many this call installed.
     pub fn finish_fresh_run(&self, run: FreshRun) -> u64 {
         (run.first..run.end).filter(|&p| self.transition(p, PageState::Fresh, PageState::Installed)).count() as u64
+    }
+
+    /// Rule 6, on states just created (every page `Unknown`): `mapped` pages
+    /// become `Installed`, and every page counts as present in the file (a
+    /// hole among the fresh ones is skipped by the bulk install, whose
+    /// UFFDIO_CONTINUE finds nothing to map, and zero-filled by a fault).
+    pub fn take_over(&self, mapped: &[u64]) {
+        for b in &self.bytes {
+            b.fetch_or(PRESENT, Ordering::AcqRel);
+        }
+        for &page in mapped {
+            self.transition(page, PageState::Unknown, PageState::Installed);
+        }
     }
 
     /// Pages per state, in [`PageState::ALL`] order (O(pages): for status

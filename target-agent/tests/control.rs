@@ -81,6 +81,7 @@ async fn malformed_handoffs_get_a_clear_refusal() {
             regions: vec![RegionLayout { base_host_virt_addr: map.addr(), size, offset: 0, page_size: 4096 }],
             fds,
             previous_handoffs: 0,
+            checkpoint: None,
         };
         let refusal = |msg: &HandoffMessage, fds: &[std::os::fd::BorrowedFd<'_>]| {
             let stream = UnixStream::connect(&socket).expect("connect");
@@ -89,17 +90,17 @@ async fn malformed_handoffs_get_a_clear_refusal() {
                 other => panic!("expected a refusal, got {other:?}"),
             }
         };
-        let both = [memfd.as_fd(), uffd.as_fd()];
-        let kinds = vec![FdKind::Memory, FdKind::Uffd];
-        let why =
-            refusal(&message(Role::Source, vec![FdKind::Memory, FdKind::Uffd, FdKind::Pagemap], 16 * 4096), &both);
+        let pagemap = std::fs::File::open("/proc/self/pagemap").expect("pagemap");
+        let all = [memfd.as_fd(), uffd.as_fd(), pagemap.as_fd()];
+        let kinds = vec![FdKind::Memory, FdKind::Uffd, FdKind::Pagemap];
+        let why = refusal(&message(Role::Source, kinds.clone(), 16 * 4096), &all);
         assert!(why.contains("Source") && why.contains("Target"), "{why}");
-        let why = refusal(&message(Role::Target, kinds.clone(), 64 * 4096), &both);
+        let why = refusal(&message(Role::Target, kinds.clone(), 64 * 4096), &all);
         assert!(why.contains("memory file has"), "{why}");
-        let why = refusal(&message(Role::Target, kinds.clone(), 16 * 4096), &[memfd.as_fd()]);
+        let why = refusal(&message(Role::Target, kinds.clone(), 16 * 4096), &[memfd.as_fd(), uffd.as_fd()]);
         assert!(why.contains("attached"), "{why}");
         // The descriptors swapped: the "uffd" is a memfd.
-        let why = refusal(&message(Role::Target, kinds, 16 * 4096), &[uffd.as_fd(), memfd.as_fd()]);
+        let why = refusal(&message(Role::Target, kinds, 16 * 4096), &[uffd.as_fd(), memfd.as_fd(), pagemap.as_fd()]);
         assert!(why.contains("not what it claims"), "{why}");
     })
     .await

@@ -238,8 +238,10 @@ fn hand_off() -> (Vmm, Arc<GuestMemory>) {
         regions: vec![region],
         fds: Role::Target.fds().to_vec(),
         previous_handoffs: 0,
+        checkpoint: None,
     };
-    send_handoff(&vmm_end, &message, &[memory.as_fd(), uffd.as_fd()]).expect("hand-off accepted");
+    let pagemap = std::fs::File::open("/proc/self/pagemap").expect("pagemap");
+    send_handoff(&vmm_end, &message, &[memory.as_fd(), uffd.as_fd(), pagemap.as_fd()]).expect("hand-off accepted");
     let handoff = agent.join().expect("no panic").expect("a valid hand-off");
     let guest = GuestMemory::new(handoff, Arc::new(TargetStats::default())).expect("guest memory");
     (Vmm { _memory: memory, map, _uffd: uffd, _connection: vmm_end }, Arc::new(guest))

@@ -11,7 +11,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use guest_memory::handoff::{HANDOFF_VERSION, HandoffError, HandoffMessage, Role, send_handoff};
+use guest_memory::handoff::{HANDOFF_VERSION, HandoffError, HandoffMessage, send_handoff};
 use guest_memory::layout::{GuestLayout, LayoutError, RegionLayout};
 use guest_memory::uffd::{UffdError, Userfaultfd};
 
@@ -88,10 +88,10 @@ pub fn hand_off(config: &Config, region: Region) -> Result<Kept, HandoffFailure>
     let memory = sys::dup_cloexec(region.fd).map_err(io_err("duplicating QEMU's guest-memory descriptor"))?;
 
     let uffd = Userfaultfd::for_role(config.role, &layout).map_err(|source| HandoffFailure::Uffd { source })?;
-    let pagemap = match config.role {
-        Role::Source => Some(File::open("/proc/self/pagemap").map_err(io_err("opening /proc/self/pagemap"))?),
-        Role::Target => None,
-    };
+    // Both roles hand over QEMU's pagemap: the source agent scans it for
+    // dirty pages, a target agent taking over a migration for the pages
+    // already installed.
+    let pagemap = Some(File::open("/proc/self/pagemap").map_err(io_err("opening /proc/self/pagemap"))?);
 
     let stream = connect(&config.socket, config.connect_timeout)?;
     let message = HandoffMessage {
@@ -102,6 +102,7 @@ pub fn hand_off(config: &Config, region: Region) -> Result<Kept, HandoffFailure>
         regions: vec![layout],
         fds: config.role.fds().to_vec(),
         previous_handoffs: 0,
+        checkpoint: None,
     };
     let mut fds = vec![memory.as_fd(), uffd.as_fd()];
     fds.extend(pagemap.as_ref().map(|p| p.as_fd()));

@@ -8,11 +8,15 @@
 //! connection and the paused state share one lock, so a pause that races a
 //! new hand-off reaches the new agent exactly once.
 //!
+//! An agent may send checkpoints on the connection; the last one goes to
+//! the next agent with its hand-off (a target agent taking over a migration
+//! under way needs it).
+//!
 //! Descriptors: the link owns duplicates of the memory file, the uffd and
 //! (source) the pagemap, so that it can pass them again whatever the rest of
 //! the stand-in does with its own copies.
 
-use std::io::Read;
+use std::io::{BufRead, BufReader};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
@@ -20,7 +24,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use guest_memory::RegionLayout;
-use guest_memory::handoff::{HANDOFF_VERSION, HandoffError, HandoffMessage, Role, VmmEvent, send_event, send_handoff};
+use guest_memory::handoff::{
+    AgentMessage, HANDOFF_VERSION, HandoffError, HandoffMessage, Role, VmmEvent, send_event, send_handoff,
+};
 
 use crate::error::{VmmError, io_context};
 use crate::protocol::{EventSink, StandinEvent};
@@ -37,6 +43,8 @@ struct LinkState {
     paused_at_ns: Option<u64>,
     /// Hand-offs accepted so far.
     handoffs: u32,
+    /// The last checkpoint an agent sent, for the next one.
+    checkpoint: Option<serde_json::Value>,
 }
 
 /// The hand-off connection of one VM; see the module docs.
@@ -74,7 +82,7 @@ impl HandoffLink {
             vm: vm.to_owned(),
             region,
             fds,
-            state: Mutex::new(LinkState { connection: None, paused_at_ns: None, handoffs: 0 }),
+            state: Mutex::new(LinkState { connection: None, paused_at_ns: None, handoffs: 0, checkpoint: None }),
             events,
         });
         let stream = connect_handoff(&link.socket, HANDOFF_CONNECT_TIMEOUT)?;
@@ -95,6 +103,7 @@ impl HandoffLink {
     }
 
     fn hand_off(&self, stream: &UnixStream, previous_handoffs: u32) -> Result<(), HandoffError> {
+        let checkpoint = self.lock().checkpoint.clone();
         let message = HandoffMessage {
             version: HANDOFF_VERSION,
             role: self.role,
@@ -103,6 +112,7 @@ impl HandoffLink {
             regions: vec![self.region],
             fds: self.role.fds().to_vec(),
             previous_handoffs,
+            checkpoint,
         };
         let fds: Vec<_> = self.fds.iter().map(|fd| fd.as_fd()).collect();
         send_handoff(stream, &message, &fds)
@@ -131,10 +141,15 @@ impl HandoffLink {
     /// for ever (the process's exit ends it).
     fn follow(&self, mut watched: UnixStream) {
         loop {
-            // The agent sends nothing after its reply: a read returns only
-            // at its end (EOF, or an error when it died).
-            let mut byte = [0u8; 1];
-            while matches!(watched.read(&mut byte), Ok(n) if n > 0) {}
+            // The agent's messages (checkpoints), until its end (EOF, or an
+            // error when it died).
+            for line in BufReader::new(&watched).lines() {
+                let Ok(line) = line else { break };
+                match serde_json::from_str::<AgentMessage>(&line) {
+                    Ok(AgentMessage::Checkpoint(checkpoint)) => self.lock().checkpoint = Some(checkpoint),
+                    Err(error) => eprintln!("vmm-standin: the agent sent {line:?}, which is not a message ({error})"),
+                }
+            }
             let handoffs = {
                 let mut state = self.lock();
                 state.connection = None;

@@ -13,7 +13,7 @@ use guest_memory::Userfaultfd;
 use guest_memory::handoff::Role;
 
 use crate::config::StandinConfig;
-use crate::error::VmmError;
+use crate::error::{VmmError, io_context};
 use crate::guest::{GuestRunStats, TargetGuest};
 use crate::handoff_link::HandoffLink;
 use crate::protocol::{Command, EventSink, StandinEvent, command_loop};
@@ -24,6 +24,7 @@ pub(crate) fn run(config: &StandinConfig, commands: impl BufRead, events: &Arc<E
     let ram =
         GuestRam::create(&format!("{}-target", config.vm), config.memory_bytes, config.page_size(), config.hugetlb)?;
     let uffd = Userfaultfd::for_role(Role::Target, &ram.region())?;
+    let pagemap = std::fs::File::open("/proc/self/pagemap").map_err(io_context("opening /proc/self/pagemap"))?;
     // The hand-off connection stays open while the VM lives (its EOF tells
     // the agent that the VMM is gone); a new agent gets the memory again.
     let _link = HandoffLink::establish(
@@ -31,7 +32,7 @@ pub(crate) fn run(config: &StandinConfig, commands: impl BufRead, events: &Arc<E
         Role::Target,
         &config.vm,
         ram.region(),
-        &[&ram.memfd, &uffd],
+        &[&ram.memfd, &uffd, &pagemap],
         events.clone(),
     )?;
     eprintln!(

@@ -75,6 +75,27 @@ impl Migration<'_> {
                     address: the target must refuse it"
                     .to_owned())
             }
+            ChaosKind::KillTargetAgent => {
+                running(&mut self.children.target_agent, "target agent")?.kill().await;
+                let started = Instant::now();
+                let name = format!("target-agent-{}", self.report.chaos.len() + 2);
+                let args = self.target_agent_args.clone();
+                let agent =
+                    self.children.target_agent.insert(spawn(&name, &self.binaries.target_agent, &args, self.work)?);
+                agent.wait_listening(deadline(self.opts.phase_timeout)).await?;
+                let vm = running(&mut self.children.target_vm, "target VM")?;
+                let handoffs = wait_for(vm, "handed-off", deadline(self.opts.phase_timeout), |e| match e {
+                    StandinEvent::HandedOff { handoffs } => Some(*handoffs),
+                    _ => None,
+                })
+                .await?;
+                self.report.handoffs.insert("target".to_owned(), u64::from(handoffs));
+                Ok(format!(
+                    "SIGKILLed the target agent; a new one took the guest's memory over (hand-off {handoffs}) {:.0} \
+                     ms later",
+                    started.elapsed().as_secs_f64() * 1e3
+                ))
+            }
             ChaosKind::SwitchoverBeforePause => Ok("Switchover was called before the source VM paused".to_owned()),
         }
     }

@@ -69,6 +69,7 @@ pub async fn run_migration(opts: &MigrationOptions) -> Result<Report, MigrationE
         children: Children::default(),
         target_channel: None,
         source_agent_args: Vec::new(),
+        target_agent_args: Vec::new(),
         source_addrs: None,
         source_paused: false,
         snapshot_written: false,
@@ -168,6 +169,8 @@ struct Migration<'a> {
     /// How the source agent was started (a chaos event starts it again).
     source_agent_args: Vec<String>,
     source_addrs: Option<AgentAddrs>,
+    /// How the target agent was started, with the addresses it bound.
+    target_agent_args: Vec<String>,
     /// Whether the source VM was told to pause.
     source_paused: bool,
     /// Whether its snapshot at pause was seen written (an event read while
@@ -392,6 +395,9 @@ impl Migration<'_> {
         let agent =
             self.children.target_agent.insert(spawn("target-agent", &self.binaries.target_agent, &args, self.work)?);
         let addrs = agent.wait_listening(deadline(self.opts.phase_timeout)).await?;
+        args.retain(|arg| !arg.starts_with("--listen=") && !arg.starts_with("--metrics-listen="));
+        args.extend([format!("--listen={}", addrs.grpc), format!("--metrics-listen={}", addrs.metrics)]);
+        self.target_agent_args = args;
         let channel = connect(&addrs.grpc).await?;
         self.target_channel = Some(channel.clone());
         let client = MigrationTargetClient::new(channel);

@@ -160,6 +160,7 @@ impl TestVmm {
             }],
             fds,
             previous_handoffs: 0,
+            checkpoint: None,
         }
     }
 
