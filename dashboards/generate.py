@@ -451,7 +451,8 @@ def target_dashboard():
     b.panel(timeseries_panel(
         "Faults blocked by reason",
         "Guest page faults the target agent read and will not resolve (pageserver_target_faults_blocked), "
-        "by reason: outside_regions, install_failed, source_refused, fault_loop_stopped. The vCPUs behind "
+        "by reason: outside_regions, install_failed, source_refused, source_unreachable, fault_loop_stopped, "
+        "migration_failed. The vCPUs behind "
         "them stay frozen rather than get a wrong page; anything above 0 fires PageserverFaultsBlocked. "
         "The target agent's status and log say why.",
         [query("A", "sum by (vm, reason) (%s)" % sel("pageserver_target_faults_blocked"), "{{vm}} {{reason}}")],
@@ -487,6 +488,31 @@ def target_dashboard():
         "Pre-copy pages/s", "Pages transferred by pre-copy rounds.",
         [query("A", "sum by (vm) (%s)" % rate("pageserver_target_precopy_pages_total"), "{{vm}}")],
         axis_label="pages/s"))
+
+    # Ids from 30 on: added after the others, which keep theirs.
+    b.next_id = 30
+    b.row("Recovery")
+    b.panel(timeseries_panel(
+        "Seconds without progress",
+        "Seconds since the migration last moved a page or a bitmap, in pre-copy and post-copy "
+        "(pageserver_target_stalled_seconds; 0 in the other phases). Above 10 s fires PageserverMigrationStalled.",
+        [query("A", "max by (vm) (%s)" % sel("pageserver_target_stalled_seconds"), "{{vm}}")],
+        unit=units.Seconds, w=8, steps=(("green", None), ("orange", 10)),
+        thresholds_style=cm.GraphThresholdsStyleMode.DASHED))
+    b.panel(timeseries_panel(
+        "Reconnects and source restarts",
+        "Connections to the source opened after the first (a broken link, a dead source agent), and new "
+        "source-agent incarnations followed (each makes every page not known fresh stale).",
+        [query("A", "sum by (vm) (%s)" % sel("pageserver_target_source_reconnects_total"), "{{vm}} reconnects"),
+         query("B", "sum by (vm) (%s)" % sel("pageserver_target_source_restarts_total"), "{{vm}} restarts")],
+        step=True, w=8))
+    b.panel(timeseries_panel(
+        "Replies refused by the fence",
+        "Replies from another memory than the migration's source, or read while the source VM was not paused "
+        "(pageserver_target_source_replies_refused_total). None of them is installed; any fires "
+        "PageserverSourceRepliesRefused.",
+        [query("A", "sum by (vm) (%s)" % sel("pageserver_target_source_replies_refused_total"), "{{vm}}")],
+        step=True, w=8, steps=(("green", None), ("red", 1)), thresholds_style=cm.GraphThresholdsStyleMode.DASHED))
     return b.build()
 
 

@@ -15,6 +15,14 @@ use tonic::transport::Channel;
 
 /// How often the status is polled.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(20);
+/// Longest wait for one status call (a stopped agent must not hold the
+/// poller, and with it every wait, for ever).
+const CALL_TIMEOUT: Duration = Duration::from_secs(2);
+/// A migration without progress (or an agent without answers) this long is
+/// reported on stderr, and again every `STALL_REPORT_EVERY` while it lasts.
+const STALL_REPORT_AFTER: Duration = Duration::from_secs(2);
+const STALL_REPORT_EVERY: Duration = Duration::from_secs(5);
+
 /// How long calls may keep failing before the agent counts as unreachable
 /// (long enough for a target agent killed by a chaos event to be replaced).
 const UNREACHABLE_AFTER: Duration = Duration::from_secs(5);
@@ -186,13 +194,17 @@ async fn poll(mut client: MigrationTargetClient<Channel>, tx: watch::Sender<Poll
     let mut failing_since: Option<Instant> = None;
     let mut interval = tokio::time::interval(POLL_INTERVAL);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut stall = StallReport::default();
     loop {
         interval.tick().await;
-        match client.get_status(GetStatusRequest {}).await {
+        let call = tokio::time::timeout(CALL_TIMEOUT, client.get_status(GetStatusRequest {})).await;
+        let reply = call.unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("no answer to GetStatus")));
+        match reply {
             Ok(response) => {
                 errors = 0;
                 failing_since = None;
                 let status = response.into_inner();
+                stall.progress(&status);
                 tx.send_modify(|state| {
                     if phase::is(&status, phase::MigrationPhase::Complete) && state.complete_at.is_none() {
                         state.complete_at = Some(Instant::now());
@@ -205,6 +217,7 @@ async fn poll(mut client: MigrationTargetClient<Channel>, tx: watch::Sender<Poll
             }
             Err(status) => {
                 errors += 1;
+                stall.silent(failing_since.get_or_insert_with(Instant::now).elapsed(), &status);
                 if failing_since.get_or_insert_with(Instant::now).elapsed() >= UNREACHABLE_AFTER {
                     tx.send_modify(|state| {
                         state.failure.get_or_insert_with(|| Failure::Unreachable {
@@ -215,6 +228,51 @@ async fn poll(mut client: MigrationTargetClient<Channel>, tx: watch::Sender<Poll
                     });
                 }
             }
+        }
+    }
+}
+
+/// Reports a migration that stopped moving, or an agent that stopped
+/// answering, on stderr within seconds (once, then every few seconds while
+/// it lasts, and when it moves again).
+#[derive(Debug, Default)]
+struct StallReport {
+    /// When the current stall was last reported.
+    reported_at: Option<Instant>,
+}
+
+impl StallReport {
+    fn due(&mut self, stalled: Duration) -> bool {
+        let due = stalled >= STALL_REPORT_AFTER && self.reported_at.is_none_or(|at| at.elapsed() >= STALL_REPORT_EVERY);
+        if due {
+            self.reported_at = Some(Instant::now());
+        }
+        due
+    }
+
+    fn progress(&mut self, status: &MigrationStatus) {
+        let stalled = Duration::from_secs_f64(status.seconds_since_progress.max(0.0));
+        if self.due(stalled) {
+            eprintln!(
+                "pageserver-demo: the target agent has made no progress for {:.1} s (phase {}, source {}, {} \
+                 reconnects)",
+                stalled.as_secs_f64(),
+                phase::of(status).label(),
+                if status.source_up { "up" } else { "DOWN" },
+                status.source_reconnects
+            );
+        } else if stalled < STALL_REPORT_AFTER && self.reported_at.take().is_some() {
+            eprintln!("pageserver-demo: the target agent makes progress again");
+        }
+    }
+
+    fn silent(&mut self, for_: Duration, status: &tonic::Status) {
+        if self.due(for_) {
+            eprintln!(
+                "pageserver-demo: the target agent has not answered for {:.1} s ({})",
+                for_.as_secs_f64(),
+                status.message()
+            );
         }
     }
 }
