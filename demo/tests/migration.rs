@@ -208,3 +208,37 @@ async fn a_fault_loop_that_panics_fails_the_migration_and_freezes_the_guest() {
     let r = fault_loop_stops(FaultLoopBreak::Panic, 40).await;
     assert_failed_and_frozen(&r, "the fault loop panicked: test hook: the fault loop panics at fault 40");
 }
+
+/// A balloon on the target: right after switchover, before the final bitmap
+/// is in, the target VMM punches out pages the source changed after the
+/// last round (stale), pages it did not (fresh), and holes. Each must read
+/// as zeros afterwards: the agent learns of the removal from the uffd and
+/// never fills such a page with the source's content behind the VMM's back.
+async fn discarded_pages_stay_discarded(hugetlb: bool) {
+    let memory = if hugetlb { 64 * MIB } else { 32 * MIB };
+    let opts = if hugetlb { MigrationOptions { hugetlb: true, ..options(memory) } } else { options(memory) };
+    let total = memory / opts.page_size();
+    let stale = non_holes(opts.seed, total, 3);
+    let mut discarded = stale.clone();
+    discarded.extend(non_holes(opts.seed + 1, total, 2).into_iter().filter(|p| !stale.contains(p)));
+    discarded.extend(holes(opts.seed, total, 1));
+    let r = migrate(MigrationOptions {
+        dirty_rate: 0,
+        write_before_pause: stale,
+        discard_after_switchover: discarded,
+        hooks: hold_bitmap(300),
+        ..opts
+    })
+    .await;
+    assert_every_byte_verified(&r);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shmem_pages_the_target_vmm_discards_are_never_filled_from_the_source() {
+    discarded_pages_stay_discarded(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hugetlbfs_pages_the_target_vmm_discards_are_never_filled_from_the_source() {
+    discarded_pages_stay_discarded(true).await;
+}

@@ -42,7 +42,12 @@ pub mod features {
     pub const MISSING_HUGETLBFS: u64 = k::UFFD_FEATURE_MISSING_HUGETLBFS as u64;
     pub const WP_ASYNC: u64 = k::UFFD_FEATURE_WP_ASYNC as u64;
     pub const WP_HUGETLBFS_SHMEM: u64 = k::UFFD_FEATURE_WP_HUGETLBFS_SHMEM as u64;
+    pub const EVENT_REMOVE: u64 = k::UFFD_FEATURE_EVENT_REMOVE as u64;
+    pub const EVENT_UNMAP: u64 = k::UFFD_FEATURE_EVENT_UNMAP as u64;
 }
+
+/// The non-fault events a target VMM's uffd reports.
+const TARGET_EVENTS: u64 = features::EVENT_REMOVE | features::EVENT_UNMAP;
 
 /// 2 MiB: the page size of a hugetlbfs region.
 const HUGE_PAGE: u64 = 2 << 20;
@@ -232,12 +237,17 @@ impl Userfaultfd {
         let hugetlb = region.page_size >= HUGE_PAGE;
         let (wanted, mode) = match role {
             Role::Source => (features::WP_ASYNC | features::WP_HUGETLBFS_SHMEM, RegisterMode::WRITE_PROTECT),
-            Role::Target if hugetlb => {
-                (features::MINOR_HUGETLBFS | features::MISSING_HUGETLBFS, RegisterMode::MINOR | RegisterMode::MISSING)
-            }
-            Role::Target => {
-                (features::MINOR_SHMEM | features::MISSING_SHMEM, RegisterMode::MINOR | RegisterMode::MISSING)
-            }
+            // The target also reports what the VMM drops (MADV_DONTNEED /
+            // MADV_REMOVE, munmap), so that its agent never fills a page
+            // the VMM discarded with the source's content.
+            Role::Target if hugetlb => (
+                features::MINOR_HUGETLBFS | features::MISSING_HUGETLBFS | TARGET_EVENTS,
+                RegisterMode::MINOR | RegisterMode::MISSING,
+            ),
+            Role::Target => (
+                features::MINOR_SHMEM | features::MISSING_SHMEM | TARGET_EVENTS,
+                RegisterMode::MINOR | RegisterMode::MISSING,
+            ),
         };
         let uffd = Self::create(wanted)?;
         uffd.register(region.base_host_virt_addr, region.size, mode)?;

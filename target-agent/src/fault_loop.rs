@@ -20,19 +20,19 @@
 //!
 //! # Events other than page faults
 //!
-//! The VMM decides which events its userfaultfd reports; neither the VMM
-//! stand-in nor the VMM shim asks for any. Should a VMM ask:
-//! - `Remove` (MADV_DONTNEED / MADV_REMOVE, e.g. a balloon) may be read
-//!   before or after faults on the same pages. Either order is safe: the
-//!   page's state is left as it is, and a later fault on it is resolved by
-//!   what the kernel reports (MINOR: the page cache still holds it, map it;
-//!   MISSING: the VMM punched it out, so its content is zeros by the VMM's
-//!   own doing, zero-fill it). A removed page not yet installed is still
-//!   fetched and installed from the source: the guest gave it up, so any
-//!   content is acceptable to it.
-//! - `Unmap`, `Remap`, `Fork` and anything unrecognised are logged; faults
-//!   cannot come from an unmapped range, and the agent keeps serving the
-//!   ones it knows.
+//! The target VMM's uffd reports `Remove` (MADV_DONTNEED / MADV_REMOVE,
+//! e.g. a balloon) and `Unmap` (munmap) (`Userfaultfd::for_role`). Either
+//! marks the pages discarded (page_state rule 7): the background pull and
+//! the bulk install leave them alone, so a page the VMM punched out is never
+//! filled with the source's content behind its back. The kernel may report
+//! the event before or after faults on the same pages; either order is
+//! safe, because a later fault is resolved by what the kernel reports
+//! (MISSING: the VMM punched it out, its content is zeros, zero-fill it;
+//! MINOR: the page cache holds it, map it, or fetch it if it is still
+//! stale), and a fetch under way when the event comes maps what the VMM
+//! left, not what it fetched ([`GuestMemory::install_fetched`]). The VMM's
+//! madvise waits until the event is read: the loop reads events promptly.
+//! `Remap`, `Fork` and anything unrecognised are logged.
 //!
 //! # When something fails: freeze, report, never guess
 //!
@@ -255,6 +255,14 @@ impl FaultLoop {
                             match *event {
                                 UffdEvent::PageFault(fault) if postcopy => self.handle(fault, now, &claims, state)?,
                                 UffdEvent::PageFault(fault) => held.push((fault, now)),
+                                UffdEvent::Remove { start, end } | UffdEvent::Unmap { start, end } => {
+                                    let pages = guest.discarded(start, end);
+                                    tracing::info!(
+                                        "the VMM discarded {pages} pages at {start:#x}..{end:#x} ({}): none is \
+                                         filled from the source unasked",
+                                        event.name()
+                                    );
+                                }
                                 other => log_other_event(&other),
                             }
                         }
@@ -363,12 +371,7 @@ fn account_blocked(guest: &GuestMemory, error: &FaultLoopError, state: &LoopStat
 }
 
 fn log_other_event(event: &UffdEvent) {
-    match event {
-        UffdEvent::Remove { start, end } => {
-            tracing::info!("the VMM dropped guest memory {start:#x}..{end:#x}; later faults there follow the kernel")
-        }
-        other => tracing::warn!("userfaultfd event {other:?} ({}) needs no action from the agent", other.name()),
-    }
+    tracing::warn!("userfaultfd event {event:?} ({}) needs no action from the agent", event.name());
 }
 
 fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {

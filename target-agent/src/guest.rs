@@ -201,14 +201,20 @@ impl GuestMemory {
     pub fn install_fetched(&self, claim: Claim, content: &Page) -> Result<(), InstallError> {
         let _pass = self.gate.enter()?;
         let page = claim.page();
-        let (map, off) = self.locate(page);
-        if content.zero {
-            // Writing allocates the page if it is a hole, so CONTINUE can map it.
-            map.fill_zero(off, self.page_size() as usize);
+        if self.states.is_removed(page) {
+            // Discarded by the VMM while it was being fetched (page_state
+            // rule 7): what the VMM left decides, not the source's content.
+            self.settle_removed(page)?;
         } else {
-            map.copy_in(off, &content.data);
+            let (map, off) = self.locate(page);
+            if content.zero {
+                // Writing allocates the page if it is a hole, so CONTINUE can map it.
+                map.fill_zero(off, self.page_size() as usize);
+            } else {
+                map.copy_in(off, &content.data);
+            }
+            self.continue_page(page)?;
         }
-        self.continue_page(page)?;
         let (known, origin) = (claim.was_known(), claim.origin());
         self.states.finish_fetch(claim)?;
         let stats = &self.stats;
@@ -224,6 +230,41 @@ impl GuestMemory {
         // The faults waiting on it saw the state it was claimed from.
         self.settle_waiting_fault(page, known);
         Ok(())
+    }
+
+    /// The VMM discarded [start, end) of its address space (a
+    /// `UFFD_EVENT_REMOVE` or `UFFD_EVENT_UNMAP`): page_state rule 7.
+    pub fn discarded(&self, start: u64, end: u64) -> u64 {
+        let mut pages = 0;
+        let mut addr = start;
+        while addr < end {
+            match self.layout.page_at_host_addr(addr) {
+                Some(page) => {
+                    self.states.mark_removed(page);
+                    pages += 1;
+                    addr = self.layout.host_addr(page) + self.page_size();
+                }
+                None => addr += self.page_size(),
+            }
+        }
+        pages
+    }
+
+    /// Maps a page the VMM discarded while it was being fetched: if the VMM
+    /// punched it out of the file, it is zeros (zero-filled); if the file
+    /// still holds it (only unmapped), that content is the page's (the VMM
+    /// kept it). A VMM that unmapped the range for good leaves nothing to
+    /// map: then nothing is.
+    fn settle_removed(&self, page: u64) -> Result<(), InstallError> {
+        let hole = !fs_has_data(self.memory.as_fd(), self.layout.file_offset(page));
+        let mapped = if hole { self.zero_fill(page) } else { self.continue_page(page) };
+        match mapped {
+            Err(InstallError::Uffd { source: UffdError::NoPage { .. } | UffdError::Os { .. }, .. }) => {
+                tracing::info!(page, "a page the VMM unmapped was not installed");
+                Ok(())
+            }
+            other => other,
+        }
     }
 
     /// Notes that a fault read at `started_ns` waits for the fetch of
@@ -349,5 +390,16 @@ impl GuestMemory {
         }
         self.stats.pages_installed_bulk.fetch_add(installed, Ordering::Relaxed);
         Ok(installed)
+    }
+}
+
+/// Whether the file holds data at `offset` (SEEK_DATA). A file system that
+/// cannot tell (hugetlbfs reports everything as data) says yes.
+fn fs_has_data(fd: std::os::fd::BorrowedFd<'_>, offset: u64) -> bool {
+    match rustix::fs::seek(fd, rustix::fs::SeekFrom::Data(offset)) {
+        Ok(at) => at == offset,
+        // ENXIO: no data from `offset` to the end.
+        Err(rustix::io::Errno::NXIO) => false,
+        Err(_) => true,
     }
 }

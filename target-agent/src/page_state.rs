@@ -38,6 +38,14 @@
 //!    kernel's view: the pages the VMM maps are `Installed`, every other
 //!    page `Unknown` until the final bitmap (asked again) says which are
 //!    stale.
+//! 7. A page the VMM discards (`UFFD_EVENT_REMOVE` for MADV_DONTNEED /
+//!    MADV_REMOVE, `UFFD_EVENT_UNMAP`) is marked `REMOVED` and never filled
+//!    from the source unasked: the background pull and the bulk install
+//!    leave it alone. If the VMM punched it out, its content is zeros by the
+//!    VMM's own doing: a MISSING fault on it makes an `Unknown` or `Stale`
+//!    page `Fresh` and zero-fills it. If the VMM only unmapped it (the page
+//!    cache still holds our copy, which may be stale), a MINOR fault fetches
+//!    it like any stale page.
 //!
 //! # Invariants (checked by the unit tests in `page_state/tests.rs`)
 //!
@@ -114,6 +122,8 @@ impl PageState {
 const STATE_MASK: u8 = 0b0000_0111;
 /// The target's file holds content for the page (it is not a hole).
 const PRESENT: u8 = 0b1000_0000;
+/// The VMM discarded the page (rule 7).
+const REMOVED: u8 = 0b0100_0000;
 
 /// Who fetches a claimed page.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -273,6 +283,16 @@ impl PageStates {
         self.bytes[page as usize].fetch_or(PRESENT, Ordering::AcqRel);
     }
 
+    /// Rule 7: the VMM discarded `page`.
+    pub fn mark_removed(&self, page: u64) {
+        self.bytes[page as usize].fetch_or(REMOVED, Ordering::AcqRel);
+    }
+
+    /// Whether the VMM discarded `page` (rule 7).
+    pub fn is_removed(&self, page: u64) -> bool {
+        self.load(page) & REMOVED != 0
+    }
+
     /// Moves `page` from `from` to `to`, keeping its flags; true if it was
     /// in `from`. Private: every transition is one of this module's rules.
     fn transition(&self, page: u64, from: PageState, to: PageState) -> bool {
@@ -283,10 +303,14 @@ impl PageStates {
             .is_ok()
     }
 
-    /// Claims `page` for `origin` if it is `Unknown` or `Stale` (rule 4).
+    /// Claims `page` for `origin` if it is `Unknown` or `Stale` (rule 4),
+    /// and, for the background pull, not removed by the VMM (rule 7).
     pub fn claim(&self, page: u64, origin: FetchOrigin) -> Option<Claim> {
         let mut from = None;
         let _ = self.bytes[page as usize].fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| {
+            if origin == FetchOrigin::Background && b & REMOVED != 0 {
+                return None;
+            }
             let to = match PageState::from_bits(b) {
                 PageState::Unknown => PageState::FetchingUnknown,
                 PageState::Stale => PageState::FetchingStale,
@@ -313,6 +337,12 @@ impl PageStates {
                     });
                 }
                 PageState::Unknown | PageState::Stale => {
+                    if !minor && self.is_removed(page) {
+                        // Rule 7: punched out by the VMM: zeros. Fresh, then
+                        // resolved as a fresh hole (look again).
+                        self.transition(page, state, PageState::Fresh);
+                        continue;
+                    }
                     if let Some(claim) = self.claim(page, FetchOrigin::Demand) {
                         return FaultAction::Fetch(claim);
                     }
@@ -363,16 +393,16 @@ impl PageStates {
         stale
     }
 
-    /// Runs of pages that are `Fresh` and present: what a bulk
-    /// UFFDIO_CONTINUE can map (rule 1). Fresh holes are left out: they stay
-    /// holes (zero-filled if the guest touches them), so the target stays as
-    /// sparse as the source.
+    /// Runs of pages that are `Fresh`, present and not removed: what a bulk
+    /// UFFDIO_CONTINUE can map (rules 1 and 7). Fresh holes are left out:
+    /// they stay holes (zero-filled if the guest touches them), so the target
+    /// stays as sparse as the source.
     pub fn fresh_present_runs(&self) -> Vec<FreshRun> {
         let mut runs = Vec::new();
         let mut start = None;
         for page in 0..self.len() {
             let b = self.load(page);
-            let ok = PageState::from_bits(b) == PageState::Fresh && b & PRESENT != 0;
+            let ok = PageState::from_bits(b) == PageState::Fresh && b & PRESENT != 0 && b & REMOVED == 0;
             match (ok, start) {
                 (true, None) => start = Some(page),
                 (false, Some(first)) => {

@@ -7,12 +7,14 @@
 //! it froze: when the agent fails, vCPUs block for ever in faults nobody
 //! resolves, and no lock that a command needs is held by a blocked vCPU.
 
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Barrier};
+use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
 
 use guest_memory::Userfaultfd;
 use guest_memory::memfile::monotonic_ns;
+use guest_memory::sys::Discard;
 
 use crate::config::StandinConfig;
 use crate::error::{VmmError, io_context};
@@ -41,6 +43,8 @@ pub struct TargetGuest {
     undo: UndoLogs,
     /// A `resume` run is in progress.
     running: AtomicBool,
+    /// Pages punched out (`discard`): zeros, whatever the source held.
+    discarded: Mutex<BTreeSet<u64>>,
 }
 
 /// What `resume` did.
@@ -64,6 +68,7 @@ impl TargetGuest {
             seed: config.seed,
             first_access_done_ns: AtomicU64::new(0),
             running: AtomicBool::new(false),
+            discarded: Mutex::default(),
         }
     }
 
@@ -210,6 +215,24 @@ impl TargetGuest {
 
     /// Every vCPU waits at a barrier, then reads one word of each page, so
     /// that several threads fault on the same page at once.
+    /// Punches `pages` out of guest memory as a balloon does (MADV_REMOVE:
+    /// the uffd reports the removal to the agent, and the pages read as
+    /// zeros from then on).
+    pub fn discard(&self, pages: &[u64]) -> std::io::Result<()> {
+        let page_size = self.ram.page_size as usize;
+        let mut discarded = self.discarded.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        for &page in pages {
+            self.ram.map.discard(self.ram.page_offset(page), page_size, Discard::Remove)?;
+            discarded.insert(page);
+        }
+        Ok(())
+    }
+
+    /// Whether `page` was discarded (its expected content is zeros).
+    pub fn is_discarded(&self, page: u64) -> bool {
+        self.discarded.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).contains(&page)
+    }
+
     pub fn touch(&self, pages: &[u64]) {
         let barrier = Barrier::new(self.vcpus);
         let words = self.words_per_page();

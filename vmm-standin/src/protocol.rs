@@ -7,6 +7,7 @@
 //! | `pause` | source | `{"event":"paused","at_ns":..}`, then `snapshot-written` |
 //! | `resume` | target | `{"event":"resumed"}` at once; `{"event":"guest-done",..}` when `--run-ms` is over |
 //! | `touch P1 P2 ..` | target | `{"event":"touched",..}` |
+//! | `discard P1 P2 ..` | target | `{"event":"discarded","pages":N}`: the pages are punched out (MADV_REMOVE, as a balloon does); they read as zeros from then on |
 //! | `verify PATH` | target | `{"event":"verified",..}` |
 //! | `verify-mapped PATH` | target | `{"event":"verified-mapped",..}` |
 //! | `quit` (or EOF) | both | exit 0 |
@@ -60,6 +61,9 @@ pub enum StandinEvent {
     Touched {
         first_access_done_ns: u64,
     },
+    Discarded {
+        pages: u64,
+    },
     Verified {
         verified_pages: u64,
         mismatched_pages: u64,
@@ -96,6 +100,7 @@ impl StandinEvent {
             Self::Resumed => "resumed",
             Self::GuestDone { .. } => "guest-done",
             Self::Touched { .. } => "touched",
+            Self::Discarded { .. } => "discarded",
             Self::Verified { .. } => "verified",
             Self::VerifiedMapped { .. } => "verified-mapped",
             Self::AgentGone { .. } => "agent-gone",
@@ -112,6 +117,7 @@ pub enum Command {
     Pause,
     Resume,
     Touch(Vec<u64>),
+    Discard(Vec<u64>),
     Verify(PathBuf),
     VerifyMapped(PathBuf),
     Quit,
@@ -130,6 +136,9 @@ impl Command {
             ("resume", []) => Self::Resume,
             ("touch", pages) if !pages.is_empty() => {
                 Self::Touch(pages.iter().map(|p| page(p)).collect::<Result<_, _>>()?)
+            }
+            ("discard", pages) if !pages.is_empty() => {
+                Self::Discard(pages.iter().map(|p| page(p)).collect::<Result<_, _>>()?)
             }
             ("verify", [path]) => Self::Verify(PathBuf::from(path)),
             ("verify-mapped", [path]) => Self::VerifyMapped(PathBuf::from(path)),

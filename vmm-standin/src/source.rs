@@ -97,8 +97,8 @@ pub(crate) fn run(config: &StandinConfig, commands: impl BufRead, events: &Arc<E
             }
             Ok(())
         }
-        Command::Resume | Command::Touch(_) | Command::Verify(_) | Command::VerifyMapped(_) => {
-            Err("resume, touch, verify and verify-mapped are target-role commands".to_owned())
+        Command::Resume | Command::Touch(_) | Command::Discard(_) | Command::Verify(_) | Command::VerifyMapped(_) => {
+            Err("resume, touch, discard, verify and verify-mapped are target-role commands".to_owned())
         }
         Command::Quit => Ok(()),
     })?;

@@ -65,6 +65,12 @@ pub(crate) fn run(config: &StandinConfig, commands: impl BufRead, events: &Arc<E
             events.emit(&StandinEvent::Touched { first_access_done_ns: guest.first_access_done_ns() });
             Ok(())
         }
+        Command::Discard(pages) => {
+            pages.iter().try_for_each(|&page| guest.ram().check_page(page))?;
+            guest.discard(&pages).map_err(|e| e.to_string())?;
+            events.emit(&StandinEvent::Discarded { pages: pages.len() as u64 });
+            Ok(())
+        }
         Command::Verify(path) => {
             let VerifyOutcome { compared_pages, mismatched_pages, first_mismatches } =
                 guest.verify(&path, Scope::EveryPage).map_err(|e| e.to_string())?;

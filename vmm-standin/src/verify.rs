@@ -2,7 +2,7 @@
 //! pause time), page by page, on as many threads as the guest has vCPUs.
 //!
 //! A page the guest wrote is compared through its undo copy, any other page
-//! live; the owner's undo log is locked meanwhile (see [`crate::undo_log`]),
+//! live; a page the stand-in discarded must be zeros; the owner's undo log is locked meanwhile (see [`crate::undo_log`]),
 //! so this works while vCPUs run, or are blocked in faults:
 //! - `verify` compares every page: a page not installed yet faults through
 //!   the agent (and blocks until it is resolved);
@@ -132,7 +132,12 @@ impl TargetGuest {
                     continue;
                 }
                 let offset = ram.page_offset(page);
-                snapshot.copy_out(offset, &mut expected);
+                if self.is_discarded(page) {
+                    // Punched out on the target: zeros, whatever the source held.
+                    expected.fill(0);
+                } else {
+                    snapshot.copy_out(offset, &mut expected);
+                }
                 let matches = {
                     let undo = self.undo_logs().lock_owner_of(page);
                     match undo.get(&page) {

@@ -503,6 +503,15 @@ impl Migration<'_> {
     ) -> Result<(), MigrationError> {
         let timeout = self.timeout();
         let vm = running(&mut self.children.target_vm, "target VM")?;
+        if !self.opts.discard_after_switchover.is_empty() {
+            let pages: Vec<String> = self.opts.discard_after_switchover.iter().map(u64::to_string).collect();
+            vm.send(&format!("discard {}", pages.join(" "))).await?;
+            let discarded = wait_for(vm, "discarded", deadline(timeout), |e| {
+                matches!(e, StandinEvent::Discarded { .. }).then_some(())
+            });
+            watch.unless_failed(discarded).await?;
+            self.progress.say(format!("the target VMM discarded pages {:?}", self.opts.discard_after_switchover));
+        }
         if !self.opts.touch_after_resume.is_empty() {
             let pages: Vec<String> = self.opts.touch_after_resume.iter().map(u64::to_string).collect();
             vm.send(&format!("touch {}", pages.join(" "))).await?;

@@ -30,6 +30,10 @@ pub struct MigrationOptions {
     /// Pages every target vCPU reads at once after `Switchover`, before the
     /// guest runs.
     pub touch_after_resume: Vec<u64>,
+    /// Pages the target VMM punches out (MADV_REMOVE, as a balloon does)
+    /// right after `Switchover`, before the touches and the guest's run: they
+    /// must read as zeros afterwards, whatever the source held.
+    pub discard_after_switchover: Vec<u64>,
     /// No progress output (errors still go to stderr).
     pub quiet: bool,
     pub vm_name: String,
@@ -65,6 +69,7 @@ impl Default for MigrationOptions {
             max_precopy_rounds: 8,
             write_before_pause: Vec::new(),
             touch_after_resume: Vec::new(),
+            discard_after_switchover: Vec::new(),
             quiet: false,
             vm_name: "demo-vm".to_owned(),
             max_written_pages: 4096,
@@ -97,7 +102,12 @@ impl MigrationOptions {
             return Err(MigrationError::InvalidOptions("at least one vCPU is needed".into()));
         }
         let total_pages = self.memory_bytes / page_size;
-        if let Some(page) = self.write_before_pause.iter().chain(&self.touch_after_resume).find(|&&p| p >= total_pages)
+        if let Some(page) = self
+            .write_before_pause
+            .iter()
+            .chain(&self.touch_after_resume)
+            .chain(&self.discard_after_switchover)
+            .find(|&&p| p >= total_pages)
         {
             return Err(MigrationError::InvalidOptions(format!(
                 "page {page} is beyond the guest's {total_pages} pages"

@@ -214,3 +214,28 @@ fn concurrent_faults_fetch_a_page_exactly_once() {
     assert_eq!(owners.iter().sum::<u64>(), 64, "each page owned by exactly one fault: {owners:?}");
     assert_eq!(s.counts()[PageState::Installed as usize], 64);
 }
+
+#[test]
+fn a_removed_page_is_never_pulled_and_a_hole_there_is_zeros() {
+    let s = PageStates::new(4);
+    s.set_present(1);
+    s.set_present(2);
+    assert_eq!(s.apply_final_bitmap(&[0, 1]), [0, 1]);
+    for page in [0, 1, 2] {
+        s.mark_removed(page);
+    }
+    // The background pull leaves removed stale pages alone.
+    assert!(s.claim(0, FetchOrigin::Background).is_none());
+    assert!(s.claim(1, FetchOrigin::Background).is_none());
+    // The bulk install leaves removed fresh pages alone.
+    assert!(s.fresh_present_runs().iter().all(|run| !(run.first()..run.end()).contains(&2)));
+    // Punched out (MISSING): zeros by the VMM's doing, a local zero fill.
+    let zero = local(&s, 0, false);
+    assert_eq!(zero.fill(), LocalFill::ZeroFill);
+    assert!(s.finish_local(zero));
+    assert_eq!(s.state(0), PageState::Installed);
+    // Only unmapped (MINOR: the page cache holds our stale copy): fetched.
+    let claim = fetch(&s, 1);
+    assert!(claim.was_known());
+    assert_eq!(sum(s.counts()), 4);
+}
