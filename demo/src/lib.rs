@@ -14,7 +14,8 @@
 //!   and the waits both orchestrations build on it;
 //! - [`process`]: finding and supervising the child processes;
 //! - [`progress`]: the progress lines both orchestrations print;
-//! - [`report`]: what a migration measured;
+//! - [`report`]: what a migration measured; [`resources`]: a process's
+//!   descriptors, threads and memory, from /proc;
 //! - [`hugepages`]: reserving huge pages for hugetlbfs guests.
 #![forbid(unsafe_code)]
 
@@ -25,6 +26,7 @@ pub mod process;
 pub mod progress;
 pub mod qemu;
 pub mod report;
+pub mod resources;
 pub mod status_watch;
 pub mod test_hooks;
 

@@ -294,6 +294,11 @@ impl ChildProcess {
         tail_of_file(&self.log_path, LOG_TAIL_LINES)
     }
 
+    /// The child's pid, while it runs.
+    pub fn id(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     /// Sends `signal` to the child (SIGSTOP, SIGCONT, ...).
     pub fn signal(&self, signal: rustix::process::Signal) -> Result<(), ProcessError> {
         let pid = self.child.id().and_then(|pid| rustix::process::Pid::from_raw(pid as i32));

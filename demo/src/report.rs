@@ -112,6 +112,11 @@ pub struct Report {
     /// while the source VM ran).
     #[serde(default)]
     pub source_replies_refused: u64,
+    /// The target agent's descriptors, threads and private memory before the
+    /// first chaos event, and at the end of the migration (the same agent
+    /// process only: absent if a chaos event replaced it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_agent_resources: Option<[crate::resources::ProcessResources; 2]>,
     /// Hand-offs of guest memory to agents, by side ("source", "target"): 1
     /// each unless an agent died and the VMM handed its memory to a new one.
     #[serde(default)]
@@ -236,6 +241,13 @@ impl fmt::Display for Report {
                 f,
                 "source:     {} reconnects, {} agent restarts followed, {} replies refused; hand-offs {:?}",
                 self.source_reconnects, self.source_restarts, self.source_replies_refused, self.handoffs
+            )?;
+        }
+        if let Some([before, after]) = &self.target_agent_resources {
+            writeln!(
+                f,
+                "target agent: fds {} -> {}, threads {} -> {}, private memory {} -> {} KiB (first chaos event -> end)",
+                before.fds, after.fds, before.threads, after.threads, before.rss_anon_kib, after.rss_anon_kib
             )?;
         }
         if let Some(failure) = &self.failure {

@@ -13,12 +13,16 @@ use vmm_standin::StandinEvent;
 use super::waits::{deadline, wait_for};
 use super::{Migration, MigrationError, running, spawn};
 use crate::chaos::{ChaosEvent, ChaosKind, ChaosPhase, ChaosRecord};
+use crate::resources::ProcessResources;
 use crate::status_watch::StatusWatch;
 
 impl Migration<'_> {
     /// Fires every event of `phase`, in the order given.
     pub(super) async fn fire_chaos(&mut self, phase: ChaosPhase, watch: &StatusWatch) -> Result<(), MigrationError> {
         for event in self.opts.chaos_in(phase) {
+            if self.report.chaos.is_empty() {
+                self.target_agent_before_chaos = self.sample_target_agent();
+            }
             let record = ChaosRecord {
                 event: event.to_string(),
                 fired_at_s: self.progress.seconds(),
@@ -31,6 +35,23 @@ impl Migration<'_> {
             self.report.chaos.push(ChaosRecord { outcome, ..record });
         }
         Ok(())
+    }
+
+    /// The target agent's resources now, with its pid.
+    fn sample_target_agent(&self) -> Option<(u32, ProcessResources)> {
+        let pid = self.children.target_agent.as_ref()?.id()?;
+        ProcessResources::of(pid).ok().map(|r| (pid, r))
+    }
+
+    /// Samples the target agent at the end; into the report if it is the
+    /// same process as before the first chaos event.
+    pub(super) fn sample_target_agent_at_end(&mut self) {
+        if let (Some((pid, before)), Some((now_pid, after))) =
+            (self.target_agent_before_chaos, self.sample_target_agent())
+            && pid == now_pid
+        {
+            self.report.target_agent_resources = Some([before, after]);
+        }
     }
 
     /// The target agent's phase right now (the watch's last poll if it

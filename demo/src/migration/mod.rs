@@ -70,6 +70,7 @@ pub async fn run_migration(opts: &MigrationOptions) -> Result<Report, MigrationE
         target_channel: None,
         source_agent_args: Vec::new(),
         target_agent_args: Vec::new(),
+        target_agent_before_chaos: None,
         source_addrs: None,
         source_paused: false,
         snapshot_written: false,
@@ -171,6 +172,8 @@ struct Migration<'a> {
     source_addrs: Option<AgentAddrs>,
     /// How the target agent was started, with the addresses it bound.
     target_agent_args: Vec<String>,
+    /// The target agent's pid and resources before the first chaos event.
+    target_agent_before_chaos: Option<(u32, crate::resources::ProcessResources)>,
     /// Whether the source VM was told to pause.
     source_paused: bool,
     /// Whether its snapshot at pause was seen written (an event read while
@@ -197,6 +200,7 @@ impl Migration<'_> {
             }
             Err(error) => return Err(error),
         }
+        self.sample_target_agent_at_end();
         self.dump_metrics().await
     }
 

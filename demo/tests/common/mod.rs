@@ -16,7 +16,18 @@ pub fn options(memory_bytes: u64) -> MigrationOptions {
 }
 
 pub async fn migrate(opts: MigrationOptions) -> Report {
-    let _one = ONE_AT_A_TIME.lock().await;
+    let one = one_at_a_time().await;
+    migrate_alone(&one, opts).await
+}
+
+/// The right to run migrations alone, for a test that runs several and
+/// looks at the machine in between.
+pub async fn one_at_a_time() -> tokio::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().await
+}
+
+/// A migration, while holding [`one_at_a_time`].
+pub async fn migrate_alone(_one: &tokio::sync::MutexGuard<'static, ()>, opts: MigrationOptions) -> Report {
     let report = run_migration(&opts).await.unwrap_or_else(|e| panic!("migration failed: {e}"));
     println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
     report
