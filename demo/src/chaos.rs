@@ -13,6 +13,8 @@
 //! | `stop-source-agent:MS` | SIGSTOP the source agent for MS ms, then SIGCONT | completes, 0 mismatched |
 //! | `impostor-source-agent` | SIGKILL the source agent; start one serving *another* VM's memory (same name, same layout) on its address | the target refuses it, and fails after its `--source-unreachable-timeout`; nothing wrong installed |
 //! | `kill-target-agent` | SIGKILL the target agent; start a new one on the same addresses and socket; the target VMM hands its memory, uffd and pagemap over again, with the old agent's checkpoint | the new agent rebuilds the page states (installed: the VMM's page tables; stale: the bitmap asked again), wakes the vCPUs whose faults died with the old one, completes; 0 mismatched |
+//! | `kill-source-vmm` | (`switchover`, `postcopy`) SIGKILL the source VMM (it was paused) | the source agent still holds the VM's memory, which can no longer change, and serves it: completes, 0 mismatched |
+//! | `kill-source-side` | (`switchover`, `postcopy`) SIGKILL the source VMM and the source agent: the only copy of the stale pages is gone | the target fails after its `--source-unreachable-timeout`, the guest frozen, having seen no wrong page; the demo exits non-zero |
 //! | `switchover-before-pause` | (`switchover` only) `Switchover` is called before the source VM is paused | the target installs nothing read from the running VM, and fails after its `--pause-timeout` |
 #![forbid(unsafe_code)]
 
@@ -47,13 +49,21 @@ pub enum ChaosKind {
     StopSourceAgent { stopped: Duration },
     ImpostorSourceAgent,
     KillTargetAgent,
+    KillSourceVmm,
+    KillSourceSide,
     SwitchoverBeforePause,
 }
 
 impl ChaosKind {
     /// Whether the migration is expected to complete despite the event.
     pub fn survivable(self) -> bool {
-        matches!(self, ChaosKind::KillSourceAgent | ChaosKind::StopSourceAgent { .. } | ChaosKind::KillTargetAgent)
+        matches!(
+            self,
+            ChaosKind::KillSourceAgent
+                | ChaosKind::StopSourceAgent { .. }
+                | ChaosKind::KillTargetAgent
+                | ChaosKind::KillSourceVmm
+        )
     }
 }
 
@@ -71,6 +81,8 @@ impl fmt::Display for ChaosEvent {
             ChaosKind::StopSourceAgent { stopped } => write!(f, "stop-source-agent:{}", stopped.as_millis())?,
             ChaosKind::ImpostorSourceAgent => write!(f, "impostor-source-agent")?,
             ChaosKind::KillTargetAgent => write!(f, "kill-target-agent")?,
+            ChaosKind::KillSourceVmm => write!(f, "kill-source-vmm")?,
+            ChaosKind::KillSourceSide => write!(f, "kill-source-side")?,
             ChaosKind::SwitchoverBeforePause => write!(f, "switchover-before-pause")?,
         }
         write!(f, "@{}", self.phase.name())
@@ -105,6 +117,11 @@ impl FromStr for ChaosEvent {
             "stop-source-agent" => ChaosKind::StopSourceAgent { stopped: millis(argument)? },
             "impostor-source-agent" => no_argument(ChaosKind::ImpostorSourceAgent)?,
             "kill-target-agent" => no_argument(ChaosKind::KillTargetAgent)?,
+            "kill-source-vmm" | "kill-source-side" if phase == ChaosPhase::Precopy => {
+                return Err(format!("{text:?}: the source VM must be paused first (@switchover or @postcopy)"));
+            }
+            "kill-source-vmm" => no_argument(ChaosKind::KillSourceVmm)?,
+            "kill-source-side" => no_argument(ChaosKind::KillSourceSide)?,
             "switchover-before-pause" if phase == ChaosPhase::Switchover => {
                 no_argument(ChaosKind::SwitchoverBeforePause)?
             }
@@ -112,7 +129,8 @@ impl FromStr for ChaosEvent {
             other => {
                 return Err(format!(
                     "{text:?}: unknown kind {other:?} (kill-source-agent, stop-source-agent:MS, \
-                     impostor-source-agent, kill-target-agent, switchover-before-pause)"
+                     impostor-source-agent, kill-target-agent, kill-source-vmm, kill-source-side, \
+                     switchover-before-pause)"
                 ));
             }
         };
@@ -152,6 +170,7 @@ mod tests {
             "stop-source-agent:soon@postcopy",
             "kill-source-agent:5@postcopy",
             "switchover-before-pause@postcopy",
+            "kill-source-side@precopy",
             "unplug@postcopy",
         ] {
             assert!(bad.parse::<ChaosEvent>().is_err(), "{bad} must be refused");

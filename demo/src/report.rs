@@ -270,7 +270,7 @@ impl fmt::Display for Report {
         )?;
         let verdict = match (&self.failure, self.mismatched_pages) {
             (None, _) if self.verification_passed() => "target memory equals source memory at pause",
-            (Some(_), 0) => "MIGRATION FAILED; the guest is frozen and saw no wrong page",
+            (Some(_), 0) => "MIGRATION FAILED; no page the guest can see is wrong",
             _ => "VERIFICATION FAILED",
         };
         write!(f, "total:      {:.2} s ({verdict})", self.total_seconds)

@@ -69,7 +69,11 @@ async fn hugetlbfs_a_source_agent_killed_during_postcopy_is_replaced_and_the_mig
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_source_agent_makes_vcpus_wait_and_the_migration_completes() {
-    let r = migrate_with("stop-source-agent:500@postcopy,stop-source-agent:300@switchover", false).await;
+    let r = migrate_with(
+        "stop-source-agent:300@precopy,stop-source-agent:300@switchover,stop-source-agent:500@postcopy",
+        false,
+    )
+    .await;
     assert_every_byte_verified(&r);
     assert_eq!(r.source_restarts, 0);
 }
@@ -161,4 +165,47 @@ async fn a_switchover_before_the_pause_installs_nothing_and_fails_clearly() {
     assert_eq!(r.pages_by_state.get("installed").copied(), Some(0), "no page may be installed: {:?}", r.pages_by_state);
     assert_eq!(r.verified_pages, 0, "the frozen guest can see no page");
     assert_eq!(r.pages_fetched_on_demand + r.pages_fetched_background + r.pages_installed_bulk, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_vmm_killed_after_the_pause_leaves_its_memory_to_its_agent_and_the_migration_completes() {
+    let r = migrate_with("kill-source-vmm@postcopy", false).await;
+    assert_every_byte_verified(&r);
+}
+
+/// The source VMM and its agent both gone: the only copy of the stale pages
+/// is lost. The target must say so within its deadline and freeze the
+/// guest, which saw no wrong page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_whole_source_side_killed_fails_within_the_deadline_and_freezes_the_guest() {
+    let r = migrate(MigrationOptions {
+        chaos: chaos("kill-source-side@postcopy"),
+        source_unreachable_timeout: Some(Duration::from_secs(3)),
+        dirty_rate: 20_000,
+        ..options(64 * MIB)
+    })
+    .await;
+    let failure = r.failure.as_deref().expect("the migration must fail");
+    assert!(failure.contains("unreachable"), "{failure}");
+    assert!(failure.contains("The guest is frozen"), "{failure}");
+    assert_eq!(r.phase, "failed");
+    assert_eq!(r.target_health, "NOT_SERVING");
+    assert_eq!(r.target_agent_exit_code, Some(1));
+    assert_eq!(r.mismatched_pages, 0, "{:?}", r.first_mismatches);
+}
+
+/// A failure before switchover still gives a report saying why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_impostor_during_precopy_fails_the_migration_before_anything_is_installed() {
+    let r = migrate(MigrationOptions {
+        chaos: chaos("impostor-source-agent@precopy"),
+        source_unreachable_timeout: Some(Duration::from_secs(2)),
+        ..options(64 * MIB)
+    })
+    .await;
+    let failure = r.failure.as_deref().expect("the migration must fail");
+    assert!(failure.contains("not this migration's source"), "{failure}");
+    assert!(failure.contains("Nothing was installed"), "{failure}");
+    assert_eq!(r.phase, "failed");
+    assert_eq!(r.pages_by_state.get("installed").copied(), Some(0));
 }

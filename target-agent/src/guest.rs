@@ -213,7 +213,12 @@ impl GuestMemory {
             } else {
                 map.copy_in(off, &content.data);
             }
-            self.continue_page(page)?;
+            match self.continue_page(page) {
+                // Discarded by the VMM between our look and the CONTINUE
+                // (e.g. it unmapped its memory): what it left decides.
+                Err(_) if self.states.is_removed(page) => self.settle_removed(page)?,
+                result => result?,
+            }
         }
         let (known, origin) = (claim.was_known(), claim.origin());
         self.states.finish_fetch(claim)?;

@@ -117,6 +117,21 @@ impl Migration<'_> {
                     started.elapsed().as_secs_f64() * 1e3
                 ))
             }
+            ChaosKind::KillSourceVmm => {
+                // The snapshot the verification compares with is the VMM's.
+                self.wait_for_snapshot().await?;
+                running(&mut self.children.source_vm, "source VM")?.kill().await;
+                Ok("SIGKILLed the paused source VMM; its agent keeps the VM's memory, which can no longer change"
+                    .to_owned())
+            }
+            ChaosKind::KillSourceSide => {
+                self.wait_for_snapshot().await?;
+                running(&mut self.children.source_vm, "source VM")?.kill().await;
+                running(&mut self.children.source_agent, "source agent")?.kill().await;
+                Ok("SIGKILLed the source VMM and the source agent: the stale pages are gone; the target must fail \
+                    and freeze the guest"
+                    .to_owned())
+            }
             ChaosKind::SwitchoverBeforePause => Ok("Switchover was called before the source VM paused".to_owned()),
         }
     }

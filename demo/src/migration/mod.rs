@@ -186,7 +186,20 @@ impl Migration<'_> {
         let source_addr = self.start_source().await?;
         let client = self.start_target(&source_addr).await?;
         let watch = StatusWatch::start(client.clone());
-        self.precopy(&watch).await?;
+        match self.precopy(&watch).await {
+            Ok(()) => {}
+            Err(MigrationError::Status(StatusError::Failed(Failure::MigrationFailed { error }))) => {
+                // Nothing was installed and the source VM still runs: the
+                // report says why; there is nothing of the guest to verify.
+                self.progress.say(format!("the target agent's migration FAILED in pre-copy: {error}"));
+                self.report.failure = Some(error);
+                let status = get_status(&mut client.clone()).await?;
+                self.apply_final_status(&status);
+                self.report.target_health = self.target_health().await;
+                return Ok(());
+            }
+            Err(error) => return Err(error),
+        }
         let paused = if self.opts.switchover_before_pause() {
             self.switch_over_before_pause(&client).await?
         } else {
@@ -244,18 +257,25 @@ impl Migration<'_> {
         Ok(())
     }
 
+    /// Waits until the source VM has written its snapshot at pause (once).
+    async fn wait_for_snapshot(&mut self) -> Result<(), MigrationError> {
+        if !self.snapshot_written {
+            let timeout = self.timeout();
+            let source_vm = running(&mut self.children.source_vm, "source VM")?;
+            let written = |e: &StandinEvent| matches!(e, StandinEvent::SnapshotWritten { .. }).then_some(());
+            wait_for(source_vm, "snapshot-written", deadline(timeout), written).await?;
+            self.snapshot_written = true;
+        }
+        Ok(())
+    }
+
     /// Has the target stand-in compare its memory with the source's snapshot
     /// (once the source has written it), into the report. Returns the pages
     /// compared and how many differed.
     async fn compare_with_snapshot(&mut self, scope: Scope) -> Result<(u64, u64), MigrationError> {
         let timeout = self.timeout();
         let snapshot = self.path("snapshot");
-        if !self.snapshot_written {
-            let source_vm = running(&mut self.children.source_vm, "source VM")?;
-            let written = |e: &StandinEvent| matches!(e, StandinEvent::SnapshotWritten { .. }).then_some(());
-            wait_for(source_vm, "snapshot-written", deadline(timeout), written).await?;
-            self.snapshot_written = true;
-        }
+        self.wait_for_snapshot().await?;
         let started = Instant::now();
         let target_vm = running(&mut self.children.target_vm, "target VM")?;
         let (command, answer) = match scope {
