@@ -197,12 +197,20 @@ pub fn send_handoff(stream: &UnixStream, message: &HandoffMessage, fds: &[Borrow
     line.push(b'\n');
     let sent = send_with_fds(stream.as_fd(), &line, fds).map_err(io("sending hand-off"))?;
     (&*stream).write_all(&line[sent..]).map_err(io("sending hand-off"))?;
-    let mut reply = String::new();
-    BufReader::new(stream).read_line(&mut reply).map_err(io("reading hand-off reply"))?;
-    if reply.is_empty() {
-        return Err(HandoffError::Closed);
+    // Byte by byte up to the newline: what the agent sends after its reply
+    // (a checkpoint) is the connection's next reader's, not ours to drop.
+    let mut reply = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        match (&*stream).read(&mut byte).map_err(io("reading hand-off reply"))? {
+            0 if reply.is_empty() => return Err(HandoffError::Closed),
+            0 => break,
+            _ if byte[0] == b'\n' => break,
+            _ if reply.len() >= MAX_MESSAGE_BYTES => return Err(HandoffError::TooLarge),
+            _ => reply.push(byte[0]),
+        }
     }
-    let reply: HandoffReply = serde_json::from_str(&reply).map_err(HandoffError::Json)?;
+    let reply: HandoffReply = serde_json::from_slice(&reply).map_err(HandoffError::Json)?;
     if reply.ok { Ok(()) } else { Err(HandoffError::Refused(reply.error.unwrap_or_default())) }
 }
 

@@ -67,8 +67,12 @@ pub fn reserve(need: u64) -> Result<HugePageReservation, HugePageError> {
     let now_free = available()?;
     let added = pool_size()?.saturating_sub(want - missing);
     *added_total += added;
+    // Given back on every path out; not while `ADDED` is held here (its drop
+    // takes the lock too).
+    drop(added_total);
     let reservation = HugePageReservation { added };
     if now_free < need {
+        drop(reservation);
         return Err(HugePageError::TooFew {
             need,
             free: now_free,

@@ -7,6 +7,8 @@
 //!   place that decides what each side registers);
 //! - [`handoff`]: how a VMM passes its guest memory to an agent (a JSON
 //!   layout plus file descriptors over a Unix socket, Firecracker-style);
+//!   [`handoff_link`]: the VMM's side of it kept alive, handing the memory
+//!   again to a new agent when the one holding it goes away;
 //! - [`layout`]: regions and the global page numbering shared by both agents;
 //! - [`memfile`]: memfd, sizing, holes, the monotonic clock;
 //! - [`fd_passing`]: descriptors over a Unix socket (SCM_RIGHTS);
@@ -18,6 +20,7 @@
 
 pub mod fd_passing;
 pub mod handoff;
+pub mod handoff_link;
 pub mod hugepages;
 pub mod layout;
 pub mod memfile;

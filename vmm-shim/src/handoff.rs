@@ -1,17 +1,18 @@
 //! The hand-off itself, done from inside QEMU exactly as the VMM stand-in
 //! (`demo/src/vmm/{source,target}.rs`) does it: create and register the
 //! userfaultfd over QEMU's fresh mapping, connect to the agent, send the
-//! layout with the descriptors, wait for its "ok".
+//! layout with the descriptors, wait for its "ok"; then keep the link
+//! (`guest_memory::handoff_link`): if the agent dies, the memory goes to the
+//! next agent on the socket, with the dead one's checkpoint.
 #![forbid(unsafe_code)]
 
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd, RawFd};
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
-use guest_memory::handoff::{HANDOFF_VERSION, HandoffError, HandoffMessage, send_handoff};
+use guest_memory::handoff_link::{HandoffLink, LinkChange, LinkConfig, LinkError};
 use guest_memory::layout::{GuestLayout, LayoutError, RegionLayout};
 use guest_memory::uffd::{UffdError, Userfaultfd};
 
@@ -20,8 +21,6 @@ use crate::sys;
 
 /// How long the shim waits for the agent's verdict once connected.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
-/// Pause between connection attempts while the agent is not listening.
-const CONNECT_RETRY: Duration = Duration::from_millis(50);
 
 #[derive(Debug, thiserror::Error)]
 pub enum HandoffFailure {
@@ -41,19 +40,8 @@ pub enum HandoffFailure {
         #[source]
         source: UffdError,
     },
-    #[error("no agent listening on {socket} after {waited:.1?}: {source}")]
-    Connect {
-        socket: PathBuf,
-        waited: Duration,
-        #[source]
-        source: io::Error,
-    },
-    #[error("hand-off to the agent on {socket} failed: {source}")]
-    Handoff {
-        socket: PathBuf,
-        #[source]
-        source: HandoffError,
-    },
+    #[error("{0}")]
+    Link(#[from] LinkError),
 }
 
 fn io_err(context: &'static str) -> impl FnOnce(io::Error) -> HandoffFailure {
@@ -74,7 +62,7 @@ pub struct Region {
 #[derive(Debug)]
 #[allow(dead_code, reason = "never read: held open for the life of the process")]
 pub struct Kept {
-    pub stream: UnixStream,
+    pub link: Arc<HandoffLink>,
     pub uffd: Userfaultfd,
     pub memory: OwnedFd,
     pub pagemap: Option<File>,
@@ -93,42 +81,27 @@ pub fn hand_off(config: &Config, region: Region) -> Result<Kept, HandoffFailure>
     // already installed.
     let pagemap = Some(File::open("/proc/self/pagemap").map_err(io_err("opening /proc/self/pagemap"))?);
 
-    let stream = connect(&config.socket, config.connect_timeout)?;
-    let message = HandoffMessage {
-        version: HANDOFF_VERSION,
+    let fds: [&dyn AsFd; 3] = [&memory, &uffd, pagemap.as_ref().expect("opened above")];
+    let link_config = LinkConfig {
+        socket: config.socket.clone(),
         role: config.role,
         vm: config.vm.clone(),
-        pid: std::process::id(),
-        regions: vec![layout],
-        fds: config.role.fds().to_vec(),
-        previous_handoffs: 0,
-        checkpoint: None,
+        region: layout,
+        fds: &fds,
+        connect_timeout: config.connect_timeout,
+        reply_timeout: REPLY_TIMEOUT,
     };
-    let mut fds = vec![memory.as_fd(), uffd.as_fd()];
-    fds.extend(pagemap.as_ref().map(|p| p.as_fd()));
-    let failed = |source| HandoffFailure::Handoff { socket: config.socket.clone(), source };
-    stream.set_read_timeout(Some(REPLY_TIMEOUT)).map_err(io_err("setting the hand-off reply timeout"))?;
-    send_handoff(&stream, &message, &fds).map_err(failed)?;
-    stream.set_read_timeout(None).map_err(io_err("clearing the hand-off reply timeout"))?;
-    Ok(Kept { stream, uffd, memory, pagemap })
-}
-
-/// Connects to the agent's socket, retrying while it is not there yet (the
-/// agent may start after QEMU).
-fn connect(socket: &Path, timeout: Duration) -> Result<UnixStream, HandoffFailure> {
-    let started = Instant::now();
-    loop {
-        match UnixStream::connect(socket) {
-            Ok(stream) => return Ok(stream),
-            Err(e)
-                if started.elapsed() < timeout
-                    && matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused) =>
-            {
-                std::thread::sleep(CONNECT_RETRY);
-            }
-            Err(source) => {
-                return Err(HandoffFailure::Connect { socket: socket.to_owned(), waited: started.elapsed(), source });
-            }
+    let role = config.role;
+    // A new agent gets the memory again when this one goes away: say so on
+    // QEMU's stderr. (A source agent started again learns that the VM is
+    // paused from the orchestrator's SetPaused, as the first one did.)
+    let link = HandoffLink::establish(link_config, move |change| match change {
+        LinkChange::AgentGone { .. } => {
+            eprintln!("pageserver-vmm-shim: the {role:?} agent went away; the memory goes to the next one")
         }
-    }
+        LinkChange::HandedOff { handoffs } => {
+            eprintln!("pageserver-vmm-shim: memory handed over again to a new {role:?} agent (hand-off {handoffs})")
+        }
+    })?;
+    Ok(Kept { link, uffd, memory, pagemap })
 }

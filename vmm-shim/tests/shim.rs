@@ -20,7 +20,7 @@ use std::sync::mpsc::{RecvTimeoutError, channel};
 use std::time::{Duration, Instant};
 
 use guest_memory::MemoryMap;
-use guest_memory::handoff::{HandoffError, Role, receive_handoff};
+use guest_memory::handoff::{AgentMessage, HandoffError, Role, receive_handoff};
 use pageserver_test_support::{FaultServer, HandoffListener, PATIENCE, TempDir, written_pages};
 use support::{FakeVmm, Finished, MemoryFile};
 
@@ -130,7 +130,7 @@ fn target_handoff_and_faults(memory: MemoryFile) {
     let region = handoff.layout.regions()[0];
     assert_eq!((region.base_host_virt_addr, region.size, region.offset), (addr, memory.size, 0));
     assert_eq!((size, region.page_size), (memory.size, memory.page_size));
-    assert!(handoff.pagemap.is_none());
+    assert!(handoff.pagemap.is_some(), "the target's pagemap is handed over too (for a takeover)");
 
     // "Pre-copy" page 1 through the test's own (unregistered) mapping.
     let agent_map = MemoryMap::map(handoff.memory.as_fd(), 0, size as usize, true).unwrap();
@@ -176,6 +176,41 @@ fn target_handoff_and_faults_hugetlb() {
 }
 
 /// Programs that call `mmap` rather than `mmap64` are handed off too.
+/// The target agent dies (its end of the connection closes): the shim
+/// hands QEMU's memory, the same uffd and its pagemap to the next agent on
+/// the socket, with the checkpoint the first one sent, and faults go on
+/// being served by the new one.
+#[test]
+fn a_dead_agent_is_replaced_by_the_next_one_on_the_socket() {
+    let memory = MemoryFile::shmem(16);
+    let (_dir, listener) = listener();
+    let socket = listener.path().to_str().unwrap().to_owned();
+    let mut vm = FakeVmm::spawn(&memory, &[], &shim_env("target", &memory, &socket));
+
+    let first = receive_handoff(listener.accept(vm.process()), Role::Target).expect("a valid hand-off");
+    assert_eq!(first.message.previous_handoffs, 0);
+    let region = first.layout.regions()[0];
+    assert_eq!(vm.mapped().0, region.base_host_virt_addr);
+    let checkpoint = serde_json::json!({"where": "post-copy", "epoch": 7});
+    first.events.send(&AgentMessage::Checkpoint(checkpoint.clone())).expect("checkpoint sent");
+    // Let the shim read the checkpoint before the agent "dies".
+    std::thread::sleep(Duration::from_millis(100));
+    drop(first);
+
+    let second = receive_handoff(listener.accept(vm.process()), Role::Target).expect("a second hand-off");
+    assert_eq!(second.message.previous_handoffs, 1);
+    assert_eq!(second.message.checkpoint, Some(checkpoint), "the dead agent's checkpoint goes to the next one");
+    assert_eq!(second.layout.regions()[0], region, "the same memory");
+    assert!(second.pagemap.is_some());
+    let faults = FaultServer::start(second.uffd, region, fetched_page);
+    assert_eq!(vm.request("read 3"), format!("read 3 {:#x}", FETCHED | 3), "the new agent serves the faults");
+    assert_eq!(vm.request("quit"), "done");
+    let finished = vm.finish();
+    faults.stop();
+    assert!(finished.status.success(), "{finished:?}");
+    assert!(finished.stderr.contains("memory handed over again"), "{}", finished.stderr);
+}
+
 #[test]
 fn plain_mmap_is_interposed_too() {
     let memory = MemoryFile::shmem(4);

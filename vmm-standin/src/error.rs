@@ -20,6 +20,8 @@ pub enum VmmError {
     Uffd(#[from] UffdError),
     #[error("hand-off: {0}")]
     Handoff(#[from] HandoffError),
+    #[error("hand-off")]
+    Link(#[from] guest_memory::handoff_link::LinkError),
     #[error("the guest is already running")]
     AlreadyRunning,
     #[error("snapshot {path} has {have} bytes, the guest has {need}")]

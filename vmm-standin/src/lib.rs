@@ -15,9 +15,9 @@
 //! - [`config`]: the role and everything else the command line says;
 //! - [`error`]: why the stand-in could not run;
 //! - [`protocol`]: the stdin commands, the stdout events, the command loop;
-//! - [`ram`]: guest memory (a memfd mapped as a VMM maps it);
-//!   [`handoff_link`]: the hand-off of its descriptors, given again to a new
-//!   agent when the one holding them goes away;
+//! - [`ram`]: guest memory (a memfd mapped as a VMM maps it), and its
+//!   hand-off (`guest_memory::handoff_link`: given again to a new agent
+//!   when the one holding it goes away);
 //! - [`source`]: the source role: memory filled from the seed, dirty
 //!   tracking registered, vCPU threads dirtying it until `pause`, a snapshot
 //!   of the paused memory;
@@ -35,7 +35,6 @@
 pub mod config;
 pub mod error;
 pub mod guest;
-pub mod handoff_link;
 pub mod pattern;
 pub mod protocol;
 pub mod ram;

@@ -13,7 +13,7 @@
 //! | `quit` (or EOF) | both | exit 0 |
 //!
 //! Unasked: `agent-gone` when the agent holding the memory goes away, and
-//! `handed-off` once a new one took it over ([`crate::handoff_link`]).
+//! `handed-off` once a new one took it over (`guest_memory::handoff_link`).
 //!
 //! A command that cannot be carried out is answered with
 //! `{"event":"error","message":..}`; the stand-in keeps running. Commands

@@ -1,20 +1,25 @@
-//! Guest RAM: a memfd mapped read-write, as a VMM maps it, and connecting to
-//! an agent's hand-off socket.
+//! Guest RAM: a memfd mapped read-write, as a VMM maps it, and its hand-off
+//! to an agent.
 
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::net::UnixStream;
-use std::path::Path;
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use guest_memory::MemoryMap;
 use guest_memory::RegionLayout;
 use guest_memory::handoff::{FdKind, Role};
+use guest_memory::handoff_link::{HandoffLink, LinkChange, LinkConfig};
 use guest_memory::memfile::{ftruncate, memfd_create};
 
+use crate::config::StandinConfig;
 use crate::error::{VmmError, io_context};
+use crate::protocol::{EventSink, StandinEvent};
 
 /// How long the stand-in waits for the agent's hand-off socket to appear.
 pub const HANDOFF_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the stand-in waits for the agent's verdict on a hand-off (the
+/// source agent answers after its first scan of the whole memory).
+pub const HANDOFF_REPLY_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The guest's memory: one region, one file.
 #[derive(Debug)]
@@ -67,24 +72,32 @@ impl GuestRam {
     }
 }
 
-/// Connects to the agent's hand-off socket, retrying while it is not there
-/// yet (the agent may start after us).
-pub fn connect_handoff(path: &Path, timeout: Duration) -> Result<UnixStream, VmmError> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        match UnixStream::connect(path) {
-            Ok(stream) => return Ok(stream),
-            Err(e)
-                if Instant::now() < deadline
-                    && matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused) =>
-            {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            Err(e) => {
-                return Err(io_context(format!("connecting to the hand-off socket {}", path.display()))(e));
-            }
-        }
-    }
+/// Hands `ram` to the agent on `config`'s socket with `fds` (in the role's
+/// order) and keeps the link: a new agent gets the memory again, and every
+/// change is told on `events`.
+pub fn hand_off(
+    config: &StandinConfig,
+    role: Role,
+    ram: &GuestRam,
+    fds: &[&dyn AsFd],
+    events: &Arc<EventSink>,
+) -> Result<Arc<HandoffLink>, VmmError> {
+    let events = events.clone();
+    let link_config = LinkConfig {
+        socket: config.handoff_socket.clone(),
+        role,
+        vm: config.vm.clone(),
+        region: ram.region(),
+        fds,
+        connect_timeout: HANDOFF_CONNECT_TIMEOUT,
+        reply_timeout: HANDOFF_REPLY_TIMEOUT,
+    };
+    Ok(HandoffLink::establish(link_config, move |change| {
+        events.emit(&match change {
+            LinkChange::AgentGone { handoffs } => StandinEvent::AgentGone { handoffs },
+            LinkChange::HandedOff { handoffs } => StandinEvent::HandedOff { handoffs },
+        })
+    })?)
 }
 
 /// The descriptor kinds, for log lines.

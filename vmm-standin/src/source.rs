@@ -20,10 +20,10 @@ use guest_memory::memfile::{is_zero, monotonic_ns};
 
 use crate::config::StandinConfig;
 use crate::error::{VmmError, io_context};
-use crate::handoff_link::HandoffLink;
+
 use crate::pattern::{self, SplitMix64, Stream};
 use crate::protocol::{Command, EventSink, StandinEvent, command_loop};
-use crate::ram::{GuestRam, describe_fds};
+use crate::ram::{GuestRam, describe_fds, hand_off};
 
 /// How many hole pages the `ready` event lists.
 const ZERO_PAGES_REPORTED: usize = 16;
@@ -49,14 +49,7 @@ pub(crate) fn run(config: &StandinConfig, commands: impl BufRead, events: &Arc<E
 
     let uffd = Userfaultfd::for_role(Role::Source, &ram.region())?;
     let pagemap = File::open("/proc/self/pagemap").map_err(io_context("opening /proc/self/pagemap"))?;
-    let link = HandoffLink::establish(
-        config.handoff_socket.clone(),
-        Role::Source,
-        &config.vm,
-        ram.region(),
-        &[&ram.memfd, &uffd, &pagemap],
-        events.clone(),
-    )?;
+    let link = hand_off(config, Role::Source, &ram, &[&ram.memfd, &uffd, &pagemap], events)?;
     eprintln!(
         "vmm-standin[source]: hand-off to {} accepted ({})",
         config.handoff_socket.display(),

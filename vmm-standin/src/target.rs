@@ -15,9 +15,9 @@ use guest_memory::handoff::Role;
 use crate::config::StandinConfig;
 use crate::error::{VmmError, io_context};
 use crate::guest::{GuestRunStats, TargetGuest};
-use crate::handoff_link::HandoffLink;
+
 use crate::protocol::{Command, EventSink, StandinEvent, command_loop};
-use crate::ram::{GuestRam, describe_fds};
+use crate::ram::{GuestRam, describe_fds, hand_off};
 use crate::verify::{Scope, VerifyOutcome};
 
 pub(crate) fn run(config: &StandinConfig, commands: impl BufRead, events: &Arc<EventSink>) -> Result<(), VmmError> {
@@ -27,14 +27,7 @@ pub(crate) fn run(config: &StandinConfig, commands: impl BufRead, events: &Arc<E
     let pagemap = std::fs::File::open("/proc/self/pagemap").map_err(io_context("opening /proc/self/pagemap"))?;
     // The hand-off connection stays open while the VM lives (its EOF tells
     // the agent that the VMM is gone); a new agent gets the memory again.
-    let _link = HandoffLink::establish(
-        config.handoff_socket.clone(),
-        Role::Target,
-        &config.vm,
-        ram.region(),
-        &[&ram.memfd, &uffd, &pagemap],
-        events.clone(),
-    )?;
+    let _link = hand_off(config, Role::Target, &ram, &[&ram.memfd, &uffd, &pagemap], events)?;
     eprintln!(
         "vmm-standin[target]: hand-off to {} accepted ({})",
         config.handoff_socket.display(),

@@ -13,27 +13,92 @@
 //! under way needs it).
 //!
 //! Descriptors: the link owns duplicates of the memory file, the uffd and
-//! (source) the pagemap, so that it can pass them again whatever the rest of
-//! the stand-in does with its own copies.
+//! the pagemap, so that it can pass them again whatever the rest of the VMM
+//! does with its own copies.
+//!
+//! The VMM stand-in and the VMM shim (inside QEMU) both use it.
+#![forbid(unsafe_code)]
 
-use std::io::{BufRead, BufReader};
+use std::io::{self, BufRead, BufReader};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use guest_memory::RegionLayout;
-use guest_memory::handoff::{
+use crate::handoff::{
     AgentMessage, HANDOFF_VERSION, HandoffError, HandoffMessage, Role, VmmEvent, send_event, send_handoff,
 };
+use crate::layout::RegionLayout;
 
-use crate::error::{VmmError, io_context};
-use crate::protocol::{EventSink, StandinEvent};
-use crate::ram::{HANDOFF_CONNECT_TIMEOUT, connect_handoff};
-
-/// How often a VM whose agent went away tries the socket for a new one.
+/// How often a VM whose agent went away tries the socket for a new one, and
+/// how often the first hand-off tries a socket that is not there yet.
 const RECONNECT_EVERY: Duration = Duration::from_millis(50);
+
+/// What happens to the link, for the VMM to report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkChange {
+    /// The agent holding the memory went away (after `handoffs` hand-offs).
+    AgentGone { handoffs: u32 },
+    /// A new agent took the memory over.
+    HandedOff { handoffs: u32 },
+}
+
+/// Why the first hand-off did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("no agent listening on {socket} after {waited:.1?}: {source}")]
+    Connect {
+        socket: PathBuf,
+        waited: Duration,
+        #[source]
+        source: io::Error,
+    },
+    // The shim prints errors by their Display alone: the cause is in it.
+    #[error("hand-off to the agent on {socket} failed: {source}")]
+    Handoff {
+        socket: PathBuf,
+        #[source]
+        source: HandoffError,
+    },
+    #[error("{0}: {1}")]
+    Io(&'static str, #[source] io::Error),
+}
+
+/// Connects to an agent's hand-off socket, retrying while it is not there
+/// yet (the agent may start after the VMM), for at most `timeout`.
+pub fn connect_with_retry(socket: &Path, timeout: Duration) -> Result<UnixStream, LinkError> {
+    let started = Instant::now();
+    loop {
+        match UnixStream::connect(socket) {
+            Ok(stream) => return Ok(stream),
+            Err(e)
+                if started.elapsed() < timeout
+                    && matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused) =>
+            {
+                std::thread::sleep(RECONNECT_EVERY);
+            }
+            Err(source) => {
+                return Err(LinkError::Connect { socket: socket.to_owned(), waited: started.elapsed(), source });
+            }
+        }
+    }
+}
+
+/// Who hands over, and what.
+#[allow(missing_debug_implementations, reason = "descriptors as trait objects")]
+pub struct LinkConfig<'a> {
+    pub socket: PathBuf,
+    pub role: Role,
+    pub vm: String,
+    pub region: RegionLayout,
+    /// The descriptors the role hands over, in its order.
+    pub fds: &'a [&'a dyn AsFd],
+    /// How long the first hand-off waits for the socket to appear.
+    pub connect_timeout: Duration,
+    /// How long a hand-off waits for the agent's verdict.
+    pub reply_timeout: Duration,
+}
 
 #[derive(Debug)]
 struct LinkState {
@@ -48,7 +113,6 @@ struct LinkState {
 }
 
 /// The hand-off connection of one VM; see the module docs.
-#[derive(Debug)]
 pub struct HandoffLink {
     socket: PathBuf,
     role: Role,
@@ -57,44 +121,54 @@ pub struct HandoffLink {
     /// Duplicates of the descriptors the role hands over, in its order.
     fds: Vec<OwnedFd>,
     state: Mutex<LinkState>,
-    events: Arc<EventSink>,
+    on_change: Box<dyn Fn(LinkChange) + Send + Sync>,
+}
+
+impl std::fmt::Debug for HandoffLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HandoffLink").field("socket", &self.socket).field("role", &self.role).finish_non_exhaustive()
+    }
 }
 
 impl HandoffLink {
-    /// Hands the memory to the agent on `socket` (waiting a while for it to
-    /// listen), then follows the connection on a thread of its own.
+    /// Hands the memory to the agent on the socket (waiting a while for it
+    /// to listen), then follows the connection on a thread of its own;
+    /// `on_change` hears of agents going and coming.
     pub fn establish(
-        socket: PathBuf,
-        role: Role,
-        vm: &str,
-        region: RegionLayout,
-        fds: &[&dyn AsFd],
-        events: Arc<EventSink>,
-    ) -> Result<Arc<Self>, VmmError> {
-        let fds = fds
+        config: LinkConfig<'_>,
+        on_change: impl Fn(LinkChange) + Send + Sync + 'static,
+    ) -> Result<Arc<Self>, LinkError> {
+        let fds = config
+            .fds
             .iter()
             .map(|fd| fd.as_fd().try_clone_to_owned())
             .collect::<Result<Vec<_>, _>>()
-            .map_err(io_context("duplicating the hand-off descriptors"))?;
+            .map_err(|e| LinkError::Io("duplicating the hand-off descriptors", e))?;
         let link = Arc::new(Self {
-            socket,
-            role,
-            vm: vm.to_owned(),
-            region,
+            socket: config.socket,
+            role: config.role,
+            vm: config.vm,
+            region: config.region,
             fds,
             state: Mutex::new(LinkState { connection: None, paused_at_ns: None, handoffs: 0, checkpoint: None }),
-            events,
+            on_change: Box::new(on_change),
         });
-        let stream = connect_handoff(&link.socket, HANDOFF_CONNECT_TIMEOUT)?;
-        link.hand_off(&stream, 0)?;
-        let watched = stream.try_clone().map_err(io_context("cloning the hand-off connection"))?;
-        link.lock().connection = Some(stream);
-        link.lock().handoffs = 1;
+        let stream = connect_with_retry(&link.socket, config.connect_timeout)?;
+        let io = |context| move |e| LinkError::Io(context, e);
+        stream.set_read_timeout(Some(config.reply_timeout)).map_err(io("setting the hand-off reply timeout"))?;
+        link.hand_off(&stream, 0).map_err(|source| LinkError::Handoff { socket: link.socket.clone(), source })?;
+        stream.set_read_timeout(None).map_err(io("clearing the hand-off reply timeout"))?;
+        let watched = stream.try_clone().map_err(io("cloning the hand-off connection"))?;
+        {
+            let mut state = link.lock();
+            state.connection = Some(stream);
+            state.handoffs = 1;
+        }
         let follower = link.clone();
         std::thread::Builder::new()
             .name("handoff-link".into())
             .spawn(move || follower.follow(watched))
-            .map_err(io_context("starting the hand-off thread"))?;
+            .map_err(io("starting the hand-off thread"))?;
         Ok(link)
     }
 
@@ -147,7 +221,7 @@ impl HandoffLink {
                 let Ok(line) = line else { break };
                 match serde_json::from_str::<AgentMessage>(&line) {
                     Ok(AgentMessage::Checkpoint(checkpoint)) => self.lock().checkpoint = Some(checkpoint),
-                    Err(error) => eprintln!("vmm-standin: the agent sent {line:?}, which is not a message ({error})"),
+                    Err(error) => eprintln!("{}: the agent sent {line:?}, which is not a message ({error})", self.vm),
                 }
             }
             let handoffs = {
@@ -156,10 +230,11 @@ impl HandoffLink {
                 state.handoffs
             };
             eprintln!(
-                "vmm-standin: the agent on {} went away; handing the memory over again to the next one",
+                "{}: the agent on {} went away; handing the memory over again to the next one",
+                self.vm,
                 self.socket.display()
             );
-            self.events.emit(&StandinEvent::AgentGone { handoffs });
+            (self.on_change)(LinkChange::AgentGone { handoffs });
             watched = self.hand_off_again(handoffs);
         }
     }
@@ -171,7 +246,7 @@ impl HandoffLink {
             std::thread::sleep(RECONNECT_EVERY);
             let Ok(stream) = UnixStream::connect(&self.socket) else { continue };
             if let Err(error) = self.hand_off(&stream, previous_handoffs) {
-                eprintln!("vmm-standin: hand-off to the new agent failed ({error}); trying again");
+                eprintln!("{}: hand-off to the new agent failed ({error}); trying again", self.vm);
                 continue;
             }
             let Ok(watched) = stream.try_clone() else { continue };
@@ -179,15 +254,15 @@ impl HandoffLink {
             if let Some(at_ns) = state.paused_at_ns
                 && let Err(error) = send_event(&stream, VmmEvent::Paused { at_ns })
             {
-                eprintln!("vmm-standin: telling the new agent about the pause failed ({error}); trying again");
+                eprintln!("{}: telling the new agent about the pause failed ({error}); trying again", self.vm);
                 continue;
             }
             state.connection = Some(stream);
             state.handoffs += 1;
             let handoffs = state.handoffs;
             drop(state);
-            eprintln!("vmm-standin: memory handed over again (hand-off {handoffs})");
-            self.events.emit(&StandinEvent::HandedOff { handoffs });
+            eprintln!("{}: memory handed over again (hand-off {handoffs})", self.vm);
+            (self.on_change)(LinkChange::HandedOff { handoffs });
             return watched;
         }
     }
