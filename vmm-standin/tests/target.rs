@@ -30,7 +30,7 @@ fn target_faults_touch_resume_verify(hugetlb: bool) {
     let mut vm = Standin::spawn("target", memory, listener.path(), &extra);
     let handoff = receive_handoff(listener.accept(vm.process()), Role::Target).expect("a valid hand-off");
     assert_eq!(handoff.layout.total_pages(), total_pages);
-    assert!(handoff.pagemap.is_none());
+    assert!(handoff.pagemap.is_some(), "the target VMM hands over its pagemap (for a takeover)");
     let StandinEvent::Ready { zero_pages, .. } = vm.event() else { panic!("expected ready") };
     assert!(zero_pages.is_empty());
 
