@@ -125,7 +125,13 @@ fn serve(uffd: &Userfaultfd, region: &RegionLayout, fill: &dyn Fn(u64, &mut [u8]
             std::thread::sleep(IDLE_SLEEP);
         }
         for event in &events {
-            let UffdEvent::PageFault(fault) = event else { panic!("the fault server got an unexpected {event:?}") };
+            let fault = match event {
+                UffdEvent::PageFault(fault) => fault,
+                // A target VMM's uffd reports what it drops or unmaps (at
+                // its exit, too): nothing to resolve.
+                UffdEvent::Remove { .. } | UffdEvent::Unmap { .. } => continue,
+                other => panic!("the fault server got an unexpected {other:?}"),
+            };
             assert!(
                 (base..base + region.size).contains(&fault.address),
                 "fault at {:#x}, outside the region {region:?}",
