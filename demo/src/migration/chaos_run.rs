@@ -11,7 +11,7 @@ use tonic::transport::Channel;
 use vmm_standin::StandinEvent;
 
 use super::waits::{deadline, wait_for};
-use super::{Migration, MigrationError, running, spawn};
+use super::{Migration, MigrationError, running};
 use crate::chaos::{ChaosEvent, ChaosKind, ChaosPhase, ChaosRecord};
 use crate::status_watch::StatusWatch;
 
@@ -93,7 +93,8 @@ impl Migration<'_> {
             ]),
         }
         let name = format!("source-agent-{}", self.report.chaos.len() + 2);
-        let agent = self.children.source_agent.insert(spawn(&name, &self.binaries.source_agent, &args, self.work)?);
+        let agent = self.source_host.spawn(&name, &self.binaries.source_agent, &args, self.work)?;
+        let agent = self.children.source_agent.insert(agent);
         agent.wait_listening(deadline(self.opts.phase_timeout)).await?;
         Ok(())
     }

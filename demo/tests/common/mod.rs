@@ -16,9 +16,16 @@ pub fn options(memory_bytes: u64) -> MigrationOptions {
 }
 
 pub async fn migrate(opts: MigrationOptions) -> Report {
+    migrate_then(opts, || ()).await
+}
+
+/// Like [`migrate`], then `after` before the next migration may start (a
+/// check of what the migration left on the machine).
+pub async fn migrate_then(opts: MigrationOptions, after: impl FnOnce()) -> Report {
     let _one = ONE_AT_A_TIME.lock().await;
     let report = run_migration(&opts).await.unwrap_or_else(|e| panic!("migration failed: {e}"));
     println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+    after();
     report
 }
 
