@@ -13,6 +13,12 @@
 //! | `stop-source-agent:MS` | SIGSTOP the source agent for MS ms, then SIGCONT | completes, 0 mismatched |
 //! | `impostor-source-agent` | SIGKILL the source agent; start one serving *another* VM's memory (same name, same layout) on its address | the target refuses it, and fails after its `--source-unreachable-timeout`; nothing wrong installed |
 //! | `switchover-before-pause` | (`switchover` only) `Switchover` is called before the source VM is paused | the target installs nothing read from the running VM, and fails after its `--pause-timeout` |
+//! | `link-down:MS` | (`--two-hosts`) the link goes down (`ip link set … down` on the target's end) for MS ms, then up | streams break, the target reconnects with backoff, vCPUs wait; completes, 0 mismatched; the target reports `source_up` false during the outage (recorded) |
+//! | `link-loss:PCT:MS` | (`--two-hosts`) PCT% of the TCP packets crossing the link are dropped, each way, for MS ms (nftables) | completes, 0 mismatched |
+//! | `link-reset` | (`--two-hosts`) every established connection to the source agent's port is reset (nftables `reject with tcp reset`) until the target has reconnected, or for at most 3 s | the target reconnects; completes, 0 mismatched |
+//!
+//! The `link-*` kinds act on the link between the two hosts of
+//! `--two-hosts` ([`crate::netns`]) and need it.
 #![forbid(unsafe_code)]
 
 use std::fmt;
@@ -46,12 +52,20 @@ pub enum ChaosKind {
     StopSourceAgent { stopped: Duration },
     ImpostorSourceAgent,
     SwitchoverBeforePause,
+    LinkDown { down: Duration },
+    LinkLoss { percent: u8, lasting: Duration },
+    LinkReset,
 }
 
 impl ChaosKind {
     /// Whether the migration is expected to complete despite the event.
     pub fn survivable(self) -> bool {
-        matches!(self, ChaosKind::KillSourceAgent | ChaosKind::StopSourceAgent { .. })
+        !matches!(self, ChaosKind::ImpostorSourceAgent | ChaosKind::SwitchoverBeforePause)
+    }
+
+    /// Whether it acts on the link between two hosts (`--two-hosts`).
+    pub fn needs_two_hosts(self) -> bool {
+        matches!(self, ChaosKind::LinkDown { .. } | ChaosKind::LinkLoss { .. } | ChaosKind::LinkReset)
     }
 }
 
@@ -69,6 +83,9 @@ impl fmt::Display for ChaosEvent {
             ChaosKind::StopSourceAgent { stopped } => write!(f, "stop-source-agent:{}", stopped.as_millis())?,
             ChaosKind::ImpostorSourceAgent => write!(f, "impostor-source-agent")?,
             ChaosKind::SwitchoverBeforePause => write!(f, "switchover-before-pause")?,
+            ChaosKind::LinkDown { down } => write!(f, "link-down:{}", down.as_millis())?,
+            ChaosKind::LinkLoss { percent, lasting } => write!(f, "link-loss:{percent}:{}", lasting.as_millis())?,
+            ChaosKind::LinkReset => write!(f, "link-reset")?,
         }
         write!(f, "@{}", self.phase.name())
     }
@@ -93,6 +110,14 @@ impl FromStr for ChaosEvent {
             let ms = argument.ok_or_else(|| format!("{text:?}: {name} needs :MS"))?;
             ms.parse::<u64>().map(Duration::from_millis).map_err(|_| format!("{text:?}: {ms:?} is not milliseconds"))
         };
+        let percent_and_millis = |argument: Option<&str>| -> Result<(u8, Duration), String> {
+            let (percent, ms) =
+                argument.and_then(|a| a.split_once(':')).ok_or_else(|| format!("{text:?}: {name} needs :PCT:MS"))?;
+            match percent.parse::<u8>() {
+                Ok(percent @ 1..=100) => Ok((percent, millis(Some(ms))?)),
+                _ => Err(format!("{text:?}: {percent:?} is not a percentage from 1 to 100")),
+            }
+        };
         let no_argument = |kind: ChaosKind| match argument {
             None => Ok(kind),
             Some(_) => Err(format!("{text:?}: {name} takes no argument")),
@@ -105,10 +130,16 @@ impl FromStr for ChaosEvent {
                 no_argument(ChaosKind::SwitchoverBeforePause)?
             }
             "switchover-before-pause" => return Err(format!("{text:?}: only @switchover makes sense")),
+            "link-down" => ChaosKind::LinkDown { down: millis(argument)? },
+            "link-loss" => {
+                let (percent, lasting) = percent_and_millis(argument)?;
+                ChaosKind::LinkLoss { percent, lasting }
+            }
+            "link-reset" => no_argument(ChaosKind::LinkReset)?,
             other => {
                 return Err(format!(
                     "{text:?}: unknown kind {other:?} (kill-source-agent, stop-source-agent:MS, \
-                     impostor-source-agent, switchover-before-pause)"
+                     impostor-source-agent, switchover-before-pause, link-down:MS, link-loss:PCT:MS, link-reset)"
                 ));
             }
         };
@@ -127,6 +158,11 @@ pub struct ChaosRecord {
     pub target_phase: String,
     /// What was done and what recovered from it.
     pub outcome: String,
+    /// For an outage of the link (`link-down`): whether a status poll
+    /// during the outage saw the target agent report its source down
+    /// (`source_up` false).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_down_seen: Option<bool>,
 }
 
 #[cfg(test)]
@@ -135,11 +171,18 @@ mod tests {
 
     #[test]
     fn events_parse_and_print_back() {
-        for text in
-            ["kill-source-agent@postcopy", "stop-source-agent:500@precopy", "switchover-before-pause@switchover"]
-        {
+        for text in [
+            "kill-source-agent@postcopy",
+            "stop-source-agent:500@precopy",
+            "switchover-before-pause@switchover",
+            "link-down:1500@postcopy",
+            "link-loss:30:2000@precopy",
+            "link-loss:100:1@switchover",
+            "link-reset@postcopy",
+        ] {
             let event: ChaosEvent = text.parse().expect(text);
             assert_eq!(event.to_string(), text);
+            assert_eq!(event.kind.needs_two_hosts(), text.starts_with("link-"), "{text}");
         }
         for bad in [
             "kill-source-agent",
@@ -149,6 +192,12 @@ mod tests {
             "kill-source-agent:5@postcopy",
             "switchover-before-pause@postcopy",
             "unplug@postcopy",
+            "link-down@postcopy",
+            "link-loss:30@postcopy",
+            "link-loss:0:100@postcopy",
+            "link-loss:101:100@postcopy",
+            "link-loss:30:soon@postcopy",
+            "link-reset:5@postcopy",
         ] {
             assert!(bad.parse::<ChaosEvent>().is_err(), "{bad} must be refused");
         }

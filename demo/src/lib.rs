@@ -10,7 +10,7 @@
 //!   ([`run_migration`]);
 //! - [`chaos`]: faults injected into a migration (`--chaos KIND@PHASE`);
 //! - [`netns`]: two hosts on one machine (`--two-hosts`): network
-//!   namespaces, the veth link and its rate limit;
+//!   namespaces, the veth link, its rate limit and its faults;
 //! - [`qemu`]: the same with an unmodified QEMU and the VMM shim;
 //! - [`status_watch`]: the target agent's status, polled in the background,
 //!   and the waits both orchestrations build on it;

@@ -54,14 +54,15 @@ struct Args {
     #[arg(long, value_delimiter = ',')]
     touch_after_resume: Vec<u64>,
     /// Faults to inject, KIND@PHASE, comma-separated: kill-source-agent,
-    /// stop-source-agent:MS, impostor-source-agent, switchover-before-pause;
-    /// at precopy, switchover or postcopy (stand-in VMM only). See the
-    /// README's "When things fail".
+    /// stop-source-agent:MS, impostor-source-agent, switchover-before-pause,
+    /// and with --two-hosts link-down:MS, link-loss:PCT:MS, link-reset; at
+    /// precopy, switchover or postcopy (stand-in VMM only). See the README's
+    /// "When things fail".
     #[arg(long, value_delimiter = ',')]
     chaos: Vec<ChaosEvent>,
     /// Two hosts on one machine: the source side and the target side each in
     /// a network namespace of its own, the agents talking over a veth link
-    /// between them (stand-in VMM only; needs root and iproute2).
+    /// between them (stand-in VMM only; needs root, iproute2 and nftables).
     #[arg(long)]
     two_hosts: bool,
     /// Limits the link between the two hosts to N Gbit/s each way (tc tbf;

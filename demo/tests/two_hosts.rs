@@ -1,17 +1,19 @@
 //! Two hosts on one machine (`pageserver-demo --two-hosts`): the source side
 //! and the target side each in a network namespace, the agents talking only
-//! over a veth link between them, and a rate limit on it. After each
-//! migration every byte of the target is compared with the source's memory
-//! at pause, and nothing of the two hosts may be left on the machine.
+//! over a veth link between them; and faults on that link (the link down,
+//! packets lost, connections reset) and a rate limit. After each migration
+//! every byte of the target is compared with the source's memory at pause,
+//! and nothing of the two hosts may be left on the machine.
 //!
-//! Needs root, iproute2 and the workspace's binaries
+//! Needs root, iproute2, nftables and the workspace's binaries
 //! (`scripts/test`).
 
 mod common;
 
 use std::process::Command;
 
-use common::{MIB, assert_every_byte_verified, migrate_then, options};
+use common::{MIB, assert_every_byte_verified, hold_bitmap, migrate_then, options};
+use pageserver_demo::chaos::ChaosEvent;
 use pageserver_demo::netns::NAMESPACE_PREFIX;
 use pageserver_demo::process::WorkDir;
 use pageserver_demo::{MigrationOptions, Report};
@@ -45,6 +47,15 @@ async fn migrate_on_two_hosts(opts: MigrationOptions) -> Report {
     r
 }
 
+/// A migration with one link fault; the final bitmap is held back a while
+/// so that post-copy still fetches from the source when it strikes.
+async fn with_link_fault(event: &str) -> Report {
+    let event: ChaosEvent = event.parse().unwrap_or_else(|why| panic!("{why}"));
+    let r = migrate_on_two_hosts(MigrationOptions { chaos: vec![event], hooks: hold_bitmap(300), ..two_hosts() }).await;
+    assert_eq!(r.chaos.len(), 1, "the event fired: {:?}", r.chaos);
+    r
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_migration_between_two_hosts_verifies_every_byte_and_its_metrics_are_scraped() {
     let dump = WorkDir::create().expect("a directory for the metrics");
@@ -66,6 +77,37 @@ async fn hugetlbfs_a_migration_between_two_hosts_verifies_every_byte() {
     assert_every_byte_verified(&r);
 }
 
+/// The link goes down for longer than the target needs to notice: its
+/// streams break, it reports the source down, reconnects with backoff, and
+/// the migration completes once the link is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_down_during_postcopy_is_seen_survived_and_every_byte_verified() {
+    let r = with_link_fault("link-down:1500@postcopy").await;
+    assert_every_byte_verified(&r);
+    assert_eq!(r.chaos[0].source_down_seen, Some(true), "source_up never false during the outage: {:?}", r.chaos[0]);
+    assert!(r.source_reconnects >= 1, "the target agent never reconnected");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_down_during_precopy_is_survived_and_every_byte_verified() {
+    let r = with_link_fault("link-down:1000@precopy").await;
+    assert_every_byte_verified(&r);
+    assert!(r.chaos[0].source_down_seen.is_some(), "the outage was watched: {:?}", r.chaos[0]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lossy_link_during_postcopy_is_survived_and_every_byte_verified() {
+    let r = with_link_fault("link-loss:30:2000@postcopy").await;
+    assert_every_byte_verified(&r);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_reset_during_postcopy_are_reopened_and_every_byte_verified() {
+    let r = with_link_fault("link-reset@postcopy").await;
+    assert_every_byte_verified(&r);
+    assert!(r.source_reconnects >= 1, "the target agent never reconnected after the reset: {:?}", r.chaos[0]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rate_limited_link_carries_the_migration_and_every_byte_verified() {
     let r = migrate_on_two_hosts(MigrationOptions { link_rate_gbit: Some(1.0), ..two_hosts() }).await;
@@ -77,7 +119,12 @@ async fn a_rate_limited_link_carries_the_migration_and_every_byte_verified() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_link_rate_without_two_hosts_is_refused_before_anything_starts() {
+async fn link_chaos_without_two_hosts_is_refused_before_anything_starts() {
+    let event: ChaosEvent = "link-down:100@postcopy".parse().expect("a link event");
+    let err = pageserver_demo::run_migration(&MigrationOptions { chaos: vec![event], ..options(64 * MIB) })
+        .await
+        .expect_err("refused");
+    assert!(err.to_string().contains("needs --two-hosts"), "{err}");
     let rate = MigrationOptions { link_rate_gbit: Some(1.0), ..options(64 * MIB) };
     let err = pageserver_demo::run_migration(&rate).await.expect_err("refused");
     assert!(err.to_string().contains("needs --two-hosts"), "{err}");

@@ -20,10 +20,11 @@
 //! source's content at pause.
 //!
 //! Chaos events ([`crate::chaos`]) fire at their phase's point in this
-//! sequence (`chaos_run`).
+//! sequence (`chaos_run`; those on the link: `link_chaos`).
 
 mod chaos_run;
 mod hosts;
+mod link_chaos;
 mod options;
 mod waits;
 

@@ -119,6 +119,9 @@ impl MigrationOptions {
     fn validate_network(&self) -> Result<(), MigrationError> {
         let invalid = |why: String| Err(MigrationError::InvalidOptions(why));
         if !self.two_hosts {
+            if let Some(event) = self.chaos.iter().find(|event| event.kind.needs_two_hosts()) {
+                return invalid(format!("chaos {event} acts on the link between two hosts: it needs --two-hosts"));
+            }
             if self.link_rate_gbit.is_some() {
                 return invalid("--link-rate-gbit limits the link between two hosts: it needs --two-hosts".into());
             }

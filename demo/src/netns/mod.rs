@@ -1,10 +1,10 @@
 //! Two hosts on one machine (`pageserver-demo --two-hosts`): the source
 //! side and the target side of a migration each in a network namespace of
-//! its own, joined by a veth pair; the link's rate limit; and sockets the
-//! demo opens inside a namespace.
+//! its own, joined by a veth pair; the link's rate limit; sockets the demo
+//! opens inside a namespace; and packet faults on the link (nftables).
 //!
 //! Everything is set up with the system's tools, as an operator would:
-//! iproute2's `ip` and `tc` (`scripts/setup` installs them).
+//! iproute2's `ip` and `tc`, and `nft` (`scripts/setup` installs them).
 //! Children are started inside a namespace with `ip netns exec`; the demo
 //! itself stays in the root namespace and reaches the agents through sockets
 //! created inside theirs ([`connect`]).
@@ -22,10 +22,12 @@
 #![forbid(unsafe_code)]
 
 mod connect;
+mod nft;
 mod pair;
 mod tool;
 
 pub use connect::{channel_in, connect_in};
+pub use nft::NftTable;
 pub use pair::{NAMESPACE_PREFIX, Side, TwoHosts, link_addresses};
 pub use tool::ToolError;
 

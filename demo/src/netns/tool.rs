@@ -1,5 +1,5 @@
-//! Running `ip` and `tc` to completion, with what they said on stderr in
-//! the error.
+//! Running `ip`, `tc` and `nft` to completion, with what they said on
+//! stderr in the error.
 
 use std::io::Write;
 use std::process::{Command, ExitStatus, Stdio};
@@ -7,7 +7,7 @@ use std::process::{Command, ExitStatus, Stdio};
 /// A tool that could not be run, or failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ToolError {
-    #[error("running `{command}` (scripts/setup installs iproute2): {source}")]
+    #[error("running `{command}` (scripts/setup installs iproute2 and nftables): {source}")]
     Spawn {
         command: String,
         #[source]
@@ -22,7 +22,7 @@ pub fn run(program: &str, args: &[&str]) -> Result<String, ToolError> {
     run_with_input(program, args, None)
 }
 
-/// Runs `program args` with `input` on its stdin.
+/// Runs `program args` with `input` on its stdin (`nft -f -`).
 pub fn run_with_input(program: &str, args: &[&str], input: Option<&str>) -> Result<String, ToolError> {
     let command = std::iter::once(program).chain(args.iter().copied()).collect::<Vec<_>>().join(" ");
     let spawn_error = |source| ToolError::Spawn { command: command.clone(), source };
