@@ -16,6 +16,12 @@
 //! | `kill-source-vmm` | (`switchover`, `postcopy`) SIGKILL the source VMM (it was paused) | the source agent still holds the VM's memory, which can no longer change, and serves it: completes, 0 mismatched |
 //! | `kill-source-side` | (`switchover`, `postcopy`) SIGKILL the source VMM and the source agent: the only copy of the stale pages is gone | the target fails after its `--source-unreachable-timeout`, the guest frozen, having seen no wrong page; the demo exits non-zero |
 //! | `switchover-before-pause` | (`switchover` only) `Switchover` is called before the source VM is paused | the target installs nothing read from the running VM, and fails after its `--pause-timeout` |
+//! | `link-down:MS` | (`--two-hosts`) the link goes down (`ip link set … down` on the target's end) for MS ms, then up | streams break, the target reconnects with backoff, vCPUs wait; completes, 0 mismatched; the target reports `source_up` false during the outage (recorded) |
+//! | `link-loss:PCT:MS` | (`--two-hosts`) PCT% of the TCP packets crossing the link are dropped, each way, for MS ms (nftables) | completes, 0 mismatched |
+//! | `link-reset` | (`--two-hosts`) every established connection to the source agent's port is reset (nftables `reject with tcp reset`) until the target has reconnected, or for at most 3 s | the target reconnects; completes, 0 mismatched |
+//!
+//! The `link-*` kinds act on the link between the two hosts of
+//! `--two-hosts` ([`crate::netns`]) and need it.
 #![forbid(unsafe_code)]
 
 use std::fmt;
@@ -52,18 +58,20 @@ pub enum ChaosKind {
     KillSourceVmm,
     KillSourceSide,
     SwitchoverBeforePause,
+    LinkDown { down: Duration },
+    LinkLoss { percent: u8, lasting: Duration },
+    LinkReset,
 }
 
 impl ChaosKind {
     /// Whether the migration is expected to complete despite the event.
     pub fn survivable(self) -> bool {
-        matches!(
-            self,
-            ChaosKind::KillSourceAgent
-                | ChaosKind::StopSourceAgent { .. }
-                | ChaosKind::KillTargetAgent
-                | ChaosKind::KillSourceVmm
-        )
+        !matches!(self, ChaosKind::ImpostorSourceAgent | ChaosKind::SwitchoverBeforePause | ChaosKind::KillSourceSide)
+    }
+
+    /// Whether it acts on the link between two hosts (`--two-hosts`).
+    pub fn needs_two_hosts(self) -> bool {
+        matches!(self, ChaosKind::LinkDown { .. } | ChaosKind::LinkLoss { .. } | ChaosKind::LinkReset)
     }
 }
 
@@ -84,6 +92,9 @@ impl fmt::Display for ChaosEvent {
             ChaosKind::KillSourceVmm => write!(f, "kill-source-vmm")?,
             ChaosKind::KillSourceSide => write!(f, "kill-source-side")?,
             ChaosKind::SwitchoverBeforePause => write!(f, "switchover-before-pause")?,
+            ChaosKind::LinkDown { down } => write!(f, "link-down:{}", down.as_millis())?,
+            ChaosKind::LinkLoss { percent, lasting } => write!(f, "link-loss:{percent}:{}", lasting.as_millis())?,
+            ChaosKind::LinkReset => write!(f, "link-reset")?,
         }
         write!(f, "@{}", self.phase.name())
     }
@@ -108,6 +119,14 @@ impl FromStr for ChaosEvent {
             let ms = argument.ok_or_else(|| format!("{text:?}: {name} needs :MS"))?;
             ms.parse::<u64>().map(Duration::from_millis).map_err(|_| format!("{text:?}: {ms:?} is not milliseconds"))
         };
+        let percent_and_millis = |argument: Option<&str>| -> Result<(u8, Duration), String> {
+            let (percent, ms) =
+                argument.and_then(|a| a.split_once(':')).ok_or_else(|| format!("{text:?}: {name} needs :PCT:MS"))?;
+            match percent.parse::<u8>() {
+                Ok(percent @ 1..=100) => Ok((percent, millis(Some(ms))?)),
+                _ => Err(format!("{text:?}: {percent:?} is not a percentage from 1 to 100")),
+            }
+        };
         let no_argument = |kind: ChaosKind| match argument {
             None => Ok(kind),
             Some(_) => Err(format!("{text:?}: {name} takes no argument")),
@@ -126,11 +145,17 @@ impl FromStr for ChaosEvent {
                 no_argument(ChaosKind::SwitchoverBeforePause)?
             }
             "switchover-before-pause" => return Err(format!("{text:?}: only @switchover makes sense")),
+            "link-down" => ChaosKind::LinkDown { down: millis(argument)? },
+            "link-loss" => {
+                let (percent, lasting) = percent_and_millis(argument)?;
+                ChaosKind::LinkLoss { percent, lasting }
+            }
+            "link-reset" => no_argument(ChaosKind::LinkReset)?,
             other => {
                 return Err(format!(
                     "{text:?}: unknown kind {other:?} (kill-source-agent, stop-source-agent:MS, \
                      impostor-source-agent, kill-target-agent, kill-source-vmm, kill-source-side, \
-                     switchover-before-pause)"
+                     switchover-before-pause, link-down:MS, link-loss:PCT:MS, link-reset)"
                 ));
             }
         };
@@ -149,6 +174,11 @@ pub struct ChaosRecord {
     pub target_phase: String,
     /// What was done and what recovered from it.
     pub outcome: String,
+    /// For an outage of the link (`link-down`): whether a status poll
+    /// during the outage saw the target agent report its source down
+    /// (`source_up` false).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_down_seen: Option<bool>,
 }
 
 #[cfg(test)]
@@ -157,11 +187,18 @@ mod tests {
 
     #[test]
     fn events_parse_and_print_back() {
-        for text in
-            ["kill-source-agent@postcopy", "stop-source-agent:500@precopy", "switchover-before-pause@switchover"]
-        {
+        for text in [
+            "kill-source-agent@postcopy",
+            "stop-source-agent:500@precopy",
+            "switchover-before-pause@switchover",
+            "link-down:1500@postcopy",
+            "link-loss:30:2000@precopy",
+            "link-loss:100:1@switchover",
+            "link-reset@postcopy",
+        ] {
             let event: ChaosEvent = text.parse().expect(text);
             assert_eq!(event.to_string(), text);
+            assert_eq!(event.kind.needs_two_hosts(), text.starts_with("link-"), "{text}");
         }
         for bad in [
             "kill-source-agent",
@@ -172,6 +209,12 @@ mod tests {
             "switchover-before-pause@postcopy",
             "kill-source-side@precopy",
             "unplug@postcopy",
+            "link-down@postcopy",
+            "link-loss:30@postcopy",
+            "link-loss:0:100@postcopy",
+            "link-loss:101:100@postcopy",
+            "link-loss:30:soon@postcopy",
+            "link-reset:5@postcopy",
         ] {
             assert!(bad.parse::<ChaosEvent>().is_err(), "{bad} must be refused");
         }

@@ -9,6 +9,8 @@
 //!   post-copy, and a byte-for-byte verification of the target's memory
 //!   ([`run_migration`]);
 //! - [`chaos`]: faults injected into a migration (`--chaos KIND@PHASE`);
+//! - [`netns`]: two hosts on one machine (`--two-hosts`): network
+//!   namespaces, the veth link, its rate limit and its faults;
 //! - [`qemu`]: the same with an unmodified QEMU and the VMM shim;
 //! - [`status_watch`]: the target agent's status, polled in the background,
 //!   and the waits both orchestrations build on it;
@@ -22,6 +24,7 @@
 pub use guest_memory::hugepages;
 pub mod chaos;
 pub mod migration;
+pub mod netns;
 pub mod process;
 pub mod progress;
 pub mod qemu;

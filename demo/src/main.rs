@@ -54,11 +54,21 @@ struct Args {
     #[arg(long, value_delimiter = ',')]
     touch_after_resume: Vec<u64>,
     /// Faults to inject, KIND@PHASE, comma-separated: kill-source-agent,
-    /// stop-source-agent:MS, impostor-source-agent, switchover-before-pause;
-    /// at precopy, switchover or postcopy (stand-in VMM only). See the
-    /// README's "When things fail".
+    /// stop-source-agent:MS, impostor-source-agent, switchover-before-pause,
+    /// and with --two-hosts link-down:MS, link-loss:PCT:MS, link-reset; at
+    /// precopy, switchover or postcopy (stand-in VMM only). See the README's
+    /// "When things fail".
     #[arg(long, value_delimiter = ',')]
     chaos: Vec<ChaosEvent>,
+    /// Two hosts on one machine: the source side and the target side each in
+    /// a network namespace of its own, the agents talking over a veth link
+    /// between them (stand-in VMM only; needs root, iproute2 and nftables).
+    #[arg(long)]
+    two_hosts: bool,
+    /// Limits the link between the two hosts to N Gbit/s each way (tc tbf;
+    /// with --two-hosts).
+    #[arg(long, value_name = "N")]
+    link_rate_gbit: Option<f64>,
     /// The target agent's --source-unreachable-timeout (e.g. 10s).
     #[arg(long, value_parser = parse_duration)]
     source_unreachable_timeout: Option<Duration>,
@@ -121,8 +131,8 @@ enum Vmm {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if args.vmm == Vmm::Qemu {
-        if args.metrics_dump.is_some() || !args.chaos.is_empty() {
-            bail!("--metrics-dump and --chaos work with --vmm standin only");
+        if args.metrics_dump.is_some() || !args.chaos.is_empty() || args.two_hosts || args.link_rate_gbit.is_some() {
+            bail!("--metrics-dump, --chaos, --two-hosts and --link-rate-gbit work with --vmm standin only");
         }
         return run_qemu(&args).await;
     }
@@ -141,6 +151,8 @@ async fn main() -> anyhow::Result<()> {
         chaos: args.chaos.clone(),
         source_unreachable_timeout: args.source_unreachable_timeout,
         pause_timeout: args.pause_timeout,
+        two_hosts: args.two_hosts,
+        link_rate_gbit: args.link_rate_gbit,
         ..MigrationOptions::default()
     };
     let report = unless_interrupted(run_migration(&options), "migration failed").await?;

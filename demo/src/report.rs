@@ -123,11 +123,29 @@ pub struct Report {
     pub handoffs: BTreeMap<String, u64>,
 
     /// Where the agents served Prometheus metrics (`http://ADDR/metrics`)
-    /// while the migration ran.
+    /// while the migration ran (with two hosts: inside each agent's
+    /// namespace).
     #[serde(default)]
     pub source_metrics_addr: String,
     #[serde(default)]
     pub target_metrics_addr: String,
+    /// The two hosts, when the migration had them (`--two-hosts`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetworkReport>,
+}
+
+/// The two hosts of a `--two-hosts` migration: their namespaces, their
+/// addresses on the link, and the link's queueing (as `tc` showed it).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct NetworkReport {
+    pub source_namespace: String,
+    pub target_namespace: String,
+    pub source_addr: String,
+    pub target_addr: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link_rate_gbit: Option<f64>,
+    pub source_qdisc: String,
+    pub target_qdisc: String,
 }
 
 impl Report {
@@ -229,6 +247,17 @@ impl fmt::Display for Report {
             writeln!(f, "  fault latency {kind:>8}: p50 {:8.1} µs  p99 {:8.1} µs  max {:8.1} µs", l.p50, l.p99, l.max)?;
         }
         writeln!(f, "guest:      {} accesses, {} pages written", self.guest_accesses, self.guest_pages_written)?;
+        if let Some(net) = &self.network {
+            writeln!(
+                f,
+                "network:    two hosts, source {} ({}) and target {} ({}) over a veth link{}",
+                net.source_namespace,
+                net.source_addr,
+                net.target_namespace,
+                net.target_addr,
+                net.link_rate_gbit.map(|rate| format!(" of {rate} Gbit/s each way")).unwrap_or_default()
+            )?;
+        }
         for record in &self.chaos {
             writeln!(
                 f,

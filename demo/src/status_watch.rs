@@ -153,6 +153,21 @@ impl StatusWatch {
         }
     }
 
+    /// Calls `each` with every status polled during the next `duration`,
+    /// and returns when it has passed (whatever the polls found).
+    pub async fn each_status_for(&self, duration: Duration, mut each: impl FnMut(&MigrationStatus)) {
+        let deadline = tokio::time::Instant::now() + duration;
+        let mut state = self.state.clone();
+        state.mark_unchanged();
+        while let Ok(Ok(())) = tokio::time::timeout_at(deadline, state.changed()).await {
+            if let Some(status) = &state.borrow_and_update().latest {
+                each(status);
+            }
+        }
+        // The poller stopped early: the time still passes.
+        tokio::time::sleep_until(deadline).await;
+    }
+
     /// Runs `step` unless the target agent's migration fails first.
     pub async fn unless_failed<T, E: From<StatusError>>(
         &self,

@@ -34,7 +34,7 @@ pub use exposition::{HistogramSeries, write_histogram};
 pub use http::serve_metrics;
 pub use latency::{LatencyHistogram, LatencySnapshot, LatencySummary};
 pub use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
-pub use scrape::{ScrapeError, scrape};
+pub use scrape::{ScrapeError, scrape, scrape_over};
 
 /// Upper bounds of the Prometheus latency buckets, in nanoseconds: 1 µs to
 /// 1 s in 1-2-5 steps, which spans both a fault resolved at once (a few µs)

@@ -53,15 +53,34 @@ pub async fn scrape(addr: &str) -> Result<String, ScrapeError> {
         .map_err(|_| ScrapeError::Timeout { addr: addr.to_owned(), after: SCRAPE_TIMEOUT })?
 }
 
+/// Fetches `/metrics` over `stream`, a connection already made to `addr`
+/// (by a caller that connects its own way, e.g. from inside another network
+/// namespace).
+pub async fn scrape_over(stream: TcpStream, addr: &str) -> Result<String, ScrapeError> {
+    let request = request(addr)?;
+    tokio::time::timeout(SCRAPE_TIMEOUT, exchange(stream, request, addr))
+        .await
+        .map_err(|_| ScrapeError::Timeout { addr: addr.to_owned(), after: SCRAPE_TIMEOUT })?
+}
+
 async fn fetch(addr: &str) -> Result<String, ScrapeError> {
+    let request = request(addr)?;
+    let stream =
+        TcpStream::connect(addr).await.map_err(|source| ScrapeError::Connect { addr: addr.to_owned(), source })?;
+    exchange(stream, request, addr).await
+}
+
+/// `GET /metrics` for the host `addr`.
+fn request(addr: &str) -> Result<Request<Empty<Bytes>>, ScrapeError> {
     // The path and `Accept` are valid; only `addr`, the `Host`, can fail.
-    let request = Request::get(METRICS_PATH)
+    Request::get(METRICS_PATH)
         .header(HOST, addr)
         .header(ACCEPT, "text/plain")
         .body(Empty::<Bytes>::new())
-        .map_err(|_| ScrapeError::Address { addr: addr.to_owned() })?;
-    let stream =
-        TcpStream::connect(addr).await.map_err(|source| ScrapeError::Connect { addr: addr.to_owned(), source })?;
+        .map_err(|_| ScrapeError::Address { addr: addr.to_owned() })
+}
+
+async fn exchange(stream: TcpStream, request: Request<Empty<Bytes>>, addr: &str) -> Result<String, ScrapeError> {
     let http = |source| ScrapeError::Http { addr: addr.to_owned(), source };
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(http)?;
     // `sender` goes with the exchange: once it is done, the connection ends.

@@ -163,6 +163,18 @@ pub fn check_url(url: &str) -> Result<(), SourceError> {
     Ok(())
 }
 
+/// A connection that has heard nothing from the source for this long while
+/// a call is open is pinged (HTTP/2 PING)...
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_millis(250);
+/// ...and is dead if the ping is not answered within this: its streams
+/// fail, and the caller reconnects (the source is then down, `source_up`
+/// false, until a connection reaches it again). A dead link is noticed
+/// within a second of silence, not when TCP gives up (minutes), so that
+/// vCPUs waiting on a page are not left behind a connection that will
+/// never answer, and the status says that the source is unreachable. A
+/// connection that carries data is never pinged.
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_millis(750);
+
 /// Opens a new HTTP/2 connection to the source (one per traffic class).
 pub async fn connect(url: &str) -> Result<Client, SourceError> {
     let endpoint = Endpoint::from_shared(url.to_string())
@@ -171,8 +183,8 @@ pub async fn connect(url: &str) -> Result<Client, SourceError> {
         .connect_timeout(Duration::from_secs(5))
         .initial_stream_window_size(8 << 20)
         .initial_connection_window_size(16 << 20)
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(20));
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT);
     let channel = endpoint.connect().await.map_err(|source| SourceError::Connect { url: url.to_string(), source })?;
     Ok(PageServerClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)

@@ -11,10 +11,23 @@ use tonic::transport::Channel;
 use vmm_standin::StandinEvent;
 
 use super::waits::{deadline, wait_for};
-use super::{Migration, MigrationError, running, spawn};
+use super::{Migration, MigrationError, running};
 use crate::chaos::{ChaosEvent, ChaosKind, ChaosPhase, ChaosRecord};
 use crate::resources::ProcessResources;
 use crate::status_watch::StatusWatch;
+
+/// What firing an event did.
+pub(super) struct Fired {
+    pub outcome: String,
+    /// See [`ChaosRecord::source_down_seen`].
+    pub source_down_seen: Option<bool>,
+}
+
+impl From<String> for Fired {
+    fn from(outcome: String) -> Self {
+        Self { outcome, source_down_seen: None }
+    }
+}
 
 impl Migration<'_> {
     /// Fires every event of `phase`, in the order given.
@@ -27,12 +40,12 @@ impl Migration<'_> {
                 event: event.to_string(),
                 fired_at_s: self.progress.seconds(),
                 target_phase: self.target_phase_now(watch).await,
-                outcome: String::new(),
+                ..ChaosRecord::default()
             };
             self.progress.say(format!("CHAOS {event} (target agent in phase {})", record.target_phase));
-            let outcome = self.fire(event).await?;
+            let Fired { outcome, source_down_seen } = self.fire(event, watch).await?;
             self.progress.say(format!("CHAOS {event}: {outcome}"));
-            self.report.chaos.push(ChaosRecord { outcome, ..record });
+            self.report.chaos.push(ChaosRecord { outcome, source_down_seen, ..record });
         }
         Ok(())
     }
@@ -64,26 +77,26 @@ impl Migration<'_> {
         }
     }
 
-    async fn fire(&mut self, event: ChaosEvent) -> Result<String, MigrationError> {
+    async fn fire(&mut self, event: ChaosEvent, watch: &StatusWatch) -> Result<Fired, MigrationError> {
         let failed = |why: String| MigrationError::Chaos { event: event.to_string(), why };
-        match event.kind {
+        let outcome = match event.kind {
             ChaosKind::KillSourceAgent => {
                 running(&mut self.children.source_agent, "source agent")?.kill().await;
                 let started = Instant::now();
                 self.start_source_agent_again(None).await?;
                 let handoffs = self.wait_for_source_handoff().await?;
-                Ok(format!(
+                format!(
                     "SIGKILLed the source agent; a new one took the VM's memory over (hand-off {handoffs}) {:.0} ms \
                      later",
                     started.elapsed().as_secs_f64() * 1e3
-                ))
+                )
             }
             ChaosKind::StopSourceAgent { stopped } => {
                 let agent = running(&mut self.children.source_agent, "source agent")?;
                 agent.signal(Signal::STOP)?;
                 tokio::time::sleep(stopped).await;
                 agent.signal(Signal::CONT)?;
-                Ok(format!("SIGSTOPped the source agent for {} ms, then SIGCONT", stopped.as_millis()))
+                format!("SIGSTOPped the source agent for {} ms, then SIGCONT", stopped.as_millis())
             }
             ChaosKind::ImpostorSourceAgent => {
                 running(&mut self.children.source_agent, "source agent")?.kill().await;
@@ -92,17 +105,17 @@ impl Migration<'_> {
                     std::fs::File::create(&other_vm).map_err(|e| failed(format!("creating {other_vm:?}: {e}")))?;
                 file.set_len(self.opts.memory_bytes).map_err(|e| failed(format!("sizing {other_vm:?}: {e}")))?;
                 self.start_source_agent_again(Some(other_vm)).await?;
-                Ok("SIGKILLed the source agent; another VM's memory (same name, same layout) is served on its \
-                    address: the target must refuse it"
-                    .to_owned())
+                "SIGKILLed the source agent; another VM's memory (same name, same layout) is served on its \
+                 address: the target must refuse it"
+                    .to_owned()
             }
             ChaosKind::KillTargetAgent => {
                 running(&mut self.children.target_agent, "target agent")?.kill().await;
                 let started = Instant::now();
                 let name = format!("target-agent-{}", self.report.chaos.len() + 2);
                 let args = self.target_agent_args.clone();
-                let agent =
-                    self.children.target_agent.insert(spawn(&name, &self.binaries.target_agent, &args, self.work)?);
+                let agent = self.target_host.spawn(&name, &self.binaries.target_agent, &args, self.work)?;
+                let agent = self.children.target_agent.insert(agent);
                 agent.wait_listening(deadline(self.opts.phase_timeout)).await?;
                 let vm = running(&mut self.children.target_vm, "target VM")?;
                 let handoffs = wait_for(vm, "handed-off", deadline(self.opts.phase_timeout), |e| match e {
@@ -111,29 +124,33 @@ impl Migration<'_> {
                 })
                 .await?;
                 self.report.handoffs.insert("target".to_owned(), u64::from(handoffs));
-                Ok(format!(
+                format!(
                     "SIGKILLed the target agent; a new one took the guest's memory over (hand-off {handoffs}) {:.0} \
                      ms later",
                     started.elapsed().as_secs_f64() * 1e3
-                ))
+                )
             }
             ChaosKind::KillSourceVmm => {
                 // The snapshot the verification compares with is the VMM's.
                 self.wait_for_snapshot().await?;
                 running(&mut self.children.source_vm, "source VM")?.kill().await;
-                Ok("SIGKILLed the paused source VMM; its agent keeps the VM's memory, which can no longer change"
-                    .to_owned())
+                "SIGKILLed the paused source VMM; its agent keeps the VM's memory, which can no longer change"
+                    .to_owned()
             }
             ChaosKind::KillSourceSide => {
                 self.wait_for_snapshot().await?;
                 running(&mut self.children.source_vm, "source VM")?.kill().await;
                 running(&mut self.children.source_agent, "source agent")?.kill().await;
-                Ok("SIGKILLed the source VMM and the source agent: the stale pages are gone; the target must fail \
-                    and freeze the guest"
-                    .to_owned())
+                "SIGKILLed the source VMM and the source agent: the stale pages are gone; the target must fail and \
+                 freeze the guest"
+                    .to_owned()
             }
-            ChaosKind::SwitchoverBeforePause => Ok("Switchover was called before the source VM paused".to_owned()),
-        }
+            ChaosKind::SwitchoverBeforePause => "Switchover was called before the source VM paused".to_owned(),
+            ChaosKind::LinkDown { down } => return self.link_down(watch, down).await,
+            ChaosKind::LinkLoss { percent, lasting } => self.link_loss(watch, percent, lasting).await?,
+            ChaosKind::LinkReset => self.link_reset(watch).await?,
+        };
+        Ok(outcome.into())
     }
 
     /// Starts a source agent on the address and socket of the first one:
@@ -150,7 +167,8 @@ impl Migration<'_> {
             ]),
         }
         let name = format!("source-agent-{}", self.report.chaos.len() + 2);
-        let agent = self.children.source_agent.insert(spawn(&name, &self.binaries.source_agent, &args, self.work)?);
+        let agent = self.source_host.spawn(&name, &self.binaries.source_agent, &args, self.work)?;
+        let agent = self.children.source_agent.insert(agent);
         agent.wait_listening(deadline(self.opts.phase_timeout)).await?;
         Ok(())
     }

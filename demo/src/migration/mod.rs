@@ -1,7 +1,9 @@
 //! One whole migration on this machine: the source agent, the source VMM
 //! stand-in, the target agent and the target VMM stand-in as separate
 //! processes talking over 127.0.0.1 and Unix sockets in a fresh directory
-//! under /dev/shm.
+//! under /dev/shm. With `two_hosts`, the source side and the target side
+//! are each in a network namespace of their own, and the agents talk over
+//! the veth link between them (`hosts`, [`crate::netns`]).
 //!
 //! Sequence: both agents and both VMs start; pre-copy runs until the target
 //! agent reports "precopy-converged"; optional writes on the source; the
@@ -18,19 +20,20 @@
 //! source's content at pause.
 //!
 //! Chaos events ([`crate::chaos`]) fire at their phase's point in this
-//! sequence (`chaos_run`).
+//! sequence (`chaos_run`; those on the link: `link_chaos`).
 
 mod chaos_run;
+mod hosts;
+mod link_chaos;
 mod options;
 mod waits;
 
-use std::ffi::OsStr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use pageserver_proto::v1::migration_target_client::MigrationTargetClient;
 use pageserver_proto::v1::{GetStatusRequest, MigrationPhase, MigrationStatus, SwitchoverRequest};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
@@ -39,15 +42,18 @@ pub use options::{MigrationError, MigrationOptions};
 use vmm_standin::StandinEvent;
 
 use crate::chaos::ChaosPhase;
-use crate::process::{AgentAddrs, Binaries, ChildProcess, ProcessError, WorkDir};
+use crate::netns::TwoHosts;
+use crate::process::{AgentAddrs, Binaries, ChildProcess, WorkDir};
 use crate::progress::Progress;
 use crate::report::Report;
 use crate::status_watch::{Failure, StatusError, StatusWatch};
+use hosts::Host;
 use waits::{deadline, wait_for};
 
 /// Runs one migration and returns what it measured. A report whose
 /// verification failed is still `Ok`: see [`Report::verification_passed`].
-/// Every child is killed and the work directory removed, also on error.
+/// Every child is killed and the work directory (and the two hosts'
+/// namespaces) removed, also on error.
 pub async fn run_migration(opts: &MigrationOptions) -> Result<Report, MigrationError> {
     opts.validate()?;
     // Source and target guests, each its own huge pages (+ slack).
@@ -61,11 +67,24 @@ pub async fn run_migration(opts: &MigrationOptions) -> Result<Report, MigrationE
     };
     let binaries = Binaries::locate()?;
     let work = WorkDir::create().map_err(MigrationError::WorkDir)?;
+    // Declared before the migration: removed after its children are gone.
+    let network = if opts.two_hosts {
+        Some(TwoHosts::create(opts.link_rate_bits()).map_err(MigrationError::Network)?)
+    } else {
+        None
+    };
+    let (source_host, target_host) = match &network {
+        Some(hosts) => (Host::Namespace(hosts.source.clone()), Host::Namespace(hosts.target.clone())),
+        None => (Host::Local, Host::Local),
+    };
     let mut migration = Migration {
         opts,
         binaries,
         work: work.path(),
         progress: Progress::start(opts.quiet),
+        network: network.as_ref(),
+        source_host,
+        target_host,
         children: Children::default(),
         target_channel: None,
         source_agent_args: Vec::new(),
@@ -142,19 +161,10 @@ fn running<'a>(slot: &'a mut Option<ChildProcess>, what: &'static str) -> Result
     slot.as_mut().ok_or(MigrationError::NotStarted(what))
 }
 
-fn spawn(name: &str, program: &Path, args: &[impl AsRef<OsStr>], work: &Path) -> Result<ChildProcess, ProcessError> {
-    ChildProcess::spawn(name, program, args, work)
-}
-
 /// The target agent's status, now.
 async fn get_status(client: &mut MigrationTargetClient<Channel>) -> Result<MigrationStatus, MigrationError> {
     let reply = client.get_status(GetStatusRequest {}).await;
     Ok(reply.map_err(|status| MigrationError::Rpc { call: "GetStatus", status: Box::new(status) })?.into_inner())
-}
-
-async fn connect(addr: &str) -> Result<Channel, MigrationError> {
-    let error = |source| MigrationError::Connect { addr: addr.to_owned(), source };
-    Endpoint::from_shared(format!("http://{addr}")).map_err(error)?.connect().await.map_err(error)
 }
 
 /// One migration in progress.
@@ -163,6 +173,10 @@ struct Migration<'a> {
     binaries: Binaries,
     work: &'a Path,
     progress: Progress,
+    /// The two hosts' namespaces and link (`two_hosts`).
+    network: Option<&'a TwoHosts>,
+    source_host: Host,
+    target_host: Host,
     children: Children,
     report: Report,
     /// The connection to the target agent (its status, and its health).
@@ -183,6 +197,7 @@ struct Migration<'a> {
 
 impl Migration<'_> {
     async fn execute(&mut self) -> Result<(), MigrationError> {
+        self.describe_network()?;
         let source_addr = self.start_source().await?;
         let client = self.start_target(&source_addr).await?;
         let watch = StatusWatch::start(client.clone());
@@ -321,11 +336,11 @@ impl Migration<'_> {
     async fn dump_metrics(&mut self) -> Result<(), MigrationError> {
         let Some(dir) = &self.opts.metrics_dump else { return Ok(()) };
         std::fs::create_dir_all(dir).map_err(|source| MigrationError::MetricsDump { path: dir.clone(), source })?;
-        for (agent, addr) in
-            [("source", &self.report.source_metrics_addr), ("target", &self.report.target_metrics_addr)]
-        {
-            let text =
-                pageserver_metrics::scrape(addr).await.map_err(|source| MigrationError::Scrape { agent, source })?;
+        for (agent, addr, host) in [
+            ("source", &self.report.source_metrics_addr, &self.source_host),
+            ("target", &self.report.target_metrics_addr, &self.target_host),
+        ] {
+            let text = host.scrape(agent, addr).await?;
             let path = dir.join(format!("{agent}.prom"));
             std::fs::write(&path, text).map_err(|source| MigrationError::MetricsDump { path, source })?;
         }
@@ -364,21 +379,28 @@ impl Migration<'_> {
         let socket = self.path("source.sock");
         self.source_agent_args = vec![format!("--handoff-socket={socket}"), format!("--vm={}", self.opts.vm_name)];
         let mut args = self.source_agent_args.clone();
-        args.extend(["--listen=127.0.0.1:0".to_owned(), format!("--metrics-listen={}", self.opts.metrics_listen.0)]);
-        let agent =
-            self.children.source_agent.insert(spawn("source-agent", &self.binaries.source_agent, &args, self.work)?);
+        args.extend([
+            format!("--listen={}", self.source_host.on_link()),
+            format!("--metrics-listen={}", self.opts.metrics_listen.0),
+        ]);
+        let agent = self.source_host.spawn("source-agent", &self.binaries.source_agent, &args, self.work)?;
+        let agent = self.children.source_agent.insert(agent);
         let addrs = agent.wait_listening(deadline(self.opts.phase_timeout)).await?;
         self.source_addrs = Some(addrs.clone());
-        self.progress
-            .say(format!("source agent serving on {} (metrics: http://{}/metrics)", addrs.grpc, addrs.metrics));
+        self.progress.say(format!(
+            "source agent serving on {} (metrics: http://{}/metrics){}",
+            addrs.grpc,
+            addrs.metrics,
+            self.source_host.in_namespace()
+        ));
         self.report.source_metrics_addr = addrs.metrics;
         let addr = addrs.grpc;
 
         let mut args = self.vm_args("source", &socket);
         args.push(format!("--dirty-rate={}", self.opts.dirty_rate));
         args.push(format!("--snapshot={}", self.path("snapshot")));
-        let vm =
-            self.children.source_vm.insert(spawn("vmm-standin-source", &self.binaries.vmm_standin, &args, self.work)?);
+        let vm = self.source_host.spawn("vmm-standin-source", &self.binaries.vmm_standin, &args, self.work)?;
+        let vm = self.children.source_vm.insert(vm);
         let (page_size, total_pages, zero_pages) =
             wait_for(vm, "ready", deadline(self.opts.phase_timeout), |e| match e {
                 StandinEvent::Ready { page_size, total_pages, zero_pages, .. } => {
@@ -402,7 +424,7 @@ impl Migration<'_> {
     async fn start_target(&mut self, source_addr: &str) -> Result<MigrationTargetClient<Channel>, MigrationError> {
         let socket = self.path("target.sock");
         let mut args = vec![
-            "--listen=127.0.0.1:0".to_owned(),
+            format!("--listen={}", hosts::LOOPBACK),
             format!("--metrics-listen={}", self.opts.metrics_listen.1),
             format!("--source=http://{source_addr}"),
             format!("--handoff-socket={socket}"),
@@ -416,24 +438,28 @@ impl Migration<'_> {
             args.push(format!("--pause-timeout={}ms", timeout.as_millis()));
         }
         args.extend(self.opts.hooks.args());
-        let agent =
-            self.children.target_agent.insert(spawn("target-agent", &self.binaries.target_agent, &args, self.work)?);
+        let agent = self.target_host.spawn("target-agent", &self.binaries.target_agent, &args, self.work)?;
+        let agent = self.children.target_agent.insert(agent);
         let addrs = agent.wait_listening(deadline(self.opts.phase_timeout)).await?;
         args.retain(|arg| !arg.starts_with("--listen=") && !arg.starts_with("--metrics-listen="));
         args.extend([format!("--listen={}", addrs.grpc), format!("--metrics-listen={}", addrs.metrics)]);
         self.target_agent_args = args;
-        let channel = connect(&addrs.grpc).await?;
+        let channel = self.target_host.channel(&addrs.grpc).await?;
         self.target_channel = Some(channel.clone());
         let client = MigrationTargetClient::new(channel);
-        self.progress
-            .say(format!("target agent serving on {} (metrics: http://{}/metrics)", addrs.grpc, addrs.metrics));
+        self.progress.say(format!(
+            "target agent serving on {} (metrics: http://{}/metrics){}",
+            addrs.grpc,
+            addrs.metrics,
+            self.target_host.in_namespace()
+        ));
         self.report.target_metrics_addr = addrs.metrics;
 
         let mut args = self.vm_args("target", &socket);
         args.push(format!("--run-ms={}", self.opts.run_ms));
         args.push(format!("--max-written-pages={}", self.opts.max_written_pages));
-        let vm =
-            self.children.target_vm.insert(spawn("vmm-standin-target", &self.binaries.vmm_standin, &args, self.work)?);
+        let vm = self.target_host.spawn("vmm-standin-target", &self.binaries.vmm_standin, &args, self.work)?;
+        let vm = self.children.target_vm.insert(vm);
         wait_for(vm, "ready", deadline(self.opts.phase_timeout), |e| {
             matches!(e, StandinEvent::Ready { .. }).then_some(())
         })

@@ -7,6 +7,7 @@ use guest_memory::hugepages::HugePageError;
 use pageserver_metrics::ScrapeError;
 
 use crate::chaos::{ChaosEvent, ChaosKind, ChaosPhase};
+use crate::netns::NetError;
 use crate::process::ProcessError;
 use crate::status_watch::StatusError;
 use crate::test_hooks::AgentTestHooks;
@@ -55,6 +56,11 @@ pub struct MigrationOptions {
     pub source_unreachable_timeout: Option<Duration>,
     /// The target agent's `--pause-timeout` (its default if unset).
     pub pause_timeout: Option<Duration>,
+    /// Two hosts on one machine: the source side and the target side each
+    /// in a network namespace, joined by a veth link ([`crate::netns`]).
+    pub two_hosts: bool,
+    /// The link's rate in Gbit/s, each way (`two_hosts` only).
+    pub link_rate_gbit: Option<f64>,
 }
 
 impl Default for MigrationOptions {
@@ -80,6 +86,8 @@ impl Default for MigrationOptions {
             chaos: Vec::new(),
             source_unreachable_timeout: None,
             pause_timeout: None,
+            two_hosts: false,
+            link_rate_gbit: None,
         }
     }
 }
@@ -113,7 +121,41 @@ impl MigrationOptions {
                 "page {page} is beyond the guest's {total_pages} pages"
             )));
         }
+        self.validate_network()
+    }
+
+    /// What needs two hosts has them; with two hosts, nothing is reachable
+    /// from the link but the source agent's gRPC.
+    fn validate_network(&self) -> Result<(), MigrationError> {
+        let invalid = |why: String| Err(MigrationError::InvalidOptions(why));
+        if !self.two_hosts {
+            if let Some(event) = self.chaos.iter().find(|event| event.kind.needs_two_hosts()) {
+                return invalid(format!("chaos {event} acts on the link between two hosts: it needs --two-hosts"));
+            }
+            if self.link_rate_gbit.is_some() {
+                return invalid("--link-rate-gbit limits the link between two hosts: it needs --two-hosts".into());
+            }
+            return Ok(());
+        }
+        if let Some(rate) = self.link_rate_gbit
+            && !(rate.is_finite() && rate * 1e9 >= 1.0e3)
+        {
+            return invalid(format!("link rate {rate} Gbit/s: give a positive rate of at least 1 kbit/s"));
+        }
+        for addr in [&self.metrics_listen.0, &self.metrics_listen.1] {
+            if !addr.parse::<std::net::SocketAddr>().is_ok_and(|a| a.ip().is_loopback()) {
+                return invalid(format!(
+                    "metrics address {addr}: with two hosts the agents serve metrics on loopback only, inside \
+                     their namespaces"
+                ));
+            }
+        }
         Ok(())
+    }
+
+    /// The link's rate in bits per second, if limited.
+    pub fn link_rate_bits(&self) -> Option<u64> {
+        self.link_rate_gbit.map(|gbit| (gbit * 1e9).round() as u64)
     }
 
     /// The chaos events that fire in `phase`.
@@ -158,6 +200,10 @@ pub enum MigrationError {
         #[source]
         source: ScrapeError,
     },
+    #[error("an agent listens on {0:?}, which is not an IP address and port")]
+    AgentAddress(String),
+    #[error("the two hosts: {0}")]
+    Network(#[source] NetError),
     #[error("writing the metrics dump {path}: {source}", path = path.display())]
     MetricsDump {
         path: PathBuf,

@@ -16,8 +16,16 @@ pub fn options(memory_bytes: u64) -> MigrationOptions {
 }
 
 pub async fn migrate(opts: MigrationOptions) -> Report {
+    migrate_then(opts, || ()).await
+}
+
+/// Like [`migrate`], then `after` before the next migration may start (a
+/// check of what the migration left on the machine).
+pub async fn migrate_then(opts: MigrationOptions, after: impl FnOnce()) -> Report {
     let one = one_at_a_time().await;
-    migrate_alone(&one, opts).await
+    let report = migrate_alone(&one, opts).await;
+    after();
+    report
 }
 
 /// The right to run migrations alone, for a test that runs several and

@@ -1,0 +1,73 @@
+//! Sockets the demo, in the root namespace, opens inside another: a thread
+//! of its own enters the namespace (`setns`), creates and connects the
+//! socket, and ends; the socket stays in the namespace it was created in,
+//! and tokio drives it from any thread. Never a runtime thread: a thread
+//! that entered a namespace would make every later socket of its tasks
+//! there.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::AsFd;
+use std::path::Path;
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use rustix::thread::{LinkNameSpaceType, move_into_link_name_space};
+use tokio::net::TcpStream;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+use super::{NetError, Side};
+
+/// Longest wait for a TCP connection inside a namespace.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Which step failed on the connecting thread.
+enum Failed {
+    Enter(io::Error),
+    Connect(io::Error),
+}
+
+/// A TCP connection to `addr` made inside `side`'s namespace.
+pub async fn connect_in(side: &Side, addr: SocketAddr) -> Result<TcpStream, NetError> {
+    let enter_error = |source| NetError::Enter { namespace: side.namespace.clone(), source };
+    let connect_error = |source| NetError::Connect { namespace: side.namespace.clone(), addr, source };
+    let path = side.namespace_path();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("netns-connect".to_owned())
+        .spawn(move || {
+            // The receiver is gone only if the caller was dropped.
+            let _ = tx.send(connect_from_inside(&path, addr));
+        })
+        .map_err(enter_error)?;
+    let stream = match rx.await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(Failed::Enter(source))) => return Err(enter_error(source)),
+        Ok(Err(Failed::Connect(source))) => return Err(connect_error(source)),
+        Err(_) => return Err(enter_error(io::Error::other("the connecting thread died"))),
+    };
+    TcpStream::from_std(stream).map_err(connect_error)
+}
+
+/// On a thread of its own, which it leaves in the namespace at `path`.
+fn connect_from_inside(path: &Path, addr: SocketAddr) -> Result<std::net::TcpStream, Failed> {
+    let namespace = std::fs::File::open(path).map_err(Failed::Enter)?;
+    move_into_link_name_space(namespace.as_fd(), Some(LinkNameSpaceType::Network))
+        .map_err(|e| Failed::Enter(e.into()))?;
+    let stream = std::net::TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT).map_err(Failed::Connect)?;
+    stream.set_nodelay(true).and_then(|()| stream.set_nonblocking(true)).map_err(Failed::Connect)?;
+    Ok(stream)
+}
+
+/// A gRPC channel to `addr` inside `side`'s namespace: each connection
+/// tonic makes (the first and every reconnection) is [`connect_in`]'s.
+pub async fn channel_in(side: &Side, addr: SocketAddr) -> Result<Channel, NetError> {
+    let channel_error = |source| NetError::Channel { namespace: side.namespace.clone(), addr, source };
+    let endpoint = Endpoint::from_shared(format!("http://{addr}")).map_err(channel_error)?;
+    let side = side.clone();
+    let connector = tower::service_fn(move |_: Uri| {
+        let side = side.clone();
+        async move { connect_in(&side, addr).await.map(TokioIo::new) }
+    });
+    endpoint.connect_with_connector(connector).await.map_err(channel_error)
+}
