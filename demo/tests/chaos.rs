@@ -133,6 +133,9 @@ async fn an_impostor_source_agent_is_refused_and_nothing_it_sends_is_installed()
         chaos: chaos("impostor-source-agent@postcopy"),
         source_unreachable_timeout: Some(Duration::from_secs(3)),
         dirty_rate: 20_000,
+        // The final bitmap comes after the impostor: the target still needs
+        // the source when it arrives.
+        hooks: hold_bitmap(2_000),
         ..options(64 * MIB)
     })
     .await;
@@ -143,8 +146,9 @@ async fn an_impostor_source_agent_is_refused_and_nothing_it_sends_is_installed()
     assert_eq!(r.target_health, "NOT_SERVING");
     assert_eq!(r.target_agent_exit_code, Some(1));
     assert!(r.source_replies_refused > 0, "the impostor's replies were refused");
+    // Every page the frozen guest can see is compared (how many depends on
+    // when the impostor came); without the fence, its pages are among them.
     assert_eq!(r.mismatched_pages, 0, "a page of the impostor reached the guest: {:?}", r.first_mismatches);
-    assert!(r.verified_pages > 0, "the pages installed before the impostor came are compared");
 }
 
 /// Switchover declared while the source VM still runs: nothing read from
@@ -182,6 +186,8 @@ async fn the_whole_source_side_killed_fails_within_the_deadline_and_freezes_the_
         chaos: chaos("kill-source-side@postcopy"),
         source_unreachable_timeout: Some(Duration::from_secs(3)),
         dirty_rate: 20_000,
+        // The final bitmap is still to come when the source side dies.
+        hooks: hold_bitmap(2_000),
         ..options(64 * MIB)
     })
     .await;

@@ -202,7 +202,12 @@ pub fn send_handoff(stream: &UnixStream, message: &HandoffMessage, fds: &[Borrow
     let mut reply = Vec::new();
     let mut byte = [0u8; 1];
     loop {
-        match (&*stream).read(&mut byte).map_err(io("reading hand-off reply"))? {
+        let read = match (&*stream).read(&mut byte) {
+            // A signal (QEMU takes many) is not an answer: read on.
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            read => read.map_err(io("reading hand-off reply"))?,
+        };
+        match read {
             0 if reply.is_empty() => return Err(HandoffError::Closed),
             0 => break,
             _ if byte[0] == b'\n' => break,
