@@ -258,6 +258,16 @@ impl Userfaultfd {
             .map_err(|e| UffdError::from_crate("UFFDIO_REGISTER", addr, len, e))
     }
 
+    /// UFFDIO_UNREGISTER of [addr, addr+len) of the registering process
+    /// (the VMM's address space for a handed-off uffd): from then on the
+    /// kernel resolves faults there itself, as if nothing was registered,
+    /// and the threads waiting on faults in the range are woken to retry.
+    pub fn unregister(&self, addr: u64, len: u64) -> Result<(), UffdError> {
+        self.inner
+            .unregister(addr as *mut libc::c_void, len as usize)
+            .map_err(|e| UffdError::from_crate("UFFDIO_UNREGISTER", addr, len, e))
+    }
+
     /// UFFDIO_CONTINUE: maps the page-cache pages of [addr, addr+len) and
     /// wakes threads waiting on them (unless `wake` is false). Returns the
     /// bytes mapped, which is less than `len` when the kernel stopped early:
