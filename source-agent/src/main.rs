@@ -5,18 +5,22 @@
 //! are bound the agent prints one line to stdout,
 //! `{"event":"listening","grpc":"ADDR","metrics":"ADDR"}`; logs go to stderr
 //! (`RUST_LOG`, default `info`). Prometheus metrics are served on
-//! `http://METRICS_ADDR/metrics` ([`source_agent::metrics`]). SIGTERM or
-//! SIGINT shut it down gracefully.
+//! `http://METRICS_ADDR/metrics` ([`source_agent::metrics`]).
+//!
+//! SIGTERM or SIGINT stop it within `--shutdown-grace` (plus a second to
+//! close its connections), whatever its clients do: see
+//! [`source_agent::drain`].
 #![forbid(unsafe_code)]
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{ArgGroup, Parser};
-use pageserver_agent_shell::{AgentShell, exit_code};
-use source_agent::{HandoffListener, SourceAgent, SourceMemory, listen_for_handoff, serve};
+use pageserver_agent_shell::{AgentShell, exit_code, parse_duration, shutdown_signal};
+use source_agent::{HandoffListener, SourceAgent, SourceMemory, listen_for_handoff, serve_with_grace};
 
 #[derive(Debug, Parser)]
 #[command(version, about = "Serves one VM's memory and dirty bitmaps to a post-copy migration target")]
@@ -40,6 +44,10 @@ struct Cli {
     /// Prometheus metrics listen address, served at /metrics (port 0 picks a free port).
     #[arg(long, env = "PAGESERVER_METRICS_LISTEN", default_value = "127.0.0.1:9464")]
     metrics_listen: String,
+    /// On SIGTERM or SIGINT, how long the calls and GetPages streams under
+    /// way may go on before they are cut (e.g. 10s, 500ms).
+    #[arg(long, env = "PAGESERVER_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
+    shutdown_grace: Duration,
 }
 
 /// The agent with its memory, or waiting on its hand-off socket (served as
@@ -72,6 +80,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let (agent, _handoff_listener) = agent(&cli)?;
     let metrics = source_agent::metrics::install(agent.clone()).context("setting up metrics")?;
     let shell = AgentShell::bind(&cli.listen, &cli.metrics_listen).await?;
-    shell.run(metrics, |listener, shutdown| serve(listener, agent, shutdown)).await?;
+    let grace = cli.shutdown_grace;
+    shell
+        .run_until(metrics, shutdown_signal(), |listener, shutdown| serve_with_grace(listener, agent, shutdown, grace))
+        .await?;
     Ok(())
 }
