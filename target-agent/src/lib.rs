@@ -21,6 +21,8 @@
 //!   [`fence`]: only this migration's source, only while it is paused;
 //! - [`agent`]: the migration's phases, supervising the fault loop;
 //!   [`phase`]: the phase and the failure;
+//! - [`handoff`]: the hand-off socket, bound at start and kept for the
+//!   agent's life;
 //! - [`service`]: the gRPC server (status, switchover, health, reflection);
 //! - [`stats`]: what the agent counts; [`metrics`]: its Prometheus metrics;
 //! - [`test_hooks`]: misbehaviour on purpose, only with the `test-hooks`
@@ -32,6 +34,7 @@ pub mod demand;
 pub mod fault_loop;
 pub mod fence;
 pub mod guest;
+pub mod handoff;
 pub mod install_gate;
 pub mod metrics;
 pub mod page_state;

@@ -1,5 +1,11 @@
 //! `target-agent`: see the crate docs.
 //!
+//! Bad configuration fails at start, before anything is listening: the
+//! source URL, the flags' values, the hand-off socket (bound then: a path
+//! that is not a socket, or a socket another agent listens on, is refused).
+//! With `PAGESERVER_DIE_WITH_PARENT=PID` it dies with the process that
+//! started it ([`pageserver_parent_death`]).
+//!
 //! Once the gRPC and metrics listeners are bound the agent prints one line to
 //! stdout, `{"event":"listening","grpc":"ADDR","metrics":"ADDR"}`; logs go to
 //! stderr (`RUST_LOG`, default `info`). Prometheus metrics are served on
@@ -40,8 +46,9 @@ struct Args {
     /// Prometheus metrics listen address, served at /metrics (port 0 picks a free port).
     #[arg(long, env = "PAGESERVER_METRICS_LISTEN", default_value = "127.0.0.1:9465")]
     metrics_listen: String,
-    /// Most pre-copy rounds before waiting for switchover.
-    #[arg(long, env = "PAGESERVER_MAX_PRECOPY_ROUNDS", default_value_t = 8)]
+    /// Most pre-copy rounds before waiting for switchover (at least 1).
+    #[arg(long, env = "PAGESERVER_MAX_PRECOPY_ROUNDS", default_value_t = 8,
+          value_parser = clap::value_parser!(u32).range(1..))]
     max_precopy_rounds: u32,
     /// How long the migration waits for an unreachable source agent (or for
     /// the right one while another answers on its address) before it fails,
@@ -63,6 +70,7 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
+    pageserver_parent_death::die_with_parent()?;
     // Bad configuration fails now, not after the VMM's hand-off.
     target_agent::source::check_url(&args.source)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
@@ -76,6 +84,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             pause_timeout: args.pause_timeout,
             hooks: args.hooks,
         });
+        agent.handoff.bind().context("binding the hand-off socket (--handoff-socket)")?;
         let metrics = target_agent::metrics::install(agent.clone()).context("setting up metrics")?;
         let shell = AgentShell::bind(&args.listen, &args.metrics_listen).await?;
         tokio::spawn(agent.clone().run());
