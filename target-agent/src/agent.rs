@@ -160,7 +160,18 @@ impl TargetAgent {
             _ => {}
         }
         self.switchover.send_if_modified(|requested| !std::mem::replace(requested, true));
-        Ok(self.phase.get().max(Phase::Postcopy))
+        // A stop that abandoned the migration meanwhile wins: it decided
+        // under the phase's lock, before this request was seen
+        // (`crate::shutdown`).
+        match self.phase.get() {
+            Phase::Failed => Err("the migration has failed (see GetStatus)"),
+            phase => Ok(phase.max(Phase::Postcopy)),
+        }
+    }
+
+    /// Whether `Switchover` has been called.
+    pub fn switchover_requested(&self) -> bool {
+        *self.switchover.borrow()
     }
 
     /// Runs the migration to its end, and then for as long as the fault loop

@@ -23,6 +23,7 @@
 //!   [`phase`]: the phase and the failure;
 //! - [`handoff`]: the hand-off socket, bound at start and kept for the
 //!   agent's life;
+//! - [`shutdown`]: what a stop (SIGTERM) means in each phase;
 //! - [`service`]: the gRPC server (status, switchover, health, reflection);
 //! - [`stats`]: what the agent counts; [`metrics`]: its Prometheus metrics;
 //! - [`test_hooks`]: misbehaviour on purpose, only with the `test-hooks`
@@ -41,6 +42,7 @@ pub mod page_state;
 pub mod phase;
 pub mod retry;
 pub mod service;
+pub mod shutdown;
 pub mod source;
 pub mod stats;
 mod sys;

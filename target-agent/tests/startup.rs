@@ -69,6 +69,7 @@ fn bad_flags_are_refused_at_start() {
     );
     assert_refused(&run(&["--source", "ftp://host:1", "--handoff-socket", &socket]), 1, "only http is supported");
     assert_refused(&with(&["--max-precopy-rounds", "0"]), 2, "invalid value '0' for '--max-precopy-rounds");
+    assert_refused(&with(&["--shutdown-grace", "soon"]), 2, "invalid value 'soon' for '--shutdown-grace");
     assert_refused(&with(&["--source-unreachable-timeout=-1s"]), 2, "--source-unreachable-timeout");
     assert_refused(&with(&["--listen", "nowhere"]), 1, "binding the gRPC listener nowhere");
     assert_refused(&with(&["--metrics-listen", "127.0.0.1:99999"]), 1, "binding the metrics listener 127.0.0.1:99999");
