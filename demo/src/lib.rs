@@ -12,7 +12,11 @@
 //! - [`qemu`]: the same with an unmodified QEMU and the VMM shim;
 //! - [`status_watch`]: the target agent's status, polled in the background,
 //!   and the waits both orchestrations build on it;
-//! - [`process`]: finding and supervising the child processes;
+//! - [`process`]: finding and supervising the child processes (which die
+//!   with the demo, even one killed with SIGKILL);
+//! - [`leftovers`]: what a demo killed with SIGKILL leaves behind, cleaned
+//!   up by the next run;
+//! - [`stop_signal`]: SIGINT and SIGTERM end a run the same clean way;
 //! - [`progress`]: the progress lines both orchestrations print;
 //! - [`report`]: what a migration measured;
 //! - [`hugepages`]: reserving huge pages for hugetlbfs guests.
@@ -20,13 +24,15 @@
 
 pub use guest_memory::hugepages;
 pub mod chaos;
+pub mod leftovers;
 pub mod migration;
 pub mod process;
 pub mod progress;
 pub mod qemu;
 pub mod report;
 pub mod status_watch;
+pub mod stop_signal;
 pub mod test_hooks;
 
-pub use migration::{MigrationError, MigrationOptions, run_migration};
+pub use migration::{MigrationError, MigrationOptions, run_migration, run_migration_until};
 pub use report::Report;
