@@ -44,7 +44,7 @@ pub enum ServeError {
 pub enum HandoffSocketError {
     #[error("{path} exists and is not a socket; refusing to replace it", path = path.display())]
     NotASocket { path: PathBuf },
-    #[error("another process is already listening on {path}", path = path.display())]
+    #[error("{path} is in use: another process (an agent?) listens on it; refusing to take it over", path = path.display())]
     InUse { path: PathBuf },
     #[error("{doing} {path}", path = path.display())]
     Io {

@@ -39,7 +39,10 @@ fn a_socket_in_use_is_refused() {
     let first = HandoffSocket::bind(&path).expect("first bind");
     let error = HandoffSocket::bind(&path).expect_err("a second agent on the same socket");
     assert!(matches!(error, HandoffSocketError::InUse { .. }), "{error:?}");
-    assert_eq!(error.to_string(), format!("another process is already listening on {}", path.display()));
+    assert_eq!(
+        error.to_string(),
+        format!("{} is in use: another process (an agent?) listens on it; refusing to take it over", path.display())
+    );
     let io_error = std::io::Error::from(error);
     assert_eq!(io_error.kind(), std::io::ErrorKind::AddrInUse);
     // The first one still has its socket and still answers.

@@ -14,7 +14,11 @@
 //! - [`qemu`]: the same with an unmodified QEMU and the VMM shim;
 //! - [`status_watch`]: the target agent's status, polled in the background,
 //!   and the waits both orchestrations build on it;
-//! - [`process`]: finding and supervising the child processes;
+//! - [`process`]: finding and supervising the child processes (which die
+//!   with the demo, even one killed with SIGKILL);
+//! - [`leftovers`]: what a demo killed with SIGKILL leaves behind, cleaned
+//!   up by the next run;
+//! - [`stop_signal`]: SIGINT and SIGTERM end a run the same clean way;
 //! - [`progress`]: the progress lines both orchestrations print;
 //! - [`report`]: what a migration measured; [`resources`]: a process's
 //!   descriptors, threads and memory, from /proc;
@@ -23,6 +27,7 @@
 
 pub use guest_memory::hugepages;
 pub mod chaos;
+pub mod leftovers;
 pub mod migration;
 pub mod netns;
 pub mod process;
@@ -31,7 +36,8 @@ pub mod qemu;
 pub mod report;
 pub mod resources;
 pub mod status_watch;
+pub mod stop_signal;
 pub mod test_hooks;
 
-pub use migration::{MigrationError, MigrationOptions, run_migration};
+pub use migration::{MigrationError, MigrationOptions, run_migration, run_migration_until};
 pub use report::Report;

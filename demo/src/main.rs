@@ -1,6 +1,11 @@
 //! `pageserver-demo`: runs a whole post-copy migration on this machine (both
 //! agents and two VMM stand-ins as separate processes) and reports what it
 //! measured.
+//!
+//! SIGINT or SIGTERM end the run cleanly (children stopped, work directory
+//! removed, huge pages given back; exit 1, "interrupted by SIGTERM"). Its
+//! children die with it even when it is killed with SIGKILL, and the next
+//! run removes what such a run left behind (`pageserver_demo::leftovers`).
 #![forbid(unsafe_code)]
 
 use std::fmt;
@@ -11,9 +16,10 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use pageserver_agent_shell::parse_duration;
 use pageserver_demo::chaos::ChaosEvent;
-use pageserver_demo::qemu::{QemuOptions, run_qemu_migration};
+use pageserver_demo::qemu::{QemuOptions, run_qemu_migration_until};
+use pageserver_demo::stop_signal::stop_signal;
 use pageserver_demo::test_hooks::{AgentTestHooks, FaultLoopBreak};
-use pageserver_demo::{MigrationOptions, run_migration};
+use pageserver_demo::{MigrationOptions, run_migration_until};
 use vmm_standin::size::parse_size;
 
 #[derive(Debug, Parser)]
@@ -155,7 +161,7 @@ async fn main() -> anyhow::Result<()> {
         link_rate_gbit: args.link_rate_gbit,
         ..MigrationOptions::default()
     };
-    let report = unless_interrupted(run_migration(&options), "migration failed").await?;
+    let report = run_migration_until(&options, stop_signal()).await.context("migration failed")?;
     show_report(&report, args.report_json.as_deref())?;
     if let Some(failure) = &report.failure {
         bail!(
@@ -183,27 +189,12 @@ async fn run_qemu(args: &Args) -> anyhow::Result<()> {
         hooks: args.hooks.hooks(),
         ..QemuOptions::default()
     };
-    let report = unless_interrupted(run_qemu_migration(&options), "QEMU migration failed").await?;
+    let report = run_qemu_migration_until(&options, stop_signal()).await.context("QEMU migration failed")?;
     show_report(&report, args.report_json.as_deref())?;
     if report.guest.bad_words > 0 {
         bail!("the guest saw {} bad words after the migration", report.guest.bad_words);
     }
     Ok(())
-}
-
-/// Runs a migration unless Ctrl-C comes first. Then the migration future is
-/// dropped: its children are killed and its work directory removed.
-async fn unless_interrupted<T, E>(
-    migration: impl Future<Output = Result<T, E>>,
-    what: &'static str,
-) -> anyhow::Result<T>
-where
-    E: std::error::Error + Send + Sync + 'static,
-{
-    tokio::select! {
-        result = migration => result.context(what),
-        _ = tokio::signal::ctrl_c() => bail!("interrupted"),
-    }
 }
 
 /// Prints `report`, and writes it to `json` as JSON if asked (`--report-json`).

@@ -4,6 +4,15 @@
 //! their JSON lines (an agent's `listening` line, a stand-in's events), and
 //! killing them when the migration ends (also on error: every child is
 //! killed when dropped).
+//!
+//! Every child is started with `PAGESERVER_DIE_WITH_PARENT` set to the
+//! demo's pid: the agents and the VMM stand-ins then ask the kernel to kill
+//! them when the demo dies ([`pageserver_parent_death`]), so that not even a
+//! demo killed with SIGKILL leaves them running. The kernel does so when the
+//! *thread* that started them ends: they are started from the thread that
+//! runs the migration (the future is never moved to a spawned task), which
+//! lives as long as the run. (QEMU ignores the variable: a `--vmm qemu` run
+//! killed with SIGKILL leaves its QEMUs running.)
 
 use std::ffi::OsStr;
 use std::io;
@@ -180,6 +189,7 @@ impl ChildProcess {
         let log = std::fs::File::create(&log_path).map_err(spawn_error)?;
         let mut child = tokio::process::Command::new(program)
             .args(args)
+            .env(pageserver_parent_death::ENV, std::process::id().to_string())
             .envs(env.iter().copied())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

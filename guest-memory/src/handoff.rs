@@ -18,7 +18,8 @@
 //!      installed).
 //! 2. agent → VMM: a [`HandoffReply`] line, `{"ok":true}` or
 //!    `{"ok":false,"error":"..."}`. A refused hand-off leaves the agent
-//!    waiting for another.
+//!    waiting for another; an agent that already has its VM's memory
+//!    refuses every later one ([`refuse_handoff`]).
 //! 3. VMM → agent, for as long as the connection lives: [`VmmEvent`] lines,
 //!    e.g. `{"event":"paused","at_ns":...}` once the vCPUs are stopped, and
 //!    `{"event":"resumed"}` *before* they run again (a source agent serves
@@ -36,6 +37,7 @@
 //! pure part, fuzzed in `tests/fuzz_handoff.rs`).
 #![forbid(unsafe_code)]
 
+mod refuse;
 mod validate;
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -49,6 +51,7 @@ use crate::fd_passing::{recv_with_fds, send_with_fds};
 use crate::layout::{GuestLayout, LayoutError, RegionLayout};
 use crate::uffd::Userfaultfd;
 
+pub use refuse::refuse_handoff;
 pub use validate::{MAX_MESSAGE_BYTES, parse_message};
 
 pub const HANDOFF_VERSION: u32 = 1;

@@ -19,6 +19,12 @@ pub enum HugePageError {
         #[source]
         source: std::io::Error,
     },
+    #[error("writing {what}: {source}")]
+    Write {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     #[error(
         "{need} free 2 MiB huge pages are needed, {free} are free{hint}; as root: echo {want} > /proc/sys/vm/nr_hugepages"
     )]
@@ -81,6 +87,29 @@ pub fn reserve(need: u64) -> Result<HugePageReservation, HugePageError> {
         });
     }
     Ok(reservation)
+}
+
+impl HugePageReservation {
+    /// Pages this reservation added to the pool (0 when enough were free),
+    /// which dropping it takes away again.
+    pub fn added(&self) -> u64 {
+        self.added
+    }
+}
+
+/// The pool's size now (`/proc/sys/vm/nr_hugepages`).
+pub fn pool_pages() -> Result<u64, HugePageError> {
+    pool_size()
+}
+
+/// Shrinks the pool by `pages` (saturating), as dropping a reservation that
+/// added them does: for pages a process added and could not give back (it
+/// was killed).
+pub fn give_back(pages: u64) -> Result<(), HugePageError> {
+    let _serialized = ADDED.lock().unwrap_or_else(|e| e.into_inner());
+    let size = pool_size()?;
+    std::fs::write(POOL, size.saturating_sub(pages).to_string())
+        .map_err(|source| HugePageError::Write { what: POOL, source })
 }
 
 impl Drop for HugePageReservation {

@@ -46,8 +46,12 @@ pub mod features {
     pub const EVENT_UNMAP: u64 = k::UFFD_FEATURE_EVENT_UNMAP as u64;
 }
 
-/// The non-fault events a target VMM's uffd reports.
-const TARGET_EVENTS: u64 = features::EVENT_REMOVE | features::EVENT_UNMAP;
+/// The non-fault events a target VMM's uffd reports. Not `EVENT_UNMAP`: the
+/// kernel makes a munmap of registered memory wait until the handler reads
+/// the event, so a VMM whose agent is gone (or a test that plays the VMM
+/// with no reader) would hang in munmap; an unmapped range raises no faults
+/// anyway, and an install into it fails and is settled as discarded.
+const TARGET_EVENTS: u64 = features::EVENT_REMOVE;
 
 /// 2 MiB: the page size of a hugetlbfs region.
 const HUGE_PAGE: u64 = 2 << 20;
@@ -266,6 +270,16 @@ impl Userfaultfd {
             .register_with_mode(addr as *mut libc::c_void, len as usize, mode)
             .map(drop)
             .map_err(|e| UffdError::from_crate("UFFDIO_REGISTER", addr, len, e))
+    }
+
+    /// UFFDIO_UNREGISTER of [addr, addr+len) of the registering process
+    /// (the VMM's address space for a handed-off uffd): from then on the
+    /// kernel resolves faults there itself, as if nothing was registered,
+    /// and the threads waiting on faults in the range are woken to retry.
+    pub fn unregister(&self, addr: u64, len: u64) -> Result<(), UffdError> {
+        self.inner
+            .unregister(addr as *mut libc::c_void, len as usize)
+            .map_err(|e| UffdError::from_crate("UFFDIO_UNREGISTER", addr, len, e))
     }
 
     /// UFFDIO_CONTINUE: maps the page-cache pages of [addr, addr+len) and

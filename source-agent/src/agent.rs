@@ -12,6 +12,7 @@ use std::sync::{Arc, OnceLock};
 
 use tokio::sync::watch;
 
+use crate::drain::Drain;
 use crate::memory::{MemoryOrigin, SourceMemory};
 use crate::metrics::RpcStats;
 
@@ -47,6 +48,8 @@ pub struct SourceAgent {
     /// Latencies and refusals per RPC (shared with the server's
     /// [`RpcMetricsLayer`](crate::rpc_metrics::RpcMetricsLayer)).
     pub rpcs: Arc<RpcStats>,
+    /// Cutting the streams still open when a stop's grace is over.
+    pub drain: Drain,
 }
 
 impl SourceAgent {
@@ -59,6 +62,7 @@ impl SourceAgent {
             attached: watch::Sender::new(false),
             counters: ServeCounters::default(),
             rpcs: Arc::default(),
+            drain: Drain::default(),
         }
     }
 

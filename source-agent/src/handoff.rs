@@ -24,22 +24,17 @@
 //! paused from then on (see [`crate::dirty`] for what that does to epochs).
 #![forbid(unsafe_code)]
 
-use std::io::Write;
-use std::os::fd::AsFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use guest_memory::handoff::{self, EventReader, Handoff, HandoffError, HandoffReply, Role, VmmEvent};
+use guest_memory::handoff::{self, EventReader, Handoff, HandoffError, Role, VmmEvent};
 use pageserver_agent_shell::{HANDOFF_READ_TIMEOUT, HandoffSocket, HandoffSocketError};
 
 use crate::agent::SourceAgent;
 use crate::memory::{MemoryError, SourceMemory};
-
-/// Bytes read from a refused hand-off before answering anyway.
-const REFUSED_MESSAGE_LIMIT: usize = 1 << 20;
 
 /// Hand-off connections handled at once.
 pub const MAX_CONCURRENT_HANDOFFS: usize = 4;
@@ -128,35 +123,13 @@ fn accept_loop(listener: UnixListener, agent: Arc<SourceAgent>, stop: Arc<Atomic
 
 fn handle_connection(stream: UnixStream, agent: &SourceAgent) {
     if let Some(memory) = agent.memory() {
-        refuse(stream, &format!("this agent already serves the memory of {}", memory.origin()));
+        let reason = format!("this agent already serves the memory of {}", memory.origin());
+        tracing::warn!(reason, "refusing a second hand-off");
+        handoff::refuse_handoff(stream, &reason, HANDOFF_READ_TIMEOUT);
         return;
     }
     if let Err(error) = accept_one(stream, agent) {
         tracing::error!(%error, "hand-off failed; still waiting for one");
-    }
-}
-
-/// Tells a VMM that this agent will not take its hand-off. Its message is
-/// read (and its descriptors closed) first, so that its send does not fail
-/// before it can read why.
-fn refuse(mut stream: UnixStream, reason: &str) {
-    tracing::warn!(reason, "refusing a second hand-off");
-    let _ = stream.set_read_timeout(Some(HANDOFF_READ_TIMEOUT));
-    let _ = stream.set_write_timeout(Some(HANDOFF_READ_TIMEOUT));
-    let mut buffer = vec![0u8; 64 << 10];
-    let mut received = 0;
-    while received < REFUSED_MESSAGE_LIMIT {
-        // Any descriptors attached are dropped (closed) right away.
-        match guest_memory::fd_passing::recv_with_fds(stream.as_fd(), &mut buffer) {
-            Ok((0, _)) | Err(_) => break,
-            Ok((n, _fds)) if buffer[..n].contains(&b'\n') => break,
-            Ok((n, _fds)) => received += n,
-        }
-    }
-    let reply = HandoffReply { ok: false, error: Some(reason.to_owned()) };
-    if let Ok(mut line) = serde_json::to_vec(&reply) {
-        line.push(b'\n');
-        let _ = stream.write_all(&line);
     }
 }
 

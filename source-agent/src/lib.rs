@@ -10,6 +10,8 @@
 //!   agent shell's health and reflection);
 //! - [`removed`]: pages removed from a VMM's memory file (holes punched),
 //!   which write-protection does not report, found at every scan;
+//! - [`drain`]: stopping within a bounded grace while targets hold
+//!   streams open;
 //! - [`handoff`]: the Unix socket on which the VMM hands its memory over;
 //! - [`control`]: `pageserver.v1.MigrationSource`, for an orchestrator to
 //!   report the VM paused (QEMU cannot say so over the hand-off);
@@ -22,6 +24,7 @@
 pub mod agent;
 pub mod control;
 pub mod dirty;
+pub mod drain;
 pub mod handoff;
 pub mod memory;
 pub mod metrics;
@@ -35,4 +38,4 @@ pub use agent::SourceAgent;
 pub use handoff::{HandoffListener, listen_for_handoff};
 pub use memory::SourceMemory;
 pub use pageserver_agent_shell::ServeError;
-pub use server::serve;
+pub use server::{serve, serve_with_grace};

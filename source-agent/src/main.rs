@@ -1,22 +1,31 @@
 //! `source-agent`: serves one VM's memory to a migration's target agent.
 //!
 //! Memory comes from a VMM's hand-off on a Unix socket (`--handoff-socket`)
-//! or from a plain file (`--memory-file`). Once the gRPC and metrics listeners
-//! are bound the agent prints one line to stdout,
+//! or from a plain file (`--memory-file`). Bad configuration fails at start,
+//! before anything is listening: a page size other than 4 KiB or 2 MiB, a
+//! memory file that is not whole pages, a hand-off socket path that is not a
+//! socket or is in use, an address that cannot be bound. Once the gRPC and
+//! metrics listeners are bound the agent prints one line to stdout,
 //! `{"event":"listening","grpc":"ADDR","metrics":"ADDR"}`; logs go to stderr
 //! (`RUST_LOG`, default `info`). Prometheus metrics are served on
-//! `http://METRICS_ADDR/metrics` ([`source_agent::metrics`]). SIGTERM or
-//! SIGINT shut it down gracefully.
+//! `http://METRICS_ADDR/metrics` ([`source_agent::metrics`]).
+//!
+//! SIGTERM or SIGINT stop it within `--shutdown-grace` (plus a second to
+//! close its connections), whatever its clients do: see
+//! [`source_agent::drain`]. With `PAGESERVER_DIE_WITH_PARENT=PID` it dies
+//! with the process that started it ([`pageserver_parent_death`]).
 #![forbid(unsafe_code)]
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{ArgGroup, Parser};
-use pageserver_agent_shell::{AgentShell, exit_code};
-use source_agent::{HandoffListener, SourceAgent, SourceMemory, listen_for_handoff, serve};
+use pageserver_agent_shell::{AgentShell, exit_code, parse_duration, shutdown_signal};
+use source_agent::memory::SUPPORTED_PAGE_SIZES;
+use source_agent::{HandoffListener, SourceAgent, SourceMemory, listen_for_handoff, serve_with_grace};
 
 #[derive(Debug, Parser)]
 #[command(version, about = "Serves one VM's memory and dirty bitmaps to a post-copy migration target")]
@@ -32,7 +41,7 @@ struct Cli {
     #[arg(long, env = "PAGESERVER_MEMORY_FILE", value_name = "PATH")]
     memory_file: Option<PathBuf>,
     /// Page size of --memory-file (4096 or 2097152).
-    #[arg(long, env = "PAGESERVER_PAGE_SIZE", default_value_t = 4096)]
+    #[arg(long, env = "PAGESERVER_PAGE_SIZE", default_value_t = 4096, value_parser = parse_page_size)]
     page_size: u64,
     /// The VM's name, reported in GetLayout, logs and metrics (label `vm`).
     #[arg(long, env = "PAGESERVER_VM", default_value = "vm")]
@@ -40,6 +49,20 @@ struct Cli {
     /// Prometheus metrics listen address, served at /metrics (port 0 picks a free port).
     #[arg(long, env = "PAGESERVER_METRICS_LISTEN", default_value = "127.0.0.1:9464")]
     metrics_listen: String,
+    /// On SIGTERM or SIGINT, how long the calls and GetPages streams under
+    /// way may go on before they are cut (e.g. 10s, 500ms).
+    #[arg(long, env = "PAGESERVER_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
+    shutdown_grace: Duration,
+}
+
+/// `--page-size`: one of the sizes guest memory comes in.
+fn parse_page_size(text: &str) -> Result<u64, String> {
+    let size: u64 = text.parse().map_err(|_| format!("{text:?} is not a number of bytes"))?;
+    if SUPPORTED_PAGE_SIZES.contains(&size) {
+        Ok(size)
+    } else {
+        Err(format!("{size} is not a supported page size (4096, or 2097152 for hugetlbfs)"))
+    }
 }
 
 /// The agent with its memory, or waiting on its hand-off socket (served as
@@ -48,7 +71,8 @@ fn agent(cli: &Cli) -> anyhow::Result<(Arc<SourceAgent>, Option<HandoffListener>
     match (&cli.handoff_socket, &cli.memory_file) {
         (Some(socket), _) => {
             let agent = Arc::new(SourceAgent::waiting_for_handoff(&cli.vm, socket));
-            let listener = listen_for_handoff(socket, agent.clone())?;
+            let listener =
+                listen_for_handoff(socket, agent.clone()).context("binding the hand-off socket (--handoff-socket)")?;
             Ok((agent, Some(listener)))
         }
         (None, Some(file)) => {
@@ -66,12 +90,20 @@ fn main() -> ExitCode {
     exit_code(run(cli))
 }
 
+fn run(cli: Cli) -> anyhow::Result<()> {
+    pageserver_parent_death::die_with_parent()?;
+    serve_until_stopped(cli)
+}
+
 #[tokio::main]
-async fn run(cli: Cli) -> anyhow::Result<()> {
+async fn serve_until_stopped(cli: Cli) -> anyhow::Result<()> {
     tracing::info!(vm = %cli.vm, "source agent starting");
     let (agent, _handoff_listener) = agent(&cli)?;
     let metrics = source_agent::metrics::install(agent.clone()).context("setting up metrics")?;
     let shell = AgentShell::bind(&cli.listen, &cli.metrics_listen).await?;
-    shell.run(metrics, |listener, shutdown| serve(listener, agent, shutdown)).await?;
+    let grace = cli.shutdown_grace;
+    shell
+        .run_until(metrics, shutdown_signal(), |listener, shutdown| serve_with_grace(listener, agent, shutdown, grace))
+        .await?;
     Ok(())
 }

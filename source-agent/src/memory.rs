@@ -28,6 +28,10 @@ use guest_memory::{GuestLayout, RegionLayout, Userfaultfd};
 
 use crate::dirty::{DirtyError, DirtyTracker};
 
+/// The page sizes guest memory comes in: 4 KiB (shmem, files) and 2 MiB
+/// (hugetlbfs).
+pub const SUPPORTED_PAGE_SIZES: [u64; 2] = [4096, 2 << 20];
+
 /// Where the memory came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MemoryOrigin {
@@ -58,6 +62,16 @@ pub enum MemoryError {
     },
     #[error("memory file {path} holds {len} bytes, less than one {page_size}-byte page", path = path.display())]
     TooSmall { path: PathBuf, len: u64, page_size: u64 },
+    #[error("page size {page_size} is not 4096 or 2097152 (2 MiB)")]
+    PageSize { page_size: u64 },
+    #[error("memory file {path} is not a regular file", path = path.display())]
+    NotAFile { path: PathBuf },
+    #[error(
+        "memory file {path} holds {len} bytes, not a whole number of {page_size}-byte pages ({remainder} bytes \
+         past the last whole page): refusing to serve a truncated guest",
+        path = path.display()
+    )]
+    NotWholePages { path: PathBuf, len: u64, page_size: u64, remainder: u64 },
     #[error("invalid memory layout: {0}")]
     Layout(#[from] LayoutError),
     #[error("reopening the handed-off memory file read-only ({path}): {source}")]
@@ -166,15 +180,31 @@ fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
 
 impl SourceMemory {
     /// Opens a memory file read-only as one region of whole pages.
+    /// A file that is not whole pages is refused: its tail would be
+    /// memory that nobody serves.
     pub fn open_file(path: &Path, page_size: u64) -> Result<Self, MemoryError> {
+        if !SUPPORTED_PAGE_SIZES.contains(&page_size) {
+            return Err(MemoryError::PageSize { page_size });
+        }
         let open_error = |source| MemoryError::Open { path: path.to_owned(), source };
         let file = File::open(path).map_err(open_error)?;
-        let len = file.metadata().map_err(open_error)?.len();
-        let size = if page_size == 0 { 0 } else { len - len % page_size };
-        if size == 0 && page_size != 0 {
+        let meta = file.metadata().map_err(open_error)?;
+        if !meta.is_file() {
+            return Err(MemoryError::NotAFile { path: path.to_owned() });
+        }
+        let len = meta.len();
+        if len < page_size {
             return Err(MemoryError::TooSmall { path: path.to_owned(), len, page_size });
         }
-        let layout = GuestLayout::new(vec![RegionLayout { base_host_virt_addr: 0, size, offset: 0, page_size }])?;
+        if len % page_size != 0 {
+            return Err(MemoryError::NotWholePages {
+                path: path.to_owned(),
+                len,
+                page_size,
+                remainder: len % page_size,
+            });
+        }
+        let layout = GuestLayout::new(vec![RegionLayout { base_host_virt_addr: 0, size: len, offset: 0, page_size }])?;
         let origin = MemoryOrigin::File { path: path.to_owned() };
         let id = memory_id(&file, &origin).map_err(open_error)?;
         Ok(Self { dirty: DirtyTracker::for_file(layout.clone()), layout, file, origin, id, _vmm: None })

@@ -8,6 +8,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use pageserver_agent_shell::{ServeError, grpc_router, serve_router, set_health};
 use pageserver_proto::MAX_MESSAGE_BYTES;
@@ -19,6 +20,7 @@ use tonic_health::ServingStatus;
 
 use crate::agent::SourceAgent;
 use crate::control::ControlService;
+use crate::drain::serve_draining;
 use crate::rpc_metrics::RpcMetricsLayer;
 use crate::service::PageService;
 
@@ -26,8 +28,21 @@ use crate::service::PageService;
 const STREAM_WINDOW_BYTES: u32 = 8 << 20;
 const CONNECTION_WINDOW_BYTES: u32 = 16 << 20;
 
+/// Serves `agent` on `listener` until `shutdown` completes, then lets the
+/// calls and streams under way finish for up to `grace` before it cuts
+/// them ([`crate::drain`]).
+pub async fn serve_with_grace(
+    listener: TcpListener,
+    agent: Arc<SourceAgent>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    grace: Duration,
+) -> Result<(), ServeError> {
+    let serving = agent.clone();
+    serve_draining(|shutdown| serve(listener, serving, shutdown), shutdown, grace, &agent.drain).await
+}
+
 /// Serves `agent` on `listener` until `shutdown` completes, then finishes the
-/// calls under way.
+/// calls under way, however long they take.
 pub async fn serve(
     listener: TcpListener,
     agent: Arc<SourceAgent>,

@@ -40,6 +40,10 @@
 //!   A request with `require_paused` is refused with FAILED_PRECONDITION,
 //!   nothing read, while the VM runs.
 //!
+//! - A stopping agent cuts the `GetPages` streams still open at the end of
+//!   its shutdown grace: each ends with UNAVAILABLE saying so
+//!   ([`crate::drain`]).
+//!
 //! Unary calls are timed, and counted as rejected when they fail, by the
 //! server's [`RpcMetricsLayer`](crate::rpc_metrics::RpcMetricsLayer); the
 //! requests inside a `GetPages` stream are timed and counted here, one by
@@ -221,6 +225,18 @@ fn pages_reply(memory: &SourceMemory, agent: &SourceAgent, request: &pb::PagesRe
     }
 }
 
+/// Ends a `GetPages` stream that the shutdown cuts (see [`crate::drain`]):
+/// UNAVAILABLE after the replies already queued (if the client has left room
+/// for it; otherwise the stream just ends).
+fn cut_stream(replies: &mpsc::Sender<Result<pb::PagesReply, Status>>, answered: u64) {
+    tracing::warn!(answered, "cutting a GetPages stream: the source agent is shutting down and its grace is over");
+    let status = Status::unavailable(format!(
+        "the source agent is shutting down: this GetPages stream was cut at the end of its shutdown grace, after \
+         {answered} requests answered; requests not answered were not read: send them again to its successor"
+    ));
+    let _ = replies.try_send(Err(status));
+}
+
 fn dirty_status(error: DirtyError) -> Status {
     match error {
         DirtyError::EpochTooNew { .. } => Status::invalid_argument(error.to_string()),
@@ -316,9 +332,17 @@ impl PageServer for PageService {
         let agent = self.agent.clone();
         let mut requests = request.into_inner();
         let (replies, reply_stream) = mpsc::channel(PAGES_REPLY_QUEUE);
+        let cut = agent.drain.cut_signal();
         tokio::spawn(async move {
+            let _open = agent.drain.stream_opened();
+            let mut cut = std::pin::pin!(cut);
+            let mut answered = 0u64;
             loop {
-                let request = match requests.message().await {
+                let message = tokio::select! {
+                    () = &mut cut => break cut_stream(&replies, answered),
+                    message = requests.message() => message,
+                };
+                let request = match message {
                     Ok(Some(request)) => request,
                     // The client finished its requests: the stream ends after
                     // the replies already queued.
@@ -334,9 +358,15 @@ impl PageServer for PageService {
                     }
                 };
                 let reply = answer_pages_request(&memory, &agent, &request);
-                if replies.send(Ok(reply)).await.is_err() {
-                    break; // The client went away.
+                tokio::select! {
+                    () = &mut cut => break cut_stream(&replies, answered),
+                    sent = replies.send(Ok(reply)) => {
+                        if sent.is_err() {
+                            break; // The client went away.
+                        }
+                    }
                 }
+                answered += 1;
             }
         });
         Ok(self.stamped(&*self.memory()?, ReceiverStream::new(reply_stream)))

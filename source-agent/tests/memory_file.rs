@@ -13,10 +13,9 @@ use tonic::Code;
 const PAGES: u64 = 600;
 const ZERO_PAGES: [u64; 2] = [5, 9];
 
-/// Writes the test's memory file: patterned pages, except two zero pages,
-/// plus a partial page at the end that must be ignored.
+/// Writes the test's memory file: patterned pages, except two zero pages.
 fn write_memory_file(path: &Path) {
-    let mut content = Vec::with_capacity(((PAGES + 1) * PAGE_SIZE) as usize);
+    let mut content = Vec::with_capacity((PAGES * PAGE_SIZE) as usize);
     for page in 0..PAGES {
         if ZERO_PAGES.contains(&page) {
             content.extend(std::iter::repeat_n(0u8, PAGE_SIZE as usize));
@@ -24,7 +23,6 @@ fn write_memory_file(path: &Path) {
             content.extend(page_pattern(page, 0));
         }
     }
-    content.extend([0xAB; 100]);
     std::fs::write(path, content).expect("write memory file");
 }
 
@@ -163,4 +161,22 @@ fn memory_file_of_less_than_a_page_is_refused() {
     assert!(error.to_string().contains("less than one 4096-byte page"), "{error}");
     let error = SourceMemory::open_file(&dir.path().join("missing"), PAGE_SIZE).expect_err("missing");
     assert!(error.to_string().contains("missing"), "{error}");
+}
+
+/// A partial page at the end is refused, with the numbers: served, it
+/// would be guest memory that nobody can have.
+#[test]
+fn a_partial_page_at_the_end_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("guest.mem");
+    write_memory_file(&path);
+    let mut content = std::fs::read(&path).expect("read");
+    content.extend([0xAB; 100]);
+    std::fs::write(&path, content).expect("write");
+    let error = SourceMemory::open_file(&path, PAGE_SIZE).expect_err("a partial page");
+    let message = error.to_string();
+    for part in [format!("holds {} bytes", PAGES * PAGE_SIZE + 100), "4096-byte pages".into(), "100 bytes past".into()]
+    {
+        assert!(message.contains(&part), "{part:?} missing from: {message}");
+    }
 }

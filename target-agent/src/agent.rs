@@ -31,12 +31,12 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use guest_memory::handoff::{Handoff, Role, receive_handoff};
 use tokio::sync::{oneshot, watch};
 
 use crate::fault_loop::{FaultHint, FaultLoop, FaultLoopError, FaultLoopExit, GUEST_FROZEN, describe_stop};
 use crate::fence::{Incarnation, SourceEpoch, SourceFence};
 use crate::guest::{GuestMemory, InstallError};
+use crate::handoff::{HandoffEndpoint, HandoffEndpointError};
 use crate::phase::{Phase, PhaseTracker};
 use crate::source::{self, SourceError, SourceLink};
 use crate::stats::TargetStats;
@@ -99,12 +99,8 @@ enum Start {
 
 #[derive(Debug, thiserror::Error)]
 pub enum TargetError {
-    #[error("hand-off socket {path}")]
-    HandoffSocket {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("the VMM hand-off")]
+    Handoff(#[from] HandoffEndpointError),
     #[error("the source agent")]
     Source(#[from] SourceError),
     #[error("moving guest memory")]
@@ -158,6 +154,8 @@ pub struct TargetAgent {
     pub stats: Arc<TargetStats>,
     pub phase: PhaseTracker,
     pub guest: OnceLock<Arc<GuestMemory>>,
+    /// The hand-off socket ([`crate::handoff`]).
+    pub handoff: HandoffEndpoint,
     /// Becomes true at the (first) Switchover call.
     switchover: watch::Sender<bool>,
 }
@@ -168,6 +166,7 @@ impl TargetAgent {
             tracing::warn!("TEST HOOKS ARE SET: this agent misbehaves on purpose ({:?})", config.hooks);
         }
         Arc::new(Self {
+            handoff: HandoffEndpoint::new(&config.handoff_socket),
             config,
             stats: Arc::new(TargetStats::default()),
             phase: PhaseTracker::default(),
@@ -194,7 +193,18 @@ impl TargetAgent {
             _ => {}
         }
         self.switchover.send_if_modified(|requested| !std::mem::replace(requested, true));
-        Ok(self.phase.get().max(Phase::Postcopy))
+        // A stop that abandoned the migration meanwhile wins: it decided
+        // under the phase's lock, before this request was seen
+        // (`crate::shutdown`).
+        match self.phase.get() {
+            Phase::Failed => Err("the migration has failed (see GetStatus)"),
+            phase => Ok(phase.max(Phase::Postcopy)),
+        }
+    }
+
+    /// Whether `Switchover` has been called.
+    pub fn switchover_requested(&self) -> bool {
+        *self.switchover.borrow()
     }
 
     /// Runs the migration to its end, and then for as long as the fault loop
@@ -217,7 +227,7 @@ impl TargetAgent {
     }
 
     async fn migrate(self: Arc<Self>) -> Result<(), TargetError> {
-        let handoff = accept_handoff(self.config.handoff_socket.clone()).await?;
+        let handoff = self.handoff.accept().await?;
         tracing::info!(
             "hand-off from pid {} (vm {:?}): {} pages of {} bytes",
             handoff.message.pid,
@@ -472,43 +482,4 @@ async fn final_bitmap(
         );
     }
     Ok(dirty.pages)
-}
-
-/// Listens on the hand-off socket until one valid target hand-off arrives.
-/// A refused hand-off is logged and the next connection awaited. The socket
-/// is bound by the agent shell's policy (a path that is not a socket, or a
-/// socket in use, is refused; a stale one replaced; mode 0600) and removed
-/// once the hand-off is in.
-async fn accept_handoff(path: PathBuf) -> Result<Handoff, TargetError> {
-    use pageserver_agent_shell::{HANDOFF_READ_TIMEOUT, HandoffSocket, HandoffSocketError};
-
-    let err = |error: HandoffSocketError| TargetError::HandoffSocket { path: path.clone(), source: error.into() };
-    let socket = HandoffSocket::bind(&path).map_err(err)?;
-    let listener = socket.async_listener().map_err(err)?;
-    tracing::info!("waiting for the VMM hand-off on {}", path.display());
-    loop {
-        let stream = match listener.accept().await {
-            Ok((s, _)) => s.into_std().and_then(|s| {
-                s.set_nonblocking(false)?;
-                // A peer that connects and says nothing must not block us.
-                s.set_read_timeout(Some(HANDOFF_READ_TIMEOUT))?;
-                Ok(s)
-            }),
-            Err(e) => Err(e),
-        };
-        let stream = match stream {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!("hand-off accept: {e}");
-                continue;
-            }
-        };
-        let received = tokio::task::spawn_blocking(move || receive_handoff(stream, Role::Target))
-            .await
-            .map_err(|e| TargetError::Internal(e.to_string()))?;
-        match received {
-            Ok(h) => return Ok(h),
-            Err(e) => tracing::warn!("refused a hand-off: {e}"),
-        }
-    }
 }

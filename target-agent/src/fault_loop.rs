@@ -21,8 +21,8 @@
 //! # Events other than page faults
 //!
 //! The target VMM's uffd reports `Remove` (MADV_DONTNEED / MADV_REMOVE,
-//! e.g. a balloon) and `Unmap` (munmap) (`Userfaultfd::for_role`). Either
-//! marks the pages discarded (page_state rule 7): the background pull and
+//! e.g. a balloon) (`Userfaultfd::for_role`; an `Unmap`, should a VMM ask
+//! for it, is handled alike). Either marks the pages discarded (page_state rule 7): the background pull and
 //! the bulk install leave them alone, so a page the VMM punched out is never
 //! filled with the source's content behind its back. The kernel may report
 //! the event before or after faults on the same pages; either order is

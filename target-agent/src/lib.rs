@@ -22,6 +22,9 @@
 //! - [`agent`]: the migration's phases, supervising the fault loop;
 //!   [`takeover`]: going on with a migration whose agent died;
 //!   [`phase`]: the phase and the failure;
+//! - [`handoff`]: the hand-off socket, bound at start and kept for the
+//!   agent's life;
+//! - [`shutdown`]: what a stop (SIGTERM) means in each phase;
 //! - [`service`]: the gRPC server (status, switchover, health, reflection);
 //! - [`stats`]: what the agent counts; [`metrics`]: its Prometheus metrics;
 //! - [`test_hooks`]: misbehaviour on purpose, only with the `test-hooks`
@@ -33,12 +36,14 @@ pub mod demand;
 pub mod fault_loop;
 pub mod fence;
 pub mod guest;
+pub mod handoff;
 pub mod install_gate;
 pub mod metrics;
 pub mod page_state;
 pub mod phase;
 pub mod retry;
 pub mod service;
+pub mod shutdown;
 pub mod source;
 pub mod stats;
 mod sys;

@@ -1,11 +1,18 @@
 //! `target-agent`: see the crate docs.
 //!
-//! Once the gRPC and metrics listeners are bound the agent prints one line to
-//! stdout, `{"event":"listening","grpc":"ADDR","metrics":"ADDR"}`; logs go to
-//! stderr (`RUST_LOG`, default `info`). Prometheus metrics are served on
-//! `http://METRICS_ADDR/metrics` ([`target_agent::metrics`]). SIGTERM or
-//! SIGINT shut it down gracefully; it then exits non-zero, with the reason on
-//! stderr, if the migration failed.
+//! Bad configuration fails at start, before anything is listening: the
+//! source URL, the flags' values, the hand-off socket (bound then: a path
+//! that is not a socket, or a socket another agent listens on, is refused).
+//! Once the gRPC and metrics listeners are bound the agent prints one line
+//! to stdout, `{"event":"listening","grpc":"ADDR","metrics":"ADDR"}`; logs go
+//! to stderr (`RUST_LOG`, default `info`). Prometheus metrics are served on
+//! `http://METRICS_ADDR/metrics` ([`target_agent::metrics`]).
+//!
+//! SIGTERM or SIGINT stop it as [`target_agent::shutdown`] says for the
+//! phase the migration is in; it exits 0 only if it never got work or the
+//! migration is complete, and otherwise non-zero with the reason on stderr.
+//! With `PAGESERVER_DIE_WITH_PARENT=PID` it dies with the process that
+//! started it ([`pageserver_parent_death`]).
 #![forbid(unsafe_code)]
 
 use std::path::PathBuf;
@@ -15,15 +22,16 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use pageserver_agent_shell::exit::describe;
-use pageserver_agent_shell::{AgentShell, exit_code, parse_duration};
+use pageserver_agent_shell::{AgentShell, exit_code, parse_duration, shutdown_signal};
 use target_agent::agent::{TargetAgent, TargetConfig};
-use target_agent::phase::Phase;
 use target_agent::service::serve;
+use target_agent::shutdown::{self, Stopped};
+use tokio::sync::oneshot;
 
 /// Target side of a post-copy migration: pulls pages from the source agent
 /// and serves the guest's page faults.
 #[derive(Debug, Parser)]
-#[command(version)]
+#[command(version, after_long_help = STOPPING)]
 struct Args {
     /// gRPC listen address (MigrationTarget, health, reflection).
     #[arg(long, env = "PAGESERVER_LISTEN", default_value = "127.0.0.1:50052")]
@@ -40,8 +48,9 @@ struct Args {
     /// Prometheus metrics listen address, served at /metrics (port 0 picks a free port).
     #[arg(long, env = "PAGESERVER_METRICS_LISTEN", default_value = "127.0.0.1:9465")]
     metrics_listen: String,
-    /// Most pre-copy rounds before waiting for switchover.
-    #[arg(long, env = "PAGESERVER_MAX_PRECOPY_ROUNDS", default_value_t = 8)]
+    /// Most pre-copy rounds before waiting for switchover (at least 1).
+    #[arg(long, env = "PAGESERVER_MAX_PRECOPY_ROUNDS", default_value_t = 8,
+          value_parser = clap::value_parser!(u32).range(1..))]
     max_precopy_rounds: u32,
     /// How long the migration waits for an unreachable source agent (or for
     /// the right one while another answers on its address) before it fails,
@@ -52,9 +61,26 @@ struct Args {
     /// (Switchover declared before the pause) before it fails.
     #[arg(long, env = "PAGESERVER_PAUSE_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pause_timeout: Duration,
+    /// On SIGTERM or SIGINT during post-copy, how long the agent keeps
+    /// serving the guest for the migration to complete before it fails it
+    /// (e.g. 30s, 500ms). See "Stopping" below.
+    #[arg(long, env = "PAGESERVER_SHUTDOWN_GRACE", default_value = "30s", value_parser = parse_duration)]
+    shutdown_grace: Duration,
     #[command(flatten)]
     hooks: target_agent::test_hooks::TestHooks,
 }
+
+/// The stop semantics, for `--help`.
+const STOPPING: &str = "\
+Stopping (SIGTERM or SIGINT), by the migration's phase:
+  waiting-for-handoff, no hand-off yet   exits 0: it never got work
+  until the switchover                   abandons the migration at once and exits 1: the source VM still
+                                         runs; nothing was installed
+  postcopy                               keeps serving the guest for up to --shutdown-grace; exits 0 if
+                                         the migration completes, else fails it (naming the pages the
+                                         guest will freeze on) and exits 1; a second signal ends the grace
+  complete                               hands the guest's memory back to the kernel and exits 0
+  failed                                 exits 1 with the reason";
 
 fn main() -> ExitCode {
     let args = Args::parse();
@@ -63,6 +89,7 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
+    pageserver_parent_death::die_with_parent()?;
     // Bad configuration fails now, not after the VMM's hand-off.
     target_agent::source::check_url(&args.source)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
@@ -76,17 +103,29 @@ fn run(args: Args) -> anyhow::Result<()> {
             pause_timeout: args.pause_timeout,
             hooks: args.hooks,
         });
+        agent.handoff.bind().context("binding the hand-off socket (--handoff-socket)")?;
         let metrics = target_agent::metrics::install(agent.clone()).context("setting up metrics")?;
         let shell = AgentShell::bind(&args.listen, &args.metrics_listen).await?;
         tokio::spawn(agent.clone().run());
-        let served = shell.run(metrics, |listener, shutdown| serve(listener, agent.clone(), shutdown)).await;
-        // A failed migration fails the agent, even after a clean shutdown.
-        if agent.phase.get() == Phase::Failed {
-            if let Err(error) = &served {
-                tracing::error!(error = %describe(error), "the gRPC server failed too");
+        let (stopped_tx, stopped_rx) = oneshot::channel();
+        let stopping = {
+            let agent = agent.clone();
+            async move {
+                shutdown_signal().await;
+                let _ = stopped_tx.send(shutdown::stop(&agent, args.shutdown_grace, shutdown_signal()).await);
             }
-            anyhow::bail!("the migration failed: {}", agent.phase.error().unwrap_or_default());
+        };
+        let served =
+            shell.run_until(metrics, stopping, |listener, shutdown| serve(listener, agent.clone(), shutdown)).await;
+        // Without a signal the server stopped by itself: an error.
+        let stopped = stopped_rx.await.unwrap_or_else(|_| Stopped::as_it_is(&agent));
+        match (served, stopped.into_result()) {
+            (Err(error), Err(stop_error)) => {
+                tracing::error!(error = %describe(&error), "the gRPC server failed too");
+                Err(stop_error.into())
+            }
+            (Err(error), Ok(())) => Err(error.into()),
+            (Ok(()), stopped) => Ok(stopped?),
         }
-        Ok(served?)
     })
 }

@@ -102,6 +102,27 @@ impl PhaseTracker {
         self.phase.send_if_modified(|current| std::mem::replace(current, Phase::Failed) != Phase::Failed);
     }
 
+    /// Fails the migration with `reason` only if `still` holds for its
+    /// phase, decided under the phase's lock: no phase change slips in
+    /// between (a stop that fails a migration before its switchover, and
+    /// the migration completing, cannot both happen). Returns whether it
+    /// failed it; `still` is never asked about `Failed`.
+    pub fn fail_if(&self, still: impl FnOnce(Phase) -> bool, reason: impl Into<String>) -> bool {
+        let reason = reason.into();
+        self.phase.send_if_modified(|current| {
+            if *current == Phase::Failed || !still(*current) {
+                return false;
+            }
+            let mut error = self.error.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            if error.is_none() {
+                tracing::error!("migration failed: {reason}");
+                *error = Some(reason);
+            }
+            *current = Phase::Failed;
+            true
+        })
+    }
+
     /// Why the migration failed, if it did.
     pub fn error(&self) -> Option<String> {
         self.error.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
@@ -136,6 +157,18 @@ mod tests {
         assert_eq!(p.get(), Phase::Failed);
         assert!(!p.advance(Phase::Complete), "a failed migration never completes");
         assert_eq!(p.error().as_deref(), Some("the fault loop stopped"));
+    }
+
+    #[test]
+    fn fail_if_fails_only_in_the_phases_it_is_told() {
+        let p = PhaseTracker::default();
+        p.advance(Phase::Postcopy);
+        assert!(!p.fail_if(|phase| phase < Phase::Postcopy, "abandoned"), "post-copy is not before the switchover");
+        assert_eq!((p.get(), p.error()), (Phase::Postcopy, None));
+        assert!(p.fail_if(|phase| phase < Phase::Complete, "the grace ran out"));
+        assert_eq!((p.get(), p.error().as_deref()), (Phase::Failed, Some("the grace ran out")));
+        assert!(!p.fail_if(|_| true, "again"), "failed is final");
+        assert_eq!(p.error().as_deref(), Some("the grace ran out"));
     }
 
     #[test]

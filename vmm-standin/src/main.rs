@@ -49,6 +49,9 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // With PAGESERVER_DIE_WITH_PARENT (the demo sets it), this VM dies with
+    // the demo, even a demo killed with SIGKILL.
+    pageserver_parent_death::die_with_parent()?;
     let config = StandinConfig {
         role: args.role,
         memory_bytes: args.memory,

@@ -55,11 +55,24 @@ use waits::{deadline, wait_for};
 /// Every child is killed and the work directory (and the two hosts'
 /// namespaces) removed, also on error.
 pub async fn run_migration(opts: &MigrationOptions) -> Result<Report, MigrationError> {
+    run_migration_until(opts, std::future::pending()).await
+}
+
+/// [`run_migration`], unless `stop` completes first (with what stopped it,
+/// e.g. "SIGTERM"): then the migration ends with
+/// [`MigrationError::Interrupted`], through the same shutdown as any other
+/// error (children stopped and waited for, then the work directory and the
+/// huge pages).
+pub async fn run_migration_until(
+    opts: &MigrationOptions,
+    stop: impl Future<Output = String>,
+) -> Result<Report, MigrationError> {
     opts.validate()?;
+    crate::leftovers::clean_up();
     // Source and target guests, each its own huge pages (+ slack).
     let _huge_pages = if opts.hugetlb {
         Some(
-            crate::hugepages::reserve(2 * opts.memory_bytes.div_ceil(2 << 20) + 8)
+            crate::leftovers::reserve_huge_pages(2 * opts.memory_bytes.div_ceil(2 << 20) + 8)
                 .map_err(MigrationError::HugePages)?,
         )
     } else {
@@ -102,7 +115,10 @@ pub async fn run_migration(opts: &MigrationOptions) -> Result<Report, MigrationE
             ..Report::default()
         },
     };
-    let result = migration.execute().await;
+    let result = tokio::select! {
+        result = migration.execute() => result,
+        by = stop => Err(MigrationError::Interrupted(by)),
+    };
     let grace = if result.is_ok() { Duration::from_secs(5) } else { Duration::from_secs(1) };
     migration.report.target_agent_exit_code = migration.children.shut_down(grace).await;
     if result.is_err() {

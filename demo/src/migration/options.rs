@@ -109,6 +109,9 @@ impl MigrationOptions {
         if self.vcpus == 0 {
             return Err(MigrationError::InvalidOptions("at least one vCPU is needed".into()));
         }
+        if self.max_precopy_rounds == 0 {
+            return Err(MigrationError::InvalidOptions("at least one pre-copy round is needed".into()));
+        }
         let total_pages = self.memory_bytes / page_size;
         if let Some(page) = self
             .write_before_pause
@@ -174,6 +177,8 @@ impl MigrationOptions {
 pub enum MigrationError {
     #[error("invalid options: {0}")]
     InvalidOptions(String),
+    #[error("interrupted by {0}")]
+    Interrupted(String),
     #[error("huge pages for both guests: {0}")]
     HugePages(#[source] HugePageError),
     #[error("creating the work directory under /dev/shm: {0}")]

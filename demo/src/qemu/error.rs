@@ -18,6 +18,8 @@ pub const SETUP_COMMAND: &str = "scripts/setup --qemu";
 
 #[derive(Debug, thiserror::Error)]
 pub enum QemuError {
+    #[error("interrupted by {0}")]
+    Interrupted(String),
     #[error("qemu-system-x86_64 is not on PATH: install it with `{SETUP_COMMAND}` (as root)")]
     QemuNotInstalled,
     #[error("the QEMU test guest is not built ({path} is missing): build it with `{SETUP_COMMAND}` (as root)", path = path.display())]

@@ -109,6 +109,17 @@ const SERIAL_LINES_ON_FAILURE: usize = 15;
 
 /// Runs one QEMU migration; see the module docs.
 pub async fn run_qemu_migration(opts: &QemuOptions) -> Result<QemuReport, QemuError> {
+    run_qemu_migration_until(opts, std::future::pending()).await
+}
+
+/// [`run_qemu_migration`], unless `stop` completes first (with what stopped
+/// it): then it ends with [`QemuError::Interrupted`], through the same
+/// shutdown as any other error.
+pub async fn run_qemu_migration_until(
+    opts: &QemuOptions,
+    stop: impl Future<Output = String>,
+) -> Result<QemuReport, QemuError> {
+    crate::leftovers::clean_up();
     // What the run needs is checked before anything is started.
     let binaries = Binaries::locate()?;
     if !qemu_installed() {
@@ -116,7 +127,7 @@ pub async fn run_qemu_migration(opts: &QemuOptions) -> Result<QemuReport, QemuEr
     }
     let image = GuestImage::locate()?;
     let _huge_pages = if opts.hugetlb {
-        Some(crate::hugepages::reserve(2 * opts.memory_mib.div_ceil(2) + 8).map_err(QemuError::HugePages)?)
+        Some(crate::leftovers::reserve_huge_pages(2 * opts.memory_mib.div_ceil(2) + 8).map_err(QemuError::HugePages)?)
     } else {
         None
     };
@@ -124,7 +135,10 @@ pub async fn run_qemu_migration(opts: &QemuOptions) -> Result<QemuReport, QemuEr
     let _mount = if opts.hugetlb { Some(HugetlbfsMount::new(work.path().join(HUGETLBFS_DIR))?) } else { None };
     let q = Qemus { opts, work: work.path(), binaries: &binaries, image, progress: Progress::start(opts.quiet) };
     let mut children: Vec<ChildProcess> = Vec::new();
-    let result = migrate(&q, &mut children).await;
+    let result = tokio::select! {
+        result = migrate(&q, &mut children) => result,
+        by = stop => Err(QemuError::Interrupted(by)),
+    };
     for child in children.iter_mut().rev() {
         child.shut_down(None, Duration::ZERO).await;
     }

@@ -1,0 +1,140 @@
+//! The `source-agent` binary refuses bad configuration at start, before it
+//! says it is listening: page sizes other than 4 KiB and 2 MiB, a memory
+//! file that is not whole pages (its tail would silently go unserved) or is
+//! not a file, addresses it cannot bind, a hand-off socket path that is a
+//! regular file (left alone) or a socket another agent listens on.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+
+const BINARY: &str = env!("CARGO_BIN_EXE_source-agent");
+
+/// Runs the agent with `args` (port-0 listeners unless given) and returns
+/// its output once it exited by itself.
+fn run(args: &[&str]) -> Output {
+    let mut command = Command::new(BINARY);
+    if !args.contains(&"--listen") {
+        command.args(["--listen", "127.0.0.1:0"]);
+    }
+    if !args.contains(&"--metrics-listen") {
+        command.args(["--metrics-listen", "127.0.0.1:0"]);
+    }
+    output_of(command.env_clear().args(args))
+}
+
+/// Runs `command` to its end: one that should have refused to start and
+/// runs instead is killed (a hang guard, not a deadline under test).
+fn output_of(command: &mut Command) -> Output {
+    let child = command.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawning the agent");
+    let pid = child.id();
+    let (done, waited) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done.send(child.wait_with_output());
+    });
+    match waited.recv_timeout(std::time::Duration::from_secs(60)) {
+        Ok(output) => output.expect("waiting for the agent"),
+        Err(_) => {
+            let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+            panic!("the agent started instead of refusing to");
+        }
+    }
+}
+
+/// It failed with `code`, said `needle` on stderr, and never said it was
+/// listening.
+fn assert_refused(output: &Output, code: i32, needle: &str) {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(code), "{stderr}");
+    assert!(stderr.contains(needle), "{needle:?} missing from: {stderr}");
+    assert!(output.stdout.is_empty(), "it said it was listening: {}", String::from_utf8_lossy(&output.stdout));
+}
+
+#[test]
+fn a_memory_file_that_is_not_whole_pages_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("guest.mem");
+    std::fs::write(&file, vec![7u8; 8 * 4096 + 100]).expect("write");
+    let path = file.display().to_string();
+    assert_refused(
+        &run(&["--memory-file", &path]),
+        1,
+        &format!(
+            "memory file {path} holds 32868 bytes, not a whole number of 4096-byte pages (100 bytes past the last \
+             whole page): refusing to serve a truncated guest"
+        ),
+    );
+    // 3 MiB in 2 MiB pages: one whole page and 1 MiB more.
+    std::fs::write(&file, vec![7u8; 3 << 20]).expect("write");
+    assert_refused(
+        &run(&["--memory-file", &path, "--page-size", "2097152"]),
+        1,
+        "holds 3145728 bytes, not a whole number of 2097152-byte pages (1048576 bytes past the last whole page)",
+    );
+    std::fs::write(&file, vec![7u8; 100]).expect("write");
+    assert_refused(&run(&["--memory-file", &path]), 1, "holds 100 bytes, less than one 4096-byte page");
+}
+
+#[test]
+fn bad_flags_are_refused_at_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("guest.mem");
+    std::fs::write(&file, vec![7u8; 8 * 4096]).expect("write");
+    let path = file.display().to_string();
+    for size in ["1000", "8192", "0", "4k"] {
+        assert_refused(
+            &run(&["--memory-file", &path, "--page-size", size]),
+            2,
+            &format!("invalid value '{size}' for '--page-size <PAGE_SIZE>'"),
+        );
+    }
+    let here = dir.path().display().to_string();
+    assert_refused(&run(&["--memory-file", &here]), 1, &format!("memory file {here} is not a regular file"));
+    assert_refused(&run(&["--memory-file", &path, "--shutdown-grace", "soon"]), 2, "'--shutdown-grace");
+    assert_refused(&run(&["--memory-file", &path, "--listen", "nowhere"]), 1, "binding the gRPC listener nowhere");
+    assert_refused(
+        &run(&["--memory-file", &path, "--metrics-listen", "127.0.0.1:99999"]),
+        1,
+        "binding the metrics listener 127.0.0.1:99999",
+    );
+}
+
+#[test]
+fn a_regular_file_at_the_handoff_socket_path_is_refused_and_left_alone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("not-a-socket");
+    std::fs::write(&path, b"precious").expect("write");
+    let output = run(&["--handoff-socket", &path.display().to_string()]);
+    assert_refused(&output, 1, "is not a socket; refusing to replace it");
+    assert_eq!(std::fs::read(&path).expect("the file is still there"), b"precious");
+}
+
+/// Starts an agent waiting on `socket` and reads its listening line.
+fn start_waiting(socket: &Path) -> Child {
+    let mut child = Command::new(BINARY)
+        .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--handoff-socket"])
+        .arg(socket)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn source-agent");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("the listening line");
+    assert!(line.contains("\"listening\""), "{line}");
+    child
+}
+
+#[test]
+fn a_second_agent_on_a_socket_in_use_is_refused_and_a_dead_agents_socket_is_taken() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("source.sock");
+    let mut first = start_waiting(&socket);
+    assert_refused(&run(&["--handoff-socket", &socket.display().to_string()]), 1, "is in use");
+    assert!(first.try_wait().expect("try_wait").is_none(), "the first agent goes on");
+    first.kill().expect("kill");
+    first.wait().expect("wait");
+    assert!(socket.exists(), "a killed agent leaves its socket file");
+    let mut second = start_waiting(&socket);
+    second.kill().expect("kill");
+    second.wait().expect("wait");
+}

@@ -1,0 +1,175 @@
+//! The `target-agent` binary refuses bad configuration at start, before it
+//! says it is listening, and holds its hand-off socket for its whole life:
+//! a second agent on the same path is refused ("in use"), a later hand-off
+//! is refused with a clear reply, a regular file at the path is left alone,
+//! and the stale socket of an agent that died is taken by the next one.
+
+mod support;
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+use guest_memory::handoff::HandoffError;
+use pageserver_proto::v1::MigrationPhase;
+use rustix::process::Signal;
+use support::{Agent, Migration, Scratch, TARGET_AGENT, TargetVmm, wait_for_status};
+
+/// Runs the agent with `args` (port-0 listeners unless given) and returns
+/// its output once it exited by itself.
+fn run(args: &[&str]) -> Output {
+    let mut command = Command::new(TARGET_AGENT);
+    if !args.contains(&"--listen") {
+        command.args(["--listen", "127.0.0.1:0"]);
+    }
+    if !args.contains(&"--metrics-listen") {
+        command.args(["--metrics-listen", "127.0.0.1:0"]);
+    }
+    output_of(command.env_clear().args(args))
+}
+
+/// Runs `command` to its end: one that should have refused to start and
+/// runs instead is killed (a hang guard, not a deadline under test).
+fn output_of(command: &mut Command) -> Output {
+    let child = command.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawning the agent");
+    let pid = child.id();
+    let (done, waited) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done.send(child.wait_with_output());
+    });
+    match waited.recv_timeout(std::time::Duration::from_secs(60)) {
+        Ok(output) => output.expect("waiting for the agent"),
+        Err(_) => {
+            let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+            panic!("the agent started instead of refusing to");
+        }
+    }
+}
+
+/// It failed, said `needle` on stderr, and never said it was listening.
+fn assert_refused(output: &Output, code: i32, needle: &str) {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(code), "{stderr}");
+    assert!(stderr.contains(needle), "{needle:?} missing from: {stderr}");
+    assert!(output.stdout.is_empty(), "it said it was listening: {}", String::from_utf8_lossy(&output.stdout));
+}
+
+#[test]
+fn bad_flags_are_refused_at_start() {
+    let dir = Scratch::new("bad-flags");
+    let socket = dir.join("t.sock").display().to_string();
+    let with = |extra: &[&str]| {
+        let mut args = vec!["--source", "http://127.0.0.1:9", "--handoff-socket", socket.as_str()];
+        args.extend(extra);
+        run(&args)
+    };
+    assert_refused(
+        &run(&["--source", "not a url", "--handoff-socket", &socket]),
+        1,
+        "bad source address \"not a url\"",
+    );
+    assert_refused(&run(&["--source", "ftp://host:1", "--handoff-socket", &socket]), 1, "only http is supported");
+    assert_refused(&with(&["--max-precopy-rounds", "0"]), 2, "invalid value '0' for '--max-precopy-rounds");
+    assert_refused(&with(&["--shutdown-grace", "soon"]), 2, "invalid value 'soon' for '--shutdown-grace");
+    assert_refused(&with(&["--source-unreachable-timeout=-1s"]), 2, "--source-unreachable-timeout");
+    assert_refused(&with(&["--listen", "nowhere"]), 1, "binding the gRPC listener nowhere");
+    assert_refused(&with(&["--metrics-listen", "127.0.0.1:99999"]), 1, "binding the metrics listener 127.0.0.1:99999");
+    assert!(!Path::new(&socket).exists(), "a refused start leaves no hand-off socket behind");
+}
+
+/// `PAGESERVER_DIE_WITH_PARENT` names the parent's pid; an agent whose
+/// parent is not (or no longer) that one stops at once.
+#[test]
+fn a_bad_or_gone_parent_is_refused_at_start() {
+    let dir = Scratch::new("parent");
+    let socket = dir.join("t.sock").display().to_string();
+    let args = ["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--source", "http://127.0.0.1:9"];
+    let with_parent = |value: &str| {
+        output_of(
+            Command::new(TARGET_AGENT)
+                .env_clear()
+                .env("PAGESERVER_DIE_WITH_PARENT", value)
+                .args(args)
+                .args(["--handoff-socket", &socket]),
+        )
+    };
+    assert_refused(&with_parent("yes"), 1, "PAGESERVER_DIE_WITH_PARENT=\"yes\" is not a process id");
+    // pid 1 is not this test: as if the parent had died before the agent asked to die with it.
+    let gone = with_parent("1");
+    assert_refused(
+        &gone,
+        1,
+        &format!("the parent (pid 1) is already gone (the parent is now pid {})", std::process::id()),
+    );
+}
+
+#[test]
+fn a_regular_file_at_the_handoff_socket_path_is_refused_and_left_alone() {
+    let dir = Scratch::new("regular-file");
+    let path = dir.join("not-a-socket");
+    std::fs::write(&path, b"precious").expect("write");
+    let output = run(&["--source", "http://127.0.0.1:9", "--handoff-socket", &path.display().to_string()]);
+    assert_refused(&output, 1, "is not a socket; refusing to replace it");
+    assert_eq!(std::fs::read(&path).expect("the file is still there"), b"precious");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_agent_on_a_socket_in_use_is_refused() {
+    let dir = Scratch::new("in-use");
+    let socket = dir.join("t.sock").display().to_string();
+    let first = Agent::start(
+        "first",
+        Path::new(TARGET_AGENT),
+        &["--source", "http://127.0.0.1:9", "--handoff-socket", &socket],
+        &dir,
+    );
+    let output = run(&["--source", "http://127.0.0.1:9", "--handoff-socket", &socket]);
+    assert_refused(&output, 1, "is in use");
+    // The first one still has its socket, and takes a hand-off on it.
+    let mut vmm = TargetVmm::new(16);
+    let handed = tokio::task::spawn_blocking(move || vmm.hand_off(Path::new(&socket)).map(|()| vmm));
+    handed.await.expect("hand-off thread").expect("the first agent takes the hand-off");
+    drop(first);
+}
+
+/// Once it has its VM's memory, the agent keeps its socket: another agent
+/// cannot take the path, and another hand-off is refused with a reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_its_handoff_the_agent_keeps_its_socket_and_refuses_later_ones() {
+    let m = Migration::start("keeps-socket", 64, &[]).await;
+    wait_for_status(&m.target, "pre-copy converged", |s| s.phase() == MigrationPhase::PrecopyConverged).await;
+    let socket = m.dir.join("target.sock");
+    assert!(socket.exists(), "the socket stays bound after the hand-off");
+
+    let output = run(&["--source", &m.source.url(), "--handoff-socket", &socket.display().to_string()]);
+    assert_refused(&output, 1, "is in use");
+
+    let mut other = TargetVmm::new(64);
+    let refused = tokio::task::spawn_blocking(move || other.hand_off(&socket)).await.expect("hand-off thread");
+    match refused {
+        Err(HandoffError::Refused(why)) => {
+            assert!(why.starts_with("this agent already has its VM's memory (VM \"test-vm\", VMM pid"), "{why}")
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    let status = support::status(&m.target).await;
+    assert_eq!(status.phase(), MigrationPhase::PrecopyConverged, "the refused hand-off changed nothing");
+}
+
+/// An agent that dies leaves its socket file behind; nothing listens on it,
+/// so the next agent replaces it and gets the VMM's memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stale_socket_of_a_dead_agent_is_taken_by_the_next_one() {
+    let dir = Scratch::new("stale");
+    let socket = dir.join("t.sock").display().to_string();
+    let args = ["--source", "http://127.0.0.1:9", "--handoff-socket", socket.as_str()];
+    let mut first = Agent::start("first", Path::new(TARGET_AGENT), &args, &dir);
+    first.signal(Signal::KILL);
+    first.wait();
+    assert!(Path::new(&socket).exists(), "a killed agent leaves its socket file");
+
+    let second = Agent::start("second", Path::new(TARGET_AGENT), &args, &dir);
+    assert!(second.stderr().contains("replaced a stale hand-off socket"), "{}", second.stderr());
+    let mut vmm = TargetVmm::new(16);
+    let handed = tokio::task::spawn_blocking(move || vmm.hand_off(Path::new(&socket)).map(|()| vmm));
+    handed.await.expect("hand-off thread").expect("the new agent takes the hand-off");
+}
