@@ -148,3 +148,17 @@ async fn during_the_grace_streams_are_served_and_a_finished_stream_lets_the_agen
     assert_eq!(exit.code(), Some(0), "{}", agent.stderr());
     assert!(!agent.stderr().contains("cutting a GetPages stream"), "nothing was cut: {}", agent.stderr());
 }
+
+/// A SIGTERM sent as soon as the agent says it is listening is handled (the
+/// signals are watched before that line), not the signal's default action
+/// killing it. Several agents, to give a regression its chance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_right_after_the_listening_line_is_handled() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for attempt in 0..5 {
+        let mut agent = Agent::start(dir.path(), "10s");
+        agent.terminate();
+        let exit = agent.wait().await;
+        assert_eq!(exit.code(), Some(0), "attempt {attempt}: {exit:?}; stderr:\n{}", agent.stderr());
+    }
+}

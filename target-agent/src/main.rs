@@ -108,10 +108,12 @@ fn run(args: Args) -> anyhow::Result<()> {
         let shell = AgentShell::bind(&args.listen, &args.metrics_listen).await?;
         tokio::spawn(agent.clone().run());
         let (stopped_tx, stopped_rx) = oneshot::channel();
+        // Watched from now on, before the listening line.
+        let signalled = shutdown_signal();
         let stopping = {
             let agent = agent.clone();
             async move {
-                shutdown_signal().await;
+                signalled.await;
                 let _ = stopped_tx.send(shutdown::stop(&agent, args.shutdown_grace, shutdown_signal()).await);
             }
         };

@@ -46,6 +46,22 @@ async fn sigterm_before_any_handoff_exits_0() {
     assert!(!std::path::Path::new(&socket).exists(), "a clean exit removes the hand-off socket");
 }
 
+/// A SIGTERM sent as soon as the agent says it is listening is handled (the
+/// signals are watched before that line), not the signal's default action
+/// killing it. Several agents, to give a regression its chance.
+#[test]
+fn sigterm_right_after_the_listening_line_is_handled() {
+    let dir = Scratch::new("early-sigterm");
+    for attempt in 0..5 {
+        let socket = dir.join(&format!("target-{attempt}.sock")).display().to_string();
+        let args = ["--source", "http://127.0.0.1:9", "--handoff-socket", socket.as_str()];
+        let mut agent = Agent::start("target-agent", std::path::Path::new(TARGET_AGENT), &args, &dir);
+        agent.signal(Signal::TERM);
+        let exit = agent.wait();
+        assert_eq!(exit.code(), Some(0), "attempt {attempt}: {exit:?}; stderr:\n{}", agent.stderr());
+    }
+}
+
 /// Stopped before the switchover, the migration is abandoned at once: the
 /// source VM still runs, and nothing was installed into the target guest.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
