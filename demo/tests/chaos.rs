@@ -129,26 +129,32 @@ async fn both_agents_killed_at_switchover_are_replaced_and_the_migration_complet
 /// unreachable for its deadline.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_impostor_source_agent_is_refused_and_nothing_it_sends_is_installed() {
+    let r = source_lost_during_postcopy("impostor-source-agent@postcopy", "not this migration's source").await;
+    assert!(r.source_replies_refused > 0, "the impostor's replies were refused");
+}
+
+/// A migration in which the source is lost after the switchover (`event`),
+/// while the final bitmap is still to come: it must fail within its
+/// deadline, saying `reason`, with a frozen guest that saw no wrong page.
+/// Every page that guest can see is compared (how many depends on when the
+/// event came); a wrong page installed would be among them.
+async fn source_lost_during_postcopy(event: &str, reason: &str) -> Report {
     let r = migrate(MigrationOptions {
-        chaos: chaos("impostor-source-agent@postcopy"),
+        chaos: chaos(event),
         source_unreachable_timeout: Some(Duration::from_secs(3)),
         dirty_rate: 20_000,
-        // The final bitmap comes after the impostor: the target still needs
-        // the source when it arrives.
         hooks: hold_bitmap(2_000),
         ..options(64 * MIB)
     })
     .await;
     let failure = r.failure.as_deref().expect("the migration must fail");
-    assert!(failure.contains("not this migration's source"), "{failure}");
+    assert!(failure.contains(reason), "{failure}");
     assert!(failure.contains("The guest is frozen"), "{failure}");
     assert_eq!(r.phase, "failed");
     assert_eq!(r.target_health, "NOT_SERVING");
     assert_eq!(r.target_agent_exit_code, Some(1));
-    assert!(r.source_replies_refused > 0, "the impostor's replies were refused");
-    // Every page the frozen guest can see is compared (how many depends on
-    // when the impostor came); without the fence, its pages are among them.
-    assert_eq!(r.mismatched_pages, 0, "a page of the impostor reached the guest: {:?}", r.first_mismatches);
+    assert_eq!(r.mismatched_pages, 0, "a wrong page reached the guest: {:?}", r.first_mismatches);
+    r
 }
 
 /// Switchover declared while the source VM still runs: nothing read from
@@ -182,22 +188,7 @@ async fn a_source_vmm_killed_after_the_pause_leaves_its_memory_to_its_agent_and_
 /// guest, which saw no wrong page.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_whole_source_side_killed_fails_within_the_deadline_and_freezes_the_guest() {
-    let r = migrate(MigrationOptions {
-        chaos: chaos("kill-source-side@postcopy"),
-        source_unreachable_timeout: Some(Duration::from_secs(3)),
-        dirty_rate: 20_000,
-        // The final bitmap is still to come when the source side dies.
-        hooks: hold_bitmap(2_000),
-        ..options(64 * MIB)
-    })
-    .await;
-    let failure = r.failure.as_deref().expect("the migration must fail");
-    assert!(failure.contains("unreachable"), "{failure}");
-    assert!(failure.contains("The guest is frozen"), "{failure}");
-    assert_eq!(r.phase, "failed");
-    assert_eq!(r.target_health, "NOT_SERVING");
-    assert_eq!(r.target_agent_exit_code, Some(1));
-    assert_eq!(r.mismatched_pages, 0, "{:?}", r.first_mismatches);
+    source_lost_during_postcopy("kill-source-side@postcopy", "unreachable").await;
 }
 
 /// A failure before switchover still gives a report saying why.
