@@ -11,7 +11,7 @@ mod common;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use common::{PAGE_SIZE, RunningServer, TestVmm, bitmap_chunks, page_pattern};
+use common::{PAGE_SIZE, RunningServer, bitmap_chunks, page_pattern};
 use pageserver_proto::MAX_MESSAGE_BYTES;
 use pageserver_proto::v1::page_server_client::PageServerClient;
 use pageserver_proto::v1::{GetLayoutRequest, GetPageRequest, Page, PagesReply, PagesRequest};
@@ -53,13 +53,7 @@ async fn serve_handoff() -> Served {
     let agent = Arc::new(SourceAgent::waiting_for_handoff("test-vm", &socket));
     let listener = listen_for_handoff(&socket, agent.clone()).expect("listen for the hand-off");
     let server = RunningServer::start(agent.clone()).await;
-    let vmm = tokio::task::spawn_blocking(move || {
-        let mut vmm = TestVmm::new(PAGES);
-        vmm.hand_off(&socket).expect("the hand-off is accepted");
-        vmm
-    })
-    .await
-    .expect("hand-off task");
+    let vmm = common::handed_off(&socket, PAGES).await;
     Served { agent, server, _keep: Box::new((dir, listener, vmm)) }
 }
 

@@ -12,7 +12,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{PAGE_SIZE, TestVmm, page_pattern};
+use common::{PAGE_SIZE, page_pattern};
 use guest_memory::memfile;
 use pageserver_proto::v1::page_server_client::PageServerClient;
 use pageserver_proto::v1::{GetLayoutRequest, GetPageRequest, PagesRequest};
@@ -122,13 +122,7 @@ async fn a_handed_off_memfd_the_vmm_truncates() {
     let dir = tempfile::tempdir().expect("tempdir");
     let socket = dir.path().join("handoff.sock");
     let agent = start_agent(dir.path(), &["--handoff-socket", socket.to_str().expect("a UTF-8 path")]).await;
-    let vmm = tokio::task::spawn_blocking(move || {
-        let mut vmm = TestVmm::new(PAGES);
-        vmm.hand_off(&socket).expect("the hand-off is accepted");
-        vmm
-    })
-    .await
-    .expect("hand-off task");
+    let vmm = common::handed_off(&socket, PAGES).await;
     let mut agent = agent;
     let (before, _) = common::dirty_pages(&mut agent.client, 0, false).await.expect("a first round");
     // The test VMM never touches its mapping past the new end.

@@ -44,13 +44,7 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 }
 
 async fn hand_off(socket: &Path, pages: u64) -> TestVmm {
-    let socket = socket.to_owned();
-    blocking(move || {
-        let mut vmm = TestVmm::new(pages);
-        vmm.hand_off(&socket).expect("the hand-off is accepted");
-        vmm
-    })
-    .await
+    common::handed_off(socket, pages).await
 }
 
 /// A waiting agent that a test VMM handed `pages` pages, and the epoch of a

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use guest_memory::handoff::{AgentMessage, EventReader, Handoff};
-use guest_memory::memfile::{fallocate_keep_size, monotonic_ns, punch_hole};
+use guest_memory::memfile::{data_ranges, fallocate_keep_size, monotonic_ns, punch_hole};
 use guest_memory::{GuestLayout, MemoryMap, UffdError, Userfaultfd, layout::LayoutError};
 use pageserver_proto::v1::Page;
 
@@ -261,7 +261,11 @@ impl GuestMemory {
     /// kept it). A VMM that unmapped the range for good leaves nothing to
     /// map: then nothing is.
     fn settle_removed(&self, page: u64) -> Result<(), InstallError> {
-        let hole = !fs_has_data(self.memory.as_fd(), self.layout.file_offset(page));
+        // A file system that cannot tell (an error) counts as holding data.
+        let offset = self.layout.file_offset(page);
+        let mut data = false;
+        let hole =
+            data_ranges(self.memory.as_fd(), offset, offset + self.page_size(), |_, _| data = true).is_ok() && !data;
         let mapped = if hole { self.zero_fill(page) } else { self.continue_page(page) };
         match mapped {
             Err(InstallError::Uffd { source: UffdError::NoPage { .. } | UffdError::Os { .. }, .. }) => {
@@ -395,16 +399,5 @@ impl GuestMemory {
         }
         self.stats.pages_installed_bulk.fetch_add(installed, Ordering::Relaxed);
         Ok(installed)
-    }
-}
-
-/// Whether the file holds data at `offset` (SEEK_DATA). A file system that
-/// cannot tell (hugetlbfs reports everything as data) says yes.
-fn fs_has_data(fd: std::os::fd::BorrowedFd<'_>, offset: u64) -> bool {
-    match rustix::fs::seek(fd, rustix::fs::SeekFrom::Data(offset)) {
-        Ok(at) => at == offset,
-        // ENXIO: no data from `offset` to the end.
-        Err(rustix::io::Errno::NXIO) => false,
-        Err(_) => true,
     }
 }

@@ -195,3 +195,17 @@ where
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// A test VMM of `pages` pages that handed its memory to the agent on
+/// `socket` (run off the async runtime).
+#[allow(dead_code, reason = "not every test file hands memory off")]
+pub async fn handed_off(socket: &std::path::Path, pages: u64) -> TestVmm {
+    let socket = socket.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let mut vmm = TestVmm::new(pages);
+        vmm.hand_off(&socket).expect("the hand-off is accepted");
+        vmm
+    })
+    .await
+    .expect("hand-off task")
+}
