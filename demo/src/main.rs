@@ -16,7 +16,7 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use pageserver_agent_shell::parse_duration;
 use pageserver_demo::chaos::ChaosEvent;
-use pageserver_demo::qemu::{QemuOptions, run_qemu_migration_until};
+use pageserver_demo::qemu::{QemuOptions, chaos_supported, run_qemu_migration_until};
 use pageserver_demo::stop_signal::stop_signal;
 use pageserver_demo::test_hooks::{AgentTestHooks, FaultLoopBreak};
 use pageserver_demo::{MigrationOptions, run_migration_until};
@@ -137,8 +137,11 @@ enum Vmm {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if args.vmm == Vmm::Qemu {
-        if args.metrics_dump.is_some() || !args.chaos.is_empty() || args.two_hosts || args.link_rate_gbit.is_some() {
-            bail!("--metrics-dump, --chaos, --two-hosts and --link-rate-gbit work with --vmm standin only");
+        if args.metrics_dump.is_some() || args.two_hosts || args.link_rate_gbit.is_some() {
+            bail!("--metrics-dump, --two-hosts and --link-rate-gbit work with --vmm standin only");
+        }
+        if let Some(event) = args.chaos.iter().find(|e| !chaos_supported(e)) {
+            bail!("--chaos {event}: with --vmm qemu only kill-target-agent can be rehearsed");
         }
         return run_qemu(&args).await;
     }
@@ -187,6 +190,7 @@ async fn run_qemu(args: &Args) -> anyhow::Result<()> {
         memory_mib: args.memory.unwrap_or(256 << 20) >> 20,
         hugetlb: args.hugetlb,
         hooks: args.hooks.hooks(),
+        chaos: args.chaos.clone(),
         ..QemuOptions::default()
     };
     let report = run_qemu_migration_until(&options, stop_signal()).await.context("QEMU migration failed")?;

@@ -66,3 +66,25 @@ async fn qemu_guest_catches_withheld_stale_pages() {
     let r = migrate(QemuOptions { hooks, ..QemuOptions::default() }).await;
     assert!(r.guest.bad_words > 0, "the guest did not notice 100 stale pages: {:?}", r.guest);
 }
+
+/// `kill-target-agent` at each phase with an unmodified QEMU: the shim in
+/// the target QEMU hands the guest's memory, uffd and pagemap to a new
+/// agent, which takes over; the target's RAM equals the source's at pause
+/// byte for byte, and the guest's own checker sees no bad word. (Without the
+/// shim's re-hand-off the new agent never gets the memory and the run fails
+/// with `NotHandedOverAgain`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_guest_survives_its_target_agent_killed() {
+    let runs = [("precopy", false), ("switchover", false), ("postcopy", false), ("postcopy", true)];
+    for (phase, hugetlb) in runs {
+        let chaos = vec![format!("kill-target-agent@{phase}").parse().unwrap()];
+        let r = migrate(QemuOptions { verify_bytes: true, chaos, hugetlb, ..QemuOptions::default() }).await;
+        let phase = format!("{phase}{}", if hugetlb { " (hugetlbfs)" } else { "" });
+        assert_eq!(r.migration.handoffs.get("target"), Some(&2), "{phase}: {:?}", r.migration.handoffs);
+        assert_eq!(r.migration.chaos.len(), 1, "{phase}");
+        assert_eq!(r.migration.mismatched_pages, 0, "{phase}: {:?}", r.migration.first_mismatches);
+        assert_eq!(r.migration.verified_pages, 256 << 8, "{phase}");
+        assert_eq!(r.guest.bad_words, 0, "{phase}");
+        assert_eq!(r.migration.faults_blocked_total(), 0, "{phase}: {:?}", r.migration.faults_blocked);
+    }
+}

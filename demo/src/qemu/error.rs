@@ -10,6 +10,7 @@ use std::time::Duration;
 use guest_memory::hugepages::HugePageError;
 
 use super::qmp::QmpError;
+use crate::chaos::ChaosEvent;
 use crate::process::ProcessError;
 use crate::status_watch::StatusError;
 
@@ -20,6 +21,14 @@ pub const SETUP_COMMAND: &str = "scripts/setup --qemu";
 pub enum QemuError {
     #[error("interrupted by {0}")]
     Interrupted(String),
+    #[error("--chaos {0}: a QEMU migration rehearses kill-target-agent only (the others need --vmm standin)")]
+    ChaosUnsupported(ChaosEvent),
+    #[error(
+        "the target QEMU's VMM shim did not hand the guest's memory to the new target agent within {after:.1?} \
+         (no \"handed over again\" line in {log})",
+        log = log.display()
+    )]
+    NotHandedOverAgain { log: PathBuf, after: Duration },
     #[error("qemu-system-x86_64 is not on PATH: install it with `{SETUP_COMMAND}` (as root)")]
     QemuNotInstalled,
     #[error("the QEMU test guest is not built ({path} is missing): build it with `{SETUP_COMMAND}` (as root)", path = path.display())]

@@ -20,6 +20,8 @@
 //! # Layout
 //!
 //! - this file: the options and the sequence above;
+//! - `agent_restart`: `--chaos kill-target-agent@PHASE`, the one chaos event
+//!   a QEMU migration rehearses (the shim's hand-off to a new agent);
 //! - [`error`]: why a run fails ([`QemuError`]);
 //! - [`qmp`]: a minimal QMP client;
 //! - `command_line`: how each QEMU is started, with the VMM shim;
@@ -33,6 +35,7 @@
 
 #![forbid(unsafe_code)]
 
+mod agent_restart;
 mod command_line;
 pub mod error;
 pub mod guest;
@@ -50,15 +53,18 @@ use pageserver_proto::v1::migration_target_client::MigrationTargetClient;
 use pageserver_proto::v1::{GetStatusRequest, SetPausedRequest, SwitchoverRequest};
 use serde_json::json;
 
+pub use agent_restart::supported as chaos_supported;
 pub use error::QemuError;
 pub use guest::GuestVerdict;
 pub use report::QemuReport;
 
+use crate::chaos::{ChaosEvent, ChaosPhase};
 use crate::process::{Binaries, ChildProcess, WorkDir};
 use crate::progress::Progress;
 use crate::report::Report;
 use crate::status_watch::StatusWatch;
 use crate::test_hooks::AgentTestHooks;
+use agent_restart::TargetAgent;
 use command_line::QemuLaunch;
 use error::{qmp, rpc};
 use guest::{GuestImage, checker_lines, qemu_installed, read_log, wait_generations};
@@ -85,6 +91,8 @@ pub struct QemuOptions {
     /// (frozen since the pause) byte for byte, then let the guest run.
     pub verify_bytes: bool,
     pub timeout: Duration,
+    /// Chaos events; only `kill-target-agent` ([`chaos_supported`]).
+    pub chaos: Vec<ChaosEvent>,
 }
 
 impl Default for QemuOptions {
@@ -98,6 +106,7 @@ impl Default for QemuOptions {
             hooks: AgentTestHooks::default(),
             verify_bytes: false,
             timeout: Duration::from_secs(120),
+            chaos: Vec::new(),
         }
     }
 }
@@ -121,6 +130,9 @@ pub async fn run_qemu_migration_until(
 ) -> Result<QemuReport, QemuError> {
     crate::leftovers::clean_up();
     // What the run needs is checked before anything is started.
+    if let Some(event) = opts.chaos.iter().find(|e| !chaos_supported(e)) {
+        return Err(QemuError::ChaosUnsupported(*event));
+    }
     let binaries = Binaries::locate()?;
     if !qemu_installed() {
         return Err(QemuError::QemuNotInstalled);
@@ -252,7 +264,8 @@ async fn migrate(q: &Qemus<'_>, children: &mut Vec<ChildProcess>) -> Result<Qemu
         format!("--handoff-socket={}", target_sock.display()),
     ];
     args.extend(q.opts.hooks.args());
-    let target_addr = q.start_agent("target-agent", &q.binaries.target_agent, &args, children).await?;
+    let addr = q.start_agent("target-agent", &q.binaries.target_agent, &args, children).await?;
+    let child = children.len() - 1;
     children.push(q.spawn_qemu("target", &target_sock)?);
     let mut target_qmp = Qmp::connect(&q.qmp_socket("target"), t).await.map_err(qmp("target"))?;
     let port = free_port()?;
@@ -262,13 +275,16 @@ async fn migrate(q: &Qemus<'_>, children: &mut Vec<ChildProcess>) -> Result<Qemu
         .await
         .map_err(qmp("target"))?;
 
-    let mut target = MigrationTargetClient::connect(format!("http://{target_addr}"))
+    let client = MigrationTargetClient::connect(format!("http://{addr}"))
         .await
-        .map_err(|source| QemuError::Connect { agent: "target", addr: target_addr.clone(), source })?;
-    let watch = StatusWatch::start(target.clone());
+        .map_err(|source| QemuError::Connect { agent: "target", addr: addr.clone(), source })?;
+    let mut target = TargetAgent { addr, client, child };
+    let (mut chaos, mut handoffs) = (Vec::new(), None);
+    q.fire_chaos(ChaosPhase::Precopy, &mut target, &args, children, &mut chaos, &mut handoffs).await?;
+    let mut watch = StatusWatch::start(target.client.clone());
     let round_done = |round, dirty| q.progress.say(format!("pre-copy round {round}: {dirty} dirty pages"));
     watch.wait_precopy_converged(t, round_done).await?;
-    q.progress.say("target agent pre-copied the guest's RAM");
+    q.progress.say(format!("target agent on {} pre-copied the guest's RAM", target.addr));
 
     // Switchover.
     source_qmp
@@ -284,7 +300,13 @@ async fn migrate(q: &Qemus<'_>, children: &mut Vec<ChildProcess>) -> Result<Qemu
         .await
         .map_err(|source| QemuError::Connect { agent: "source", addr: source_addr.clone(), source })?;
     control.set_paused(SetPausedRequest { paused: true }).await.map_err(rpc("source", "SetPaused"))?;
-    target.switchover(SwitchoverRequest::default()).await.map_err(rpc("target", "Switchover"))?;
+    if q.fire_chaos(ChaosPhase::Switchover, &mut target, &args, children, &mut chaos, &mut handoffs).await? {
+        watch = StatusWatch::start(target.client.clone());
+    }
+    target.client.switchover(SwitchoverRequest::default()).await.map_err(rpc("target", "Switchover"))?;
+    if q.fire_chaos(ChaosPhase::Postcopy, &mut target, &args, children, &mut chaos, &mut handoffs).await? {
+        watch = StatusWatch::start(target.client.clone());
+    }
     source_qmp.execute("migrate-continue", json!({ "state": "pre-switchover" })).await.map_err(qmp("source"))?;
     let completed = source_qmp.wait_migration_status("completed", t);
     watch.unless_failed(async { completed.await.map_err(qmp("source")) }).await?;
@@ -319,7 +341,7 @@ async fn migrate(q: &Qemus<'_>, children: &mut Vec<ChildProcess>) -> Result<Qemu
         "target guest: {} generations checked after switchover, {} bad words",
         verdict.generations_after_switchover, verdict.bad_words
     ));
-    let status = target.get_status(GetStatusRequest {}).await.map_err(rpc("target", "GetStatus"))?.into_inner();
+    let status = target.client.get_status(GetStatusRequest {}).await.map_err(rpc("target", "GetStatus"))?.into_inner();
     report.apply_status(&status);
     report.page_size = status.page_size;
     report.total_pages = status.total_pages;
@@ -327,5 +349,9 @@ async fn migrate(q: &Qemus<'_>, children: &mut Vec<ChildProcess>) -> Result<Qemu
     report.downtime_ms = downtime_ms;
     report.hugetlb = q.opts.hugetlb;
     report.total_seconds = q.progress.seconds();
+    report.chaos = chaos;
+    if let Some(handoffs) = handoffs {
+        report.handoffs.insert("target".to_owned(), handoffs);
+    }
     Ok(QemuReport { migration: report, guest: verdict })
 }
