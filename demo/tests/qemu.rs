@@ -77,7 +77,7 @@ async fn qemu_guest_catches_withheld_stale_pages() {
 async fn qemu_guest_survives_its_target_agent_killed() {
     let runs = [("precopy", false), ("switchover", false), ("postcopy", false), ("postcopy", true)];
     for (phase, hugetlb) in runs {
-        let chaos = vec![format!("kill-target-agent@{phase}").parse().unwrap()];
+        let chaos = vec![format!("kill-target-agent@{phase}").parse().expect("a chaos event")];
         let r = migrate(QemuOptions { verify_bytes: true, chaos, hugetlb, ..QemuOptions::default() }).await;
         let phase = format!("{phase}{}", if hugetlb { " (hugetlbfs)" } else { "" });
         assert_eq!(r.migration.handoffs.get("target"), Some(&2), "{phase}: {:?}", r.migration.handoffs);
