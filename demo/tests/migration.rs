@@ -242,3 +242,33 @@ async fn shmem_pages_the_target_vmm_discards_are_never_filled_from_the_source() 
 async fn hugetlbfs_pages_the_target_vmm_discards_are_never_filled_from_the_source() {
     discarded_pages_stay_discarded(true).await;
 }
+
+/// A balloon on the source: after pre-copy converged and before the pause,
+/// the source VMM punches out pages the target already holds (the dirtying
+/// vCPUs are stopped, so nothing writes them again). Their content is now
+/// zeros, with no write for write-protection to see: the source agent must
+/// report them dirty (shmem: the file's holes; hugetlbfs, which has no
+/// `SEEK_HOLE`: its own mapping of the file losing them), or the target
+/// keeps the old content, which the byte-for-byte verification catches.
+async fn source_discards_reach_the_target(hugetlb: bool) {
+    let memory = if hugetlb { 64 * MIB } else { 32 * MIB };
+    let opts = if hugetlb { MigrationOptions { hugetlb: true, ..options(memory) } } else { options(memory) };
+    let total = memory / opts.page_size();
+    let mut discarded = non_holes(opts.seed, total, 6);
+    discarded.sort_unstable();
+    discarded.dedup();
+    let wanted = discarded.len() as u64;
+    let r = migrate(MigrationOptions { dirty_rate: 0, discard_before_pause: discarded, ..opts }).await;
+    assert_every_byte_verified(&r);
+    assert!(r.stale_pages_at_switchover >= wanted, "the discarded pages were not all stale: {r:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shmem_pages_the_source_vmm_discards_reach_the_target_as_zeros() {
+    source_discards_reach_the_target(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hugetlbfs_pages_the_source_vmm_discards_reach_the_target_as_zeros() {
+    source_discards_reach_the_target(true).await;
+}

@@ -116,6 +116,19 @@ pub fn present_pages(pagemap: BorrowedFd<'_>, base: u64, size: u64, page_size: u
     page_indexes(base, size, page_size, |on_range| walk(pagemap, (base, base + size), 0, present, &mut buf, on_range))
 }
 
+/// Reports every range [start, end) of [`start`, `end`) that the page tables
+/// map to `on_present`; nothing is touched or changed. `buf` is scratch
+/// space, reused between calls; its capacity bounds each ioctl.
+pub fn scan_present(
+    pagemap: BorrowedFd<'_>,
+    start: u64,
+    end: u64,
+    buf: &mut Vec<PageRegion>,
+    on_present: impl FnMut(u64, u64),
+) -> Result<(), ScanError> {
+    walk(pagemap, (start, end), 0, pagemap_flags::PAGE_IS_PRESENT, buf, on_present)
+}
+
 /// Ranges one PAGEMAP_SCAN ioctl of [`written_pages`] and [`present_pages`]
 /// may return.
 const SCAN_BATCH_REGIONS: usize = 256;

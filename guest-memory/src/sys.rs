@@ -58,13 +58,25 @@ unsafe impl Sync for MemoryMap {}
 impl MemoryMap {
     /// Maps `len` bytes of `fd` at `offset`, read-only or read-write.
     pub fn map(fd: BorrowedFd<'_>, offset: u64, len: usize, writable: bool) -> io::Result<Self> {
+        Self::map_with(fd, offset, len, writable, MapFlags::SHARED)
+    }
+
+    /// Maps `len` bytes of `fd` at `offset` read-only with `MAP_NORESERVE`:
+    /// on hugetlbfs the mapping reserves no huge page for the file's holes
+    /// (for a mapping that never fills one, see
+    /// [`Userfaultfd::guarding_holes`](crate::Userfaultfd::guarding_holes)).
+    pub fn map_read_only_unreserved(fd: BorrowedFd<'_>, offset: u64, len: usize) -> io::Result<Self> {
+        Self::map_with(fd, offset, len, false, MapFlags::SHARED | MapFlags::NORESERVE)
+    }
+
+    fn map_with(fd: BorrowedFd<'_>, offset: u64, len: usize, writable: bool, flags: MapFlags) -> io::Result<Self> {
         if len == 0 {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "cannot map 0 bytes"));
         }
         let prot = if writable { ProtFlags::READ | ProtFlags::WRITE } else { ProtFlags::READ };
         // SAFETY: a fresh mapping chosen by the kernel (addr NULL) aliases no
         // Rust object; the fd is open for the duration of the call.
-        let ptr = unsafe { rustix::mm::mmap(std::ptr::null_mut(), len, prot, MapFlags::SHARED, fd, offset) }?;
+        let ptr = unsafe { rustix::mm::mmap(std::ptr::null_mut(), len, prot, flags, fd, offset) }?;
         let ptr = NonNull::new(ptr.cast()).ok_or_else(|| io::Error::other("mmap returned NULL"))?;
         Ok(Self { ptr, len, writable })
     }
@@ -129,6 +141,20 @@ impl MemoryMap {
         // Rust reference points into (see the type's docs): dropping its
         // page-table entries or its file pages invalidates nothing of ours.
         Ok(unsafe { rustix::mm::madvise(self.ptr.as_ptr().add(offset).cast(), len, advice) }?)
+    }
+
+    /// `MADV_POPULATE_READ` over `len` bytes at `offset` (page aligned): maps
+    /// the file's pages there into this mapping's page tables, as reads
+    /// would, without touching them. A hole fails the call (`EFAULT`) where
+    /// a userfaultfd guards it ([`Userfaultfd::guarding_holes`](crate::Userfaultfd::guarding_holes));
+    /// elsewhere it would allocate a page.
+    pub fn populate_read(&self, offset: usize, len: usize) -> io::Result<()> {
+        self.check(offset, len);
+        // SAFETY: the range is inside the live mapping (checked); populating
+        // page tables changes no byte of it and no Rust object.
+        Ok(unsafe {
+            rustix::mm::madvise(self.ptr.as_ptr().add(offset).cast(), len, rustix::mm::Advice::LinuxPopulateRead)
+        }?)
     }
 
     /// Reads the aligned 64-bit word at `offset`.

@@ -44,6 +44,7 @@ pub mod features {
     pub const WP_HUGETLBFS_SHMEM: u64 = k::UFFD_FEATURE_WP_HUGETLBFS_SHMEM as u64;
     pub const EVENT_REMOVE: u64 = k::UFFD_FEATURE_EVENT_REMOVE as u64;
     pub const EVENT_UNMAP: u64 = k::UFFD_FEATURE_EVENT_UNMAP as u64;
+    pub const SIGBUS: u64 = k::UFFD_FEATURE_SIGBUS as u64;
 }
 
 /// The non-fault events a target VMM's uffd reports. Not `EVENT_UNMAP`: the
@@ -221,9 +222,13 @@ impl Userfaultfd {
     /// `UFFD_FEATURE_*` bits, see [`features`]). Faults from kernel mode are
     /// included: KVM touches guest memory from the kernel.
     pub fn create(features: u64) -> Result<Self, UffdError> {
+        Self::create_with(features, false)
+    }
+
+    fn create_with(features: u64, user_mode_only: bool) -> Result<Self, UffdError> {
         let inner = UffdBuilder::new()
             .close_on_exec(true)
-            .user_mode_only(false)
+            .user_mode_only(user_mode_only)
             .require_features(FeatureFlags::from_bits_retain(features))
             .create()
             .map_err(|source| UffdError::Create { features, source })?;
@@ -255,6 +260,20 @@ impl Userfaultfd {
         };
         let uffd = Self::create(wanted)?;
         uffd.register(region.base_host_virt_addr, region.size, mode)?;
+        Ok(uffd)
+    }
+
+    /// A userfaultfd that keeps this process from filling holes of the file
+    /// mapped at [addr, addr+len) (a mapping of its own, of `page_size`
+    /// pages): registered for MISSING faults with `UFFD_FEATURE_SIGBUS`, so
+    /// a fault on a hole fails at once (SIGBUS; `EFAULT` for
+    /// [`MemoryMap::populate_read`](crate::MemoryMap::populate_read)) instead
+    /// of allocating a page there. Nobody reads it. User-mode only, so it
+    /// needs no privilege (`vm.unprivileged_userfaultfd` 0 allows it).
+    pub fn guarding_holes(addr: u64, len: u64, page_size: u64) -> Result<Self, UffdError> {
+        let missing = if page_size >= HUGE_PAGE { features::MISSING_HUGETLBFS } else { features::MISSING_SHMEM };
+        let uffd = Self::create_with(features::SIGBUS | missing, true)?;
+        uffd.register(addr, len, RegisterMode::MISSING)?;
         Ok(uffd)
     }
 

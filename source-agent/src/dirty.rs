@@ -46,7 +46,6 @@
 //!   after, and the VM counts as paused.
 #![forbid(unsafe_code)]
 
-use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
@@ -125,10 +124,10 @@ pub struct DirtyTracker {
 }
 
 impl DirtyTracker {
-    fn new(layout: GuestLayout, tracked: Option<(OwnedFd, File)>, paused: bool) -> Self {
+    fn new(layout: GuestLayout, tracked: Option<(OwnedFd, RemovedPages)>, paused: bool) -> Self {
         let pages = usize::try_from(layout.total_pages()).unwrap_or(usize::MAX);
         let (pagemap, removed) = match tracked {
-            Some((pagemap, memory)) => (Some(pagemap), Some(RemovedPages::new(memory, &layout))),
+            Some((pagemap, removed)) => (Some(pagemap), Some(removed)),
             None => (None, None),
         };
         let state = EpochState {
@@ -155,11 +154,10 @@ impl DirtyTracker {
         Self::new(layout, None, true)
     }
 
-    /// A running VMM's memory, scanned through its pagemap, and its memory
-    /// file (a descriptor of its own: lookups move the file position) for
-    /// removed pages.
-    pub fn for_vmm(layout: GuestLayout, pagemap: OwnedFd, memory: File) -> Self {
-        Self::new(layout, Some((pagemap, memory)), false)
+    /// A running VMM's memory, scanned through its pagemap, and watched for
+    /// pages removed from its memory file.
+    pub fn for_vmm(layout: GuestLayout, pagemap: OwnedFd, removed: RemovedPages) -> Self {
+        Self::new(layout, Some((pagemap, removed)), false)
     }
 
     /// The newest complete epoch.

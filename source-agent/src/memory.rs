@@ -18,7 +18,7 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -27,6 +27,7 @@ use guest_memory::layout::LayoutError;
 use guest_memory::{GuestLayout, RegionLayout, Userfaultfd};
 
 use crate::dirty::{DirtyError, DirtyTracker};
+use crate::removed::{RemovedPages, WatchError};
 
 /// The page sizes guest memory comes in: 4 KiB (shmem, files) and 2 MiB
 /// (hugetlbfs).
@@ -82,12 +83,12 @@ pub enum MemoryError {
     },
     #[error("reading the identity (fstat) of the VMM's memory file")]
     Identity(#[source] io::Error),
-    #[error("duplicating the memory file's descriptor: {0}")]
-    Duplicate(#[source] io::Error),
     #[error("the hand-off carries no pagemap descriptor, which dirty tracking needs")]
     NoPagemap,
     #[error("starting dirty tracking on the VMM's memory (is it registered with a WP_ASYNC userfaultfd?): {0}")]
     StartTracking(#[source] DirtyError),
+    #[error("watching the memory file for removed pages: {0}")]
+    WatchRemoved(#[source] WatchError),
 }
 
 /// Why a page range cannot be served.
@@ -157,8 +158,8 @@ fn memory_id(fd: &impl std::os::fd::AsFd, origin: &MemoryOrigin) -> Result<Strin
 }
 
 /// A read-only descriptor of the file `fd` refers to (a handed-off
-/// descriptor may be open read-write); `fd` is closed.
-fn reopen_read_only(fd: OwnedFd) -> Result<File, MemoryError> {
+/// descriptor may be open read-write).
+fn reopen_read_only(fd: BorrowedFd<'_>) -> Result<File, MemoryError> {
     let path = format!("/proc/self/fd/{}", fd.as_raw_fd());
     File::open(&path).map_err(|source| MemoryError::Reopen { path, source })
 }
@@ -220,7 +221,11 @@ impl SourceMemory {
         pagemap: Option<OwnedFd>,
     ) -> Result<Self, MemoryError> {
         let pagemap = pagemap.ok_or(MemoryError::NoPagemap)?;
-        let file = reopen_read_only(memory)?;
+        let holes = reopen_read_only(memory.as_fd())?;
+        let removed = RemovedPages::watch(memory.as_fd(), holes, &layout).map_err(MemoryError::WatchRemoved)?;
+        let file = reopen_read_only(memory.as_fd())?;
+        // The VMM's (writable) descriptor goes here: reads use `file`.
+        drop(memory);
         // Write-protect the whole range first: on shmem and hugetlbfs this
         // also leaves a marker in every empty page-table entry, so a page
         // the VMM merely *reads* later (a hole faulted in) is not reported
@@ -228,8 +233,7 @@ impl SourceMemory {
         for r in layout.regions() {
             uffd.write_protect(r.base_host_virt_addr, r.size).map_err(MemoryError::WriteProtect)?;
         }
-        let holes = file.try_clone().map_err(MemoryError::Duplicate)?;
-        let dirty = DirtyTracker::for_vmm(layout.clone(), pagemap, holes);
+        let dirty = DirtyTracker::for_vmm(layout.clone(), pagemap, removed);
         dirty.start_tracking().map_err(MemoryError::StartTracking)?;
         let origin = MemoryOrigin::Vmm { vm: message.vm.clone(), pid: message.pid };
         let id = memory_id(&file, &origin).map_err(MemoryError::Identity)?;

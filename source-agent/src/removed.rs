@@ -5,80 +5,153 @@
 //! its mapping. A page whose file content goes away without a write
 //! (`fallocate(PUNCH_HOLE)` on the memfd, `MADV_REMOVE` on the mapping, as a
 //! VMM does for a ballooned or reported-free guest page; the file shrinking)
-//! now reads as zeros, but the kernel keeps the page's uffd-wp marker
-//! across the hole punch, so `PAGEMAP_SCAN` does not report it as written
-//! (Linux 6.18, shmem: a page the VMM had not written since the last scan
-//! and then removed is not reported; one it had written is). A target
+//! now reads as zeros, but `PAGEMAP_SCAN` does not report it as written
+//! (Linux 6.18: on shmem the page's uffd-wp marker survives the hole punch,
+//! so a page the VMM had not written since the last scan and then removed
+//! is not reported; on hugetlbfs the punch drops the VMM's page-table entry
+//! and its marker, and no removed huge page is reported at all). A target
 //! holding the old content would keep a stale page. Without this module,
-//! `tests/vmm_handoff.rs::pages_the_vmm_drops_after_a_round` fails on
+//! `tests/vmm_handoff.rs::pages_the_vmm_drops_after_a_round` and the demo's
+//! `*_pages_the_source_vmm_discards_reach_the_target_as_zeros` fail on
 //! exactly those pages.
 //!
-//! So every scan also looks at which pages of the file hold data
-//! (`SEEK_DATA`/`SEEK_HOLE`, [`guest_memory::memfile::data_ranges`]): a page
-//! that held data at the previous look and is a hole (or past the end of
-//! the file) now was removed, and is dirty at the new epoch. A page that was
-//! a hole and still is reads as zeros both times: nothing changed.
+//! # How removals are seen
 //!
-//! A `MADV_DONTNEED` alone changes no content on a shared mapping (the
-//! kernel keeps the marker and the page cache keeps the data), so it needs
-//! nothing.
+//! The agent keeps its own read-only mapping of the memory file, and at
+//! every look maps into it each page that holds data (`MADV_POPULATE_READ`
+//! over the file's data ranges, `SEEK_DATA`). Removing a page from the file
+//! unmaps it from *every* mapping, this one included, and nothing maps it
+//! here again until the next look. So a page mapped here at the last look
+//! and not now was removed since: it is dirty at the new epoch, even if it
+//! was faulted in again meanwhile (a read of a hole allocates a zeroed page,
+//! which a look at the file's holes alone would take for the old data). A
+//! page that was a hole and still is reads as zeros both times: nothing
+//! changed.
 //!
-//! What this cannot see:
-//! - a page removed and then faulted in again by a *read* between two looks
-//!   (data, hole, data again: its content went from the old bytes to zeros
-//!   with no write and no hole at either look);
-//! - anything on **hugetlbfs**: it does not implement `SEEK_HOLE` (the whole
-//!   file is data), and on 6.18 `PAGEMAP_SCAN` reports no removed huge page
-//!   at all, written before or not. A VMM on hugetlbfs must not discard
-//!   guest pages (no balloon, no free-page reporting) during a migration.
+//! The mapping must never fill a hole itself: a userfaultfd registered over
+//! it for missing faults with `UFFD_FEATURE_SIGBUS`
+//! ([`Userfaultfd::guarding_holes`]) makes populating a hole fail instead
+//! (a page that became a hole since `SEEK_DATA` looked), and the mapping is
+//! `MAP_NORESERVE`, so on hugetlbfs (which has no `SEEK_HOLE`: the whole file
+//! is data, every page is tried) it takes nothing from the VMM's huge-page
+//! reservation. Its cost: the page tables of a mapping of the guest's
+//! memory (2 MiB per GiB of 4 KiB pages, next to nothing for huge pages).
+//!
+//! A `MADV_DONTNEED` by the VMM changes no content on a shared mapping (the
+//! page cache keeps the data, only the VMM's page-table entry goes), leaves
+//! this mapping alone, and is not reported.
 #![forbid(unsafe_code)]
 
 use std::fs::File;
-use std::os::fd::AsFd;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd};
 
-use guest_memory::GuestLayout;
 use guest_memory::memfile::data_ranges;
+use guest_memory::page_tables::scan_present;
+use guest_memory::sys::PageRegion;
+use guest_memory::{GuestLayout, MemoryMap, UffdError, Userfaultfd};
+
+/// `MADV_POPULATE_READ` met a hole (the guard's SIGBUS).
+const EFAULT: i32 = rustix::io::Errno::FAULT.raw_os_error();
+/// Ranges one PAGEMAP_SCAN call of a look may return before it calls again.
+const SCAN_BATCH_REGIONS: usize = 256;
+
+/// Why removed pages cannot be watched (the hand-off is refused: a VM whose
+/// removed pages go unseen could hand a target stale pages).
+#[derive(Debug, thiserror::Error)]
+pub enum WatchError {
+    #[error("mapping region {region} of the memory file read-only: {source}")]
+    Map {
+        region: u32,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "guarding the holes of region {region} with a userfaultfd (the handed-off memory descriptor must be \
+         open read-write): {source}"
+    )]
+    Guard {
+        region: u32,
+        #[source]
+        source: UffdError,
+    },
+    #[error("opening /proc/self/pagemap: {0}")]
+    Pagemap(#[source] io::Error),
+}
 
 /// Which pages of the memory file held data at the last look.
 #[derive(Debug)]
 pub struct RemovedPages {
-    /// The memory file (a read-only descriptor; only its holes are looked at).
+    /// A read-only descriptor of the memory file, for `SEEK_DATA` (which
+    /// moves the position: it is this module's own).
     file: File,
-    /// Per global page: it held data at the last look.
+    /// One read-only, unreserved mapping per region of the layout.
+    maps: Vec<MemoryMap>,
+    /// This process's pagemap: which pages of `maps` are mapped.
+    pagemap: File,
+    /// One per region, registered over its map; never read. Declared after
+    /// `maps`, so the mappings go first.
+    _guards: Vec<Userfaultfd>,
+    scan_buf: Vec<PageRegion>,
+    /// Per global page: it was mapped here at the end of the last look.
     data: Vec<bool>,
     /// Scratch space for the next look.
     now: Vec<bool>,
 }
 
 impl RemovedPages {
-    /// Nothing looked at yet: the first [`look`](Self::look) reports nothing.
-    pub fn new(file: File, layout: &GuestLayout) -> Self {
+    /// Watches the memory file of `layout`: `handed_off` is the descriptor
+    /// the VMM handed over, `file` a read-only one of this module's own.
+    /// The guarded mappings are made from `handed_off`, which must be open
+    /// for writing (the kernel registers a userfaultfd only over a mapping
+    /// that could be made writable); they are read-only, and nothing keeps
+    /// the writable descriptor. Nothing looked at yet: the first
+    /// [`look`](Self::look) reports nothing.
+    pub fn watch(handed_off: BorrowedFd<'_>, file: File, layout: &GuestLayout) -> Result<Self, WatchError> {
+        let (mut maps, mut guards) = (Vec::new(), Vec::new());
+        for (index, r) in layout.regions().iter().enumerate() {
+            let region = index as u32;
+            let map = MemoryMap::map_read_only_unreserved(handed_off, r.offset, r.size as usize)
+                .map_err(|source| WatchError::Map { region, source })?;
+            let guard = Userfaultfd::guarding_holes(map.addr(), r.size, r.page_size)
+                .map_err(|source| WatchError::Guard { region, source })?;
+            maps.push(map);
+            guards.push(guard);
+        }
+        let pagemap = File::open("/proc/self/pagemap").map_err(WatchError::Pagemap)?;
         let pages = usize::try_from(layout.total_pages()).unwrap_or(usize::MAX);
-        Self { file, data: vec![false; pages], now: vec![false; pages] }
+        Ok(Self {
+            file,
+            maps,
+            pagemap,
+            _guards: guards,
+            scan_buf: Vec::with_capacity(SCAN_BATCH_REGIONS),
+            data: vec![false; pages],
+            now: vec![false; pages],
+        })
     }
 
-    /// Looks at the file's holes; reports each global page that held data at
-    /// the last look and does not now. A region whose holes cannot be read
-    /// has every page reported, and counts as all data from then on; the
-    /// first such error is returned, with its region, after every region.
-    pub fn look(&mut self, layout: &GuestLayout, mut on_removed: impl FnMut(u64)) -> Result<(), (u32, std::io::Error)> {
+    /// Reports each global page mapped here at the last look and not now
+    /// (removed since), then maps in every page that holds data. A region
+    /// that cannot be looked at has every page reported, and counts as all
+    /// data (so each of its pages not mapped at the next look is reported
+    /// again); the first such error is returned, with its region, after
+    /// every region.
+    pub fn look(&mut self, layout: &GuestLayout, mut on_removed: impl FnMut(u64)) -> Result<(), (u32, io::Error)> {
         let page_size = layout.page_size();
-        let mut first_error = None;
+        let mut failed = Vec::new();
         self.now.fill(false);
         for (index, region) in layout.regions().iter().enumerate() {
-            let region_id = index as u32;
-            let first = layout.region_first_page(region_id).unwrap_or(0) as usize;
-            let pages = &mut self.now[first..first + (region.size / page_size) as usize];
-            let (start, end) = (region.offset, region.offset + region.size);
-            let result = data_ranges(self.file.as_fd(), start, end, |from, to| {
-                pages[((from - start) / page_size) as usize..(to - start).div_ceil(page_size) as usize].fill(true);
-            });
-            if let Err(error) = result {
-                pages.fill(true);
-                for page in first..first + pages.len() {
-                    on_removed(page as u64);
-                }
-                first_error.get_or_insert((region_id, error));
+            let (first, pages) = region_pages(layout, index, &mut self.now);
+            let base = self.maps[index].addr();
+            let end = base + region.size;
+            let mark = |from: u64, to: u64| {
+                pages[((from.max(base) - base) / page_size) as usize
+                    ..((to.min(end) - base).div_ceil(page_size)) as usize]
+                    .fill(true);
+            };
+            if let Err(error) = scan_present(self.pagemap.as_fd(), base, end, &mut self.scan_buf, mark) {
+                failed.push((index as u32, first, pages.len(), io::Error::other(error)));
             }
         }
         for (page, (was, is)) in self.data.iter().zip(&self.now).enumerate() {
@@ -86,7 +159,73 @@ impl RemovedPages {
                 on_removed(page as u64);
             }
         }
+        for (index, region) in layout.regions().iter().enumerate() {
+            if failed.iter().any(|(failed, ..)| *failed == index as u32) {
+                continue;
+            }
+            let (first, pages) = region_pages(layout, index, &mut self.now);
+            let map = &self.maps[index];
+            let mut populated = Ok(());
+            let (start, end) = (region.offset, region.offset + region.size);
+            let looked = data_ranges(self.file.as_fd(), start, end, |from, to| {
+                let from = ((from - start) / page_size) as usize;
+                let to = (to - start).div_ceil(page_size) as usize;
+                if populated.is_ok() {
+                    populated = map_unmapped(map, page_size, from, &mut pages[from..to]);
+                }
+            });
+            if let Err(error) = looked.and(populated) {
+                failed.push((index as u32, first, pages.len(), error));
+            }
+        }
+        let mut first_error = None;
+        for (region, first, len, error) in failed {
+            self.now[first..first + len].fill(true);
+            for page in first..first + len {
+                on_removed(page as u64);
+            }
+            first_error.get_or_insert((region, error));
+        }
         std::mem::swap(&mut self.data, &mut self.now);
         first_error.map_or(Ok(()), Err)
     }
+}
+
+/// Region `index`'s first global page, and its slice of `pages`.
+fn region_pages<'a>(layout: &GuestLayout, index: usize, pages: &'a mut [bool]) -> (usize, &'a mut [bool]) {
+    let region = &layout.regions()[index];
+    let first = layout.region_first_page(index as u32).unwrap_or(0) as usize;
+    (first, &mut pages[first..first + (region.size / layout.page_size()) as usize])
+}
+
+/// Maps into `map` every page of `pages` (its pages from `offset_page` on)
+/// not marked mapped, and marks it; a page that turns out to be a hole stays
+/// unmarked (and unfilled).
+fn map_unmapped(map: &MemoryMap, page_size: u64, offset_page: usize, pages: &mut [bool]) -> io::Result<()> {
+    let page_len = page_size as usize;
+    let populate = |page: usize, count: usize| map.populate_read((offset_page + page) * page_len, count * page_len);
+    let mut page = 0;
+    while page < pages.len() {
+        let run = pages[page..].iter().take_while(|mapped| !**mapped).count();
+        if run == 0 {
+            page += 1;
+            continue;
+        }
+        // One call for the whole run; page by page once it meets a hole.
+        match populate(page, run) {
+            Ok(()) => pages[page..page + run].fill(true),
+            Err(e) if e.raw_os_error() == Some(EFAULT) => {
+                for (one, mapped) in pages[page..page + run].iter_mut().enumerate() {
+                    match populate(page + one, 1) {
+                        Ok(()) => *mapped = true,
+                        Err(e) if e.raw_os_error() == Some(EFAULT) => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+            Err(e) => return Err(e),
+        }
+        page += run;
+    }
+    Ok(())
 }

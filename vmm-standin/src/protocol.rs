@@ -7,7 +7,7 @@
 //! | `pause` | source | `{"event":"paused","at_ns":..}`, then `snapshot-written` |
 //! | `resume` | target | `{"event":"resumed"}` at once; `{"event":"guest-done",..}` when `--run-ms` is over |
 //! | `touch P1 P2 ..` | target | `{"event":"touched",..}` |
-//! | `discard P1 P2 ..` | target | `{"event":"discarded","pages":N}`: the pages are punched out (MADV_REMOVE, as a balloon does); they read as zeros from then on |
+//! | `discard P1 P2 ..` | both | `{"event":"discarded","pages":N}`: the pages are punched out (MADV_REMOVE, as a balloon does); they read as zeros from then on (unless written again) |
 //! | `verify PATH` | target | `{"event":"verified",..}` |
 //! | `verify-mapped PATH` | target | `{"event":"verified-mapped",..}` |
 //! | `quit` (or EOF) | both | exit 0 |

@@ -5,6 +5,7 @@
 //! own `/proc/self/pagemap`. vCPU threads dirty it at `--dirty-rate` until
 //! `pause`.
 
+use guest_memory::sys::Discard;
 use std::fs::File;
 use std::io::BufRead;
 use std::os::unix::fs::FileExt;
@@ -90,8 +91,19 @@ pub(crate) fn run(config: &StandinConfig, commands: impl BufRead, events: &Arc<E
             }
             Ok(())
         }
-        Command::Resume | Command::Touch(_) | Command::Discard(_) | Command::Verify(_) | Command::VerifyMapped(_) => {
-            Err("resume, touch, discard, verify and verify-mapped are target-role commands".to_owned())
+        Command::Discard(pages) => {
+            // A balloon on the source, during pre-copy: the source agent must
+            // report the pages dirty (their content is now zeros).
+            pages.iter().try_for_each(|&page| ram.check_page(page))?;
+            for &page in &pages {
+                let discarded = ram.map.discard(ram.page_offset(page), ram.page_size as usize, Discard::Remove);
+                discarded.map_err(|e| format!("discarding page {page}: {e}"))?;
+            }
+            events.emit(&StandinEvent::Discarded { pages: pages.len() as u64 });
+            Ok(())
+        }
+        Command::Resume | Command::Touch(_) | Command::Verify(_) | Command::VerifyMapped(_) => {
+            Err("resume, touch, verify and verify-mapped are target-role commands".to_owned())
         }
         Command::Quit => Ok(()),
     })?;

@@ -520,6 +520,14 @@ impl Migration<'_> {
         if !self.opts.write_before_pause.is_empty() {
             self.progress.say(format!("source wrote pages {:?} just before the pause", self.opts.write_before_pause));
         }
+        if !self.opts.discard_before_pause.is_empty() {
+            let pages: Vec<String> = self.opts.discard_before_pause.iter().map(u64::to_string).collect();
+            vm.send(&format!("discard {}", pages.join(" "))).await?;
+            wait_for(vm, "discarded", deadline(timeout), |e| matches!(e, StandinEvent::Discarded { .. }).then_some(()))
+                .await?;
+            self.progress
+                .say(format!("the source VMM discarded pages {:?} before the pause", self.opts.discard_before_pause));
+        }
         let paused = self.pause_source().await?;
         self.switchover(client, paused).await?;
         Ok(paused)

@@ -28,6 +28,10 @@ pub struct MigrationOptions {
     /// Pages the source writes (`write P`) after pre-copy converged and
     /// before the pause.
     pub write_before_pause: Vec<u64>,
+    /// Pages the source VMM punches out (MADV_REMOVE, as a balloon does)
+    /// after pre-copy converged and before the pause: the source agent must
+    /// report them dirty, so the target ends with zeros there.
+    pub discard_before_pause: Vec<u64>,
     /// Pages every target vCPU reads at once after `Switchover`, before the
     /// guest runs.
     pub touch_after_resume: Vec<u64>,
@@ -76,6 +80,7 @@ impl Default for MigrationOptions {
             write_before_pause: Vec::new(),
             touch_after_resume: Vec::new(),
             discard_after_switchover: Vec::new(),
+            discard_before_pause: Vec::new(),
             quiet: false,
             vm_name: "demo-vm".to_owned(),
             max_written_pages: 4096,
@@ -118,6 +123,7 @@ impl MigrationOptions {
             .iter()
             .chain(&self.touch_after_resume)
             .chain(&self.discard_after_switchover)
+            .chain(&self.discard_before_pause)
             .find(|&&p| p >= total_pages)
         {
             return Err(MigrationError::InvalidOptions(format!(
