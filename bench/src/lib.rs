@@ -1,0 +1,62 @@
+//! `pageserver-bench`: the agents measured against the physical floor of
+//! the same machine, in the same run. Every figure is a key of one JSON
+//! report ([`BenchReport`]); `BENCHMARKS.md` explains each row and holds
+//! the latest run.
+//!
+//! What is measured, and against what:
+//!
+//! - the **floor** ([`floor`]): two plain processes moving bytes over the
+//!   same path as the agents (TCP on loopback): a 4 KiB and a 2 MiB
+//!   request/response, bulk, and bulk received into a fresh memfd of the
+//!   guest's size (what any target must do: allocate its memory);
+//! - the **kernel** ([`kernel`]): a minimal in-process fault handler (read
+//!   the event, `UFFDIO_CONTINUE`), the rate of a dirty scan
+//!   (`PAGEMAP_SCAN`) and the size of an encoded dirty bitmap;
+//! - the **agents** ([`migrations`]): whole migrations through the demo
+//!   (both agents and both VMM stand-ins as separate processes), read from
+//!   its report: fault latencies by kind, pre-copy rate, resume time, pages
+//!   fetched per stale page, the agents' private memory.
+//!
+//! Nothing here asserts a speed: the figures are reported, and compared with
+//! the targets in `BENCHMARKS.md` by a reader.
+//!
+//! # Layout
+//!
+//! - [`report`]: the catalogue of rows ([`report::ROWS`]), the report, its
+//!   table and its JSON;
+//! - [`floor`], [`kernel`], [`migrations`]: one section each;
+//! - [`stats`]: percentiles and medians.
+#![forbid(unsafe_code)]
+
+pub mod floor;
+pub mod kernel;
+pub mod migrations;
+pub mod report;
+pub mod stats;
+
+pub use report::BenchReport;
+
+/// How much a run measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BenchOptions {
+    /// A short run (about a minute): smaller guests, fewer repetitions; its
+    /// figures show that everything works, not how fast.
+    pub quick: bool,
+}
+
+impl BenchOptions {
+    /// Repetitions of each whole migration (the median is reported).
+    pub fn repetitions(&self) -> usize {
+        if self.quick { 1 } else { 3 }
+    }
+
+    /// The guest size of the rows measured "at 4 GiB".
+    pub fn large_guest_bytes(&self) -> u64 {
+        if self.quick { 512 << 20 } else { 4 << 30 }
+    }
+
+    /// The guest size of the rows measured "at 1 GiB".
+    pub fn guest_bytes(&self) -> u64 {
+        if self.quick { 256 << 20 } else { 1 << 30 }
+    }
+}

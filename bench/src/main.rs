@@ -1,0 +1,72 @@
+//! `pageserver-bench`: see the library's docs and `BENCHMARKS.md`.
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use pageserver_bench::report::Section;
+use pageserver_bench::{BenchOptions, BenchReport, floor, kernel, migrations};
+
+/// Measures the agents against the physical floor of this machine, in one
+/// run: prints a table and writes the figures as JSON.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// A short run (about a minute): smaller guests, one repetition.
+    #[arg(long)]
+    quick: bool,
+    /// Write the figures as JSON to PATH.
+    #[arg(long, value_name = "PATH")]
+    report_json: Option<PathBuf>,
+    /// Only these sections (floor, kernel, migrations); all by default.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+}
+
+fn main() -> anyhow::Result<()> {
+    // The floor's peer is this binary too: a plain process of its own.
+    if std::env::args().nth(1).as_deref() == Some(floor::PEER_ARG) {
+        return floor::peer_main();
+    }
+    let args = Args::parse();
+    let opts = BenchOptions { quick: args.quick };
+    let wanted = |section: &str| args.only.is_empty() || args.only.iter().any(|s| s == section);
+    let mut report = BenchReport::new(opts.quick);
+    let mut failures = Vec::new();
+    if wanted("floor") {
+        eprintln!("pageserver-bench: the floor (two plain processes over TCP)");
+        if let Err(e) = floor::measure(&opts, &mut report) {
+            failures.push(format!("floor: {e:#}"));
+        }
+    }
+    if wanted("kernel") {
+        eprintln!("pageserver-bench: the kernel (in-process fault handler, dirty scan, bitmap)");
+        if let Err(e) = kernel::measure(&opts, &mut report) {
+            failures.push(format!("kernel: {e:#}"));
+        }
+    }
+    if wanted("migrations") {
+        eprintln!("pageserver-bench: whole migrations through the agents");
+        let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+        if let Err(e) = runtime.block_on(migrations::measure(&opts, &mut report)) {
+            failures.push(format!("migrations: {e:#}"));
+        }
+    }
+    println!("{report}");
+    if let Some(path) = &args.report_json {
+        let json = serde_json::to_string_pretty(&report).context("encoding the report")?;
+        std::fs::write(path, json + "\n").with_context(|| format!("writing {}", path.display()))?;
+    }
+    for section in [Section::Floor, Section::Kernel, Section::Migrations] {
+        let name = format!("{section:?}").to_lowercase();
+        let missing = report.missing(section);
+        if wanted(&name) && !missing.is_empty() {
+            failures.push(format!("{name}: no figure for {}", missing.join(", ")));
+        }
+    }
+    if !failures.is_empty() {
+        anyhow::bail!("some rows were not measured:\n  {}", failures.join("\n  "));
+    }
+    Ok(())
+}
