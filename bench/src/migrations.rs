@@ -1,9 +1,145 @@
-//! Whole migrations through the demo, read from its report. (To be filled in.)
+//! Whole migrations through the demo (both agents and both VMM stand-ins as
+//! separate processes, as in `pageserver-demo`), read from its report.
+//!
+//! | run | guest | what it gives |
+//! |---|---|---|
+//! | idle | 1 GiB shmem, 4 vCPUs dirtying 20 000 pages/s, the background pull held back (`--pull-delay`) while the guest runs | fresh and stale fault latencies with nothing else on the link, resume at 1 GiB, pages fetched per stale page |
+//! | loaded | the same, the pull starting at once | the stale fault p99 while the pull runs |
+//! | large | 4 GiB shmem, 4 vCPUs | pre-copy round 0's rate, resume at 4 GiB, each agent's private memory per GiB |
+//! | many vCPUs | 1 GiB shmem, 16 vCPUs | resume with 16 vCPUs |
+//! | huge pages | 1 GiB hugetlbfs | the stale 2 MiB fault |
+//!
+//! Every run verifies every byte of the target's memory against the
+//! source's at pause, as the demo always does: a run that fails that is an
+//! error here, not a figure. Each run is repeated ([`BenchOptions::repetitions`])
+//! and the median of each figure is reported.
 #![forbid(unsafe_code)]
 
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::Context;
+use pageserver_demo::migration::{MigrationOptions, run_migration};
+use pageserver_demo::report::Report;
+
+use crate::stats::median;
 use crate::{BenchOptions, BenchReport};
 
+/// How long the target guest runs after the switchover in the idle run;
+/// the pull waits a little longer than that.
+const GUEST_RUN: Duration = Duration::from_millis(1000);
+const IDLE_PULL_DELAY: Duration = Duration::from_millis(1500);
+const MIB: f64 = (1u64 << 20) as f64;
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// Figures gathered across repetitions, by key.
+#[derive(Default)]
+struct Samples(BTreeMap<&'static str, Vec<f64>>);
+
+impl Samples {
+    fn add(&mut self, key: &'static str, value: f64) {
+        self.0.entry(key).or_default().push(value);
+    }
+
+    fn into_report(self, report: &mut BenchReport) {
+        for (key, values) in self.0 {
+            if let Some(value) = median(&values) {
+                report.set(key, value);
+            }
+        }
+    }
+}
+
 /// Measures the migration rows.
-pub async fn measure(_opts: &BenchOptions, _report: &mut BenchReport) -> anyhow::Result<()> {
+pub async fn measure(opts: &BenchOptions, report: &mut BenchReport) -> anyhow::Result<()> {
+    let mut samples = Samples::default();
+    let guest = opts.guest_bytes();
+    let large = opts.large_guest_bytes();
+    for repetition in 0..opts.repetitions() {
+        eprintln!("pageserver-bench: migrations, repetition {} of {}", repetition + 1, opts.repetitions());
+        let idle = migrate("idle", MigrationOptions { pull_delay: Some(IDLE_PULL_DELAY), ..shmem(guest, 4) }).await?;
+        sample_faults(&mut samples, &idle, "fresh", "fresh_fault_p50_us", "fresh_fault_p99_us");
+        sample_faults(&mut samples, &idle, "fetched", "stale_fault_p50_us", "stale_fault_p99_us");
+        samples.add("resume_ms_1g", idle.downtime_ms);
+        let fetched = idle.pages_fetched_on_demand + idle.pages_fetched_background;
+        samples.add("pages_fetched", fetched as f64);
+        let stale = idle.stale_pages_at_switchover + idle.pages_fetched_unknown;
+        if stale > 0 {
+            samples.add("network_pages_per_stale_page", fetched as f64 / stale as f64);
+        }
+
+        let loaded = migrate("loaded", shmem(guest, 4)).await?;
+        if let Some(l) = loaded.fault_latency_us.get("fetched") {
+            samples.add("stale_fault_loaded_p99_us", l.p99);
+        }
+
+        let big = migrate("large", shmem(large, 4)).await?;
+        samples.add("resume_ms_4g", big.downtime_ms);
+        if let (Some(&pages), Some(&seconds)) = (big.dirty_pages_per_round.first(), big.precopy_round_seconds.first())
+            && seconds > 0.0
+        {
+            samples.add("precopy_gib_s", (pages * big.page_size) as f64 / GIB / seconds);
+        }
+        for (side, key) in [("source", "source_rss_mib_per_gib"), ("target", "target_rss_mib_per_gib")] {
+            if let Some(resources) = big.agent_resources.get(side) {
+                samples.add(key, resources.private_kib() as f64 * 1024.0 / MIB / (large as f64 / GIB));
+            }
+        }
+
+        let many = migrate("many vCPUs", shmem(guest, 16)).await?;
+        samples.add("resume_ms_16vcpu", many.downtime_ms);
+
+        let huge =
+            MigrationOptions { hugetlb: true, dirty_rate: 100, pull_delay: Some(IDLE_PULL_DELAY), ..shmem(guest, 4) };
+        let huge = migrate("huge pages", huge).await?;
+        if let Some(l) = huge.fault_latency_us.get("fetched") {
+            samples.add("stale_fault_2m_p50_us", l.p50);
+        }
+    }
+    samples.into_report(report);
+    report.note(format!(
+        "migrations: {} repetition(s), medians; guests of {} MiB ({} MiB for the 4 GiB rows); fault latencies are \
+         the target agent's own histogram (guest access to UFFDIO_CONTINUE)",
+        opts.repetitions(),
+        guest >> 20,
+        large >> 20
+    ));
     Ok(())
+}
+
+/// A shmem guest of `bytes` with `vcpus` dirtying vCPUs, as the demo runs it.
+fn shmem(bytes: u64, vcpus: u32) -> MigrationOptions {
+    MigrationOptions {
+        memory_bytes: bytes,
+        vcpus,
+        run_ms: GUEST_RUN.as_millis() as u64,
+        quiet: true,
+        vm_name: "bench-vm".to_owned(),
+        ..MigrationOptions::default()
+    }
+}
+
+/// Runs one migration; a failed one, or one whose verification found a
+/// wrong page, is an error.
+async fn migrate(name: &str, opts: MigrationOptions) -> anyhow::Result<Report> {
+    let report = run_migration(&opts).await.with_context(|| format!("the {name} migration"))?;
+    if let Some(failure) = &report.failure {
+        anyhow::bail!("the {name} migration failed: {failure}");
+    }
+    if !report.verification_passed() {
+        anyhow::bail!(
+            "the {name} migration's verification failed: {} of {} pages compared, {} mismatched",
+            report.verified_pages,
+            report.total_pages,
+            report.mismatched_pages
+        );
+    }
+    Ok(report)
+}
+
+fn sample_faults(samples: &mut Samples, report: &Report, kind: &str, p50: &'static str, p99: &'static str) {
+    if let Some(l) = report.fault_latency_us.get(kind) {
+        samples.add(p50, l.p50);
+        samples.add(p99, l.p99);
+    }
 }

@@ -37,6 +37,9 @@ pub struct Report {
     pub precopy_rounds: u64,
     pub pages_sent_precopy: u64,
     pub dirty_pages_per_round: Vec<u64>,
+    /// Seconds each pre-copy round took.
+    #[serde(default)]
+    pub precopy_round_seconds: Vec<f64>,
     pub stale_pages_at_switchover: u64,
 
     /// From the source's pause to the end of the target guest's first access.
@@ -117,6 +120,10 @@ pub struct Report {
     /// process only: absent if a chaos event replaced it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_agent_resources: Option<[crate::resources::ProcessResources; 2]>,
+    /// Each agent's resources at the end of the migration, by side
+    /// ("source", "target"), for the agents still running then.
+    #[serde(default)]
+    pub agent_resources: BTreeMap<String, crate::resources::ProcessResources>,
     /// Hand-offs of guest memory to agents, by side ("source", "target"): 1
     /// each unless an agent died and the VMM handed its memory to a new one.
     #[serde(default)]
@@ -156,6 +163,7 @@ impl Report {
         self.precopy_rounds = u64::from(status.precopy_rounds);
         self.pages_sent_precopy = status.pages_sent_precopy;
         self.dirty_pages_per_round = status.dirty_pages_per_round.clone();
+        self.precopy_round_seconds = status.precopy_round_seconds.clone();
         self.stale_pages_at_switchover = status.stale_pages_at_switchover;
         self.faults_total = status.faults_total;
         self.faults_fresh = status.faults_fresh;

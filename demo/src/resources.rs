@@ -1,7 +1,8 @@
 //! What a process holds, from /proc: open descriptors, threads, private
 //! memory. The demo samples the target agent before its first chaos event
 //! and at the end of the migration, so that a leak across reconnects and
-//! restarts shows in the report.
+//! restarts shows in the report, and both agents at the end (what an agent
+//! costs per GiB of guest).
 #![forbid(unsafe_code)]
 
 use serde::{Deserialize, Serialize};
@@ -15,6 +16,17 @@ pub struct ProcessResources {
     pub threads: u64,
     /// `RssAnon:` of /proc/PID/status (private anonymous memory), KiB.
     pub rss_anon_kib: u64,
+    /// `VmPTE:` of /proc/PID/status (its page tables), KiB.
+    #[serde(default)]
+    pub page_tables_kib: u64,
+}
+
+impl ProcessResources {
+    /// Private memory: anonymous memory and page tables (not the guest
+    /// memory it maps, which is shared), KiB.
+    pub fn private_kib(&self) -> u64 {
+        self.rss_anon_kib + self.page_tables_kib
+    }
 }
 
 impl ProcessResources {
@@ -30,7 +42,7 @@ impl ProcessResources {
                 .and_then(|value| value.parse().ok())
                 .unwrap_or(0)
         };
-        Ok(Self { fds, threads: field("Threads:"), rss_anon_kib: field("RssAnon:") })
+        Ok(Self { fds, threads: field("Threads:"), rss_anon_kib: field("RssAnon:"), page_tables_kib: field("VmPTE:") })
     }
 }
 
@@ -41,6 +53,6 @@ mod tests {
     #[test]
     fn this_process_has_descriptors_threads_and_memory() {
         let me = ProcessResources::of(std::process::id()).expect("/proc");
-        assert!(me.fds >= 3 && me.threads >= 1 && me.rss_anon_kib > 0, "{me:?}");
+        assert!(me.fds >= 3 && me.threads >= 1 && me.rss_anon_kib > 0 && me.page_tables_kib > 0, "{me:?}");
     }
 }

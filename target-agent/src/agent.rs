@@ -61,6 +61,9 @@ pub struct TargetConfig {
     /// (its VMM's "paused" event may reach it a moment after the
     /// orchestrator's Switchover reaches us) before it fails.
     pub pause_timeout: Duration,
+    /// How long after the switchover the background pull waits before it
+    /// starts (demand faults are served meanwhile).
+    pub pull_delay: Duration,
     pub hooks: TestHooks,
 }
 
@@ -79,6 +82,7 @@ impl TargetConfig {
             max_precopy_rounds: Self::DEFAULT_MAX_PRECOPY_ROUNDS,
             source_unreachable_timeout: Self::DEFAULT_SOURCE_UNREACHABLE_TIMEOUT,
             pause_timeout: Self::DEFAULT_PAUSE_TIMEOUT,
+            pull_delay: Duration::ZERO,
             hooks: TestHooks::default(),
         }
     }
@@ -431,7 +435,11 @@ impl TargetAgent {
 
         let installer = guest.clone();
         let bulk = tokio::task::spawn_blocking(move || installer.bulk_install());
-        let pull = transfer::pull_stale(guest.clone(), &mut client, link, stale, hint);
+        let pull_delay = self.config.pull_delay;
+        let pull = async {
+            tokio::time::sleep(pull_delay).await;
+            transfer::pull_stale(guest.clone(), &mut client, link, stale, hint).await
+        };
         let (bulk, pull) = tokio::join!(bulk, pull);
         let installed = bulk.map_err(|e| TargetError::Internal(format!("the bulk install task: {e}")))??;
         pull?;

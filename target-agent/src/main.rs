@@ -66,6 +66,12 @@ struct Args {
     /// (e.g. 30s, 500ms). See "Stopping" below.
     #[arg(long, env = "PAGESERVER_SHUTDOWN_GRACE", default_value = "30s", value_parser = parse_duration)]
     shutdown_grace: Duration,
+    /// How long after the switchover the background pull of stale pages
+    /// waits before it starts; the guest's faults are served meanwhile, with
+    /// the link to themselves (e.g. 200ms). The migration completes that
+    /// much later.
+    #[arg(long, env = "PAGESERVER_PULL_DELAY", default_value = "0s", value_parser = parse_duration)]
+    pull_delay: Duration,
     #[command(flatten)]
     hooks: target_agent::test_hooks::TestHooks,
 }
@@ -101,6 +107,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             max_precopy_rounds: args.max_precopy_rounds,
             source_unreachable_timeout: args.source_unreachable_timeout,
             pause_timeout: args.pause_timeout,
+            pull_delay: args.pull_delay,
             hooks: args.hooks,
         });
         agent.handoff.bind().context("binding the hand-off socket (--handoff-socket)")?;

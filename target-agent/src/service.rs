@@ -42,6 +42,7 @@ pub fn status(agent: &TargetAgent) -> MigrationStatus {
         precopy_rounds: ld(&s.precopy_rounds) as u32,
         pages_sent_precopy: ld(&s.pages_sent_precopy),
         dirty_pages_per_round: s.dirty_pages_per_round.lock().map(|v| v.clone()).unwrap_or_default(),
+        precopy_round_seconds: s.precopy_round_seconds.lock().map(|v| v.clone()).unwrap_or_default(),
         stale_pages_at_switchover: ld(&s.stale_pages_at_switchover),
         pages_marked_stale: ld(&s.pages_marked_stale),
         final_bitmap_applied: s.final_bitmap_applied.load(Ordering::Acquire),

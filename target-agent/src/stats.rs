@@ -84,6 +84,8 @@ pub struct TargetStats {
     pub precopy_rounds: AtomicU64,
     pub pages_sent_precopy: AtomicU64,
     pub dirty_pages_per_round: Mutex<Vec<u64>>,
+    /// Seconds each pre-copy round took, in the same order.
+    pub precopy_round_seconds: Mutex<Vec<f64>>,
     pub stale_pages_at_switchover: AtomicU64,
     pub pages_marked_stale: AtomicU64,
     pub final_bitmap_applied: AtomicBool,

@@ -127,6 +127,7 @@ pub async fn precopy(
     let mut since = SourceEpoch { incarnation: link.fence.incarnation(), epoch: 0 };
     let mut previous: Option<usize> = None;
     for round in 0..max_rounds.max(1) {
+        let started = std::time::Instant::now();
         let dirty = dirty_pages(guest, client, link, &since, false, "a pre-copy dirty bitmap").await?;
         let count = dirty.pages.len();
         if dirty.epoch.incarnation != since.incarnation {
@@ -154,6 +155,9 @@ pub async fn precopy(
         .await?;
         if let Ok(mut v) = stats.dirty_pages_per_round.lock() {
             v.push(count as u64);
+        }
+        if let Ok(mut v) = stats.precopy_round_seconds.lock() {
+            v.push(started.elapsed().as_secs_f64());
         }
         stats.precopy_rounds.fetch_add(1, Ordering::Relaxed);
         stats.pages_sent_precopy.fetch_add(count as u64, Ordering::Relaxed);

@@ -13,6 +13,7 @@ use vmm_standin::StandinEvent;
 use super::waits::{deadline, wait_for};
 use super::{Migration, MigrationError, running};
 use crate::chaos::{ChaosEvent, ChaosKind, ChaosPhase, ChaosRecord};
+use crate::process::ChildProcess;
 use crate::resources::ProcessResources;
 use crate::status_watch::StatusWatch;
 
@@ -58,7 +59,18 @@ impl Migration<'_> {
 
     /// Samples the target agent at the end; into the report if it is the
     /// same process as before the first chaos event.
-    pub(super) fn sample_target_agent_at_end(&mut self) {
+    pub(super) fn sample_agents_at_end(&mut self) {
+        for (side, agent) in [("source", &self.children.source_agent), ("target", &self.children.target_agent)] {
+            if let Some(resources) =
+                agent.as_ref().and_then(ChildProcess::id).and_then(|pid| ProcessResources::of(pid).ok())
+            {
+                self.report.agent_resources.insert(side.to_owned(), resources);
+            }
+        }
+        self.sample_target_agent_at_end();
+    }
+
+    fn sample_target_agent_at_end(&mut self) {
         if let (Some((pid, before)), Some((now_pid, after))) =
             (self.target_agent_before_chaos, self.sample_target_agent())
             && pid == now_pid

@@ -244,7 +244,7 @@ impl Migration<'_> {
             }
             Err(error) => return Err(error),
         }
-        self.sample_target_agent_at_end();
+        self.sample_agents_at_end();
         self.dump_metrics().await
     }
 
@@ -452,6 +452,9 @@ impl Migration<'_> {
         }
         if let Some(timeout) = self.opts.pause_timeout {
             args.push(format!("--pause-timeout={}ms", timeout.as_millis()));
+        }
+        if let Some(delay) = self.opts.pull_delay {
+            args.push(format!("--pull-delay={}ms", delay.as_millis()));
         }
         args.extend(self.opts.hooks.args());
         let agent = self.target_host.spawn("target-agent", &self.binaries.target_agent, &args, self.work)?;

@@ -60,6 +60,8 @@ pub struct MigrationOptions {
     pub source_unreachable_timeout: Option<Duration>,
     /// The target agent's `--pause-timeout` (its default if unset).
     pub pause_timeout: Option<Duration>,
+    /// The target agent's `--pull-delay` (its default, none, if unset).
+    pub pull_delay: Option<Duration>,
     /// Two hosts on one machine: the source side and the target side each
     /// in a network namespace, joined by a veth link ([`crate::netns`]).
     pub two_hosts: bool,
@@ -91,6 +93,7 @@ impl Default for MigrationOptions {
             chaos: Vec::new(),
             source_unreachable_timeout: None,
             pause_timeout: None,
+            pull_delay: None,
             two_hosts: false,
             link_rate_gbit: None,
         }
