@@ -42,7 +42,12 @@ pub const ROWS: &[RowSpec] = &[
     row("floor_precopy_gib_s", "GiB/s", Floor, "the same bulk received into a fresh memfd of the guest's size"),
     row("baseline_fresh_fault_p50_us", "µs", Kernel, "minimal in-process handler: read event, UFFDIO_CONTINUE"),
     row("dirty_scan_gib_s", "GiB/s", Kernel, "PAGEMAP_SCAN (write-protect matching) over guest memory, 1% written"),
-    row("bitmap_bytes_per_gib_scattered", "B/GiB", Kernel, "encoded bitmap, 1% dirty pages of a 4 GiB guest, scattered"),
+    row(
+        "bitmap_bytes_per_gib_scattered",
+        "B/GiB",
+        Kernel,
+        "encoded bitmap, 1% dirty pages of a 4 GiB guest, scattered",
+    ),
     row("bitmap_bytes_per_gib_clustered", "B/GiB", Kernel, "the same, in clusters of 64 pages"),
     row("fresh_fault_p50_us", "µs", Migrations, "target agent, page known fresh, p50"),
     row("fresh_fault_p99_us", "µs", Migrations, "the same, p99"),
