@@ -24,6 +24,22 @@ struct Args {
     only: Vec<String>,
 }
 
+/// Under `cargo run`, builds the binaries the migrations run (the agents and
+/// the VMM stand-in) if they are not there yet; otherwise `Binaries::locate`
+/// says which one is missing and how to build it.
+fn build_agents_if_missing() -> anyhow::Result<()> {
+    let (Err(_), Some(cargo)) = (pageserver_demo::process::Binaries::locate(), std::env::var_os("CARGO")) else {
+        return Ok(());
+    };
+    eprintln!("pageserver-bench: building the agents and the VMM stand-in first");
+    let status = std::process::Command::new(cargo)
+        .args(["build", "--release", "--bins", "-p", "source-agent", "-p", "target-agent", "-p", "vmm-standin"])
+        .status()
+        .context("running cargo build")?;
+    anyhow::ensure!(status.success(), "cargo build of the agents failed ({status})");
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     // The floor's peer is this binary too: a plain process of its own.
     if std::env::args().nth(1).as_deref() == Some(floor::PEER_ARG) {
@@ -34,6 +50,10 @@ fn main() -> anyhow::Result<()> {
     let wanted = |section: &str| args.only.is_empty() || args.only.iter().any(|s| s == section);
     let mut report = BenchReport::new(opts.quick);
     let mut failures = Vec::new();
+    report.sections = [Section::Floor, Section::Kernel, Section::Migrations]
+        .into_iter()
+        .filter(|s| wanted(&format!("{s:?}").to_lowercase()))
+        .collect();
     if wanted("floor") {
         eprintln!("pageserver-bench: the floor (two plain processes over TCP)");
         if let Err(e) = floor::measure(&opts, &mut report) {
@@ -48,6 +68,7 @@ fn main() -> anyhow::Result<()> {
     }
     if wanted("migrations") {
         eprintln!("pageserver-bench: whole migrations through the agents");
+        build_agents_if_missing()?;
         let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
         if let Err(e) = runtime.block_on(migrations::measure(&opts, &mut report)) {
             failures.push(format!("migrations: {e:#}"));

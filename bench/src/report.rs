@@ -93,6 +93,9 @@ pub struct BenchReport {
     /// The figures (numbers only), by key of [`ROWS`].
     #[serde(flatten)]
     pub figures: BTreeMap<String, f64>,
+    /// The sections this run measured.
+    #[serde(skip)]
+    pub sections: Vec<Section>,
     /// What each section said about how it measured, for the reader.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub notes: Vec<String>,
@@ -129,6 +132,7 @@ impl fmt::Display for BenchReport {
                 Some(v) if v.abs() >= 100.0 => format!("{v:>12.0}"),
                 Some(v) => format!("{v:>12.3}"),
                 None if r.section == Section::NotYet => format!("{:>12}", "not yet"),
+                None if !self.sections.contains(&r.section) => format!("{:>12}", "not run"),
                 None => format!("{:>12}", "failed"),
             };
             writeln!(f, "{:<width$}  {value} {:<8} {}", r.key, r.unit, r.what)?;
