@@ -4,8 +4,10 @@
 //! | run | guest | what it gives |
 //! |---|---|---|
 //! | idle | 1 GiB shmem, 4 vCPUs dirtying 20 000 pages/s, the background pull held back (`--pull-delay`) while the guest runs | fresh and stale fault latencies with nothing else on the link, resume at 1 GiB, pages fetched per stale page |
-//! | loaded | the same, the pull starting at once | the stale fault p99 while the pull runs |
-//! | large | 4 GiB shmem, 4 vCPUs | pre-copy round 0's rate, resume at 4 GiB, each agent's private memory per GiB |
+//! | pull | 1 GiB shmem, a quarter of it written just before the pause, the guest idle | the background pull's rate alone |
+//! | loaded | the same, the 4 vCPUs reading those pages right after the switchover | the stale fault p99 while the pull runs, and the pull's rate meanwhile |
+//! | stale faults | 1 GiB shmem, 4096 pages written before the pause, then read at once by 1 and by 16 guest threads (the pull held back) | stale faults served per second |
+//! | large | 4 GiB shmem, 4 vCPUs | pre-copy round 0's rate, resume at 4 GiB, the bulk install's rate, each agent's private memory per GiB |
 //! | many vCPUs | 1 GiB shmem, 16 vCPUs | resume with 16 vCPUs |
 //! | huge pages | 1 GiB hugetlbfs, 8 huge pages written just before the pause and read right after the switchover (the pull held back) | the stale 2 MiB fault |
 //!
@@ -31,6 +33,8 @@ const GUEST_RUN: Duration = Duration::from_millis(1000);
 const IDLE_PULL_DELAY: Duration = Duration::from_millis(1500);
 /// Huge pages made stale on purpose in the huge-page run.
 const HUGE_STALE_PAGES: u64 = 8;
+/// The page size of a shmem guest.
+const PAGE: u64 = 4096;
 const MIB: f64 = (1u64 << 20) as f64;
 const GIB: f64 = (1u64 << 30) as f64;
 
@@ -69,13 +73,51 @@ pub async fn measure(opts: &BenchOptions, report: &mut BenchReport) -> anyhow::R
             samples.add("network_pages_per_stale_page", fetched as f64 / idle.stale_pages_at_switchover as f64);
         }
 
-        let loaded = migrate("loaded", shmem(guest, 4)).await?;
+        // A stale set of a quarter of the guest: the pull alone, then the
+        // same with the vCPUs faulting on those pages meanwhile.
+        let stale = (guest / PAGE / 4, guest / PAGE / 4);
+        let pull = MigrationOptions { dirty_rate: 0, write_range_before_pause: Some(stale), ..shmem(guest, 4) };
+        let pull = migrate("pull", MigrationOptions { run_ms: 1, ..pull }).await?;
+        if let Some(rate) = pull_rate(&pull) {
+            samples.add("background_pull_gib_s", rate);
+        }
+        let loaded = MigrationOptions {
+            dirty_rate: 0,
+            write_range_before_pause: Some(stale),
+            touch_spread_after_resume: Some(stale),
+            ..shmem(guest, 4)
+        };
+        let loaded = migrate("loaded", MigrationOptions { run_ms: 1, ..loaded }).await?;
         if let Some(l) = loaded.fault_latency_us.get("fetched").filter(|l| l.max > 0.0) {
             samples.add("stale_fault_loaded_p99_us", l.p99);
+        }
+        if let Some(rate) = pull_rate(&loaded) {
+            samples.add("background_pull_loaded_gib_s", rate);
+        }
+
+        // Stale faults served per second, by 1 and by 16 guest threads at
+        // once, the pull held back.
+        let faulted = (guest / PAGE / 2, if opts.quick { 1024 } else { 4096 });
+        for (vcpus, key) in [(1, "stale_faults_per_s_1t"), (16, "stale_faults_per_s_16t")] {
+            let run = MigrationOptions {
+                dirty_rate: 0,
+                write_range_before_pause: Some(faulted),
+                touch_spread_after_resume: Some(faulted),
+                pull_delay: Some(IDLE_PULL_DELAY),
+                ..shmem(guest, vcpus)
+            };
+            let run = migrate("stale faults", MigrationOptions { run_ms: 1, ..run }).await?;
+            if let Some(touched) = run.touch_spread.filter(|t| t.seconds > 0.0) {
+                samples.add(key, touched.pages as f64 / touched.seconds);
+            }
         }
 
         let big = migrate("large", shmem(large, 4)).await?;
         samples.add("resume_ms_4g", big.downtime_ms);
+        if big.bulk_install_seconds > 0.0 {
+            let bytes = (big.pages_installed_bulk * big.page_size) as f64;
+            samples.add("bulk_install_gib_s", bytes / GIB / big.bulk_install_seconds);
+        }
         if let (Some(&pages), Some(&seconds)) = (big.dirty_pages_per_round.first(), big.precopy_round_seconds.first())
             && seconds > 0.0
         {
@@ -117,6 +159,12 @@ pub async fn measure(opts: &BenchOptions, report: &mut BenchReport) -> anyhow::R
         large >> 20
     ));
     Ok(())
+}
+
+/// The background pull's rate in `report`'s migration, GiB/s.
+fn pull_rate(report: &Report) -> Option<f64> {
+    let bytes = (report.pages_fetched_background * report.page_size) as f64;
+    (report.background_pull_seconds > 0.0 && bytes > 0.0).then(|| bytes / GIB / report.background_pull_seconds)
 }
 
 /// A shmem guest of `bytes` with `vcpus` dirtying vCPUs, as the demo runs it.

@@ -18,6 +18,13 @@ pub struct LatencyPercentiles {
     pub max: f64,
 }
 
+/// Pages the target vCPUs shared and read at once, and how long it took.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct TouchSpread {
+    pub pages: u64,
+    pub seconds: f64,
+}
+
 /// The result of one migration. Serialised as the `--report-json` file.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Report {
@@ -40,6 +47,15 @@ pub struct Report {
     /// Seconds each pre-copy round took.
     #[serde(default)]
     pub precopy_round_seconds: Vec<f64>,
+    /// Seconds the target's bulk install and background pull took.
+    #[serde(default)]
+    pub bulk_install_seconds: f64,
+    #[serde(default)]
+    pub background_pull_seconds: f64,
+    /// `touch_spread_after_resume`: the pages the target vCPUs read, and how
+    /// long that took.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub touch_spread: Option<TouchSpread>,
     pub stale_pages_at_switchover: u64,
 
     /// From the source's pause to the end of the target guest's first access.
@@ -164,6 +180,8 @@ impl Report {
         self.pages_sent_precopy = status.pages_sent_precopy;
         self.dirty_pages_per_round = status.dirty_pages_per_round.clone();
         self.precopy_round_seconds = status.precopy_round_seconds.clone();
+        self.bulk_install_seconds = status.bulk_install_seconds;
+        self.background_pull_seconds = status.background_pull_seconds;
         self.stale_pages_at_switchover = status.stale_pages_at_switchover;
         self.faults_total = status.faults_total;
         self.faults_fresh = status.faults_fresh;

@@ -29,7 +29,7 @@
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{oneshot, watch};
 
@@ -434,11 +434,19 @@ impl TargetAgent {
         tracing::info!("final bitmap: {} stale pages ({} still to pull)", dirty.len(), stale.len());
 
         let installer = guest.clone();
-        let bulk = tokio::task::spawn_blocking(move || installer.bulk_install());
+        let bulk = tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            let installed = installer.bulk_install();
+            set_seconds(&installer.stats.bulk_install_seconds, started);
+            installed
+        });
         let pull_delay = self.config.pull_delay;
         let pull = async {
             tokio::time::sleep(pull_delay).await;
-            transfer::pull_stale(guest.clone(), &mut client, link, stale, hint).await
+            let started = Instant::now();
+            let pulled = transfer::pull_stale(guest.clone(), &mut client, link, stale, hint).await;
+            set_seconds(&guest.stats.background_pull_seconds, started);
+            pulled
         };
         let (bulk, pull) = tokio::join!(bulk, pull);
         let installed = bulk.map_err(|e| TargetError::Internal(format!("the bulk install task: {e}")))??;
@@ -460,6 +468,13 @@ impl TargetAgent {
         while tokio::time::Instant::now() < deadline && self.stats.faults_total() < faults {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
+    }
+}
+
+/// Records the time since `started` in `slot`.
+fn set_seconds(slot: &std::sync::Mutex<f64>, started: Instant) {
+    if let Ok(mut seconds) = slot.lock() {
+        *seconds = started.elapsed().as_secs_f64();
     }
 }
 

@@ -43,6 +43,8 @@ pub fn status(agent: &TargetAgent) -> MigrationStatus {
         pages_sent_precopy: ld(&s.pages_sent_precopy),
         dirty_pages_per_round: s.dirty_pages_per_round.lock().map(|v| v.clone()).unwrap_or_default(),
         precopy_round_seconds: s.precopy_round_seconds.lock().map(|v| v.clone()).unwrap_or_default(),
+        bulk_install_seconds: s.bulk_install_seconds.lock().map(|v| *v).unwrap_or_default(),
+        background_pull_seconds: s.background_pull_seconds.lock().map(|v| *v).unwrap_or_default(),
         stale_pages_at_switchover: ld(&s.stale_pages_at_switchover),
         pages_marked_stale: ld(&s.pages_marked_stale),
         final_bitmap_applied: s.final_bitmap_applied.load(Ordering::Acquire),

@@ -86,6 +86,9 @@ pub struct TargetStats {
     pub dirty_pages_per_round: Mutex<Vec<u64>>,
     /// Seconds each pre-copy round took, in the same order.
     pub precopy_round_seconds: Mutex<Vec<f64>>,
+    /// Seconds the bulk install and the background pull took (0 until done).
+    pub bulk_install_seconds: Mutex<f64>,
+    pub background_pull_seconds: Mutex<f64>,
     pub stale_pages_at_switchover: AtomicU64,
     pub pages_marked_stale: AtomicU64,
     pub final_bitmap_applied: AtomicBool,

@@ -233,6 +233,28 @@ impl TargetGuest {
         self.discarded.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).contains(&page)
     }
 
+    /// The vCPUs share pages [first, first + count) (vCPU i reads one word
+    /// of pages first+i, first+i+vCPUs, ...), all starting at a barrier;
+    /// returns the nanoseconds from the start to the last read.
+    pub fn touch_spread(&self, first: u64, count: u64) -> u64 {
+        let barrier = Barrier::new(self.vcpus + 1);
+        let vcpus = self.vcpus as u64;
+        let started = std::thread::scope(|scope| {
+            for vcpu in 0..vcpus {
+                let barrier = &barrier;
+                scope.spawn(move || {
+                    barrier.wait();
+                    for page in (first + vcpu..first + count).step_by(vcpus as usize) {
+                        self.read_word(page, 0);
+                    }
+                });
+            }
+            barrier.wait();
+            Instant::now()
+        });
+        started.elapsed().as_nanos() as u64
+    }
+
     pub fn touch(&self, pages: &[u64]) {
         let barrier = Barrier::new(self.vcpus);
         let words = self.words_per_page();

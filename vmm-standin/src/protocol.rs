@@ -4,9 +4,11 @@
 //! | command | role | answer |
 //! |---|---|---|
 //! | `write P` | source | `{"event":"written","page":P}` |
+//! | `write-range FIRST COUNT` | source | `{"event":"written-range","first":FIRST,"count":COUNT}`: pages FIRST.. written, as `write` does each |
 //! | `pause` | source | `{"event":"paused","at_ns":..}`, then `snapshot-written` |
 //! | `resume` | target | `{"event":"resumed"}` at once; `{"event":"guest-done",..}` when `--run-ms` is over |
 //! | `touch P1 P2 ..` | target | `{"event":"touched",..}` |
+//! | `touch-spread FIRST COUNT` | target | `{"event":"touched-spread","pages":COUNT,"nanos":N}`: the vCPUs share pages FIRST.. (vCPU i reads pages FIRST+i, FIRST+i+vCPUs, ...), all starting at once; N from the start to the last read |
 //! | `discard P1 P2 ..` | both | `{"event":"discarded","pages":N}`: the pages are punched out (MADV_REMOVE, as a balloon does); they read as zeros from then on (unless written again) |
 //! | `verify PATH` | target | `{"event":"verified",..}` |
 //! | `verify-mapped PATH` | target | `{"event":"verified-mapped",..}` |
@@ -45,6 +47,10 @@ pub enum StandinEvent {
     Written {
         page: u64,
     },
+    WrittenRange {
+        first: u64,
+        count: u64,
+    },
     Paused {
         at_ns: u64,
     },
@@ -60,6 +66,10 @@ pub enum StandinEvent {
     },
     Touched {
         first_access_done_ns: u64,
+    },
+    TouchedSpread {
+        pages: u64,
+        nanos: u64,
     },
     Discarded {
         pages: u64,
@@ -95,11 +105,13 @@ impl StandinEvent {
         match self {
             Self::Ready { .. } => "ready",
             Self::Written { .. } => "written",
+            Self::WrittenRange { .. } => "written-range",
             Self::Paused { .. } => "paused",
             Self::SnapshotWritten { .. } => "snapshot-written",
             Self::Resumed => "resumed",
             Self::GuestDone { .. } => "guest-done",
             Self::Touched { .. } => "touched",
+            Self::TouchedSpread { .. } => "touched-spread",
             Self::Discarded { .. } => "discarded",
             Self::Verified { .. } => "verified",
             Self::VerifiedMapped { .. } => "verified-mapped",
@@ -114,9 +126,18 @@ impl StandinEvent {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
     Write(u64),
+    /// Pages [first, first + count).
+    WriteRange {
+        first: u64,
+        count: u64,
+    },
     Pause,
     Resume,
     Touch(Vec<u64>),
+    TouchSpread {
+        first: u64,
+        count: u64,
+    },
     Discard(Vec<u64>),
     Verify(PathBuf),
     VerifyMapped(PathBuf),
@@ -132,6 +153,8 @@ impl Command {
         let page = |w: &str| w.parse::<u64>().map_err(|_| format!("{verb}: {w:?} is not a page number"));
         let command = match (verb, rest.as_slice()) {
             ("write", [p]) => Self::Write(page(p)?),
+            ("write-range", [first, count]) => Self::WriteRange { first: page(first)?, count: page(count)? },
+            ("touch-spread", [first, count]) => Self::TouchSpread { first: page(first)?, count: page(count)? },
             ("pause", []) => Self::Pause,
             ("resume", []) => Self::Resume,
             ("touch", pages) if !pages.is_empty() => {
@@ -145,7 +168,7 @@ impl Command {
             ("quit", []) => Self::Quit,
             _ => {
                 return Err(format!(
-                    "unknown command {:?} (expected write P | pause | resume | touch P.. | verify PATH | verify-mapped PATH | quit)",
+                    "unknown command {:?} (expected write P | write-range FIRST COUNT | pause | resume | touch P.. | touch-spread FIRST COUNT | discard P.. | verify PATH | verify-mapped PATH | quit)",
                     line.trim()
                 ));
             }

@@ -63,6 +63,14 @@ impl GuestRam {
     }
 
     /// Checks that a command's page exists.
+    /// Checks that pages [first, first + count) are all in the guest.
+    pub fn check_range(&self, first: u64, count: u64) -> Result<(), String> {
+        match first.checked_add(count) {
+            Some(end) if end <= self.total_pages => Ok(()),
+            _ => Err(format!("pages {first}+{count} out of range (the guest has {} pages)", self.total_pages)),
+        }
+    }
+
     pub fn check_page(&self, page: u64) -> Result<(), String> {
         if page < self.total_pages {
             Ok(())

@@ -78,6 +78,16 @@ pub(crate) fn run(config: &StandinConfig, commands: impl BufRead, events: &Arc<E
             events.emit(&StandinEvent::Written { page });
             Ok(())
         }
+        Command::WriteRange { first, count } => {
+            ram.check_range(first, count)?;
+            for page in first..first + count {
+                pattern::command_page(config.seed, page, command_writes, &mut page_buf);
+                command_writes += 1;
+                ram.map.copy_in(ram.page_offset(page), &page_buf);
+            }
+            events.emit(&StandinEvent::WrittenRange { first, count });
+            Ok(())
+        }
         Command::Pause => {
             let running = vcpus.take().ok_or("already paused")?;
             let writes = running.stop();
@@ -102,7 +112,11 @@ pub(crate) fn run(config: &StandinConfig, commands: impl BufRead, events: &Arc<E
             events.emit(&StandinEvent::Discarded { pages: pages.len() as u64 });
             Ok(())
         }
-        Command::Resume | Command::Touch(_) | Command::Verify(_) | Command::VerifyMapped(_) => {
+        Command::Resume
+        | Command::Touch(_)
+        | Command::TouchSpread { .. }
+        | Command::Verify(_)
+        | Command::VerifyMapped(_) => {
             Err("resume, touch, verify and verify-mapped are target-role commands".to_owned())
         }
         Command::Quit => Ok(()),

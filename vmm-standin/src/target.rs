@@ -58,6 +58,12 @@ pub(crate) fn run(config: &StandinConfig, commands: impl BufRead, events: &Arc<E
             events.emit(&StandinEvent::Touched { first_access_done_ns: guest.first_access_done_ns() });
             Ok(())
         }
+        Command::TouchSpread { first, count } => {
+            guest.ram().check_range(first, count)?;
+            let nanos = guest.touch_spread(first, count);
+            events.emit(&StandinEvent::TouchedSpread { pages: count, nanos });
+            Ok(())
+        }
         Command::Discard(pages) => {
             pages.iter().try_for_each(|&page| guest.ram().check_page(page))?;
             guest.discard(&pages).map_err(|e| e.to_string())?;
@@ -80,7 +86,9 @@ pub(crate) fn run(config: &StandinConfig, commands: impl BufRead, events: &Arc<E
             });
             Ok(())
         }
-        Command::Write(_) | Command::Pause => Err("write and pause are source-role commands".to_owned()),
+        Command::Write(_) | Command::WriteRange { .. } | Command::Pause => {
+            Err("write, write-range and pause are source-role commands".to_owned())
+        }
         Command::Quit => Ok(()),
     })
     // The vCPUs may still run, or be blocked for ever in faults nobody

@@ -523,6 +523,14 @@ impl Migration<'_> {
         if !self.opts.write_before_pause.is_empty() {
             self.progress.say(format!("source wrote pages {:?} just before the pause", self.opts.write_before_pause));
         }
+        if let Some((first, count)) = self.opts.write_range_before_pause {
+            vm.send(&format!("write-range {first} {count}")).await?;
+            wait_for(vm, "written-range", deadline(timeout), |e| {
+                matches!(e, StandinEvent::WrittenRange { .. }).then_some(())
+            })
+            .await?;
+            self.progress.say(format!("source wrote pages {first}..{} just before the pause", first + count));
+        }
         if !self.opts.discard_before_pause.is_empty() {
             let pages: Vec<String> = self.opts.discard_before_pause.iter().map(u64::to_string).collect();
             vm.send(&format!("discard {}", pages.join(" "))).await?;
@@ -599,6 +607,21 @@ impl Migration<'_> {
             self.report.status_after_touch = Some(crate::report::StatusAfterTouch::from(&status));
             self.progress
                 .say(format!("{} target vCPUs touched pages {:?}", self.opts.vcpus, self.opts.touch_after_resume));
+        }
+        if let Some((first, count)) = self.opts.touch_spread_after_resume {
+            vm.send(&format!("touch-spread {first} {count}")).await?;
+            let touched = wait_for(vm, "touched-spread", deadline(timeout), |e| match e {
+                StandinEvent::TouchedSpread { pages, nanos } => Some((*pages, *nanos)),
+                _ => None,
+            });
+            let (pages, nanos) = watch.unless_failed(touched).await?;
+            let seconds = nanos as f64 / 1e9;
+            self.report.touch_spread = Some(crate::report::TouchSpread { pages, seconds });
+            self.progress.say(format!(
+                "{} target vCPUs read {pages} pages in {:.1} ms",
+                self.opts.vcpus,
+                seconds * 1e3
+            ));
         }
         // `resumed` comes at once; `guest-done` when the run is over.
         vm.send("resume").await?;

@@ -32,6 +32,14 @@ pub struct MigrationOptions {
     /// after pre-copy converged and before the pause: the source agent must
     /// report them dirty, so the target ends with zeros there.
     pub discard_before_pause: Vec<u64>,
+    /// Pages [first, first + count) the source writes after pre-copy
+    /// converged and before the pause (`write-range`): a stale set of a
+    /// chosen size.
+    pub write_range_before_pause: Option<(u64, u64)>,
+    /// Pages [first, first + count) the target vCPUs share and read at once
+    /// right after `Switchover`, before the guest runs (`touch-spread`); the
+    /// time it took is in the report.
+    pub touch_spread_after_resume: Option<(u64, u64)>,
     /// Pages every target vCPU reads at once after `Switchover`, before the
     /// guest runs.
     pub touch_after_resume: Vec<u64>,
@@ -83,6 +91,8 @@ impl Default for MigrationOptions {
             touch_after_resume: Vec::new(),
             discard_after_switchover: Vec::new(),
             discard_before_pause: Vec::new(),
+            write_range_before_pause: None,
+            touch_spread_after_resume: None,
             quiet: false,
             vm_name: "demo-vm".to_owned(),
             max_written_pages: 4096,
@@ -121,12 +131,19 @@ impl MigrationOptions {
             return Err(MigrationError::InvalidOptions("at least one pre-copy round is needed".into()));
         }
         let total_pages = self.memory_bytes / page_size;
+        // The last page of each range (an empty range: its first).
+        let range_ends: Vec<u64> = [self.write_range_before_pause, self.touch_spread_after_resume]
+            .into_iter()
+            .flatten()
+            .map(|(first, count)| first.saturating_add(count.saturating_sub(1)))
+            .collect();
         if let Some(page) = self
             .write_before_pause
             .iter()
             .chain(&self.touch_after_resume)
             .chain(&self.discard_after_switchover)
             .chain(&self.discard_before_pause)
+            .chain(&range_ends)
             .find(|&&p| p >= total_pages)
         {
             return Err(MigrationError::InvalidOptions(format!(
