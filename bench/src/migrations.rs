@@ -33,6 +33,9 @@ const GUEST_RUN: Duration = Duration::from_millis(1000);
 const IDLE_PULL_DELAY: Duration = Duration::from_millis(1500);
 /// Huge pages made stale on purpose in the huge-page run.
 const HUGE_STALE_PAGES: u64 = 8;
+/// The dirty rates (pages/s) the convergence search starts and stops at.
+const FIRST_DIRTY_RATE: u64 = 10_000;
+const LAST_DIRTY_RATE: u64 = 2_560_000;
 /// The page size of a shmem guest.
 const PAGE: u64 = 4096;
 const MIB: f64 = (1u64 << 20) as f64;
@@ -151,6 +154,7 @@ pub async fn measure(opts: &BenchOptions, report: &mut BenchReport) -> anyhow::R
         }
     }
     samples.into_report(report);
+    max_converging_dirty_rate(opts, report).await?;
     report.note(format!(
         "migrations: {} repetition(s), medians; guests of {} MiB ({} MiB for the 4 GiB rows); fault latencies are \
          the target agent's own histogram (guest access to UFFDIO_CONTINUE)",
@@ -158,6 +162,49 @@ pub async fn measure(opts: &BenchOptions, report: &mut BenchReport) -> anyhow::R
         guest >> 20,
         large >> 20
     ));
+    Ok(())
+}
+
+/// The highest guest dirty rate (pages/s) at which pre-copy still
+/// converges: its last round leaves under 1% of the guest's pages dirty.
+/// Rates double from [`FIRST_DIRTY_RATE`] until one does not converge (or
+/// [`LAST_DIRTY_RATE`]; a quick run tries three), then one bisection step
+/// between the last two; one run each, not repeated.
+async fn max_converging_dirty_rate(opts: &BenchOptions, report: &mut BenchReport) -> anyhow::Result<()> {
+    // 1 GiB even in a quick run: in a small guest, the pages one round
+    // dirties are a large share of it at any rate worth knowing.
+    let guest = 1 << 30;
+    let last_rate = if opts.quick { 4 * FIRST_DIRTY_RATE } else { LAST_DIRTY_RATE };
+    let converges = |rate: u64| async move {
+        let run = migrate("dirty rate", MigrationOptions { dirty_rate: rate, ..shmem(guest, 4) }).await?;
+        let last = run.dirty_pages_per_round.last().copied().unwrap_or(u64::MAX);
+        anyhow::Ok(last.saturating_mul(100) < run.total_pages)
+    };
+    let (mut converged, mut failed) = (None, None);
+    let mut rate = FIRST_DIRTY_RATE;
+    while rate <= last_rate {
+        eprintln!("pageserver-bench: does pre-copy converge at {rate} dirty pages/s?");
+        if converges(rate).await? {
+            converged = Some(rate);
+            rate *= 2;
+        } else {
+            failed = Some(rate);
+            break;
+        }
+    }
+    if let (Some(low), Some(high)) = (converged, failed) {
+        let middle = (low + high) / 2;
+        if converges(middle).await? {
+            converged = Some(middle);
+        }
+    }
+    match converged {
+        Some(rate) => report.set("max_converging_dirty_pages_s", rate as f64),
+        None => report.note(format!("pre-copy did not converge even at {FIRST_DIRTY_RATE} dirty pages/s")),
+    }
+    if failed.is_none() {
+        report.note(format!("pre-copy still converged at {last_rate} dirty pages/s, the most tried"));
+    }
     Ok(())
 }
 

@@ -74,7 +74,7 @@ pub const ROWS: &[RowSpec] = &[
     row("sparse_1t_agent_private_mib", "MiB", NotYet, "the larger agent's private memory"),
     row("sparse_1t_vmm_page_tables_mib", "MiB", NotYet, "page tables dirty tracking adds to the VMM"),
     row("sparse_1t_tracking_setup_ms", "ms", NotYet, "time to start dirty tracking"),
-    row("max_converging_dirty_pages_s", "pages/s", NotYet, "highest dirty rate at which pre-copy converges"),
+    row("max_converging_dirty_pages_s", "pages/s", Migrations, "highest dirty rate at which pre-copy converges"),
     row("qemu_native_downtime_ms", "ms", NotYet, "QEMU's own post-copy, memcheck guest: downtime"),
     row("qemu_native_blocktime_ms", "ms", NotYet, "its target blocktime"),
     row("qemu_native_total_s", "s", NotYet, "its total time"),

@@ -19,7 +19,7 @@ async fn postcopy_with_the_source_stopped(name: &str, pages: u64, grace: &str) -
     let grace = format!("--shutdown-grace={grace}");
     let m = Migration::start(name, pages, &[&grace, "--source-unreachable-timeout=10m"]).await;
     wait_for_status(&m.target, "pre-copy converged", |s| s.phase() == MigrationPhase::PrecopyConverged).await;
-    m.source.signal(Signal::STOP);
+    m.source.stop();
     let mut client = MigrationTargetClient::connect(m.target.url()).await.expect("connect");
     let reply = client.switchover(SwitchoverRequest {}).await.expect("Switchover").into_inner();
     assert_eq!(reply.phase(), MigrationPhase::Postcopy);
@@ -70,7 +70,7 @@ async fn sigterm_in_precopy_abandons_the_migration_and_exits_non_zero() {
     // stopped while it runs, which holds the agent in pre-copy.
     let mut m = Migration::start("precopy", 256 << 8, &["--source-unreachable-timeout=10m"]).await;
     wait_for_status(&m.target, "pre-copy", |s| s.phase() >= MigrationPhase::Precopy).await;
-    m.source.signal(Signal::STOP);
+    m.source.stop();
     let before = status(&m.target).await;
     assert_eq!(before.phase(), MigrationPhase::Precopy, "pre-copy finished before the source was stopped");
     assert_eq!(before.pages_by_state.expect("page counts").installed, 0);

@@ -119,6 +119,27 @@ impl Agent {
         kill_process(pid, signal).unwrap_or_else(|e| panic!("signalling {}: {e}", self.name));
     }
 
+    /// SIGSTOP, and waits until every thread of the process has stopped:
+    /// `kill` returns before a busy thread on another CPU has, and a reply
+    /// it sends meanwhile would come from a "stopped" agent.
+    pub fn stop(&self) {
+        self.signal(Signal::STOP);
+        let tasks = format!("/proc/{}/task", self.child.id());
+        let stopped = || {
+            std::fs::read_dir(&tasks).expect("the agent's threads").flatten().all(|task| {
+                let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+                // The state follows the command name's closing parenthesis.
+                let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next());
+                matches!(state, Some('T' | 't') | None)
+            })
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !stopped() {
+            assert!(std::time::Instant::now() < deadline, "{} did not stop", self.name);
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+
     pub fn stderr(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
