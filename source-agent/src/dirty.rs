@@ -172,7 +172,8 @@ impl DirtyTracker {
 
     /// The pause epoch: the epoch of the first scan that started after the
     /// VM paused (or after its VMM left), 0 while it runs or before that scan
-    /// is complete. A memory file is paused at epoch 1 for ever. While this
+    /// has started (the pause scan publishes it as it starts; any other
+    /// scan, when it is complete). A memory file is paused at epoch 1 for ever. While this
     /// stays the same, the memory does not change: a page read between two
     /// equal readings of it is the page's content at the pause, and the
     /// final bitmap it came with is exact for it.
@@ -210,6 +211,18 @@ impl DirtyTracker {
     pub fn vm_paused(&self) -> Result<u64, DirtyError> {
         self.paused.store(true, Ordering::Release);
         let mut state = self.lock();
+        // The pause scan's epoch fences the pause from the moment the scan
+        // starts, not when it ends: the VM is stopped, so a page read from
+        // now on is its content at the pause, and the final bitmap (which
+        // needs the scan) waits for this lock. A guest fault on the target
+        // is then served at once instead of waiting out the scan (tens of
+        // milliseconds for a large guest).
+        if self.pagemap.is_some()
+            && !self.is_vmm_gone()
+            && let Some(next) = state.epoch.checked_add(1)
+        {
+            let _ = self.pause_epoch.compare_exchange(0, u64::from(next), Ordering::AcqRel, Ordering::Acquire);
+        }
         let scanned = self.scan_locked(&mut state);
         // A failed scan still made its epoch (counting what it could not
         // report as dirty), so it fences the pause as well as a good one.
