@@ -50,6 +50,12 @@ impl BenchOptions {
         if self.quick { 1 } else { 3 }
     }
 
+    /// Repetitions of the whole migrations (about a minute each in a full
+    /// run; the median is reported).
+    pub fn migration_repetitions(&self) -> usize {
+        if self.quick { 1 } else { 2 }
+    }
+
     /// The guest size of the rows measured "at 4 GiB".
     pub fn large_guest_bytes(&self) -> u64 {
         if self.quick { 512 << 20 } else { 4 << 30 }

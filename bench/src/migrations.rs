@@ -64,8 +64,9 @@ pub async fn measure(opts: &BenchOptions, report: &mut BenchReport) -> anyhow::R
     let mut samples = Samples::default();
     let guest = opts.guest_bytes();
     let large = opts.large_guest_bytes();
-    for repetition in 0..opts.repetitions() {
-        eprintln!("pageserver-bench: migrations, repetition {} of {}", repetition + 1, opts.repetitions());
+    let repetitions = opts.migration_repetitions();
+    for repetition in 0..repetitions {
+        eprintln!("pageserver-bench: migrations, repetition {} of {repetitions}", repetition + 1);
         let idle = migrate("idle", MigrationOptions { pull_delay: Some(IDLE_PULL_DELAY), ..shmem(guest, 4) }).await?;
         sample_faults(&mut samples, &idle, "fresh", "fresh_fault_p50_us", "fresh_fault_p99_us");
         sample_faults(&mut samples, &idle, "fetched", "stale_fault_p50_us", "stale_fault_p99_us");
@@ -158,8 +159,8 @@ pub async fn measure(opts: &BenchOptions, report: &mut BenchReport) -> anyhow::R
     max_converging_dirty_rate(opts, report).await?;
     report.note(format!(
         "migrations: {} repetition(s), medians (the 4 GiB run once); guests of {} MiB ({} MiB for the 4 GiB rows); \
-         fault latencies are the target agent's own histogram (guest access to UFFDIO_CONTINUE)",
-        opts.repetitions(),
+         fault latencies are the target agent's own histogram (event read to resolved)",
+        repetitions,
         guest >> 20,
         large >> 20
     ));

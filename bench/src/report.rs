@@ -40,7 +40,12 @@ pub const ROWS: &[RowSpec] = &[
     row("floor_2m_us", "µs", Floor, "raw TCP request/response carrying 2 MiB, p50"),
     row("floor_bulk_gib_s", "GiB/s", Floor, "raw TCP bulk, two plain processes"),
     row("floor_precopy_gib_s", "GiB/s", Floor, "the same bulk received into a fresh memfd of the guest's size"),
-    row("baseline_fresh_fault_p50_us", "µs", Kernel, "minimal in-process handler: read event, UFFDIO_CONTINUE"),
+    row(
+        "baseline_fresh_fault_p50_us",
+        "µs",
+        Kernel,
+        "minimal in-process handler: event read to UFFDIO_CONTINUE done, p50",
+    ),
     row("dirty_scan_gib_s", "GiB/s", Kernel, "PAGEMAP_SCAN (write-protect matching) over guest memory, 1% written"),
     row(
         "bitmap_bytes_per_gib_scattered",
@@ -49,7 +54,7 @@ pub const ROWS: &[RowSpec] = &[
         "encoded bitmap, 1% dirty pages of a 4 GiB guest, scattered",
     ),
     row("bitmap_bytes_per_gib_clustered", "B/GiB", Kernel, "the same, in clusters of 64 pages"),
-    row("fresh_fault_p50_us", "µs", Migrations, "target agent, page known fresh, p50"),
+    row("fresh_fault_p50_us", "µs", Migrations, "target agent, page known fresh, event read to resolved, p50"),
     row("fresh_fault_p99_us", "µs", Migrations, "the same, p99"),
     row("stale_fault_p50_us", "µs", Migrations, "target agent, stale page fetched over gRPC, idle, p50"),
     row("stale_fault_p99_us", "µs", Migrations, "the same, p99"),
