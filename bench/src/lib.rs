@@ -15,7 +15,9 @@
 //! - the **agents** ([`migrations`]): whole migrations through the demo
 //!   (both agents and both VMM stand-ins as separate processes), read from
 //!   its report: fault latencies by kind, pre-copy rate, resume time, pages
-//!   fetched per stale page, the agents' private memory.
+//!   fetched per stale page, the agents' private memory;
+//! - **QEMU** ([`qemu`]): one QEMU guest migrated by QEMU's own post-copy
+//!   and through the agents, in the same run.
 //!
 //! Nothing here asserts a speed: the figures are reported, and compared with
 //! the targets in `BENCHMARKS.md` by a reader.
@@ -24,13 +26,14 @@
 //!
 //! - [`report`]: the catalogue of rows ([`report::ROWS`]), the report, its
 //!   table and its JSON;
-//! - [`floor`], [`kernel`], [`migrations`]: one section each;
+//! - [`floor`], [`kernel`], [`migrations`], [`qemu`]: one section each;
 //! - [`stats`]: percentiles and medians.
 #![forbid(unsafe_code)]
 
 pub mod floor;
 pub mod kernel;
 pub mod migrations;
+pub mod qemu;
 pub mod report;
 pub mod stats;
 

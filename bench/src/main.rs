@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Parser;
 use pageserver_bench::report::Section;
-use pageserver_bench::{BenchOptions, BenchReport, floor, kernel, migrations};
+use pageserver_bench::{BenchOptions, BenchReport, floor, kernel, migrations, qemu};
 
 /// Measures the agents against the physical floor of this machine, in one
 /// run: prints a table and writes the figures as JSON.
@@ -19,7 +19,7 @@ struct Args {
     /// Write the figures as JSON to PATH.
     #[arg(long, value_name = "PATH")]
     report_json: Option<PathBuf>,
-    /// Only these sections (floor, kernel, migrations); all by default.
+    /// Only these sections (floor, kernel, migrations, qemu); all by default.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
 }
@@ -50,7 +50,7 @@ fn main() -> anyhow::Result<()> {
     let wanted = |section: &str| args.only.is_empty() || args.only.iter().any(|s| s == section);
     let mut report = BenchReport::new(opts.quick);
     let mut failures = Vec::new();
-    report.sections = [Section::Floor, Section::Kernel, Section::Migrations]
+    report.sections = [Section::Floor, Section::Kernel, Section::Migrations, Section::Qemu]
         .into_iter()
         .filter(|s| wanted(&format!("{s:?}").to_lowercase()))
         .collect();
@@ -74,12 +74,20 @@ fn main() -> anyhow::Result<()> {
             failures.push(format!("migrations: {e:#}"));
         }
     }
+    if wanted("qemu") {
+        eprintln!("pageserver-bench: a QEMU guest, by QEMU's own post-copy and through the agents");
+        build_agents_if_missing()?;
+        let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+        if let Err(e) = runtime.block_on(qemu::measure(&opts, &mut report)) {
+            failures.push(format!("qemu: {e:#}"));
+        }
+    }
     println!("{report}");
     if let Some(path) = &args.report_json {
         let json = serde_json::to_string_pretty(&report).context("encoding the report")?;
         std::fs::write(path, json + "\n").with_context(|| format!("writing {}", path.display()))?;
     }
-    for section in [Section::Floor, Section::Kernel, Section::Migrations] {
+    for section in [Section::Floor, Section::Kernel, Section::Migrations, Section::Qemu] {
         let name = format!("{section:?}").to_lowercase();
         let missing = report.missing(section);
         if wanted(&name) && !missing.is_empty() {

@@ -43,14 +43,15 @@ const GIB: f64 = (1u64 << 30) as f64;
 
 /// Figures gathered across repetitions, by key.
 #[derive(Default)]
-struct Samples(BTreeMap<&'static str, Vec<f64>>);
+pub(crate) struct Samples(BTreeMap<&'static str, Vec<f64>>);
 
 impl Samples {
-    fn add(&mut self, key: &'static str, value: f64) {
+    pub(crate) fn add(&mut self, key: &'static str, value: f64) {
         self.0.entry(key).or_default().push(value);
     }
 
-    fn into_report(self, report: &mut BenchReport) {
+    /// The median of each key's figures, into `report`.
+    pub(crate) fn into_report(self, report: &mut BenchReport) {
         for (key, values) in self.0 {
             if let Some(value) = median(&values) {
                 report.set(key, value);

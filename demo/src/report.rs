@@ -83,6 +83,10 @@ pub struct Report {
     /// Keyed by "fresh", "fetched", "missing" (and any other kind the agent
     /// reports).
     pub fault_latency_us: BTreeMap<String, LatencyPercentiles>,
+    /// The time faults waited on the target agent, summed over every fault
+    /// (the event read to the page resolved), ms: QEMU's "blocktime".
+    #[serde(default)]
+    pub fault_wait_ms_total: f64,
     pub pages_by_state: BTreeMap<String, u64>,
     /// Faults the target agent will never resolve, by reason (all 0 unless
     /// the migration failed).
@@ -211,6 +215,7 @@ impl Report {
                 LatencyPercentiles { p50: summary.p50_us, p99: summary.p99_us, max: summary.max_us },
             );
         }
+        self.fault_wait_ms_total = status.fault_latency.values().map(|summary| summary.sum_us).sum::<f64>() / 1e3;
     }
 
     /// Every page was compared and none differed.
@@ -348,7 +353,7 @@ mod tests {
             faults_fetched: 4,
             fault_latency: [(
                 "fetched".to_owned(),
-                LatencySummary { count: 4, p50_us: 50.0, p99_us: 90.0, max_us: 99.0 },
+                LatencySummary { count: 4, p50_us: 50.0, p99_us: 90.0, max_us: 99.0, sum_us: 300.0 },
             )]
             .into_iter()
             .collect(),

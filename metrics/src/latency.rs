@@ -58,6 +58,8 @@ pub struct LatencySummary {
     pub p50_us: f64,
     pub p99_us: f64,
     pub max_us: f64,
+    /// The exact sum of the samples.
+    pub sum_us: f64,
 }
 
 impl Default for LatencyHistogram {
@@ -175,6 +177,7 @@ impl LatencySnapshot {
             p50_us: self.quantile_ns(0.50) as f64 / 1e3,
             p99_us: self.quantile_ns(0.99) as f64 / 1e3,
             max_us: self.max_ns as f64 / 1e3,
+            sum_us: self.sum_ns as f64 / 1e3,
         }
     }
 

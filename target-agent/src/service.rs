@@ -84,7 +84,13 @@ pub fn status(agent: &TargetAgent) -> MigrationStatus {
         let sum = s.fault_latency_of(kind).summary();
         st.fault_latency.insert(
             kind.name().to_string(),
-            LatencySummary { count: sum.count, p50_us: sum.p50_us, p99_us: sum.p99_us, max_us: sum.max_us },
+            LatencySummary {
+                count: sum.count,
+                p50_us: sum.p50_us,
+                p99_us: sum.p99_us,
+                max_us: sum.max_us,
+                sum_us: sum.sum_us,
+            },
         );
     }
     st

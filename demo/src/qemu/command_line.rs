@@ -23,6 +23,9 @@ pub(super) struct QemuLaunch<'a> {
     pub qmp_socket: &'a Path,
     /// The target: wait for QEMU's incoming migration (`-incoming defer`).
     pub incoming: bool,
+    /// Guest RAM in the shared `ram` file (for the agents); otherwise
+    /// anonymous memory (QEMU's own migration moves it).
+    pub shared_ram_file: bool,
 }
 
 impl QemuLaunch<'_> {
@@ -36,7 +39,11 @@ impl QemuLaunch<'_> {
             "-smp".into(),
             "1".into(),
             "-object".into(),
-            format!("memory-backend-file,id=mem0,size={mib}M,mem-path={},share=on", self.ram.display()),
+            if self.shared_ram_file {
+                format!("memory-backend-file,id=mem0,size={mib}M,mem-path={},share=on", self.ram.display())
+            } else {
+                format!("memory-backend-ram,id=mem0,size={mib}M")
+            },
             "-machine".into(),
             "pc,memory-backend=mem0".into(),
             "-kernel".into(),

@@ -28,7 +28,9 @@
 //! - [`guest`]: the guest image, and its memory checker's verdict;
 //! - `hugetlbfs`: a hugetlbfs mount for the RAM files of hugetlbfs guests;
 //! - `ram_compare`: the target's RAM file against the source's;
-//! - [`report`]: what a run measured ([`QemuReport`]).
+//! - [`report`]: what a run measured ([`QemuReport`]);
+//! - [`native`]: the same guest migrated by QEMU's own post-copy, for
+//!   comparison.
 //!
 //! Nothing is installed or built here: QEMU and the guest image come from
 //! `scripts/setup --qemu`, the binaries and the shim from a workspace build.
@@ -40,6 +42,7 @@ mod command_line;
 pub mod error;
 pub mod guest;
 mod hugetlbfs;
+pub mod native;
 pub mod qmp;
 mod ram_compare;
 pub mod report;
@@ -158,13 +161,7 @@ pub async fn run_qemu_migration_until(
         let _ = std::fs::remove_file(q.ram_path(role));
     }
     if result.is_err() {
-        for child in &children {
-            eprintln!("--- {} stderr (last lines) ---\n{}", child.name(), child.log_tail());
-        }
-        for role in ["source", "target"] {
-            let log = crate::process::tail_of_file(&q.serial_log(role), SERIAL_LINES_ON_FAILURE);
-            eprintln!("--- {role} serial console (last lines) ---\n{log}");
-        }
+        q.print_failure(&children);
     }
     result
 }
@@ -179,6 +176,37 @@ struct Qemus<'a> {
 }
 
 impl Qemus<'_> {
+    /// Prints the children's stderr and both serial consoles (a failed run).
+    fn print_failure(&self, children: &[ChildProcess]) {
+        for child in children {
+            eprintln!("--- {} stderr (last lines) ---\n{}", child.name(), child.log_tail());
+        }
+        for role in ["source", "target"] {
+            let log = crate::process::tail_of_file(&self.serial_log(role), SERIAL_LINES_ON_FAILURE);
+            eprintln!("--- {role} serial console (last lines) ---\n{log}");
+        }
+    }
+
+    /// Starts the `role` QEMU for QEMU's own migration: no shim, its RAM
+    /// anonymous memory.
+    fn spawn_native_qemu(&self, role: &'static str) -> Result<ChildProcess, QemuError> {
+        let (ram, serial_log, qmp_socket) = (self.ram_path(role), self.serial_log(role), self.qmp_socket(role));
+        let launch = QemuLaunch {
+            role,
+            image: &self.image,
+            ram: &ram,
+            handoff_socket: Path::new(""),
+            serial_log: &serial_log,
+            qmp_socket: &qmp_socket,
+            incoming: role == "target",
+            shared_ram_file: false,
+        };
+        let no_env: [(&str, &OsStr); 0] = [];
+        let program = Path::new("qemu-system-x86_64");
+        let args = launch.args(self.opts);
+        Ok(ChildProcess::spawn_with_env(&format!("qemu-{role}"), program, &args, &no_env, self.work)?)
+    }
+
     fn ram_path(&self, role: &str) -> PathBuf {
         if self.opts.hugetlb {
             self.work.join(HUGETLBFS_DIR).join(format!("{role}.ram"))
@@ -206,6 +234,7 @@ impl Qemus<'_> {
             serial_log: &serial_log,
             qmp_socket: &qmp_socket,
             incoming: role == "target",
+            shared_ram_file: true,
         };
         let env = launch.shim_env(&self.binaries.vmm_shim);
         let env: Vec<(&str, &OsStr)> = env.iter().map(|(name, value)| (*name, value.as_os_str())).collect();
@@ -274,6 +303,7 @@ async fn migrate(q: &Qemus<'_>, children: &mut Vec<ChildProcess>) -> Result<Qemu
         .execute("migrate-incoming", json!({ "uri": format!("tcp:127.0.0.1:{port}") }))
         .await
         .map_err(qmp("target"))?;
+    let migration_started = Instant::now();
 
     let client = MigrationTargetClient::connect(format!("http://{addr}"))
         .await
@@ -341,6 +371,9 @@ async fn migrate(q: &Qemus<'_>, children: &mut Vec<ChildProcess>) -> Result<Qemu
         "target guest: {} generations checked after switchover, {} bad words",
         verdict.generations_after_switchover, verdict.bad_words
     ));
+    watch.wait_until("post-copy to complete", t, |s| s.complete_at.is_some()).await?;
+    let completed_at = watch.current().complete_at.unwrap_or_else(Instant::now);
+    let migration_seconds = completed_at.saturating_duration_since(migration_started).as_secs_f64();
     let status = target.client.get_status(GetStatusRequest {}).await.map_err(rpc("target", "GetStatus"))?.into_inner();
     report.apply_status(&status);
     report.page_size = status.page_size;
@@ -353,5 +386,5 @@ async fn migrate(q: &Qemus<'_>, children: &mut Vec<ChildProcess>) -> Result<Qemu
     if let Some(handoffs) = handoffs {
         report.handoffs.insert("target".to_owned(), handoffs);
     }
-    Ok(QemuReport { migration: report, guest: verdict })
+    Ok(QemuReport { migration: report, guest: verdict, migration_seconds })
 }

@@ -11,6 +11,11 @@ pub struct QemuReport {
     #[serde(flatten)]
     pub migration: Report,
     pub guest: GuestVerdict,
+    /// From the target's `migrate-incoming` (the agents' pre-copy starts) to
+    /// the target agent's post-copy complete, s: what QEMU's own
+    /// `total-time` measures of its migration.
+    #[serde(default)]
+    pub migration_seconds: f64,
 }
 
 impl std::fmt::Display for QemuReport {
