@@ -50,36 +50,22 @@ fn main() -> anyhow::Result<()> {
     let wanted = |section: &str| args.only.is_empty() || args.only.iter().any(|s| s == section);
     let mut report = BenchReport::new(opts.quick);
     let mut failures = Vec::new();
-    report.sections = [Section::Floor, Section::Kernel, Section::Migrations, Section::Qemu]
-        .into_iter()
-        .filter(|s| wanted(&format!("{s:?}").to_lowercase()))
-        .collect();
-    if wanted("floor") {
-        eprintln!("pageserver-bench: the floor (two plain processes over TCP)");
-        if let Err(e) = floor::measure(&opts, &mut report) {
-            failures.push(format!("floor: {e:#}"));
+    report.sections = Section::MEASURED.into_iter().filter(|s| wanted(s.name())).collect();
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    for section in report.sections.clone() {
+        eprintln!("pageserver-bench: {}", section.title());
+        if matches!(section, Section::Migrations | Section::Qemu) {
+            build_agents_if_missing()?;
         }
-    }
-    if wanted("kernel") {
-        eprintln!("pageserver-bench: the kernel (in-process fault handler, dirty scan, bitmap)");
-        if let Err(e) = kernel::measure(&opts, &mut report) {
-            failures.push(format!("kernel: {e:#}"));
-        }
-    }
-    if wanted("migrations") {
-        eprintln!("pageserver-bench: whole migrations through the agents");
-        build_agents_if_missing()?;
-        let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-        if let Err(e) = runtime.block_on(migrations::measure(&opts, &mut report)) {
-            failures.push(format!("migrations: {e:#}"));
-        }
-    }
-    if wanted("qemu") {
-        eprintln!("pageserver-bench: a QEMU guest, by QEMU's own post-copy and through the agents");
-        build_agents_if_missing()?;
-        let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-        if let Err(e) = runtime.block_on(qemu::measure(&opts, &mut report)) {
-            failures.push(format!("qemu: {e:#}"));
+        let measured = match section {
+            Section::Floor => floor::measure(&opts, &mut report),
+            Section::Kernel => kernel::measure(&opts, &mut report),
+            Section::Migrations => runtime.block_on(migrations::measure(&opts, &mut report)),
+            Section::Qemu => runtime.block_on(qemu::measure(&opts, &mut report)),
+            Section::NotYet => Ok(()),
+        };
+        if let Err(e) = measured {
+            failures.push(format!("{}: {e:#}", section.name()));
         }
     }
     println!("{report}");
@@ -87,11 +73,10 @@ fn main() -> anyhow::Result<()> {
         let json = serde_json::to_string_pretty(&report).context("encoding the report")?;
         std::fs::write(path, json + "\n").with_context(|| format!("writing {}", path.display()))?;
     }
-    for section in [Section::Floor, Section::Kernel, Section::Migrations, Section::Qemu] {
-        let name = format!("{section:?}").to_lowercase();
+    for &section in &report.sections {
         let missing = report.missing(section);
-        if wanted(&name) && !missing.is_empty() {
-            failures.push(format!("{name}: no figure for {}", missing.join(", ")));
+        if !missing.is_empty() {
+            failures.push(format!("{}: no figure for {}", section.name(), missing.join(", ")));
         }
     }
     if !failures.is_empty() {

@@ -20,6 +20,33 @@ pub enum Section {
     NotYet,
 }
 
+impl Section {
+    /// The sections a run measures, in order.
+    pub const MEASURED: [Section; 4] = [Section::Floor, Section::Kernel, Section::Migrations, Section::Qemu];
+
+    /// Its name for `--only`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Section::Floor => "floor",
+            Section::Kernel => "kernel",
+            Section::Migrations => "migrations",
+            Section::Qemu => "qemu",
+            Section::NotYet => "not-yet",
+        }
+    }
+
+    /// What it measures, for progress lines.
+    pub fn title(self) -> &'static str {
+        match self {
+            Section::Floor => "the floor (two plain processes over TCP)",
+            Section::Kernel => "the kernel (in-process fault handler, dirty scan, bitmap)",
+            Section::Migrations => "whole migrations through the agents",
+            Section::Qemu => "a QEMU guest, by QEMU's own post-copy and through the agents",
+            Section::NotYet => "rows not measured yet",
+        }
+    }
+}
+
 /// One row of the catalogue.
 #[derive(Debug, Clone, Copy)]
 pub struct RowSpec {
