@@ -22,6 +22,7 @@ use anyhow::{Context, bail};
 use guest_memory::MemoryMap;
 use guest_memory::memfile::{ftruncate, memfd_create};
 
+use crate::plot::Distribution;
 use crate::{BenchOptions, BenchReport, stats};
 
 /// The hidden first argument that makes the bench binary the floor's peer.
@@ -127,22 +128,26 @@ pub fn measure(opts: &BenchOptions, report: &mut BenchReport) -> anyhow::Result<
 /// Every floor row over `client`'s connection, as `plan` says.
 fn measure_with(client: &mut Client, plan: &Plan, report: &mut BenchReport) -> anyhow::Result<()> {
     let reps = plan.repetitions.max(1);
-    let (mut p50s, mut p99s) = (Vec::new(), Vec::new());
+    let (mut p50s, mut p99s, mut small_samples) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..reps {
         let samples =
             client.round_trips(SMALL_REPLY, plan.small_warmup, plan.small_rounds).context("4 KiB round trips")?;
         p50s.extend(stats::quantile(&samples, 0.5));
         p99s.extend(stats::quantile(&samples, 0.99));
+        small_samples = samples;
     }
+    report.distributions.push(Distribution::of_samples("floor: raw TCP 4 KiB round trip", &small_samples));
     report.set("floor_rtt_p50_us", median(&p50s)?);
     report.set("floor_rtt_p99_us", median(&p99s)?);
 
-    let mut large = Vec::new();
+    let (mut large, mut large_samples) = (Vec::new(), Vec::new());
     for _ in 0..reps {
         let samples =
             client.round_trips(LARGE_REPLY, plan.large_warmup, plan.large_rounds).context("2 MiB round trips")?;
         large.extend(stats::median(&samples));
+        large_samples = samples;
     }
+    report.distributions.push(Distribution::of_samples("floor: raw TCP 2 MiB round trip", &large_samples));
     report.set("floor_2m_us", median(&large)?);
 
     let mut bulk = Vec::new();

@@ -22,6 +22,7 @@ use guest_memory::{MemoryMap, RegionLayout, UffdError, UffdEvent, Userfaultfd};
 use pageserver_proto::bitmap::{DirtyRun, encode_chunks};
 use prost::Message;
 
+use crate::plot::Distribution;
 use crate::{BenchOptions, BenchReport, stats};
 
 /// Every mapping here is of 4 KiB shmem pages.
@@ -48,6 +49,7 @@ pub fn measure(opts: &BenchOptions, report: &mut BenchReport) -> anyhow::Result<
              the other CPU included)",
             f.handler_side, f.guest_side
         ));
+        report.distributions.push(Distribution::of_samples("floor: minimal handler, fresh", &f.spans));
     }
     let mut failed = Vec::new();
     let mut record = |key: &str, figure: anyhow::Result<f64>| match figure {
@@ -103,7 +105,7 @@ fn fresh_fault_p50_us(bytes: u64, reps: usize) -> anyhow::Result<FaultLatency> {
         }
         let guest_side = stats::median(&p50s).context("no pass measured")?;
         let handler_side = stats::median(&spans).context("no fault served")?;
-        Ok(FaultLatency { handler_side, guest_side })
+        Ok(FaultLatency { handler_side, guest_side, spans })
     })
 }
 
@@ -113,6 +115,8 @@ fn fresh_fault_p50_us(bytes: u64, reps: usize) -> anyhow::Result<FaultLatency> {
 struct FaultLatency {
     handler_side: f64,
     guest_side: f64,
+    /// Every fault's handler-side span, µs.
+    spans: Vec<f64>,
 }
 
 /// `reps` passes over the first `pages` pages of `guest`, each page read

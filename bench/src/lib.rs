@@ -27,12 +27,14 @@
 //! - [`report`]: the catalogue of rows ([`report::ROWS`]), the report, its
 //!   table and its JSON;
 //! - [`floor`], [`kernel`], [`migrations`], [`qemu`]: one section each;
-//! - [`stats`]: percentiles and medians.
+//! - [`stats`]: percentiles and medians;
+//! - [`plot`]: the fault-latency distributions as an SVG (`--plot`).
 #![forbid(unsafe_code)]
 
 pub mod floor;
 pub mod kernel;
 pub mod migrations;
+pub mod plot;
 pub mod qemu;
 pub mod report;
 pub mod stats;

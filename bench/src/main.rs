@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Parser;
 use pageserver_bench::report::Section;
-use pageserver_bench::{BenchOptions, BenchReport, floor, kernel, migrations, qemu};
+use pageserver_bench::{BenchOptions, BenchReport, floor, kernel, migrations, plot, qemu};
 
 /// Measures the agents against the physical floor of this machine, in one
 /// run: prints a table and writes the figures as JSON.
@@ -19,6 +19,10 @@ struct Args {
     /// Write the figures as JSON to PATH.
     #[arg(long, value_name = "PATH")]
     report_json: Option<PathBuf>,
+    /// Draw the fault-latency distributions (ours against the floor's) as
+    /// an SVG at PATH.
+    #[arg(long, value_name = "PATH")]
+    plot: Option<PathBuf>,
     /// Only these sections (floor, kernel, migrations, qemu); all by default.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
@@ -72,6 +76,11 @@ fn main() -> anyhow::Result<()> {
     if let Some(path) = &args.report_json {
         let json = serde_json::to_string_pretty(&report).context("encoding the report")?;
         std::fs::write(path, json + "\n").with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some(path) = &args.plot {
+        let title = "Fault latency: the target agent against the floor (cumulative)";
+        std::fs::write(path, plot::svg(title, &report.distributions))
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     for &section in &report.sections {
         let missing = report.missing(section);

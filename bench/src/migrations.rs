@@ -24,6 +24,7 @@ use anyhow::Context;
 use pageserver_demo::migration::{MigrationOptions, run_migration};
 use pageserver_demo::report::Report;
 
+use crate::plot::{self, Distribution};
 use crate::stats::median;
 use crate::{BenchOptions, BenchReport};
 
@@ -38,6 +39,8 @@ const FIRST_DIRTY_RATE: u64 = 10_000;
 const LAST_DIRTY_RATE: u64 = 2_560_000;
 /// The page size of a shmem guest.
 const PAGE: u64 = 4096;
+/// The target agent's fault-latency histogram (`target-agent/src/metrics.rs`).
+const FAULT_LATENCY: &str = "pageserver_target_fault_latency_seconds";
 const MIB: f64 = (1u64 << 20) as f64;
 const GIB: f64 = (1u64 << 30) as f64;
 
@@ -68,7 +71,21 @@ pub async fn measure(opts: &BenchOptions, report: &mut BenchReport) -> anyhow::R
     let repetitions = opts.migration_repetitions();
     for repetition in 0..repetitions {
         eprintln!("pageserver-bench: migrations, repetition {} of {repetitions}", repetition + 1);
-        let idle = migrate("idle", MigrationOptions { pull_delay: Some(IDLE_PULL_DELAY), ..shmem(guest, 4) }).await?;
+        // The first repetition's metrics give the plot its distributions.
+        let metrics = tempfile::tempdir().context("a directory for the agents' metrics")?;
+        let dump = (repetition == 0).then(|| metrics.path().join("idle"));
+        let idle =
+            MigrationOptions { pull_delay: Some(IDLE_PULL_DELAY), metrics_dump: dump.clone(), ..shmem(guest, 4) };
+        let idle = migrate("idle", idle).await?;
+        if let Some(dir) = &dump {
+            let text = std::fs::read_to_string(dir.join("target.prom")).context("the idle run's target metrics")?;
+            for (resolution, label) in
+                [("fresh", "target agent: fresh fault"), ("fetched", "target agent: stale fault")]
+            {
+                let buckets = plot::buckets(&text, FAULT_LATENCY, &[&format!("resolution=\"{resolution}\"")]);
+                report.distributions.push(Distribution::of_buckets(label, &buckets));
+            }
+        }
         sample_faults(&mut samples, &idle, "fresh", "fresh_fault_p50_us", "fresh_fault_p99_us");
         sample_faults(&mut samples, &idle, "fetched", "stale_fault_p50_us", "stale_fault_p99_us");
         samples.add("resume_ms_1g", idle.downtime_ms);
@@ -133,7 +150,14 @@ pub async fn measure(opts: &BenchOptions, report: &mut BenchReport) -> anyhow::R
             pull_delay: Some(IDLE_PULL_DELAY),
             ..shmem(guest, 1)
         };
-        let huge = migrate("huge pages", huge).await?;
+        let dump = (repetition == 0).then(|| metrics.path().join("huge"));
+        let huge = migrate("huge pages", MigrationOptions { metrics_dump: dump.clone(), ..huge }).await?;
+        if let Some(dir) = &dump {
+            let text =
+                std::fs::read_to_string(dir.join("target.prom")).context("the huge-page run's target metrics")?;
+            let buckets = plot::buckets(&text, FAULT_LATENCY, &["resolution=\"fetched\""]);
+            report.distributions.push(Distribution::of_buckets("target agent: stale 2 MiB fault", &buckets));
+        }
         if let Some(l) = huge.fault_latency_us.get("fetched").filter(|l| l.max > 0.0) {
             samples.add("stale_fault_2m_p50_us", l.p50);
         }

@@ -130,6 +130,9 @@ pub struct BenchReport {
     /// The sections this run measured.
     #[serde(skip)]
     pub sections: Vec<Section>,
+    /// Latency distributions for the plot (`--plot`), not in the JSON.
+    #[serde(skip)]
+    pub distributions: Vec<crate::plot::Distribution>,
     /// What each section said about how it measured, for the reader.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub notes: Vec<String>,
