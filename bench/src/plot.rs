@@ -20,8 +20,16 @@ impl Distribution {
     pub fn of_samples(label: &str, samples_us: &[f64]) -> Self {
         let mut sorted: Vec<f64> = samples_us.iter().copied().filter(|s| s.is_finite() && *s > 0.0).collect();
         sorted.sort_by(f64::total_cmp);
-        let n = sorted.len() as f64;
-        let points = sorted.iter().enumerate().map(|(i, &s)| (s, (i + 1) as f64 / n)).collect();
+        let n = sorted.len();
+        // At most MAX_POINTS steps: enough for the eye, and a figure of a
+        // few kilobytes rather than one point per sample.
+        let steps = n.min(MAX_POINTS);
+        let points = (1..=steps)
+            .map(|k| {
+                let rank = (k * n).div_ceil(steps);
+                (sorted[rank - 1], rank as f64 / n as f64)
+            })
+            .collect();
         Self { label: label.to_owned(), points }
     }
 
@@ -62,6 +70,8 @@ pub fn buckets(exposition: &str, metric: &str, labels: &[&str]) -> Vec<(f64, f64
     by_le
 }
 
+/// The most points a curve of samples is drawn with.
+const MAX_POINTS: usize = 400;
 const WIDTH: f64 = 760.0;
 const HEIGHT: f64 = 420.0;
 const LEFT: f64 = 60.0;
@@ -179,5 +189,14 @@ m_bucket{resolution=\"fetched\",state_known=\"true\",le=\"0.00001\"} 9
         let svg = svg("t", &curves);
         assert_eq!(svg.matches("<path").count(), 2);
         assert!(svg.contains("b &lt;2 MiB&gt;") && svg.ends_with("</svg>\n"));
+    }
+
+    #[test]
+    fn many_samples_make_a_bounded_curve_that_ends_at_the_maximum() {
+        let samples: Vec<f64> = (1..=20_000).map(f64::from).collect();
+        let d = Distribution::of_samples("many", &samples);
+        assert_eq!(d.points.len(), MAX_POINTS);
+        assert_eq!(d.points.last(), Some(&(20_000.0, 1.0)));
+        assert!(d.points.windows(2).all(|w| w[0].0 <= w[1].0 && w[0].1 < w[1].1));
     }
 }
