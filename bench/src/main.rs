@@ -50,6 +50,9 @@ fn main() -> anyhow::Result<()> {
         return floor::peer_main();
     }
     let args = Args::parse();
+    if let Some(unknown) = args.only.iter().find(|name| Section::MEASURED.iter().all(|s| s.name() != name.as_str())) {
+        anyhow::bail!("--only {unknown}: the sections are floor, kernel, migrations and qemu");
+    }
     let opts = BenchOptions { quick: args.quick };
     let wanted = |section: &str| args.only.is_empty() || args.only.iter().any(|s| s == section);
     let mut report = BenchReport::new(opts.quick);

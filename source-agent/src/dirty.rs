@@ -171,12 +171,12 @@ impl DirtyTracker {
     }
 
     /// The pause epoch: the epoch of the first scan that started after the
-    /// VM paused (or after its VMM left), 0 while it runs or before that scan
-    /// has started (the pause scan publishes it as it starts; any other
-    /// scan, when it is complete). A memory file is paused at epoch 1 for ever. While this
-    /// stays the same, the memory does not change: a page read between two
-    /// equal readings of it is the page's content at the pause, and the
-    /// final bitmap it came with is exact for it.
+    /// VM paused (or after its VMM left), 0 while it runs or before that
+    /// scan has started (the pause scan publishes it as it starts; any other
+    /// scan, when it is complete). A memory file is paused at epoch 1 for
+    /// ever. While this stays the same, the memory does not change: a page
+    /// read between two equal readings of it is the page's content at the
+    /// pause, and the final bitmap it came with is exact for it.
     pub fn pause_epoch(&self) -> u64 {
         self.pause_epoch.load(Ordering::Acquire)
     }
