@@ -69,10 +69,10 @@ pub async fn measure(opts: &BenchOptions, report: &mut BenchReport) -> anyhow::R
     let guest = opts.guest_bytes();
     let large = opts.large_guest_bytes();
     let repetitions = opts.migration_repetitions();
+    let metrics = tempfile::tempdir().context("a directory for the agents' metrics")?;
     for repetition in 0..repetitions {
         eprintln!("pageserver-bench: migrations, repetition {} of {repetitions}", repetition + 1);
         // The first repetition's metrics give the plot its distributions.
-        let metrics = tempfile::tempdir().context("a directory for the agents' metrics")?;
         let dump = (repetition == 0).then(|| metrics.path().join("idle"));
         let idle =
             MigrationOptions { pull_delay: Some(IDLE_PULL_DELAY), metrics_dump: dump.clone(), ..shmem(guest, 4) };

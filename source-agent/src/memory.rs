@@ -83,6 +83,8 @@ pub enum MemoryError {
     },
     #[error("reading the identity (fstat) of the VMM's memory file")]
     Identity(#[source] io::Error),
+    #[error("duplicating the memory file's descriptor: {0}")]
+    Duplicate(#[source] io::Error),
     #[error("the hand-off carries no pagemap descriptor, which dirty tracking needs")]
     NoPagemap,
     #[error("starting dirty tracking on the VMM's memory (is it registered with a WP_ASYNC userfaultfd?): {0}")]
@@ -221,9 +223,11 @@ impl SourceMemory {
         pagemap: Option<OwnedFd>,
     ) -> Result<Self, MemoryError> {
         let pagemap = pagemap.ok_or(MemoryError::NoPagemap)?;
-        let holes = reopen_read_only(memory.as_fd())?;
-        let removed = RemovedPages::watch(memory.as_fd(), holes, &layout).map_err(MemoryError::WatchRemoved)?;
         let file = reopen_read_only(memory.as_fd())?;
+        // The watch looks for holes with SEEK_DATA, which moves the shared
+        // file position; reads use `pread`, which does not.
+        let holes = file.try_clone().map_err(MemoryError::Duplicate)?;
+        let removed = RemovedPages::watch(memory.as_fd(), holes, &layout).map_err(MemoryError::WatchRemoved)?;
         // The VMM's (writable) descriptor goes here: reads use `file`.
         drop(memory);
         // Write-protect the whole range first: on shmem and hugetlbfs this

@@ -83,7 +83,7 @@ pub enum WatchError {
 #[derive(Debug)]
 pub struct RemovedPages {
     /// A read-only descriptor of the memory file, for `SEEK_DATA` (which
-    /// moves the position: it is this module's own).
+    /// moves its position: nothing else may rely on that position).
     file: File,
     /// One read-only, unreserved mapping per region of the layout.
     maps: Vec<MemoryMap>,
@@ -101,7 +101,7 @@ pub struct RemovedPages {
 
 impl RemovedPages {
     /// Watches the memory file of `layout`: `handed_off` is the descriptor
-    /// the VMM handed over, `file` a read-only one of this module's own.
+    /// the VMM handed over, `file` a read-only one for `SEEK_DATA`.
     /// The guarded mappings are made from `handed_off`, which must be open
     /// for writing (the kernel registers a userfaultfd only over a mapping
     /// that could be made writable); they are read-only, and nothing keeps

@@ -7,50 +7,17 @@
 mod support;
 
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 
 use guest_memory::handoff::HandoffError;
 use pageserver_proto::v1::MigrationPhase;
+use pageserver_test_support::refusal::{self, assert_refused, output_of};
 use rustix::process::Signal;
 use support::{Agent, Migration, Scratch, TARGET_AGENT, TargetVmm, wait_for_status};
 
-/// Runs the agent with `args` (port-0 listeners unless given) and returns
-/// its output once it exited by itself.
+/// Runs the agent with `args` to its end ([`refusal::run_to_end`]).
 fn run(args: &[&str]) -> Output {
-    let mut command = Command::new(TARGET_AGENT);
-    if !args.contains(&"--listen") {
-        command.args(["--listen", "127.0.0.1:0"]);
-    }
-    if !args.contains(&"--metrics-listen") {
-        command.args(["--metrics-listen", "127.0.0.1:0"]);
-    }
-    output_of(command.env_clear().args(args))
-}
-
-/// Runs `command` to its end: one that should have refused to start and
-/// runs instead is killed (a hang guard, not a deadline under test).
-fn output_of(command: &mut Command) -> Output {
-    let child = command.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawning the agent");
-    let pid = child.id();
-    let (done, waited) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = done.send(child.wait_with_output());
-    });
-    match waited.recv_timeout(std::time::Duration::from_secs(60)) {
-        Ok(output) => output.expect("waiting for the agent"),
-        Err(_) => {
-            let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
-            panic!("the agent started instead of refusing to");
-        }
-    }
-}
-
-/// It failed, said `needle` on stderr, and never said it was listening.
-fn assert_refused(output: &Output, code: i32, needle: &str) {
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(code), "{stderr}");
-    assert!(stderr.contains(needle), "{needle:?} missing from: {stderr}");
-    assert!(output.stdout.is_empty(), "it said it was listening: {}", String::from_utf8_lossy(&output.stdout));
+    refusal::run_to_end(TARGET_AGENT, args)
 }
 
 #[test]

@@ -1,7 +1,8 @@
-//! What the integration tests of the VMM side share (`vmm-standin` and
-//! `vmm-shim`): the test plays the agent against a real VMM process, so it
-//! needs the agent's end of the hand-off, a fault handler for the target's
-//! userfaultfd, and the VMM as a child process whose stderr it can show.
+//! What the integration tests share. Those of the VMM side (`vmm-standin`
+//! and `vmm-shim`) play the agent against a real VMM process, so they need
+//! the agent's end of the hand-off, a fault handler for the target's
+//! userfaultfd, and the VMM as a child process whose stderr they can show;
+//! the agents' start-up tests need an agent run to its refusal.
 //! Used only as a dev-dependency; every helper panics with a message on
 //! failure, as test code should.
 //!
@@ -17,6 +18,8 @@
 //!   channel and stderr in a log file, killed when dropped;
 //! - [`temp_dir`]: [`TempDir`], a scratch directory under /dev/shm;
 //! - [`huge_pages`]: [`HugePages`], free 2 MiB pages for one test at a time;
+//! - [`refusal`]: an agent binary run until it refuses to start, and the
+//!   check that it refused as it should;
 //! - [`written_pages`]: the pages a VMM wrote since the last look.
 #![forbid(unsafe_code)]
 
@@ -24,6 +27,7 @@ pub mod child;
 pub mod fault_server;
 pub mod handoff_listener;
 pub mod huge_pages;
+pub mod refusal;
 pub mod temp_dir;
 
 use std::os::fd::BorrowedFd;

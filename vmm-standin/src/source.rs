@@ -69,22 +69,23 @@ pub(crate) fn run(config: &StandinConfig, commands: impl BufRead, events: &Arc<E
 
     let mut command_writes = 0u64;
     let mut page_buf = vec![0u8; ram.page_size as usize];
+    // A page written by a command: new content each time (seed, page and
+    // the count of command writes so far).
+    let mut write_page = |page: u64| {
+        pattern::command_page(config.seed, page, command_writes, &mut page_buf);
+        command_writes += 1;
+        ram.map.copy_in(ram.page_offset(page), &page_buf);
+    };
     command_loop(commands, events, |command| match command {
         Command::Write(page) => {
             ram.check_page(page)?;
-            pattern::command_page(config.seed, page, command_writes, &mut page_buf);
-            command_writes += 1;
-            ram.map.copy_in(ram.page_offset(page), &page_buf);
+            write_page(page);
             events.emit(&StandinEvent::Written { page });
             Ok(())
         }
         Command::WriteRange { first, count } => {
             ram.check_range(first, count)?;
-            for page in first..first + count {
-                pattern::command_page(config.seed, page, command_writes, &mut page_buf);
-                command_writes += 1;
-                ram.map.copy_in(ram.page_offset(page), &page_buf);
-            }
+            (first..first + count).for_each(&mut write_page);
             events.emit(&StandinEvent::WrittenRange { first, count });
             Ok(())
         }
