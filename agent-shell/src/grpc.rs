@@ -23,10 +23,18 @@ use crate::error::ServeError;
 
 /// A router on `server` (with whatever settings and layers it already has)
 /// carrying health and both reflection versions; the agent adds its own
-/// services and drives health through the returned reporter. Until it sets
-/// a status, health answers only for the server as a whole (`""`): SERVING.
-pub fn grpc_router<L: Clone>(mut server: Server<L>) -> Result<(Router<L>, HealthReporter), ServeError> {
+/// services and drives health through the returned reporter. Health
+/// already answers `initial` for `service` and for the server as a whole
+/// before the router exists, so no probe ever sees "service not
+/// registered" in the moment between listening and the agent's first
+/// status.
+pub async fn grpc_router<L: Clone>(
+    mut server: Server<L>,
+    service: &str,
+    initial: ServingStatus,
+) -> Result<(Router<L>, HealthReporter), ServeError> {
     let (reporter, health) = tonic_health::server::health_reporter();
+    set_health(&reporter, service, initial).await;
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)

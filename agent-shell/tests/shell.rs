@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use pageserver_agent_shell::{AgentShell, grpc_router, serve_router, set_health};
+use pageserver_agent_shell::{AgentShell, grpc_router, serve_router};
 use tonic::transport::{Channel, Server};
 use tonic_health::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -63,9 +63,10 @@ async fn serves_until_shutdown_and_stops_metrics_after_grpc() {
         let _ = stopped.await;
     };
     let running = tokio::spawn(shell.run_until(metrics_handle(), shutdown, move |listener, shutdown| async move {
-        let (router, reporter) = grpc_router(Server::builder())?;
-        let health = async move { set_health(&reporter, SERVICE, ServingStatus::NotServing).await };
-        let served = serve_router(router, listener, shutdown, health).await;
+        // Registered before serving: the first check below can never race
+        // the agent's own health driver (which here never runs).
+        let (router, _reporter) = grpc_router(Server::builder(), SERVICE, ServingStatus::NotServing).await?;
+        let served = serve_router(router, listener, shutdown, std::future::pending()).await;
         // The gRPC server has finished: metrics must still answer.
         let scraped = pageserver_metrics::scrape(&metrics.to_string()).await.expect("metrics after gRPC");
         let _ = grpc_done.send(scraped);

@@ -52,8 +52,7 @@ pub async fn serve(
         .initial_stream_window_size(STREAM_WINDOW_BYTES)
         .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
         .layer(RpcMetricsLayer::new(agent.rpcs.clone()));
-    let (router, health) = grpc_router(server)?;
-    set_health(&health, page_server_server::SERVICE_NAME, ServingStatus::NotServing).await;
+    let (router, health) = grpc_router(server, page_server_server::SERVICE_NAME, ServingStatus::NotServing).await?;
     let mut attached = agent.subscribe_attached();
     let serving_once_attached = async move {
         if attached.wait_for(|attached| *attached).await.is_ok() {

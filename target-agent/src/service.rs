@@ -119,19 +119,17 @@ pub async fn serve(
 ) -> Result<(), pageserver_agent_shell::ServeError> {
     use pageserver_agent_shell::{grpc_router, serve_router, set_health};
 
-    let (router, health) = grpc_router(tonic::transport::Server::builder())?;
+    let health_of = |phase: &Phase| match phase {
+        Phase::Failed => ServingStatus::NotServing,
+        _ => ServingStatus::Serving,
+    };
     let mut phase = agent.phase.subscribe();
+    let initial = health_of(&phase.borrow_and_update());
+    let (router, health) = grpc_router(tonic::transport::Server::builder(), MIGRATION_TARGET_SERVICE, initial).await?;
     let following_the_phase = async move {
-        loop {
-            let serving = if *phase.borrow_and_update() == Phase::Failed {
-                ServingStatus::NotServing
-            } else {
-                ServingStatus::Serving
-            };
+        while phase.changed().await.is_ok() {
+            let serving = health_of(&phase.borrow_and_update());
             set_health(&health, MIGRATION_TARGET_SERVICE, serving).await;
-            if phase.changed().await.is_err() {
-                return;
-            }
         }
     };
     let router = router.add_service(MigrationTargetServer::new(TargetService { agent }));
