@@ -46,6 +46,7 @@
 //!   after, and the VM counts as paused.
 #![forbid(unsafe_code)]
 
+use std::ops::Range;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
@@ -98,6 +99,8 @@ struct EpochState {
     /// Per global page: the epoch at which it was last found dirty.
     last_dirty: Vec<u32>,
     scan_buf: Vec<PageRegion>,
+    /// The global page ranges the current scan found written (scratch).
+    written: Vec<Range<u64>>,
     /// Pages removed from the memory file (`None` for a memory file).
     removed: Option<RemovedPages>,
     /// A complete scan started while the VM was paused, and it has not
@@ -134,6 +137,7 @@ impl DirtyTracker {
             epoch: 1,
             last_dirty: vec![1; pages],
             scan_buf: Vec::with_capacity(SCAN_BATCH_REGIONS),
+            written: Vec::new(),
             removed,
             settled: pagemap.is_none(),
         };
@@ -321,7 +325,8 @@ impl DirtyTracker {
         let page_size = self.layout.page_size();
         let mut found = 0u64;
         let mut first_error = None;
-        let EpochState { last_dirty, scan_buf, removed, .. } = state;
+        let EpochState { last_dirty, scan_buf, written, removed, .. } = state;
+        written.clear();
         for (region_index, region) in self.layout.regions().iter().enumerate() {
             let region_id = region_index as u32;
             let first_page = self.layout.region_first_page(region_id).unwrap_or(0) as usize;
@@ -333,6 +338,7 @@ impl DirtyTracker {
                 let last = (to.min(end).saturating_sub(base).div_ceil(page_size)) as usize;
                 if first < last {
                     pages[first..last].fill(epoch);
+                    written.push((first_page + first) as u64..(first_page + last) as u64);
                     (last - first) as u64
                 } else {
                     0
@@ -346,7 +352,8 @@ impl DirtyTracker {
             }
         }
         if let Some(removed) = removed.as_mut() {
-            let looked = removed.look(&self.layout, |page| {
+            // Only written pages can have become data since the last look.
+            let looked = removed.look(&self.layout, written, |page| {
                 if let Some(last) = last_dirty.get_mut(page as usize) {
                     found += u64::from(*last != epoch);
                     *last = epoch;

@@ -9,7 +9,8 @@
 //! - [`service`] and [`server`]: the gRPC service and server (with the
 //!   agent shell's health and reflection);
 //! - [`removed`]: pages removed from a VMM's memory file (holes punched),
-//!   which write-protection does not report, found at every scan;
+//!   which write-protection does not report, found at every scan (as
+//!   [`page_runs`], sets of pages kept as runs);
 //! - [`drain`]: stopping within a bounded grace while targets hold
 //!   streams open;
 //! - [`handoff`]: the Unix socket on which the VMM hands its memory over;
@@ -28,6 +29,7 @@ pub mod drain;
 pub mod handoff;
 pub mod memory;
 pub mod metrics;
+pub mod page_runs;
 pub mod removed;
 pub mod rpc_metrics;
 pub mod server;

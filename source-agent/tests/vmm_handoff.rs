@@ -325,3 +325,30 @@ async fn pages_the_vmm_drops_after_a_round() {
     assert_eq!(content(5).await.data, page_pattern(5, 1));
     setup.server.stop().await;
 }
+
+/// A page that is a hole at one look, written, and removed rounds later:
+/// after the first look the agent maps in only pages a scan found written
+/// (`removed.rs`), so this is the case that proves a written hole is
+/// watched from then on. (Passing no written pages to the look loses the
+/// last removal: the third bitmap comes back empty.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hole_written_later_is_watched_for_removal() {
+    use guest_memory::sys::Discard;
+
+    let (setup, mut client, vmm, e1) = handed_off_and_scanned(16).await;
+    let page = |index: u64| (index * common::PAGE_SIZE) as usize;
+    vmm.map.discard(page(12), page(1), Discard::Remove).expect("MADV_REMOVE");
+    let (e2, pages) = dirty_pages(&mut client, e1, false).await.expect("since E1");
+    assert_eq!(pages, [12], "the removal");
+    vmm.write_page(12, 3);
+    let (e3, pages) = dirty_pages(&mut client, e2.epoch, false).await.expect("since E2");
+    assert_eq!(pages, [12], "the write into the hole");
+    let (e4, pages) = dirty_pages(&mut client, e3.epoch, false).await.expect("since E3");
+    assert!(pages.is_empty(), "nothing changed: {pages:?}");
+    vmm.map.discard(page(12), page(1), Discard::Remove).expect("MADV_REMOVE again");
+    let (_, pages) = dirty_pages(&mut client, e4.epoch, false).await.expect("since E4");
+    assert_eq!(pages, [12], "the second removal");
+    let data = client.get_page(GetPageRequest { region: 0, index: 12 }).await.expect("GetPage").into_inner();
+    assert!(data.zero, "page 12 reads as zeros again");
+    setup.server.stop().await;
+}
