@@ -52,6 +52,10 @@ pub struct Report {
     pub bulk_install_seconds: f64,
     #[serde(default)]
     pub background_pull_seconds: f64,
+    /// Seconds from the switchover to the target's final bitmap applied:
+    /// faults in this window fetch pages of unknown state.
+    #[serde(default)]
+    pub final_bitmap_seconds: f64,
     /// `touch_spread_after_resume`: the pages the target vCPUs read, and how
     /// long that took.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -107,6 +111,10 @@ pub struct Report {
 
     pub guest_accesses: u64,
     pub guest_pages_written: u64,
+    /// Distinct pages the target guest's vCPUs accessed after the
+    /// switchover: what a MISSING-mode target holding none of the guest's
+    /// memory (CRIU lazy pages style) would have fetched for the same run.
+    pub guest_pages_touched: u64,
     pub verified_pages: u64,
     pub mismatched_pages: u64,
     pub first_mismatches: Vec<u64>,
@@ -186,6 +194,7 @@ impl Report {
         self.precopy_round_seconds = status.precopy_round_seconds.clone();
         self.bulk_install_seconds = status.bulk_install_seconds;
         self.background_pull_seconds = status.background_pull_seconds;
+        self.final_bitmap_seconds = status.final_bitmap_seconds;
         self.stale_pages_at_switchover = status.stale_pages_at_switchover;
         self.faults_total = status.faults_total;
         self.faults_fresh = status.faults_fresh;
@@ -277,7 +286,11 @@ impl fmt::Display for Report {
         for (kind, l) in &self.fault_latency_us {
             writeln!(f, "  fault latency {kind:>8}: p50 {:8.1} µs  p99 {:8.1} µs  max {:8.1} µs", l.p50, l.p99, l.max)?;
         }
-        writeln!(f, "guest:      {} accesses, {} pages written", self.guest_accesses, self.guest_pages_written)?;
+        writeln!(
+            f,
+            "guest:      {} accesses, {} pages written, {} pages touched",
+            self.guest_accesses, self.guest_pages_written, self.guest_pages_touched
+        )?;
         if let Some(net) = &self.network {
             writeln!(
                 f,

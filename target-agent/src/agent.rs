@@ -418,6 +418,7 @@ impl TargetAgent {
         self.phase.advance(Phase::Postcopy);
         self.stats.note_progress();
         let _ = postcopy.send(true);
+        let switched = Instant::now();
         tracing::info!("switchover: serving faults");
 
         self.hold_bitmap_if_hooked().await;
@@ -430,8 +431,14 @@ impl TargetAgent {
         let stats = &self.stats;
         stats.stale_pages_at_switchover.store(dirty.len() as u64, Ordering::Relaxed);
         stats.pages_marked_stale.store(stale.len() as u64, Ordering::Relaxed);
+        set_seconds(&stats.final_bitmap_seconds, switched);
         stats.final_bitmap_applied.store(true, Ordering::Release);
-        tracing::info!("final bitmap: {} stale pages ({} still to pull)", dirty.len(), stale.len());
+        tracing::info!(
+            "final bitmap: {} stale pages ({} still to pull), applied {:.1} ms after the switchover",
+            dirty.len(),
+            stale.len(),
+            switched.elapsed().as_secs_f64() * 1e3
+        );
 
         let installer = guest.clone();
         let bulk = tokio::task::spawn_blocking(move || {

@@ -45,6 +45,7 @@ pub fn status(agent: &TargetAgent) -> MigrationStatus {
         precopy_round_seconds: s.precopy_round_seconds.lock().map(|v| v.clone()).unwrap_or_default(),
         bulk_install_seconds: s.bulk_install_seconds.lock().map(|v| *v).unwrap_or_default(),
         background_pull_seconds: s.background_pull_seconds.lock().map(|v| *v).unwrap_or_default(),
+        final_bitmap_seconds: s.final_bitmap_seconds.lock().map(|v| *v).unwrap_or_default(),
         stale_pages_at_switchover: ld(&s.stale_pages_at_switchover),
         pages_marked_stale: ld(&s.pages_marked_stale),
         final_bitmap_applied: s.final_bitmap_applied.load(Ordering::Acquire),

@@ -89,6 +89,8 @@ pub struct TargetStats {
     /// Seconds the bulk install and the background pull took (0 until done).
     pub bulk_install_seconds: Mutex<f64>,
     pub background_pull_seconds: Mutex<f64>,
+    /// Seconds from the switchover to the final bitmap applied (0 until then).
+    pub final_bitmap_seconds: Mutex<f64>,
     pub stale_pages_at_switchover: AtomicU64,
     pub pages_marked_stale: AtomicU64,
     pub final_bitmap_applied: AtomicBool,

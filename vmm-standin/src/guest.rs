@@ -20,6 +20,7 @@ use crate::config::StandinConfig;
 use crate::error::{VmmError, io_context};
 use crate::pattern::{self, SplitMix64, Stream};
 use crate::ram::GuestRam;
+use crate::touched::TouchedPages;
 use crate::undo_log::UndoLogs;
 
 /// Accesses a vCPU makes between two looks at the clock.
@@ -41,6 +42,8 @@ pub struct TargetGuest {
     /// Monotonic time when the first guest access completed; 0 = none yet.
     first_access_done_ns: AtomicU64,
     undo: UndoLogs,
+    /// The pages the vCPUs of `resume` runs accessed.
+    touched: TouchedPages,
     /// A `resume` run is in progress.
     running: AtomicBool,
     /// Pages punched out (`discard`): zeros, whatever the source held.
@@ -54,6 +57,8 @@ pub struct GuestRunStats {
     pub first_access_done_ns: u64,
     pub accesses: u64,
     pub pages_written: u64,
+    /// Distinct pages the vCPUs accessed (in every run so far).
+    pub pages_touched: u64,
 }
 
 impl TargetGuest {
@@ -62,6 +67,7 @@ impl TargetGuest {
         Self {
             hot: pattern::hot_set(config.seed, ram.total_pages),
             undo: UndoLogs::new(config.vcpus, ram.page_size, config.max_written_pages),
+            touched: TouchedPages::new(ram.total_pages),
             ram,
             _registration: registration,
             vcpus: config.vcpus,
@@ -188,6 +194,7 @@ impl TargetGuest {
             first_access_done_ns: self.first_access_done_ns(),
             accesses: accesses.into_inner(),
             pages_written: self.undo.pages_written(),
+            pages_touched: self.touched.count(),
         }
     }
 
@@ -200,8 +207,12 @@ impl TargetGuest {
                 let page = pattern::pick_page(&mut rng, &self.hot, self.ram.total_pages);
                 let word = rng.below(words);
                 match self.owned_page_near(page, vcpu).filter(|_| rng.percent(WRITE_PERCENT)) {
-                    Some(owned) => self.write_word(owned, word, rng.next_u64()),
+                    Some(owned) => {
+                        self.touched.touch(owned);
+                        self.write_word(owned, word, rng.next_u64());
+                    }
                     None => {
+                        self.touched.touch(page);
                         self.read_word(page, word);
                     }
                 }

@@ -25,6 +25,8 @@
 //!   MISSING faults, the commands a resumed guest takes;
 //! - [`guest`]: the guest running on the target: vCPU threads whose first
 //!   access to each page faults through the agent;
+//! - [`touched`]: the pages a target guest run accessed (what a MISSING-mode
+//!   target would have fetched);
 //! - [`undo_log`]: what the target guest wrote, and the content from before;
 //! - [`verify`]: the target's memory compared with the source's snapshot,
 //!   every page or only the pages already mapped;
@@ -41,6 +43,7 @@ pub mod ram;
 pub mod size;
 pub mod source;
 pub mod target;
+pub mod touched;
 pub mod undo_log;
 pub mod verify;
 

@@ -63,6 +63,9 @@ pub enum StandinEvent {
         first_access_done_ns: u64,
         accesses: u64,
         pages_written: u64,
+        /// Distinct pages the vCPUs accessed.
+        #[serde(default)]
+        pages_touched: u64,
     },
     Touched {
         first_access_done_ns: u64,
@@ -263,10 +266,17 @@ mod tests {
 
     #[test]
     fn events_are_tagged_json() {
-        let line =
-            serde_json::to_string(&StandinEvent::GuestDone { first_access_done_ns: 5, accesses: 6, pages_written: 7 })
-                .unwrap();
-        assert_eq!(line, r#"{"event":"guest-done","first_access_done_ns":5,"accesses":6,"pages_written":7}"#);
+        let line = serde_json::to_string(&StandinEvent::GuestDone {
+            first_access_done_ns: 5,
+            accesses: 6,
+            pages_written: 7,
+            pages_touched: 8,
+        })
+        .unwrap();
+        assert_eq!(
+            line,
+            r#"{"event":"guest-done","first_access_done_ns":5,"accesses":6,"pages_written":7,"pages_touched":8}"#
+        );
         let ready: StandinEvent =
             serde_json::from_str(r#"{"event":"ready","pid":1,"page_size":4096,"total_pages":2,"zero_pages":[1]}"#)
                 .unwrap();

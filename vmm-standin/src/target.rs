@@ -47,8 +47,13 @@ pub(crate) fn run(config: &StandinConfig, commands: impl BufRead, events: &Arc<E
             let announce = || events.emit(&StandinEvent::Resumed);
             let guest_events = events.clone();
             let report = move |stats: GuestRunStats| {
-                let GuestRunStats { first_access_done_ns, accesses, pages_written } = stats;
-                guest_events.emit(&StandinEvent::GuestDone { first_access_done_ns, accesses, pages_written });
+                let GuestRunStats { first_access_done_ns, accesses, pages_written, pages_touched } = stats;
+                guest_events.emit(&StandinEvent::GuestDone {
+                    first_access_done_ns,
+                    accesses,
+                    pages_written,
+                    pages_touched,
+                });
             };
             guest.resume(Duration::from_millis(config.run_ms), announce, report).map_err(|e| e.to_string())
         }

@@ -54,9 +54,16 @@ fn target_faults_touch_resume_verify(hugetlb: bool) {
 
     // The guest runs, writes pages, and the undo log keeps their old content.
     assert_eq!(vm.request("resume"), StandinEvent::Resumed, "resume answers at once");
-    let StandinEvent::GuestDone { first_access_done_ns: after_run, accesses, pages_written } = vm.event() else {
+    let StandinEvent::GuestDone { first_access_done_ns: after_run, accesses, pages_written, pages_touched } =
+        vm.event()
+    else {
         panic!("expected guest-done")
     };
+    // Every page written was touched; no page is counted twice.
+    assert!(
+        pages_written <= pages_touched && pages_touched <= total_pages.min(accesses),
+        "{pages_touched} pages touched, {pages_written} written, {accesses} accesses"
+    );
     assert_eq!(after_run, first_access_done_ns, "the first access stays the first");
     assert!(accesses > 0);
     assert!((1..=64).contains(&pages_written), "{pages_written} pages written");

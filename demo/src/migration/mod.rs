@@ -632,19 +632,20 @@ impl Migration<'_> {
         let vm = running(&mut self.children.target_vm, "target VM")?;
         let run = async {
             wait_for(vm, "guest-done", run_deadline, |e| match e {
-                StandinEvent::GuestDone { first_access_done_ns, accesses, pages_written } => {
-                    Some((*first_access_done_ns, *accesses, *pages_written))
+                StandinEvent::GuestDone { first_access_done_ns, accesses, pages_written, pages_touched } => {
+                    Some((*first_access_done_ns, *accesses, *pages_written, *pages_touched))
                 }
                 _ => None,
             })
             .await
         };
-        let (first_access_done_ns, accesses, pages_written) = watch.unless_failed(run).await?;
+        let (first_access_done_ns, accesses, pages_written, pages_touched) = watch.unless_failed(run).await?;
         let report = &mut self.report;
         report.first_access_done_ns = first_access_done_ns;
         report.downtime_ms = first_access_done_ns.saturating_sub(report.paused_at_ns) as f64 / 1e6;
         report.guest_accesses = accesses;
         report.guest_pages_written = pages_written;
+        report.guest_pages_touched = pages_touched;
         self.progress.say(format!(
             "target guest ran {} ms: {accesses} accesses, {pages_written} pages written; downtime {:.3} ms",
             self.opts.run_ms, self.report.downtime_ms
