@@ -6,7 +6,7 @@
 //! | idle | 1 GiB shmem, 4 vCPUs dirtying 20 000 pages/s, the background pull held back (`--pull-delay`) while the guest runs | fresh and stale fault latencies with nothing else on the link, resume at 1 GiB, pages fetched per stale page, and the pages a MISSING-mode baseline would fetch for the same run (every page the guest touched) |
 //! | pull | 1 GiB shmem, a quarter of it written just before the pause, the guest idle | the background pull's rate alone |
 //! | loaded | the same, the 4 vCPUs reading those pages right after the switchover | the stale fault p99 while the pull runs, and the pull's rate meanwhile |
-//! | stale faults | 1 GiB shmem, 4096 pages written before the pause, then read at once by 1 and by 16 guest threads (the pull held back) | stale faults served per second |
+//! | stale faults | 1 GiB shmem, 4096 pages written before the pause, then read at once by 1 and by 16 guest threads (the pull held back) | stale faults served per second; with one thread, the stale fault latency with no vCPU spinning beside the agents |
 //! | large | 4 GiB shmem, 4 vCPUs | pre-copy round 0's rate, resume at 4 GiB, the bulk install's rate, each agent's private memory per GiB |
 //! | many vCPUs | 1 GiB shmem, 16 vCPUs | resume with 16 vCPUs |
 //! | huge pages | 1 GiB hugetlbfs, 8 huge pages written just before the pause and read right after the switchover (the pull held back) | the stale 2 MiB fault |
@@ -133,6 +133,18 @@ pub async fn measure(opts: &BenchOptions, report: &mut BenchReport) -> anyhow::R
                 ..shmem(guest, vcpus)
             };
             let run = migrate("stale faults", MigrationOptions { run_ms: 1, ..run }).await?;
+            if vcpus == 1 {
+                // The same faults with no vCPU spinning beside the agents
+                // (the idle run has four on two cores): what the scheduler
+                // adds to the idle run's latencies.
+                sample_faults(
+                    &mut samples,
+                    &run,
+                    "fetched",
+                    "stale_fault_one_thread_p50_us",
+                    "stale_fault_one_thread_p99_us",
+                );
+            }
             if let Some(touched) = run.touch_spread.filter(|t| t.seconds > 0.0) {
                 samples.add(key, touched.pages as f64 / touched.seconds);
             }

@@ -88,6 +88,8 @@ pub const ROWS: &[RowSpec] = &[
     row("stale_fault_p50_us", "µs", Migrations, "target agent, stale page fetched over gRPC, idle, p50"),
     row("stale_fault_p99_us", "µs", Migrations, "the same, p99"),
     row("stale_fault_loaded_p99_us", "µs", Migrations, "stale fault while the background pull runs flat out, p99"),
+    row("stale_fault_one_thread_p50_us", "µs", Migrations, "stale fault, one guest thread and no busy vCPUs, p50"),
+    row("stale_fault_one_thread_p99_us", "µs", Migrations, "the same, p99"),
     row("background_pull_loaded_gib_s", "GiB/s", Migrations, "the pull's rate meanwhile"),
     row("background_pull_gib_s", "GiB/s", Migrations, "the background pull alone"),
     row("precopy_gib_s", "GiB/s", Migrations, "pre-copy round 0 of a fully written 4 GiB guest"),
