@@ -65,7 +65,7 @@
 //! zeros by the VMM's own doing, and a zero fill is what it expects.
 #![forbid(unsafe_code)]
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 #[repr(u8)]
@@ -249,12 +249,28 @@ pub struct ClaimMismatch {
 #[derive(Debug)]
 pub struct PageStates {
     bytes: Vec<AtomicU8>,
+    /// Pages per state, in [`PageState::ALL`] order, kept by every
+    /// transition, so that status and metrics (polled every few
+    /// milliseconds) cost nothing per page: counting a 1 GiB guest's bytes
+    /// took ~0.3 ms per poll, a 1 TiB guest's would take a second. Each
+    /// transition moves one count after its page's byte, so a reader may see
+    /// a page in flight counted in neither state or, briefly, the sum off
+    /// by the transitions under way.
+    counts: [AtomicU64; 6],
 }
 
 impl PageStates {
     /// Every page `Unknown` and absent (a hole).
     pub fn new(pages: u64) -> Self {
-        Self { bytes: (0..pages).map(|_| AtomicU8::new(0)).collect() }
+        let counts = [
+            AtomicU64::new(pages),
+            AtomicU64::new(0),
+            AtomicU64::new(0),
+            AtomicU64::new(0),
+            AtomicU64::new(0),
+            AtomicU64::new(0),
+        ];
+        Self { bytes: (0..pages).map(|_| AtomicU8::new(0)).collect(), counts }
     }
 
     pub fn len(&self) -> u64 {
@@ -296,11 +312,28 @@ impl PageStates {
     /// Moves `page` from `from` to `to`, keeping its flags; true if it was
     /// in `from`. Private: every transition is one of this module's rules.
     fn transition(&self, page: u64, from: PageState, to: PageState) -> bool {
+        let moved = self.transition_uncounted(page, from, to);
+        if moved {
+            self.count_moved(from, to, 1);
+        }
+        moved
+    }
+
+    /// [`transition`](Self::transition) for loops over many pages, which
+    /// count what they moved once, with [`count_moved`](Self::count_moved).
+    fn transition_uncounted(&self, page: u64, from: PageState, to: PageState) -> bool {
         self.bytes[page as usize]
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| {
                 (PageState::from_bits(b) == from).then_some((b & !STATE_MASK) | to as u8)
             })
             .is_ok()
+    }
+
+    fn count_moved(&self, from: PageState, to: PageState, pages: u64) {
+        if pages > 0 {
+            self.counts[from as usize].fetch_sub(pages, Ordering::Relaxed);
+            self.counts[to as usize].fetch_add(pages, Ordering::Relaxed);
+        }
     }
 
     /// Claims `page` for `origin` if it is `Unknown` or `Stale` (rule 4),
@@ -319,7 +352,10 @@ impl PageStates {
             from = Some(PageState::from_bits(b));
             Some((b & !STATE_MASK) | to as u8)
         });
-        from.map(|from| Claim { page, from, origin })
+        let from = from?;
+        let claim = Claim { page, from, origin };
+        self.count_moved(from, claim.fetching_state(), 1);
+        Some(claim)
     }
 
     /// Decides what a guest fault on `page` needs. `minor`: the kernel
@@ -387,9 +423,10 @@ impl PageStates {
                 stale.push(page);
             }
         }
-        for page in 0..self.len() {
-            self.transition(page, PageState::Unknown, PageState::Fresh);
-        }
+        let fresh = (0..self.len())
+            .filter(|&page| self.transition_uncounted(page, PageState::Unknown, PageState::Fresh))
+            .count();
+        self.count_moved(PageState::Unknown, PageState::Fresh, fresh as u64);
         stale
     }
 
@@ -421,7 +458,11 @@ impl PageStates {
     /// The run has been mapped: its pages that are still `Fresh` become
     /// `Installed`. Returns how many this call installed.
     pub fn finish_fresh_run(&self, run: FreshRun) -> u64 {
-        (run.first..run.end).filter(|&p| self.transition(p, PageState::Fresh, PageState::Installed)).count() as u64
+        let installed = (run.first..run.end)
+            .filter(|&p| self.transition_uncounted(p, PageState::Fresh, PageState::Installed))
+            .count() as u64;
+        self.count_moved(PageState::Fresh, PageState::Installed, installed);
+        installed
     }
 
     /// Rule 6, on states just created (every page `Unknown`): `mapped` pages
@@ -437,17 +478,13 @@ impl PageStates {
         }
     }
 
-    /// Pages per state, in [`PageState::ALL`] order (O(pages): for status
-    /// and metrics, not for the fault path).
+    /// Pages per state, in [`PageState::ALL`] order (see `counts` on the
+    /// struct for how exact a reading is while pages move).
     pub fn counts(&self) -> [u64; 6] {
-        let mut counts = [0u64; 6];
-        for b in &self.bytes {
-            counts[PageState::from_bits(b.load(Ordering::Relaxed)) as usize] += 1;
-        }
-        counts
+        self.counts.each_ref().map(|count| count.load(Ordering::Relaxed))
     }
 
-    /// Pages claimed and not installed yet (O(pages)).
+    /// Pages claimed and not installed yet.
     pub fn fetching(&self) -> u64 {
         let counts = self.counts();
         counts[PageState::FetchingUnknown as usize] + counts[PageState::FetchingStale as usize]

@@ -190,6 +190,70 @@ fn counts_always_cover_every_page() {
     assert_eq!(s.fetching(), 1);
 }
 
+/// The counts as the page bytes say, one by one.
+fn recount(s: &PageStates) -> [u64; 6] {
+    let mut counts = [0u64; 6];
+    for page in 0..s.len() {
+        counts[s.state(page) as usize] += 1;
+    }
+    counts
+}
+
+/// The kept counts follow every kind of transition, made from several
+/// threads at once: faults (fetched, local, zero-filled), background
+/// claims, the final bitmap, bulk runs and a takeover's installs.
+#[test]
+fn kept_counts_equal_a_recount_after_concurrent_transitions() {
+    let s = PageStates::new(4096);
+    for page in (0..4096).step_by(3) {
+        s.set_present(page);
+    }
+    std::thread::scope(|scope| {
+        for thread in 0..4u64 {
+            let s = &s;
+            scope.spawn(move || {
+                for page in (thread..2048).step_by(4) {
+                    match s.on_fault(page, page % 2 == 0) {
+                        FaultAction::Fetch(claim) if page % 8 != 1 => s.finish_fetch(claim).expect("owner"),
+                        FaultAction::Local(resolution) => {
+                            s.finish_local(resolution);
+                        }
+                        _ => {}
+                    }
+                }
+            });
+        }
+        scope.spawn(|| {
+            for page in 1024..3072 {
+                if let Some(claim) = s.claim(page, FetchOrigin::Background) {
+                    s.finish_fetch(claim).expect("owner");
+                }
+            }
+        });
+    });
+    let dirty: Vec<u64> = (2048..4096).step_by(5).collect();
+    s.apply_final_bitmap(&dirty);
+    assert_eq!(s.counts(), recount(&s), "after the bitmap");
+    for run in s.fresh_present_runs() {
+        s.finish_fresh_run(run);
+    }
+    for page in (3072..4096).filter(|page| page % 7 == 0) {
+        match s.on_fault(page, false) {
+            FaultAction::Local(resolution) => {
+                s.finish_local(resolution);
+            }
+            FaultAction::Fetch(claim) => s.finish_fetch(claim).expect("owner"),
+            FaultAction::Wait { .. } => {}
+        }
+    }
+    assert_eq!(s.counts(), recount(&s), "at the end");
+    assert_eq!(sum(s.counts()), 4096);
+    let taken = PageStates::new(16);
+    taken.take_over(&[1, 5, 9]);
+    assert_eq!(taken.counts(), recount(&taken));
+    assert_eq!(taken.counts()[PageState::Installed as usize], 3);
+}
+
 #[test]
 fn concurrent_faults_fetch_a_page_exactly_once() {
     let s = std::sync::Arc::new(PageStates::new(64));
