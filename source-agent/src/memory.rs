@@ -19,7 +19,6 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use guest_memory::handoff::HandoffMessage;
@@ -166,19 +165,22 @@ fn reopen_read_only(fd: BorrowedFd<'_>) -> Result<File, MemoryError> {
     File::open(&path).map_err(|source| MemoryError::Reopen { path, source })
 }
 
-/// Reads into `buf` from `offset` until it is full or the file ends; returns
-/// the bytes read.
-fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-    let mut done = 0;
-    while done < buf.len() {
-        match file.read_at(&mut buf[done..], offset + done as u64) {
+/// Fills `buf` (empty, with a capacity of at least `len`) with the file's
+/// bytes from `offset` until `len` are read or the file ends.
+fn read_full_at(file: &File, buf: &mut Vec<u8>, len: usize, offset: u64) -> io::Result<()> {
+    while buf.len() < len {
+        let done = buf.len();
+        // Fills spare capacity only (never reads what it did not write);
+        // capacity past `len`, if the allocator gave any, is cut below.
+        match rustix::io::pread(file, rustix::buffer::spare_capacity(buf), offset + done as u64) {
             Ok(0) => break,
-            Ok(n) => done += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
+            Ok(_) => {}
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
         }
     }
-    Ok(done)
+    buf.truncate(len);
+    Ok(())
 }
 
 impl SourceMemory {
@@ -289,22 +291,25 @@ impl SourceMemory {
         }
     }
 
-    /// Reads pages `first..` of `region` into `dst` (a whole number of
-    /// pages), after checking that the layout has them. Pages the file no
-    /// longer holds (it shrank) are a [`ReadError::ShortRead`].
-    pub fn read_pages(&self, region: u32, first: u64, dst: &mut [u8]) -> Result<(), ReadError> {
+    /// Reads `count` pages from `first` of `region`, after checking that
+    /// the layout has them, into a buffer of their size that is never
+    /// zeroed first (the read fills it; zeroing a 2 MiB reply buffer cost as
+    /// much as reading it). Pages the file no longer holds (it shrank) are
+    /// a [`ReadError::ShortRead`].
+    pub fn read_pages(&self, region: u32, first: u64, count: u64) -> Result<Vec<u8>, ReadError> {
         let page_size = self.page_size();
-        let count = dst.len() as u64 / page_size;
         self.check_pages(region, first, count.max(1))?;
-        let dst = &mut dst[..(count * page_size) as usize];
+        let len = (count * page_size) as usize;
         let end = first + count;
         // check_pages found the region, and the layout's offsets do not overflow.
         let offset = self.layout.region(region).map_or(0, |r| r.offset) + first * page_size;
         let origin = || self.origin.to_string();
-        match read_full_at(&self.file, dst, offset) {
-            Ok(read) if read == dst.len() => Ok(()),
-            Ok(read) => {
-                Err(ReadError::ShortRead { origin: origin(), region, first, end, offset, len: dst.len(), read })
+        let mut buffer = Vec::with_capacity(len);
+        match read_full_at(&self.file, &mut buffer, len, offset) {
+            Ok(()) if buffer.len() == len => Ok(buffer),
+            Ok(()) => {
+                let read = buffer.len();
+                Err(ReadError::ShortRead { origin: origin(), region, first, end, offset, len, read })
             }
             Err(source) => Err(ReadError::Io { origin: origin(), region, first, end, offset, source }),
         }

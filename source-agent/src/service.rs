@@ -161,9 +161,7 @@ fn read_pages(
     count: u64,
 ) -> Result<Vec<pb::Page>, ReadError> {
     let page_size = memory.page_size() as usize;
-    let mut buffer = vec![0u8; count as usize * page_size];
-    memory.read_pages(region, first, &mut buffer)?;
-    let buffer = Bytes::from(buffer);
+    let buffer = Bytes::from(memory.read_pages(region, first, count)?);
     let mut zero_pages = 0u64;
     let pages: Vec<pb::Page> = (0..count as usize)
         .map(|i| {
