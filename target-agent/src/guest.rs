@@ -17,6 +17,7 @@
 //! so its vCPUs keep waiting on unresolved faults whatever becomes of us.
 #![forbid(unsafe_code)]
 
+use std::io::IoSlice;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -57,6 +58,12 @@ pub enum InstallError {
         #[source]
         source: std::io::Error,
     },
+    #[error("writing pre-copied pages from page {page} to the target's memory file")]
+    Store {
+        page: u64,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("a page outside the layout")]
     BadPage(#[from] LayoutError),
     #[error("finishing the fetch of a page")]
@@ -68,6 +75,12 @@ pub enum InstallError {
 /// Largest range one bulk UFFDIO_CONTINUE maps: the kernel holds the VMM's
 /// mmap lock for a whole call, so faults interleave between chunks.
 const BULK_CHUNK_BYTES: u64 = 32 << 20;
+/// Pages one `pwritev` of pre-copy writes at most (IOV_MAX is 1024; a
+/// reply holds at most 512 pages).
+const PWRITEV_PAGES: usize = 512;
+/// The page size written with `pwritev`: hugetlbfs has no `write`, so huge
+/// pages are copied through the agent's mapping.
+const PWRITE_PAGE_SIZE: u64 = 4096;
 
 #[derive(Debug)]
 pub struct GuestMemory {
@@ -155,11 +168,65 @@ impl GuestMemory {
         (&self.maps[region as usize], (index * self.layout.page_size()) as usize)
     }
 
+    /// Pre-copy: stores the pages of one reply, `first` onwards, in the
+    /// target's file. Each run of pages with content is one `pwritev` at its
+    /// file offset: the kernel allocates each page and copies into it
+    /// (through the agent's mapping, every page was a page fault, a zeroed
+    /// page, then the copy). Zero pages go as [`Self::store_precopy`]. The
+    /// reply was checked against its request
+    /// ([`crate::source::check_reply`]): its pages are consecutive, in one
+    /// region.
+    pub fn store_precopy_pages(&self, first: u64, pages: &[Page]) -> Result<(), InstallError> {
+        if self.page_size() != PWRITE_PAGE_SIZE {
+            for (page, content) in (first..).zip(pages) {
+                self.store_precopy(page, content);
+            }
+            return Ok(());
+        }
+        let mut at = 0;
+        while at < pages.len() {
+            if pages[at].zero {
+                self.store_precopy(first + at as u64, &pages[at]);
+                at += 1;
+                continue;
+            }
+            let run = pages[at..].iter().take_while(|p| !p.zero).count().min(PWRITEV_PAGES);
+            let slices: Vec<IoSlice<'_>> = pages[at..at + run].iter().map(|p| IoSlice::new(&p.data)).collect();
+            let page = first + at as u64;
+            let len = run as u64 * self.page_size();
+            let mut written = 0u64;
+            while written < len {
+                let offset = self.layout.file_offset(page) + written;
+                // After a short write, the rest of the run page by page
+                // (rare: a signal, or memory pressure).
+                let done = if written == 0 {
+                    rustix::io::pwritev(&self.memory, &slices, offset)
+                } else {
+                    let skip = (written / self.page_size()) as usize;
+                    let within = (written % self.page_size()) as usize;
+                    rustix::io::pwrite(&self.memory, &slices[skip][within..], offset)
+                };
+                match done {
+                    Ok(0) => return Err(InstallError::Store { page, source: std::io::ErrorKind::WriteZero.into() }),
+                    Ok(n) => written += n as u64,
+                    Err(rustix::io::Errno::INTR) => {}
+                    Err(e) => return Err(InstallError::Store { page, source: e.into() }),
+                }
+            }
+            for p in page..page + run as u64 {
+                self.states.set_present(p);
+            }
+            self.stats.note_progress();
+            at += run;
+        }
+        Ok(())
+    }
+
     /// Pre-copy: stores a page's content in the target's file (nothing is
     /// mapped into the guest). Zero pages stay holes unless an older copy is
     /// there to overwrite. `page` must have been checked against the reply's
     /// request ([`crate::source::check_reply`]).
-    pub fn store_precopy(&self, page: u64, content: &Page) {
+    fn store_precopy(&self, page: u64, content: &Page) {
         let (map, off) = self.locate(page);
         if content.zero {
             if self.states.is_present(page) {

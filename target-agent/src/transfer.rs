@@ -146,10 +146,7 @@ pub async fn precopy(
             || requests.next().map(|r| (r, ())),
             |request, pages, ()| {
                 let first = guest.layout.global_page(request.region, request.first_index)?;
-                for (page, content) in (first..).zip(&pages) {
-                    guest.store_precopy(page, content);
-                }
-                Ok(())
+                guest.store_precopy_pages(first, &pages)
             },
         )
         .await?;
