@@ -46,7 +46,6 @@
 //!   after, and the VM counts as paused.
 #![forbid(unsafe_code)]
 
-use std::ops::Range;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
@@ -99,8 +98,6 @@ struct EpochState {
     /// Per global page: the epoch at which it was last found dirty.
     last_dirty: Vec<u32>,
     scan_buf: Vec<PageRegion>,
-    /// The global page ranges the current scan found written (scratch).
-    written: Vec<Range<u64>>,
     /// Pages removed from the memory file (`None` for a memory file).
     removed: Option<RemovedPages>,
     /// A complete scan started while the VM was paused, and it has not
@@ -137,7 +134,6 @@ impl DirtyTracker {
             epoch: 1,
             last_dirty: vec![1; pages],
             scan_buf: Vec::with_capacity(SCAN_BATCH_REGIONS),
-            written: Vec::new(),
             removed,
             settled: pagemap.is_none(),
         };
@@ -207,7 +203,7 @@ impl DirtyTracker {
     pub fn start_tracking(&self) -> Result<(), DirtyError> {
         let mut state = self.lock();
         let epoch = state.epoch;
-        self.scan_regions(&mut state, epoch).map(drop)
+        self.scan_regions(&mut state, epoch, true).map(drop)
     }
 
     /// The VMM stopped its vCPUs: mark paused, then scan while its page
@@ -294,7 +290,9 @@ impl DirtyTracker {
             // Nothing can change any more; the PTEs may already be torn down.
             Ok(0)
         } else {
-            self.scan_regions(state, epoch)
+            // A scan after the pause may be the final one: its look must
+            // see every change (`crate::removed`).
+            self.scan_regions(state, epoch, paused_at_start)
         };
         self.newest_epoch.store(u64::from(epoch), Ordering::Release);
         match result {
@@ -319,14 +317,13 @@ impl DirtyTracker {
     /// (and, after a failure, the rest of the region) at `epoch`, then the
     /// pages removed from the file ([`crate::removed`]). Returns the number
     /// of pages found dirty.
-    fn scan_regions(&self, state: &mut EpochState, epoch: u32) -> Result<u64, DirtyError> {
+    fn scan_regions(&self, state: &mut EpochState, epoch: u32, thorough: bool) -> Result<u64, DirtyError> {
         let Some(pagemap) = self.pagemap.as_ref() else { return Ok(0) };
         let started = Instant::now();
         let page_size = self.layout.page_size();
         let mut found = 0u64;
         let mut first_error = None;
-        let EpochState { last_dirty, scan_buf, written, removed, .. } = state;
-        written.clear();
+        let EpochState { last_dirty, scan_buf, removed, .. } = state;
         for (region_index, region) in self.layout.regions().iter().enumerate() {
             let region_id = region_index as u32;
             let first_page = self.layout.region_first_page(region_id).unwrap_or(0) as usize;
@@ -338,7 +335,6 @@ impl DirtyTracker {
                 let last = (to.min(end).saturating_sub(base).div_ceil(page_size)) as usize;
                 if first < last {
                     pages[first..last].fill(epoch);
-                    written.push((first_page + first) as u64..(first_page + last) as u64);
                     (last - first) as u64
                 } else {
                     0
@@ -352,8 +348,7 @@ impl DirtyTracker {
             }
         }
         if let Some(removed) = removed.as_mut() {
-            // Only written pages can have become data since the last look.
-            let looked = removed.look(&self.layout, written, |page| {
+            let looked = removed.look(&self.layout, pagemap.as_fd(), thorough, |page| {
                 if let Some(last) = last_dirty.get_mut(page as usize) {
                     found += u64::from(*last != epoch);
                     *last = epoch;

@@ -29,16 +29,22 @@
 //!
 //! # Which pages a look maps in
 //!
-//! The first look of a region maps in every page the file holds data for
-//! (`SEEK_DATA`/`SEEK_HOLE` over the whole file). Later looks map in only
-//! the pages the dirty scan just found *written*: a hole gets content only
-//! by a write, which that scan reports, and a page read back in after a
-//! removal holds zeros, as the hole did, until a write (reported then). So
-//! an unmapped page that nobody wrote is a hole as far as content goes,
-//! and its removal would change nothing. Walking the file's holes at every
-//! look instead cost 40-250 ms per scan for a 1 GiB guest with ~47 000 data
-//! ranges (one `lseek` pair each), most of the pause scan's time. A region
-//! whose look failed gets a whole-file look again next time.
+//! A look maps in the pages the VMM maps and this mapping does not (the
+//! VMM's own page tables, read with a plain `PAGEMAP_SCAN`: a hole gets
+//! content by a write, which maps it in the VMM) and reports them: they
+//! hold data they did not hold at the last look. That is a walk of page
+//! tables, whatever the size of the guest. Walking the file's data ranges
+//! instead (`SEEK_DATA`/`SEEK_HOLE`) cost 40-250 ms per look of a 1 GiB
+//! guest with ~47 000 of them, most of the pause scan.
+//!
+//! A page the VMM wrote and then dropped from its own page tables
+//! (`MADV_DONTNEED` on a shared mapping keeps the data) is not seen that
+//! way. A *thorough* look also maps in every data page of the file still
+//! unmapped here: the first look, any after a failure, and every scan that
+//! started after the pause (which may give the final bitmap: nothing may
+//! be missed there), unless the file's allocated size equals the pages
+//! mapped here, which proves that no data page is missing (every page
+//! mapped here holds data).
 //!
 //! The mapping must never fill a hole itself: a userfaultfd registered over
 //! it for missing faults with `UFFD_FEATURE_SIGBUS`
@@ -59,7 +65,7 @@ use std::io;
 use std::ops::Range;
 use std::os::fd::{AsFd, BorrowedFd};
 
-use guest_memory::memfile::data_ranges;
+use guest_memory::memfile::{data_ranges, is_zero};
 use guest_memory::page_tables::scan_present;
 use guest_memory::sys::PageRegion;
 use guest_memory::{GuestLayout, MemoryMap, UffdError, Userfaultfd};
@@ -110,6 +116,9 @@ pub struct RemovedPages {
     scan_buf: Vec<PageRegion>,
     /// The global pages mapped here at the end of the last look.
     data: PageRuns,
+    /// A look has been made: pages mapped in from now on are reported only
+    /// if they hold something other than zeros.
+    looked: bool,
     /// Per region: the next look maps in every data page of the file, not
     /// only the pages just written (the first look, and after a failure).
     whole_file: Vec<bool>,
@@ -142,94 +151,169 @@ impl RemovedPages {
             _guards: guards,
             scan_buf: Vec::with_capacity(SCAN_BATCH_REGIONS),
             data: PageRuns::default(),
+            looked: false,
             whole_file: vec![true; layout.regions().len()],
         })
     }
 
-    /// Reports each global page mapped here at the last look and not now
-    /// (removed since), then maps in the pages that hold data: all of them
-    /// at a region's first look, afterwards those among `written` (global
-    /// page ranges the dirty scan just reported; see the module docs). A
-    /// region that cannot be looked at has every page reported, and counts
-    /// as all data (so each of its pages not mapped at the next look, a
-    /// whole-file one, is reported again); the first such error is returned,
-    /// with its region, after every region.
+    /// One look; see the module docs. Reports each global page whose
+    /// content may have changed since the last look: mapped here then and
+    /// not now (removed), or mapped in now and not then and not all zeros
+    /// (it holds data it did not hold; the first look reports every page
+    /// that holds data).
+    /// The pages mapped in are those the VMM maps (`vmm_pagemap`, its
+    /// `/proc/PID/pagemap`) and this mapping does not; a `thorough` look
+    /// (the first, any after a failure, and those asked for) also maps in
+    /// every data page of the file that is still unmapped here, unless the
+    /// file's allocated size proves there is none. A region that cannot be
+    /// looked at has every page reported, and counts as all data (so each
+    /// of its pages not mapped at the next look, a thorough one, is
+    /// reported again); the first such error is returned, with its region,
+    /// after every region.
     pub fn look(
         &mut self,
         layout: &GuestLayout,
-        written: &[Range<u64>],
-        mut on_removed: impl FnMut(u64),
+        vmm_pagemap: BorrowedFd<'_>,
+        thorough: bool,
+        mut on_changed: impl FnMut(u64),
     ) -> Result<(), (u32, io::Error)> {
         let page_size = layout.page_size();
         let mut failed = Vec::new();
-        // Global page runs mapped here now, from the page tables.
+        // Global page runs mapped here now, from this mapping's page tables.
         let mut now = Vec::new();
         for (index, region) in layout.regions().iter().enumerate() {
             let first = layout.region_first_page(index as u32).unwrap_or(0);
             let base = self.maps[index].addr();
-            let end = base + region.size;
-            let present = |from: u64, to: u64| {
-                now.push(first + (from.max(base) - base) / page_size..first + (to.min(end) - base).div_ceil(page_size))
-            };
-            if let Err(error) = scan_present(self.pagemap.as_fd(), base, end, &mut self.scan_buf, present) {
+            let present = |from: u64, to: u64| now.push(pages_of(first, base, region.size, page_size, from, to));
+            if let Err(error) =
+                scan_present(self.pagemap.as_fd(), base, base + region.size, &mut self.scan_buf, present)
+            {
                 failed.push((index as u32, io::Error::other(error)));
             }
         }
         let now_mapped = PageRuns::from_unsorted(now.clone());
-        self.data.minus(&now_mapped, |gone| gone.for_each(&mut on_removed));
+        // Before mapping anything in: a page removed and faulted in again
+        // since the last look is removed all the same.
+        self.data.minus(&now_mapped, |gone| gone.for_each(&mut on_changed));
+        let mut mapped_in = Vec::new();
         for (index, region) in layout.regions().iter().enumerate() {
             if failed.iter().any(|(failed, _)| *failed == index as u32) {
                 continue;
             }
             let first = layout.region_first_page(index as u32).unwrap_or(0);
-            let pages = first..first + region.size / page_size;
-            // Maps in the pages of `wanted` (global) not mapped yet.
-            let map = &self.maps[index];
-            let mut map_in = |wanted: Range<u64>| {
-                let mut result = Ok(());
-                now_mapped.gaps_in(wanted, |gap| {
-                    if result.is_ok() {
-                        result = map_unmapped(map, page_size, gap.start - first..gap.end - first, |mapped| {
-                            now.push(first + mapped.start..first + mapped.end)
-                        });
-                    }
-                });
-                result
-            };
-            let looked = if self.whole_file[index] {
-                let mut populated = Ok(());
-                let (start, end) = (region.offset, region.offset + region.size);
-                let looked = data_ranges(self.file.as_fd(), start, end, |from, to| {
-                    if populated.is_ok() {
-                        populated =
-                            map_in(first + (from - start) / page_size..first + (to - start).div_ceil(page_size));
-                    }
-                });
-                looked.and(populated)
-            } else {
-                written
-                    .iter()
-                    .map(|w| w.start.max(pages.start)..w.end.min(pages.end))
-                    .filter(|w| w.start < w.end)
-                    .try_for_each(&mut map_in)
-            };
-            match looked {
-                Ok(()) => self.whole_file[index] = false,
-                Err(error) => failed.push((index as u32, error)),
+            let vmm_base = region.base_host_virt_addr;
+            let mut wanted = Vec::new();
+            let looked = scan_present(vmm_pagemap, vmm_base, vmm_base + region.size, &mut self.scan_buf, |from, to| {
+                wanted.push(pages_of(first, vmm_base, region.size, page_size, from, to))
+            })
+            .map_err(io::Error::other)
+            .and_then(|()| self.map_in(index, first, page_size, &now_mapped, &wanted, &mut mapped_in));
+            if let Err(error) = looked {
+                failed.push((index as u32, error));
             }
         }
+        let unseen_data_possible = || {
+            let mapped: u64 = now_mapped.runs().iter().chain(&mapped_in).map(|r| r.end - r.start).sum();
+            self.file_pages(page_size).is_none_or(|in_file| in_file != mapped)
+        };
+        if self.whole_file.iter().any(|&w| w) || (thorough && unseen_data_possible()) {
+            for (index, region) in layout.regions().iter().enumerate() {
+                if failed.iter().any(|(failed, _)| *failed == index as u32) {
+                    continue;
+                }
+                let first = layout.region_first_page(index as u32).unwrap_or(0);
+                let (start, end) = (region.offset, region.offset + region.size);
+                let mut wanted = Vec::new();
+                let looked = data_ranges(self.file.as_fd(), start, end, |from, to| {
+                    wanted.push(first + (from - start) / page_size..first + (to - start).div_ceil(page_size))
+                });
+                let already = PageRuns::from_unsorted(now.iter().chain(&mapped_in).cloned().collect());
+                let looked =
+                    looked.and_then(|()| self.map_in(index, first, page_size, &already, &wanted, &mut mapped_in));
+                match looked {
+                    Ok(()) => self.whole_file[index] = false,
+                    Err(error) => failed.push((index as u32, error)),
+                }
+            }
+        }
+        // A hole read as zeros, and a page just mapped in that reads as
+        // zeros, did not change (a read of a hole allocates a zeroed page,
+        // as a VMM's snapshot does): only content counts. The first look
+        // reports every data page, unread.
+        let mut content = vec![0u8; page_size as usize];
+        for run in &mapped_in {
+            for page in run.clone() {
+                if !self.looked {
+                    on_changed(page);
+                    continue;
+                }
+                let (region, index) = layout.locate(page);
+                self.maps[region as usize].copy_out((index * page_size) as usize, &mut content);
+                if !is_zero(&content) {
+                    on_changed(page);
+                }
+            }
+        }
+        self.looked = true;
+        now.extend(mapped_in);
         let mut first_error = None;
         for (region, error) in failed {
             let first = layout.region_first_page(region).unwrap_or(0);
             let pages = first..first + layout.region_pages(region).unwrap_or(0);
             self.whole_file[region as usize] = true;
             now.push(pages.clone());
-            pages.for_each(&mut on_removed);
+            pages.for_each(&mut on_changed);
             first_error.get_or_insert((region, error));
         }
         self.data = PageRuns::from_unsorted(now);
         first_error.map_or(Ok(()), Err)
     }
+
+    /// The global page runs mapped here at the end of the last look: the
+    /// pages that held data then (every page of a region that could not be
+    /// looked at).
+    pub fn data_runs(&self) -> &[Range<u64>] {
+        self.data.runs()
+    }
+
+    /// Maps into region `index`'s mapping (its first global page `first`)
+    /// the pages of `wanted` (global runs) that `mapped` does not hold,
+    /// adding the runs it mapped to `mapped_in`.
+    fn map_in(
+        &self,
+        index: usize,
+        first: u64,
+        page_size: u64,
+        mapped: &PageRuns,
+        wanted: &[Range<u64>],
+        mapped_in: &mut Vec<Range<u64>>,
+    ) -> io::Result<()> {
+        let mut result = Ok(());
+        for range in wanted {
+            mapped.gaps_in(range.clone(), |gap| {
+                if result.is_ok() {
+                    result = map_unmapped(&self.maps[index], page_size, gap.start - first..gap.end - first, |run| {
+                        mapped_in.push(first + run.start..first + run.end)
+                    });
+                }
+            });
+        }
+        result
+    }
+
+    /// The pages the memory file holds data for, by its allocated size
+    /// (`None` if it cannot be read): every page mapped here holds data, so
+    /// when as many are mapped as the file has, none is missing here.
+    fn file_pages(&self, page_size: u64) -> Option<u64> {
+        let stat = rustix::fs::fstat(&self.file).ok()?;
+        Some(u64::try_from(stat.st_blocks).ok()? * 512 / page_size)
+    }
+}
+
+/// The global page run `first..` of a region of `size` bytes mapped at
+/// `base` that the address range [`from`, `to`) covers.
+fn pages_of(first: u64, base: u64, size: u64, page_size: u64, from: u64, to: u64) -> Range<u64> {
+    first + (from.max(base) - base) / page_size..first + (to.min(base + size) - base).div_ceil(page_size)
 }
 
 /// Maps into `map` every page of `pages` (region-local page numbers, none
