@@ -26,6 +26,7 @@ pub mod control;
 pub mod dirty;
 pub mod drain;
 pub mod handoff;
+pub mod heat;
 pub mod memory;
 pub mod metrics;
 pub mod removed;
