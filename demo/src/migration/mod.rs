@@ -37,7 +37,7 @@ use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
-pub use options::{MigrationError, MigrationOptions};
+pub use options::{MigrationError, MigrationOptions, PullOrder};
 
 use vmm_standin::StandinEvent;
 
@@ -256,6 +256,10 @@ impl Migration<'_> {
         client: &MigrationTargetClient<Channel>,
         paused: Instant,
     ) -> Result<(), MigrationError> {
+        if self.opts.idle_until_complete {
+            watch.wait_until("phase complete", self.timeout(), |s| s.complete_at.is_some()).await?;
+            self.progress.say("the target guest stayed idle until the migration was complete");
+        }
         self.run_target_guest(watch, client).await?;
         self.verify(watch).await?;
         self.complete(watch, client.clone(), paused).await?;
@@ -414,6 +418,9 @@ impl Migration<'_> {
 
         let mut args = self.vm_args("source", &socket);
         args.push(format!("--dirty-rate={}", self.opts.dirty_rate));
+        if let Some(ms) = self.opts.hot_sweep_ms {
+            args.push(format!("--hot-sweep-ms={ms}"));
+        }
         args.push(format!("--snapshot={}", self.path("snapshot")));
         let vm = self.source_host.spawn("vmm-standin-source", &self.binaries.vmm_standin, &args, self.work)?;
         let vm = self.children.source_vm.insert(vm);
@@ -455,6 +462,9 @@ impl Migration<'_> {
         }
         if let Some(delay) = self.opts.pull_delay {
             args.push(format!("--pull-delay={}ms", delay.as_millis()));
+        }
+        if let Some(order) = self.opts.pull_order {
+            args.push(format!("--pull-order={}", order.arg()));
         }
         args.extend(self.opts.hooks.args());
         let agent = self.target_host.spawn("target-agent", &self.binaries.target_agent, &args, self.work)?;

@@ -12,6 +12,26 @@ use crate::process::ProcessError;
 use crate::status_watch::StatusError;
 use crate::test_hooks::AgentTestHooks;
 
+/// The target agent's `--pull-order`: which stale pages its background
+/// pull fetches first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PullOrder {
+    /// Nearest to the guest's latest fault.
+    Nearest,
+    /// The source's hottest pages (dirtied in the most pre-copy rounds).
+    Hot,
+}
+
+impl PullOrder {
+    /// The flag's value.
+    pub fn arg(self) -> &'static str {
+        match self {
+            PullOrder::Nearest => "nearest",
+            PullOrder::Hot => "hot",
+        }
+    }
+}
+
 /// What to migrate and how.
 #[derive(Debug, Clone)]
 pub struct MigrationOptions {
@@ -70,6 +90,16 @@ pub struct MigrationOptions {
     pub pause_timeout: Option<Duration>,
     /// The target agent's `--pull-delay` (its default, none, if unset).
     pub pull_delay: Option<Duration>,
+    /// The source guest rewrites its whole hot set every this many ms until
+    /// the pause (the stand-in's `--hot-sweep-ms`), on top of `dirty_rate`:
+    /// the hot half of a hot/cold workload. None: never.
+    pub hot_sweep_ms: Option<u64>,
+    /// The target guest does nothing after the switchover (no touch, no
+    /// run, no verification) until the migration is complete: the pull
+    /// alone fetches every stale page, in its own order.
+    pub idle_until_complete: bool,
+    /// The target agent's `--pull-order` (its default if unset).
+    pub pull_order: Option<PullOrder>,
     /// Two hosts on one machine: the source side and the target side each
     /// in a network namespace, joined by a veth link ([`crate::netns`]).
     pub two_hosts: bool,
@@ -104,6 +134,9 @@ impl Default for MigrationOptions {
             source_unreachable_timeout: None,
             pause_timeout: None,
             pull_delay: None,
+            hot_sweep_ms: None,
+            idle_until_complete: false,
+            pull_order: None,
             two_hosts: false,
             link_rate_gbit: None,
         }
