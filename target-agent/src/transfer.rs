@@ -40,6 +40,10 @@ const PRECOPY_WINDOW: usize = 16;
 /// fault that joins a background fetch waits for at most about this much.
 const PULL_REQUEST_BYTES: u64 = 64 << 10;
 const PULL_WINDOW_BYTES: u64 = 512 << 10;
+/// Bytes per request of the hot phase: hot pages are scattered, so its
+/// requests are small, and more of them fly at once in the same
+/// [`PULL_WINDOW_BYTES`].
+const HOT_REQUEST_BYTES: u64 = 16 << 10;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransferError {
@@ -185,6 +189,7 @@ struct StalePicker<'a> {
     hint: &'a FaultHint,
     hot: HotFirst,
     batch: u64,
+    hot_batch: u64,
     next_id: u64,
 }
 
@@ -201,7 +206,7 @@ impl StalePicker<'_> {
             let Some(claim) = states.claim(first, FetchOrigin::Background) else { continue };
             let region = self.guest.layout.locate(first).0;
             let mut claims = vec![claim];
-            while (claims.len() as u64) < self.batch
+            while (claims.len() as u64) < self.hot_batch
                 && let Some(page) = self.hot.peek()
                 && page == first + claims.len() as u64
                 && self.guest.layout.locate(page).0 == region
@@ -277,29 +282,35 @@ pub async fn pull_stale(
     hot: &[u64],
     hint: Arc<FaultHint>,
 ) -> Result<(), TransferError> {
-    let batch = (PULL_REQUEST_BYTES / guest.page_size()).max(1);
-    let window = (PULL_WINDOW_BYTES / (batch * guest.page_size())).max(1) as usize;
+    let page_size = guest.page_size();
+    let batch = (PULL_REQUEST_BYTES / page_size).max(1);
+    let window = (PULL_WINDOW_BYTES / (batch * page_size)).max(1) as usize;
+    let hot_batch = (HOT_REQUEST_BYTES / page_size).max(1);
+    let hot_window = (PULL_WINDOW_BYTES / (hot_batch * page_size)).max(1) as usize;
     let hot = HotFirst::new(order, hot, &stale);
     guest.stats.hot_pages_hinted.store(hot.hinted(), Ordering::Relaxed);
     tracing::info!(order = order.name(), hinted = hot.hinted(), stale = stale.len(), "background pull");
-    let mut picker =
-        StalePicker { guest: &guest, stale, cursor: 0, last_hint: u64::MAX, hint: &hint, hot, batch, next_id: 0 };
+    let mut picker = StalePicker {
+        guest: &guest,
+        stale,
+        cursor: 0,
+        last_hint: u64::MAX,
+        hint: &hint,
+        hot,
+        batch,
+        hot_batch,
+        next_id: 0,
+    };
     let installer = guest.clone();
-    run_with_retries(
-        &guest,
-        client,
-        link,
-        true,
-        window,
-        "the background pull",
-        || picker.next(),
-        |_request, pages, claims| {
-            // check_reply sorted the pages to match the request: one claim each.
-            for (claim, content) in claims.into_iter().zip(&pages) {
-                installer.install_fetched(claim, content)?;
-            }
-            Ok(())
-        },
-    )
-    .await
+    let install = |_request, pages: Vec<Page>, claims: Vec<Claim>| {
+        // check_reply sorted the pages to match the request: one claim each.
+        for (claim, content) in claims.into_iter().zip(&pages) {
+            installer.install_fetched(claim, content)?;
+        }
+        Ok(())
+    };
+    // The hot phase (nothing to do in nearest order), then the rest.
+    let what = "the background pull";
+    run_with_retries(&guest, client, link, true, hot_window, what, || picker.next_hot(), install).await?;
+    run_with_retries(&guest, client, link, true, window, what, || picker.next(), install).await
 }
