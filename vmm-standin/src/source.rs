@@ -117,6 +117,7 @@ pub(crate) fn run(config: &StandinConfig, commands: impl BufRead, events: &Arc<E
         Command::Resume
         | Command::Touch(_)
         | Command::TouchSpread { .. }
+        | Command::TouchShared(_)
         | Command::Verify(_)
         | Command::VerifyMapped(_) => {
             Err("resume, touch, verify and verify-mapped are target-role commands".to_owned())
