@@ -256,10 +256,6 @@ impl Migration<'_> {
         client: &MigrationTargetClient<Channel>,
         paused: Instant,
     ) -> Result<(), MigrationError> {
-        if self.opts.idle_until_complete {
-            watch.wait_until("phase complete", self.timeout(), |s| s.complete_at.is_some()).await?;
-            self.progress.say("the target guest stayed idle until the migration was complete");
-        }
         self.run_target_guest(watch, client).await?;
         self.verify(watch).await?;
         self.complete(watch, client.clone(), paused).await?;
@@ -597,6 +593,12 @@ impl Migration<'_> {
         client: &MigrationTargetClient<Channel>,
     ) -> Result<(), MigrationError> {
         let timeout = self.timeout();
+        if self.opts.touch_after_final_bitmap {
+            let applied = |s: &crate::status_watch::PollState| {
+                s.latest.as_ref().is_some_and(|status| status.final_bitmap_applied)
+            };
+            watch.wait_until("the final bitmap", timeout, applied).await?;
+        }
         let vm = running(&mut self.children.target_vm, "target VM")?;
         if !self.opts.discard_after_switchover.is_empty() {
             let pages: Vec<String> = self.opts.discard_after_switchover.iter().map(u64::to_string).collect();
@@ -633,7 +635,28 @@ impl Migration<'_> {
                 seconds * 1e3
             ));
         }
+        if !self.opts.touch_shared_after_resume.is_empty() {
+            let pages: Vec<String> = self.opts.touch_shared_after_resume.iter().map(u64::to_string).collect();
+            vm.send(&format!("touch-shared {}", pages.join(" "))).await?;
+            let touched = wait_for(vm, "touched-spread", deadline(timeout), |e| match e {
+                StandinEvent::TouchedSpread { pages, nanos } => Some((*pages, *nanos)),
+                _ => None,
+            });
+            let (pages, nanos) = watch.unless_failed(touched).await?;
+            let seconds = nanos as f64 / 1e9;
+            self.report.touch_spread = Some(crate::report::TouchSpread { pages, seconds });
+            self.progress.say(format!(
+                "{} target vCPUs read {pages} listed pages in {:.1} ms",
+                self.opts.vcpus,
+                seconds * 1e3
+            ));
+        }
+        if self.opts.idle_until_complete {
+            watch.wait_until("phase complete", timeout, |s| s.complete_at.is_some()).await?;
+            self.progress.say("the target guest stayed idle until the migration was complete");
+        }
         // `resumed` comes at once; `guest-done` when the run is over.
+        let vm = running(&mut self.children.target_vm, "target VM")?;
         vm.send("resume").await?;
         let run_deadline = deadline(timeout + Duration::from_millis(self.opts.run_ms));
         let resumed = wait_for(vm, "resumed", run_deadline, |e| matches!(e, StandinEvent::Resumed).then_some(()));

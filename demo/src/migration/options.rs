@@ -60,6 +60,10 @@ pub struct MigrationOptions {
     /// right after `Switchover`, before the guest runs (`touch-spread`); the
     /// time it took is in the report.
     pub touch_spread_after_resume: Option<(u64, u64)>,
+    /// Pages the target vCPUs share and read at once, in this order, right
+    /// after `Switchover`, before the guest runs (`touch-shared`); the time
+    /// it took is in the report (`touch_spread`).
+    pub touch_shared_after_resume: Vec<u64>,
     /// Pages every target vCPU reads at once after `Switchover`, before the
     /// guest runs.
     pub touch_after_resume: Vec<u64>,
@@ -94,9 +98,13 @@ pub struct MigrationOptions {
     /// the pause (the stand-in's `--hot-sweep-ms`), on top of `dirty_rate`:
     /// the hot half of a hot/cold workload. None: never.
     pub hot_sweep_ms: Option<u64>,
-    /// The target guest does nothing after the switchover (no touch, no
-    /// run, no verification) until the migration is complete: the pull
-    /// alone fetches every stale page, in its own order.
+    /// The target guest's touches wait until the target agent applied the
+    /// final bitmap (its background pull starts then): the touches then
+    /// race the pull, not the bitmap.
+    pub touch_after_final_bitmap: bool,
+    /// After its touches (if any), the target guest does nothing (no run,
+    /// no verification) until the migration is complete: the pull alone
+    /// fetches every stale page the touches did not.
     pub idle_until_complete: bool,
     /// The target agent's `--pull-order` (its default if unset).
     pub pull_order: Option<PullOrder>,
@@ -123,6 +131,7 @@ impl Default for MigrationOptions {
             discard_before_pause: Vec::new(),
             write_range_before_pause: None,
             touch_spread_after_resume: None,
+            touch_shared_after_resume: Vec::new(),
             quiet: false,
             vm_name: "demo-vm".to_owned(),
             max_written_pages: 4096,
@@ -136,6 +145,7 @@ impl Default for MigrationOptions {
             pull_delay: None,
             hot_sweep_ms: None,
             idle_until_complete: false,
+            touch_after_final_bitmap: false,
             pull_order: None,
             two_hosts: false,
             link_rate_gbit: None,
@@ -174,6 +184,7 @@ impl MigrationOptions {
             .write_before_pause
             .iter()
             .chain(&self.touch_after_resume)
+            .chain(&self.touch_shared_after_resume)
             .chain(&self.discard_after_switchover)
             .chain(&self.discard_before_pause)
             .chain(&range_ends)
