@@ -35,6 +35,7 @@ pub mod floor;
 pub mod kernel;
 pub mod migrations;
 pub mod plot;
+mod pull_order;
 pub mod qemu;
 pub mod report;
 pub mod stats;

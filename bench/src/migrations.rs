@@ -9,6 +9,7 @@
 //! | stale faults | 1 GiB shmem, 4096 pages written before the pause, then read at once by 1 and by 16 guest threads (the pull held back) | stale faults served per second; with one thread, the stale fault latency with no vCPU spinning beside the agents |
 //! | large | 4 GiB shmem, 4 vCPUs | pre-copy round 0's rate, resume at 4 GiB, the bulk install's rate, each agent's private memory per GiB |
 //! | many vCPUs | 1 GiB shmem, 16 vCPUs | resume with 16 vCPUs |
+//! | pull order | 1 GiB shmem, a hot set rewritten all through pre-copy and a cold half written once before the pause; the hot set read by 4 vCPUs once the final bitmap is in; `--pull-order nearest`, then `hot` ([`crate::pull_order`]) | demand fetches with each order |
 //! | huge pages | 1 GiB hugetlbfs, 8 huge pages written just before the pause and read right after the switchover (the pull held back) | the stale 2 MiB fault |
 //!
 //! Every run verifies every byte of the target's memory against the
@@ -150,6 +151,8 @@ pub async fn measure(opts: &BenchOptions, report: &mut BenchReport) -> anyhow::R
             }
         }
 
+        crate::pull_order::measure(&mut samples, guest, 1 + repetition as u64).await?;
+
         let many = migrate("many vCPUs", shmem(guest, 16)).await?;
         samples.add("resume_ms_16vcpu", many.downtime_ms);
 
@@ -258,7 +261,7 @@ fn pull_rate(report: &Report) -> Option<f64> {
 }
 
 /// A shmem guest of `bytes` with `vcpus` dirtying vCPUs, as the demo runs it.
-fn shmem(bytes: u64, vcpus: u32) -> MigrationOptions {
+pub(crate) fn shmem(bytes: u64, vcpus: u32) -> MigrationOptions {
     MigrationOptions {
         memory_bytes: bytes,
         vcpus,
@@ -271,7 +274,7 @@ fn shmem(bytes: u64, vcpus: u32) -> MigrationOptions {
 
 /// Runs one migration; a failed one, or one whose verification found a
 /// wrong page, is an error.
-async fn migrate(name: &str, opts: MigrationOptions) -> anyhow::Result<Report> {
+pub(crate) async fn migrate(name: &str, opts: MigrationOptions) -> anyhow::Result<Report> {
     let report = run_migration(&opts).await.with_context(|| format!("the {name} migration"))?;
     if let Some(failure) = &report.failure {
         anyhow::bail!("the {name} migration failed: {failure}");

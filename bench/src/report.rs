@@ -107,6 +107,8 @@ pub const ROWS: &[RowSpec] = &[
         Migrations,
         "the same workload, MISSING-mode baseline: every page the guest touched",
     ),
+    row("demand_fetches_nearest_first", "pages", Migrations, "hot/cold workload: demand fetches, pull nearest first"),
+    row("demand_fetches_hot_first", "pages", Migrations, "the same, pull hottest first"),
     row("source_rss_mib_per_gib", "MiB/GiB", Migrations, "source agent private memory (RssAnon + page tables) per GiB"),
     row("target_rss_mib_per_gib", "MiB/GiB", Migrations, "target agent private memory per GiB"),
     row("stale_fault_2m_p50_us", "µs", Migrations, "hugetlbfs: stale 2 MiB page fault, p50"),
@@ -122,8 +124,6 @@ pub const ROWS: &[RowSpec] = &[
     row("qemu_agents_downtime_ms", "ms", Qemu, "the same guest through the agents: downtime"),
     row("qemu_agents_blocktime_ms", "ms", Qemu, "its blocktime"),
     row("qemu_agents_total_s", "s", Qemu, "its total time"),
-    row("demand_fetches_nearest_first", "pages", NotYet, "hot/cold workload: demand fetches, pull nearest first"),
-    row("demand_fetches_hot_first", "pages", NotYet, "the same, pull hottest first"),
 ];
 
 /// The figures of one run, by key.

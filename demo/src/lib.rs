@@ -39,5 +39,5 @@ pub mod status_watch;
 pub mod stop_signal;
 pub mod test_hooks;
 
-pub use migration::{MigrationError, MigrationOptions, run_migration, run_migration_until};
+pub use migration::{MigrationError, MigrationOptions, PullOrder, run_migration, run_migration_until};
 pub use report::Report;

@@ -84,6 +84,15 @@ pub struct Report {
     pub pages_fetched_unknown: u64,
     pub pages_installed_bulk: u64,
     pub bytes_received: u64,
+    /// The target agent's background pull order ("nearest" or "hot").
+    #[serde(default)]
+    pub pull_order: String,
+    /// Stale pages the source's heat hint named.
+    #[serde(default)]
+    pub hot_pages_hinted: u64,
+    /// Pages the background pull asked for before its first unhinted one.
+    #[serde(default)]
+    pub hot_pages_pulled_first: u64,
     /// Keyed by "fresh", "fetched", "missing" (and any other kind the agent
     /// reports).
     pub fault_latency_us: BTreeMap<String, LatencyPercentiles>,
@@ -209,6 +218,9 @@ impl Report {
         self.pages_fetched_unknown = status.pages_fetched_unknown;
         self.pages_installed_bulk = status.pages_installed_bulk;
         self.bytes_received = status.bytes_received;
+        self.pull_order = status.pull_order.clone();
+        self.hot_pages_hinted = status.hot_pages_hinted;
+        self.hot_pages_pulled_first = status.hot_pages_pulled_first;
         self.source_reconnects = status.source_reconnects;
         self.source_restarts = status.source_restarts;
         self.source_replies_refused = status.source_replies_refused;

@@ -15,13 +15,18 @@
 //!   the last chunk of the stream has `last = true`, and a bitmap with no
 //!   dirty page is one chunk with no runs.
 //!
+//! - a final bitmap's last chunk may carry a heat hint (`hot`, see
+//!   [`crate::heat`]): an order for the target's pull, never part of the
+//!   dirty set.
+//!
 //! [`encode_chunks`] is what the source agent sends; [`BitmapDecoder`] (or
 //! [`decode_chunks`]) is what the target agent uses to read it back, checking
 //! every chunk so that a corrupt or truncated stream is an error, never a
 //! silently smaller set of dirty pages.
 #![forbid(unsafe_code)]
 
-use crate::v1::DirtyBitmapChunk;
+use crate::heat::MAX_HOT_RUNS;
+use crate::v1::{DirtyBitmapChunk, HotRun};
 use guest_memory::GuestLayout;
 
 /// Most runs (pairs) one chunk carries: 32768 runs are at most ~640 KiB.
@@ -53,6 +58,10 @@ pub struct DirtyBitmap {
     pub pause_epoch: u64,
     /// Sorted, non-overlapping, adjacent runs merged.
     pub runs: Vec<DirtyRun>,
+    /// The heat hint as received, unchecked ([`crate::heat::decode`] checks
+    /// it); one run more than allowed at most, so that an oversized hint
+    /// is still seen as one.
+    pub hot: Vec<HotRun>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -150,8 +159,10 @@ pub fn encode_chunks(epoch: u64, paused: bool, runs: &[DirtyRun]) -> Result<Vec<
         base_index,
         total_dirty_pages,
         last: false,
-        // The source's pause fence is the caller's to set on every chunk.
+        // The source's pause fence is the caller's to set on every chunk,
+        // and the heat hint its to add to the last one.
         pause_epoch: 0,
+        hot: Vec::new(),
     };
 
     let mut chunks: Vec<DirtyBitmapChunk> = Vec::new();
@@ -187,10 +198,10 @@ pub fn encode_chunks(epoch: u64, paused: bool, runs: &[DirtyRun]) -> Result<Vec<
 /// Reads a bitmap stream chunk by chunk.
 #[derive(Debug, Default)]
 pub struct BitmapDecoder {
-    /// (epoch, paused, total_dirty_pages) of the first chunk.
     /// (epoch, paused, total_dirty_pages, pause_epoch) of the first chunk.
     header: Option<(u64, bool, u64, u64)>,
     runs: Vec<DirtyRun>,
+    hot: Vec<HotRun>,
     finished: bool,
 }
 
@@ -228,6 +239,8 @@ impl BitmapDecoder {
             cursor = first_index.checked_add(len).ok_or(BitmapError::IndexOverflow { region })?;
             push_run(&mut self.runs, DirtyRun { region, first_index, len })?;
         }
+        let room = (MAX_HOT_RUNS + 1).saturating_sub(self.hot.len());
+        self.hot.extend(chunk.hot.iter().take(room).cloned());
         self.finished = chunk.last;
         Ok(chunk.last)
     }
@@ -239,7 +252,7 @@ impl BitmapDecoder {
             _ => return Err(BitmapError::Incomplete),
         };
         let decoded = total_pages(&self.runs)?;
-        let bitmap = DirtyBitmap { epoch, paused, pause_epoch, runs: self.runs };
+        let bitmap = DirtyBitmap { epoch, paused, pause_epoch, runs: self.runs, hot: self.hot };
         if decoded != claimed {
             return Err(BitmapError::TotalMismatch { claimed, decoded });
         }
@@ -279,7 +292,37 @@ mod tests {
         assert!(chunks.iter().all(|c| c.epoch == 7 && c.paused && c.total_dirty_pages == 58));
         assert_eq!(chunks.iter().filter(|c| c.last).count(), 1);
         assert!(chunks[2].last);
-        assert_eq!(bitmap, DirtyBitmap { epoch: 7, paused: true, pause_epoch: 0, runs: runs.to_vec() });
+        assert_eq!(
+            bitmap,
+            DirtyBitmap { epoch: 7, paused: true, pause_epoch: 0, runs: runs.to_vec(), hot: Vec::new() }
+        );
+    }
+
+    /// The heat hint rides on the final chunk; however large a hostile
+    /// stream makes it, the decoder keeps one run more than allowed, and
+    /// the hint's own decoding refuses it: the dirty set is untouched.
+    #[test]
+    fn an_oversized_heat_hint_is_bounded_and_leaves_the_runs_alone() {
+        let mut chunks = encode_chunks(7, true, &[run(0, 1, 2)]).expect("encodes");
+        let hot = HotRun { region: 0, first_index: 1, len: 1, heat: 9 };
+        chunks[0].hot = vec![hot; 3 * MAX_HOT_RUNS];
+        let bitmap = decode_chunks(&chunks).expect("decodes");
+        assert_eq!(bitmap.runs, vec![run(0, 1, 2)]);
+        assert_eq!(bitmap.hot.len(), MAX_HOT_RUNS + 1);
+        assert_eq!(
+            crate::heat::decode(&bitmap.hot, &one_region(4)),
+            Err(crate::heat::HotHintError::TooManyRuns { runs: MAX_HOT_RUNS + 1 })
+        );
+    }
+
+    fn one_region(pages: u64) -> GuestLayout {
+        GuestLayout::new(vec![guest_memory::RegionLayout {
+            base_host_virt_addr: 0,
+            size: 4096 * pages,
+            offset: 0,
+            page_size: 4096,
+        }])
+        .expect("layout")
     }
 
     #[test]
@@ -358,7 +401,7 @@ mod tests {
         assert_eq!(decode_chunks(&chunks), Err(BitmapError::TotalOverflow));
         let huge = [run(0, 0, u64::MAX), run(1, 0, 1)];
         assert_eq!(encode_chunks(1, false, &huge), Err(BitmapError::TotalOverflow));
-        let bitmap = DirtyBitmap { epoch: 1, paused: false, pause_epoch: 0, runs: huge.to_vec() };
+        let bitmap = DirtyBitmap { epoch: 1, paused: false, pause_epoch: 0, runs: huge.to_vec(), hot: Vec::new() };
         assert_eq!(bitmap.page_count(), u64::MAX);
     }
 
@@ -380,9 +423,9 @@ mod tests {
             page_size: 4096,
         }])
         .expect("layout");
-        let bitmap = DirtyBitmap { epoch: 2, paused: false, pause_epoch: 0, runs: vec![run(0, 6, 3)] };
+        let bitmap = DirtyBitmap { epoch: 2, paused: false, pause_epoch: 0, runs: vec![run(0, 6, 3)], hot: Vec::new() };
         assert!(matches!(bitmap.global_runs(&layout), Err(BitmapError::OutsideLayout { .. })));
-        let bitmap = DirtyBitmap { epoch: 2, paused: false, pause_epoch: 0, runs: vec![run(1, 0, 1)] };
+        let bitmap = DirtyBitmap { epoch: 2, paused: false, pause_epoch: 0, runs: vec![run(1, 0, 1)], hot: Vec::new() };
         assert!(matches!(bitmap.global_runs(&layout), Err(BitmapError::OutsideLayout { .. })));
     }
 }

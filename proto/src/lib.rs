@@ -3,6 +3,7 @@
 //! `proto/pageserver.proto`.
 
 pub mod bitmap;
+pub mod heat;
 
 /// Package `pageserver.v1`.
 #[allow(clippy::all, missing_debug_implementations)]

@@ -71,6 +71,7 @@ fn chunk() -> impl Strategy<Value = DirtyBitmapChunk> {
             total_dirty_pages,
             last,
             pause_epoch: epoch / 2,
+            hot: Vec::new(),
         })
 }
 

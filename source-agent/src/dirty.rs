@@ -44,6 +44,14 @@
 //!   count as one.)
 //! - A memory file never changes: every page is dirty at epoch 1, nothing
 //!   after, and the VM counts as paused.
+//!
+//! # Heat
+//!
+//! Every scan that finds a page dirty also counts one more for its *heat*
+//! ([`crate::heat`]; one byte per page). The initial scan does not count
+//! (it finds what was written before the migration), nor does the blanket
+//! "every page dirty" of a VMM gone without a pause scan. Heat only orders
+//! the target's pull: it never decides what is dirty.
 #![forbid(unsafe_code)]
 
 use std::os::fd::{AsFd, OwnedFd};
@@ -56,6 +64,7 @@ use guest_memory::page_tables::{ScanError, scan_written};
 use guest_memory::sys::PageRegion;
 use pageserver_metrics::LatencyHistogram;
 use pageserver_proto::bitmap::DirtyRun;
+use pageserver_proto::heat::HotSpan;
 
 use crate::removed::RemovedPages;
 
@@ -90,6 +99,8 @@ pub struct DirtySnapshot {
     /// Sorted, maximal runs.
     pub runs: Vec<DirtyRun>,
     pub dirty_pages: u64,
+    /// The hottest of those pages, hottest first (if asked for).
+    pub hot: Vec<HotSpan>,
 }
 
 #[derive(Debug)]
@@ -97,6 +108,8 @@ struct EpochState {
     epoch: u32,
     /// Per global page: the epoch at which it was last found dirty.
     last_dirty: Vec<u32>,
+    /// Per global page: how many scans found it dirty, saturating.
+    heat: Vec<u8>,
     scan_buf: Vec<PageRegion>,
     /// Pages removed from the memory file (`None` for a memory file).
     removed: Option<RemovedPages>,
@@ -133,6 +146,7 @@ impl DirtyTracker {
         let state = EpochState {
             epoch: 1,
             last_dirty: vec![1; pages],
+            heat: vec![0; pages],
             scan_buf: Vec::with_capacity(SCAN_BATCH_REGIONS),
             removed,
             settled: pagemap.is_none(),
@@ -266,8 +280,9 @@ impl DirtyTracker {
     }
 
     /// Scans (a new epoch, unless this is a memory file), then returns every
-    /// page dirty since `since`. Blocking: run it off the async runtime.
-    pub fn dirty_since(&self, since: u64) -> Result<DirtySnapshot, DirtyError> {
+    /// page dirty since `since`, and with `hot` the hottest of them.
+    /// Blocking: run it off the async runtime.
+    pub fn dirty_since(&self, since: u64, hot: bool) -> Result<DirtySnapshot, DirtyError> {
         let mut state = self.lock();
         let newest = u64::from(state.epoch);
         if since > newest {
@@ -275,7 +290,11 @@ impl DirtyTracker {
         }
         let epoch = self.scan_locked(&mut state)?;
         let (runs, dirty_pages) = self.collect_runs(&state, since);
-        Ok(DirtySnapshot { epoch, runs, dirty_pages })
+        let hot = match hot {
+            true => crate::heat::hottest(&self.layout, &state.last_dirty, &state.heat, since),
+            false => Vec::new(),
+        };
+        Ok(DirtySnapshot { epoch, runs, dirty_pages, hot })
     }
 
     /// A scan at a new epoch; returns it. Memory files are never scanned.
@@ -323,18 +342,26 @@ impl DirtyTracker {
         let page_size = self.layout.page_size();
         let mut found = 0u64;
         let mut first_error = None;
-        let EpochState { last_dirty, scan_buf, removed, .. } = state;
+        let EpochState { last_dirty, heat, scan_buf, removed, .. } = state;
         for (region_index, region) in self.layout.regions().iter().enumerate() {
             let region_id = region_index as u32;
             let first_page = self.layout.region_first_page(region_id).unwrap_or(0) as usize;
-            let pages = &mut last_dirty[first_page..first_page + (region.size / page_size) as usize];
+            let span = first_page..first_page + (region.size / page_size) as usize;
+            let pages = &mut last_dirty[span.clone()];
+            let heats = &mut heat[span];
             let base = region.base_host_virt_addr;
             let end = base + region.size;
             let mut mark = |from: u64, to: u64| {
                 let first = ((from.max(base) - base) / page_size) as usize;
                 let last = (to.min(end).saturating_sub(base).div_ceil(page_size)) as usize;
                 if first < last {
-                    pages[first..last].fill(epoch);
+                    // A page found twice by one scan is warmed once.
+                    for (page, heat) in pages[first..last].iter_mut().zip(&mut heats[first..last]) {
+                        if *page != epoch {
+                            crate::heat::warm(heat);
+                            *page = epoch;
+                        }
+                    }
                     (last - first) as u64
                 } else {
                     0
@@ -349,9 +376,14 @@ impl DirtyTracker {
         }
         if let Some(removed) = removed.as_mut() {
             let looked = removed.look(&self.layout, pagemap.as_fd(), thorough, |page| {
-                if let Some(last) = last_dirty.get_mut(page as usize) {
-                    found += u64::from(*last != epoch);
+                if let Some(last) = last_dirty.get_mut(page as usize)
+                    && *last != epoch
+                {
+                    found += 1;
                     *last = epoch;
+                    if let Some(heat) = heat.get_mut(page as usize) {
+                        crate::heat::warm(heat);
+                    }
                 }
             });
             if let Err((region, source)) = looked {

@@ -27,6 +27,7 @@ pub mod control;
 pub mod dirty;
 pub mod drain;
 pub mod handoff;
+pub mod heat;
 pub mod memory;
 pub mod metrics;
 pub mod page_runs;

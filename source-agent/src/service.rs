@@ -27,7 +27,8 @@
 //!   `since_epoch` newer than the newest epoch is INVALID_ARGUMENT; a final
 //!   bitmap while the VM runs is FAILED_PRECONDITION; `paused` is read before
 //!   the scan and reported in every chunk (see `pageserver_proto::bitmap` for the
-//!   encoding).
+//!   encoding). A final bitmap's last chunk also carries the heat hint, the
+//!   hottest of its pages ([`crate::heat`]).
 //!
 //! - Every response carries the agent's incarnation and the memory's identity
 //!   as headers ([`INCARNATION_HEADER`], [`MEMORY_ID_HEADER`]), so that a
@@ -57,6 +58,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use guest_memory::memfile::is_zero;
 use pageserver_proto::bitmap::encode_chunks;
+use pageserver_proto::heat;
 use pageserver_proto::v1 as pb;
 use pageserver_proto::v1::page_server_server::PageServer;
 use pageserver_proto::{INCARNATION_HEADER, MAX_REQUEST_BYTES, MEMORY_ID_HEADER};
@@ -285,7 +287,7 @@ impl PageService {
             return Err(Status::failed_precondition("the VM is still running; a final bitmap needs it paused"));
         }
         let scanning = memory.clone();
-        let snapshot = tokio::task::spawn_blocking(move || scanning.dirty().dirty_since(since_epoch))
+        let snapshot = tokio::task::spawn_blocking(move || scanning.dirty().dirty_since(since_epoch, r#final))
             .await
             .map_err(|e| Status::internal(format!("dirty scan task failed: {e}")))?
             .map_err(dirty_status)?;
@@ -294,11 +296,16 @@ impl PageService {
         for chunk in &mut chunks {
             chunk.pause_epoch = pause_epoch;
         }
+        // The final bitmap's heat hint: the target's pull order.
+        if let Some(last) = chunks.last_mut() {
+            last.hot = heat::encode(&snapshot.hot);
+        }
         tracing::debug!(
             since_epoch,
             epoch = snapshot.epoch,
             paused,
             dirty_pages = snapshot.dirty_pages,
+            hot_runs = snapshot.hot.len(),
             chunks = chunks.len(),
             "dirty bitmap"
         );

@@ -38,6 +38,7 @@ use crate::fence::{Incarnation, SourceEpoch, SourceFence};
 use crate::guest::{GuestMemory, InstallError};
 use crate::handoff::{HandoffEndpoint, HandoffEndpointError};
 use crate::phase::{Phase, PhaseTracker};
+use crate::pull_order::PullOrder;
 use crate::source::{self, SourceError, SourceLink};
 use crate::stats::TargetStats;
 use crate::takeover::{self, Checkpoint, TakeoverError};
@@ -64,6 +65,8 @@ pub struct TargetConfig {
     /// How long after the switchover the background pull waits before it
     /// starts (demand faults are served meanwhile).
     pub pull_delay: Duration,
+    /// Which stale pages the background pull fetches first.
+    pub pull_order: PullOrder,
     pub hooks: TestHooks,
 }
 
@@ -83,6 +86,7 @@ impl TargetConfig {
             source_unreachable_timeout: Self::DEFAULT_SOURCE_UNREACHABLE_TIMEOUT,
             pause_timeout: Self::DEFAULT_PAUSE_TIMEOUT,
             pull_delay: Duration::ZERO,
+            pull_order: PullOrder::default(),
             hooks: TestHooks::default(),
         }
     }
@@ -423,19 +427,19 @@ impl TargetAgent {
 
         self.hold_bitmap_if_hooked().await;
         let dirty = final_bitmap(&mut client, guest, link, &epoch).await?;
-        let withheld = (self.config.hooks.withheld_stale_pages() as usize).min(dirty.len());
+        let withheld = (self.config.hooks.withheld_stale_pages() as usize).min(dirty.pages.len());
         if withheld > 0 {
             tracing::warn!("TEST HOOK: treating {withheld} stale pages as fresh; the guest will see stale data");
         }
-        let stale = guest.states.apply_final_bitmap(&dirty[withheld..]);
+        let stale = guest.states.apply_final_bitmap(&dirty.pages[withheld..]);
         let stats = &self.stats;
-        stats.stale_pages_at_switchover.store(dirty.len() as u64, Ordering::Relaxed);
+        stats.stale_pages_at_switchover.store(dirty.pages.len() as u64, Ordering::Relaxed);
         stats.pages_marked_stale.store(stale.len() as u64, Ordering::Relaxed);
         set_seconds(&stats.final_bitmap_seconds, switched);
         stats.final_bitmap_applied.store(true, Ordering::Release);
         tracing::info!(
             "final bitmap: {} stale pages ({} still to pull), applied {:.1} ms after the switchover",
-            dirty.len(),
+            dirty.pages.len(),
             stale.len(),
             switched.elapsed().as_secs_f64() * 1e3
         );
@@ -447,11 +451,11 @@ impl TargetAgent {
             set_seconds(&installer.stats.bulk_install_seconds, started);
             installed
         });
-        let pull_delay = self.config.pull_delay;
+        let (pull_delay, order) = (self.config.pull_delay, self.config.pull_order);
         let pull = async {
             tokio::time::sleep(pull_delay).await;
             let started = Instant::now();
-            let pulled = transfer::pull_stale(guest.clone(), &mut client, link, stale, hint).await;
+            let pulled = transfer::pull_stale(guest.clone(), &mut client, link, stale, order, &dirty.hot, hint).await;
             set_seconds(&guest.stats.background_pull_seconds, started);
             pulled
         };
@@ -496,14 +500,15 @@ fn fault_loop_stopped(exit: Result<FaultLoopExit, oneshot::error::RecvError>) ->
 }
 
 /// The final bitmap: the pages written since `since`, from the paused
-/// source. From a restarted source (another incarnation than `since`'s) it
-/// is every page: each one not yet installed becomes stale.
+/// source, with its heat hint. From a restarted source (another incarnation
+/// than `since`'s) it is every page: each one not yet installed becomes
+/// stale.
 async fn final_bitmap(
     client: &mut source::Client,
     guest: &GuestMemory,
     link: &SourceLink,
     since: &SourceEpoch,
-) -> Result<Vec<u64>, TargetError> {
+) -> Result<source::DirtyPages, TargetError> {
     let dirty = transfer::dirty_pages(guest, client, link, since, true, "the final dirty bitmap").await?;
     if dirty.epoch.incarnation != since.incarnation {
         tracing::warn!(
@@ -511,5 +516,5 @@ async fn final_bitmap(
             dirty.pages.len()
         );
     }
-    Ok(dirty.pages)
+    Ok(dirty)
 }

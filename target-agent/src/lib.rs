@@ -41,6 +41,7 @@ pub mod install_gate;
 pub mod metrics;
 pub mod page_state;
 pub mod phase;
+pub mod pull_order;
 pub mod retry;
 pub mod service;
 pub mod shutdown;

@@ -24,6 +24,7 @@ use clap::Parser;
 use pageserver_agent_shell::exit::describe;
 use pageserver_agent_shell::{AgentShell, exit_code, parse_duration, shutdown_signal};
 use target_agent::agent::{TargetAgent, TargetConfig};
+use target_agent::pull_order::PullOrder;
 use target_agent::service::serve;
 use target_agent::shutdown::{self, Stopped};
 use tokio::sync::oneshot;
@@ -72,6 +73,12 @@ struct Args {
     /// much later.
     #[arg(long, env = "PAGESERVER_PULL_DELAY", default_value = "0s", value_parser = parse_duration)]
     pull_delay: Duration,
+    /// Which stale pages the background pull fetches first: `hot` (the
+    /// pages the guest dirtied in the most pre-copy rounds, as the source
+    /// counted them, then nearest to the guest's latest fault) or `nearest`
+    /// (nearest to its latest fault only).
+    #[arg(long, env = "PAGESERVER_PULL_ORDER", value_enum, default_value_t = PullOrder::default())]
+    pull_order: PullOrder,
     #[command(flatten)]
     hooks: target_agent::test_hooks::TestHooks,
 }
@@ -108,6 +115,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             source_unreachable_timeout: args.source_unreachable_timeout,
             pause_timeout: args.pause_timeout,
             pull_delay: args.pull_delay,
+            pull_order: args.pull_order,
             hooks: args.hooks,
         });
         agent.handoff.bind().context("binding the hand-off socket (--handoff-socket)")?;

@@ -59,6 +59,9 @@ pub fn status(agent: &TargetAgent) -> MigrationStatus {
         pages_fetched_background: ld(&s.pages_fetched_background),
         pages_fetched_unknown: ld(&s.pages_fetched_unknown),
         pages_installed_bulk: ld(&s.pages_installed_bulk),
+        pull_order: agent.config.pull_order.name().to_owned(),
+        hot_pages_hinted: ld(&s.hot_pages_hinted),
+        hot_pages_pulled_first: ld(&s.hot_pages_pulled_first),
         bytes_received: ld(&s.bytes_received),
         faults_blocked: Some(FaultsBlocked {
             outside_regions: s.faults_blocked(BlockReason::OutsideRegions),

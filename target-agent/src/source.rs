@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use guest_memory::GuestLayout;
 use pageserver_proto::bitmap::{BitmapDecoder, BitmapError};
+use pageserver_proto::heat;
 use pageserver_proto::v1::page_server_client::PageServerClient;
 use pageserver_proto::v1::{DirtyBitmapRequest, GetLayoutRequest, Layout, Page, PagesReply, PagesRequest};
 use pageserver_proto::{MAX_MESSAGE_BYTES, MAX_REQUEST_BYTES, MEMORY_ID_HEADER};
@@ -244,6 +245,9 @@ pub struct DirtyPages {
     pub paused: bool,
     pub pause_epoch: u64,
     pub pages: Vec<u64>,
+    /// The heat hint's pages, hottest first (empty if the source sent none,
+    /// or one that was refused): an order for the pull, nothing more.
+    pub hot: Vec<u64>,
 }
 
 /// GetDirtyBitmap since `since`, decoded and checked (a corrupt or
@@ -275,7 +279,13 @@ pub async fn get_dirty_pages(
         }
     }
     let bitmap = decoder.finish().map_err(bad)?;
+    let hot = heat::decode(&bitmap.hot, layout).unwrap_or_else(|error| {
+        // Only an order: the pull goes in its own order without it.
+        tracing::warn!(%error, "the source's heat hint is refused");
+        Vec::new()
+    });
     Ok(DirtyPages {
+        hot,
         epoch: SourceEpoch { incarnation, epoch: bitmap.epoch },
         paused: bitmap.paused,
         pause_epoch: bitmap.pause_epoch,

@@ -100,6 +100,11 @@ pub struct TargetStats {
     pub pages_fetched_background: AtomicU64,
     pub pages_fetched_unknown: AtomicU64,
     pub pages_installed_bulk: AtomicU64,
+    /// Stale pages the source's heat hint named ([`crate::pull_order`]).
+    pub hot_pages_hinted: AtomicU64,
+    /// Pages the background pull asked for, from its start, before its
+    /// first page the hint did not name.
+    pub hot_pages_pulled_first: AtomicU64,
     pub bytes_received: AtomicU64,
     /// Faults by kind and by whether the page's state was known (index:
     /// `[kind][known as usize]`).

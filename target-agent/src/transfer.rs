@@ -8,8 +8,10 @@
 //! switchover.
 //!
 //! The stale pull claims pages (so a fault on one waits for it rather than
-//! fetching it twice) in small batches near the guest's latest fault, with a
-//! small window, so a fault that joins a background fetch waits little.
+//! fetching it twice) in small batches, with a small window, so a fault that
+//! joins a background fetch waits little: the source's hottest pages first
+//! if so configured, then near the guest's latest fault
+//! ([`crate::pull_order`]).
 //!
 //! Both retry what fails by the rules of [`crate::retry`], resending what
 //! was not answered (the claims travel with their requests); once those give
@@ -28,6 +30,7 @@ use crate::fault_loop::FaultHint;
 use crate::fence::SourceEpoch;
 use crate::guest::{GuestMemory, InstallError};
 use crate::page_state::{Claim, FetchOrigin, PageState};
+use crate::pull_order::{HotFirst, PullOrder};
 use crate::retry::{GiveUp, Retrier};
 use crate::source::{self, Client, DirtyPages, SourceError, SourceLink, WindowError, WindowShape};
 
@@ -37,6 +40,10 @@ const PRECOPY_WINDOW: usize = 16;
 /// fault that joins a background fetch waits for at most about this much.
 const PULL_REQUEST_BYTES: u64 = 64 << 10;
 const PULL_WINDOW_BYTES: u64 = 512 << 10;
+/// Bytes per request of the hot phase: hot pages are scattered, so its
+/// requests are small, and more of them fly at once in the same
+/// [`PULL_WINDOW_BYTES`].
+const HOT_REQUEST_BYTES: u64 = 16 << 10;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransferError {
@@ -168,20 +175,49 @@ pub async fn precopy(
     Ok(since)
 }
 
-/// Chooses the next background request: stale pages near the latest fault,
-/// claimed before they are asked for (the claims travel with the request).
+/// Chooses the next background request: hinted hot pages first (if any are
+/// queued), then stale pages near the latest fault; claimed before they are
+/// asked for (the claims travel with the request).
 struct StalePicker<'a> {
     guest: &'a GuestMemory,
     stale: Vec<u64>,
     cursor: usize,
     last_hint: u64,
     hint: &'a FaultHint,
+    hot: HotFirst,
     batch: u64,
+    hot_batch: u64,
     next_id: u64,
 }
 
 impl StalePicker<'_> {
     fn next(&mut self) -> Option<(PagesRequest, Vec<Claim>)> {
+        self.next_hot().or_else(|| self.next_nearest())
+    }
+
+    /// The next claimable hinted page, with the hinted pages right after it.
+    fn next_hot(&mut self) -> Option<(PagesRequest, Vec<Claim>)> {
+        let states = &self.guest.states;
+        while let Some(first) = self.hot.peek() {
+            self.hot.advance();
+            let Some(claim) = states.claim(first, FetchOrigin::Background) else { continue };
+            let region = self.guest.layout.locate(first).0;
+            let mut claims = vec![claim];
+            while (claims.len() as u64) < self.hot_batch
+                && let Some(page) = self.hot.peek()
+                && page == first + claims.len() as u64
+                && self.guest.layout.locate(page).0 == region
+                && let Some(claim) = states.claim(page, FetchOrigin::Background)
+            {
+                claims.push(claim);
+                self.hot.advance();
+            }
+            return Some(self.request(claims));
+        }
+        None
+    }
+
+    fn next_nearest(&mut self) -> Option<(PagesRequest, Vec<Claim>)> {
         let states = &self.guest.states;
         let hint = self.hint.last_fault_page.load(Ordering::Relaxed);
         if hint != self.last_hint {
@@ -198,7 +234,7 @@ impl StalePicker<'_> {
             let first = self.stale[self.cursor];
             self.cursor += 1;
             let Some(claim) = states.claim(first, FetchOrigin::Background) else { continue };
-            let (region, index) = self.guest.layout.locate(first);
+            let region = self.guest.layout.locate(first).0;
             let mut claims = vec![claim];
             while (claims.len() as u64) < self.batch
                 && self.stale.get(self.cursor) == Some(&(first + claims.len() as u64))
@@ -208,48 +244,70 @@ impl StalePicker<'_> {
                 claims.push(claim);
                 self.cursor += 1;
             }
-            self.next_id += 1;
-            let request = PagesRequest {
-                request_id: self.next_id,
-                region,
-                first_index: index,
-                count: claims.len() as u32,
-                require_paused: true,
-            };
-            return Some((request, claims));
+            return Some(self.request(claims));
         }
         None
     }
+
+    /// The request for consecutive claimed pages of one region.
+    fn request(&mut self, claims: Vec<Claim>) -> (PagesRequest, Vec<Claim>) {
+        let first = claims.first().map_or(0, Claim::page);
+        let lead = claims.iter().take_while(|claim| self.hot.pulled(claim.page())).count();
+        self.guest.stats.hot_pages_pulled_first.fetch_add(lead as u64, Ordering::Relaxed);
+        let (region, first_index) = self.guest.layout.locate(first);
+        self.next_id += 1;
+        tracing::trace!(region, first_index, count = claims.len(), "background request");
+        let request = PagesRequest {
+            request_id: self.next_id,
+            region,
+            first_index,
+            count: claims.len() as u32,
+            require_paused: true,
+        };
+        (request, claims)
+    }
 }
 
-/// Pulls every stale page not yet fetched by a fault.
+/// Pulls every stale page not yet fetched by a fault, in `order` (`hot`:
+/// the source's heat hint, hottest first).
 pub async fn pull_stale(
     guest: Arc<GuestMemory>,
     client: &mut Client,
     link: &SourceLink,
     stale: Vec<u64>,
+    order: PullOrder,
+    hot: &[u64],
     hint: Arc<FaultHint>,
 ) -> Result<(), TransferError> {
-    let batch = (PULL_REQUEST_BYTES / guest.page_size()).max(1);
-    let window = (PULL_WINDOW_BYTES / (batch * guest.page_size())).max(1) as usize;
-    let mut picker =
-        StalePicker { guest: &guest, stale, cursor: 0, last_hint: u64::MAX, hint: &hint, batch, next_id: 0 };
+    let page_size = guest.page_size();
+    let batch = (PULL_REQUEST_BYTES / page_size).max(1);
+    let window = (PULL_WINDOW_BYTES / (batch * page_size)).max(1) as usize;
+    let hot_batch = (HOT_REQUEST_BYTES / page_size).max(1);
+    let hot_window = (PULL_WINDOW_BYTES / (hot_batch * page_size)).max(1) as usize;
+    let hot = HotFirst::new(order, hot, &stale);
+    guest.stats.hot_pages_hinted.store(hot.hinted(), Ordering::Relaxed);
+    tracing::info!(order = order.name(), hinted = hot.hinted(), stale = stale.len(), "background pull");
+    let mut picker = StalePicker {
+        guest: &guest,
+        stale,
+        cursor: 0,
+        last_hint: u64::MAX,
+        hint: &hint,
+        hot,
+        batch,
+        hot_batch,
+        next_id: 0,
+    };
     let installer = guest.clone();
-    run_with_retries(
-        &guest,
-        client,
-        link,
-        true,
-        window,
-        "the background pull",
-        || picker.next(),
-        |_request, pages, claims| {
-            // check_reply sorted the pages to match the request: one claim each.
-            for (claim, content) in claims.into_iter().zip(&pages) {
-                installer.install_fetched(claim, content)?;
-            }
-            Ok(())
-        },
-    )
-    .await
+    let install = |_request, pages: Vec<Page>, claims: Vec<Claim>| {
+        // check_reply sorted the pages to match the request: one claim each.
+        for (claim, content) in claims.into_iter().zip(&pages) {
+            installer.install_fetched(claim, content)?;
+        }
+        Ok(())
+    };
+    // The hot phase (nothing to do in nearest order), then the rest.
+    let what = "the background pull";
+    run_with_retries(&guest, client, link, true, hot_window, what, || picker.next_hot(), install).await?;
+    run_with_retries(&guest, client, link, true, window, what, || picker.next(), install).await
 }

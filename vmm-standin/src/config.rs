@@ -36,6 +36,9 @@ pub struct StandinConfig {
     pub vm: String,
     /// Source: page writes per second across all vCPUs.
     pub dirty_rate: u64,
+    /// Source: rewrite the whole hot set every this many milliseconds, on
+    /// top of `dirty_rate` (0: never; [`crate::hot_sweep`]).
+    pub hot_sweep_ms: u64,
     /// Source: where `pause` writes the paused memory.
     pub snapshot: Option<PathBuf>,
     /// Target: how long `resume` runs the guest.

@@ -248,14 +248,22 @@ impl TargetGuest {
     /// of pages first+i, first+i+vCPUs, ...), all starting at a barrier;
     /// returns the nanoseconds from the start to the last read.
     pub fn touch_spread(&self, first: u64, count: u64) -> u64 {
+        let pages: Vec<u64> = (first..first + count).collect();
+        self.touch_shared(&pages)
+    }
+
+    /// The vCPUs share `pages`: vCPU i reads the i-th, the (i+vCPUs)-th, ...,
+    /// all starting at once. Returns the nanoseconds from the start to the
+    /// last read.
+    pub fn touch_shared(&self, pages: &[u64]) -> u64 {
         let barrier = Barrier::new(self.vcpus + 1);
-        let vcpus = self.vcpus as u64;
+        let vcpus = self.vcpus;
         let started = std::thread::scope(|scope| {
             for vcpu in 0..vcpus {
                 let barrier = &barrier;
                 scope.spawn(move || {
                     barrier.wait();
-                    for page in (first + vcpu..first + count).step_by(vcpus as usize) {
+                    for &page in pages.iter().skip(vcpu).step_by(vcpus) {
                         self.read_word(page, 0);
                     }
                 });

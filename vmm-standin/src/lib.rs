@@ -37,6 +37,7 @@
 pub mod config;
 pub mod error;
 pub mod guest;
+pub mod hot_sweep;
 pub mod pattern;
 pub mod protocol;
 pub mod ram;

@@ -36,6 +36,11 @@ struct Args {
     /// Source: page writes per second across all vCPUs.
     #[arg(long, default_value_t = 20_000)]
     dirty_rate: u64,
+    /// Source: rewrite every page of the hot set (2% of the pages, the
+    /// ones the vCPUs favour) every this many milliseconds until the pause;
+    /// 0: never.
+    #[arg(long, default_value_t = 0)]
+    hot_sweep_ms: u64,
     /// Source: file the paused memory is copied to after `pause`.
     #[arg(long)]
     snapshot: Option<PathBuf>,
@@ -61,6 +66,7 @@ fn main() -> anyhow::Result<()> {
         handoff_socket: args.handoff_socket,
         vm: args.vm,
         dirty_rate: args.dirty_rate,
+        hot_sweep_ms: args.hot_sweep_ms,
         snapshot: args.snapshot,
         run_ms: args.run_ms,
         max_written_pages: args.max_written_pages,

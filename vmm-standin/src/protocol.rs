@@ -9,6 +9,7 @@
 //! | `resume` | target | `{"event":"resumed"}` at once; `{"event":"guest-done",..}` when `--run-ms` is over |
 //! | `touch P1 P2 ..` | target | `{"event":"touched",..}` |
 //! | `touch-spread FIRST COUNT` | target | `{"event":"touched-spread","pages":COUNT,"nanos":N}`: the vCPUs share pages FIRST.. (vCPU i reads pages FIRST+i, FIRST+i+vCPUs, ...), all starting at once; N from the start to the last read |
+//! | `touch-shared P1 P2 ..` | target | `{"event":"touched-spread","pages":N,"nanos":N}`: as `touch-spread`, over the pages listed (vCPU i reads the i-th, the (i+vCPUs)-th, ...) |
 //! | `discard P1 P2 ..` | both | `{"event":"discarded","pages":N}`: the pages are punched out (MADV_REMOVE, as a balloon does); they read as zeros from then on (unless written again) |
 //! | `verify PATH` | target | `{"event":"verified",..}` |
 //! | `verify-mapped PATH` | target | `{"event":"verified-mapped",..}` |
@@ -141,6 +142,8 @@ pub enum Command {
         first: u64,
         count: u64,
     },
+    /// Pages the vCPUs share, in this order.
+    TouchShared(Vec<u64>),
     Discard(Vec<u64>),
     Verify(PathBuf),
     VerifyMapped(PathBuf),
@@ -163,6 +166,9 @@ impl Command {
             ("touch", pages) if !pages.is_empty() => {
                 Self::Touch(pages.iter().map(|p| page(p)).collect::<Result<_, _>>()?)
             }
+            ("touch-shared", pages) if !pages.is_empty() => {
+                Self::TouchShared(pages.iter().map(|p| page(p)).collect::<Result<_, _>>()?)
+            }
             ("discard", pages) if !pages.is_empty() => {
                 Self::Discard(pages.iter().map(|p| page(p)).collect::<Result<_, _>>()?)
             }
@@ -171,7 +177,7 @@ impl Command {
             ("quit", []) => Self::Quit,
             _ => {
                 return Err(format!(
-                    "unknown command {:?} (expected write P | write-range FIRST COUNT | pause | resume | touch P.. | touch-spread FIRST COUNT | discard P.. | verify PATH | verify-mapped PATH | quit)",
+                    "unknown command {:?} (expected write P | write-range FIRST COUNT | pause | resume | touch P.. | touch-spread FIRST COUNT | touch-shared P.. | discard P.. | verify PATH | verify-mapped PATH | quit)",
                     line.trim()
                 ));
             }

@@ -21,6 +21,7 @@ use guest_memory::memfile::{is_zero, monotonic_ns};
 
 use crate::config::StandinConfig;
 use crate::error::{VmmError, io_context};
+use crate::hot_sweep;
 
 use crate::pattern::{self, SplitMix64, Stream};
 use crate::protocol::{Command, EventSink, StandinEvent, command_loop};
@@ -116,6 +117,7 @@ pub(crate) fn run(config: &StandinConfig, commands: impl BufRead, events: &Arc<E
         Command::Resume
         | Command::Touch(_)
         | Command::TouchSpread { .. }
+        | Command::TouchShared(_)
         | Command::Verify(_)
         | Command::VerifyMapped(_) => {
             Err("resume, touch, verify and verify-mapped are target-role commands".to_owned())
@@ -218,6 +220,16 @@ impl DirtyingVcpus {
                 .name(format!("vcpu{vcpu}"))
                 .spawn(move || dirty_until_stopped(&ram, &hot, rng, per_vcpu_rate, &stop, &writes))
                 .map_err(io_context("starting a vCPU thread"))?;
+            vcpus.threads.push(thread);
+        }
+        if config.hot_sweep_ms > 0 {
+            let (ram, hot, stop, writes) = (ram.clone(), hot.clone(), vcpus.stop.clone(), vcpus.writes.clone());
+            let rng = SplitMix64::new(pattern::derive(config.seed, Stream::SourceVcpu, config.vcpus as u64, 0));
+            let every = Duration::from_millis(config.hot_sweep_ms);
+            let thread = std::thread::Builder::new()
+                .name("hot-sweep".into())
+                .spawn(move || hot_sweep::sweep_until_stopped(&ram, &hot, rng, every, &stop, &writes))
+                .map_err(io_context("starting the hot-sweep thread"))?;
             vcpus.threads.push(thread);
         }
         Ok(vcpus)

@@ -69,6 +69,12 @@ pub(crate) fn run(config: &StandinConfig, commands: impl BufRead, events: &Arc<E
             events.emit(&StandinEvent::TouchedSpread { pages: count, nanos });
             Ok(())
         }
+        Command::TouchShared(pages) => {
+            pages.iter().try_for_each(|&page| guest.ram().check_page(page))?;
+            let nanos = guest.touch_shared(&pages);
+            events.emit(&StandinEvent::TouchedSpread { pages: pages.len() as u64, nanos });
+            Ok(())
+        }
         Command::Discard(pages) => {
             pages.iter().try_for_each(|&page| guest.ram().check_page(page))?;
             guest.discard(&pages).map_err(|e| e.to_string())?;

@@ -37,7 +37,7 @@ use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
-pub use options::{MigrationError, MigrationOptions};
+pub use options::{MigrationError, MigrationOptions, PullOrder};
 
 use vmm_standin::StandinEvent;
 
@@ -414,6 +414,9 @@ impl Migration<'_> {
 
         let mut args = self.vm_args("source", &socket);
         args.push(format!("--dirty-rate={}", self.opts.dirty_rate));
+        if let Some(ms) = self.opts.hot_sweep_ms {
+            args.push(format!("--hot-sweep-ms={ms}"));
+        }
         args.push(format!("--snapshot={}", self.path("snapshot")));
         let vm = self.source_host.spawn("vmm-standin-source", &self.binaries.vmm_standin, &args, self.work)?;
         let vm = self.children.source_vm.insert(vm);
@@ -455,6 +458,9 @@ impl Migration<'_> {
         }
         if let Some(delay) = self.opts.pull_delay {
             args.push(format!("--pull-delay={}ms", delay.as_millis()));
+        }
+        if let Some(order) = self.opts.pull_order {
+            args.push(format!("--pull-order={}", order.arg()));
         }
         args.extend(self.opts.hooks.args());
         let agent = self.target_host.spawn("target-agent", &self.binaries.target_agent, &args, self.work)?;
@@ -587,6 +593,12 @@ impl Migration<'_> {
         client: &MigrationTargetClient<Channel>,
     ) -> Result<(), MigrationError> {
         let timeout = self.timeout();
+        if self.opts.touch_after_final_bitmap {
+            let applied = |s: &crate::status_watch::PollState| {
+                s.latest.as_ref().is_some_and(|status| status.final_bitmap_applied)
+            };
+            watch.wait_until("the final bitmap", timeout, applied).await?;
+        }
         let vm = running(&mut self.children.target_vm, "target VM")?;
         if !self.opts.discard_after_switchover.is_empty() {
             let pages: Vec<String> = self.opts.discard_after_switchover.iter().map(u64::to_string).collect();
@@ -623,7 +635,28 @@ impl Migration<'_> {
                 seconds * 1e3
             ));
         }
+        if !self.opts.touch_shared_after_resume.is_empty() {
+            let pages: Vec<String> = self.opts.touch_shared_after_resume.iter().map(u64::to_string).collect();
+            vm.send(&format!("touch-shared {}", pages.join(" "))).await?;
+            let touched = wait_for(vm, "touched-spread", deadline(timeout), |e| match e {
+                StandinEvent::TouchedSpread { pages, nanos } => Some((*pages, *nanos)),
+                _ => None,
+            });
+            let (pages, nanos) = watch.unless_failed(touched).await?;
+            let seconds = nanos as f64 / 1e9;
+            self.report.touch_spread = Some(crate::report::TouchSpread { pages, seconds });
+            self.progress.say(format!(
+                "{} target vCPUs read {pages} listed pages in {:.1} ms",
+                self.opts.vcpus,
+                seconds * 1e3
+            ));
+        }
+        if self.opts.idle_until_complete {
+            watch.wait_until("phase complete", timeout, |s| s.complete_at.is_some()).await?;
+            self.progress.say("the target guest stayed idle until the migration was complete");
+        }
         // `resumed` comes at once; `guest-done` when the run is over.
+        let vm = running(&mut self.children.target_vm, "target VM")?;
         vm.send("resume").await?;
         let run_deadline = deadline(timeout + Duration::from_millis(self.opts.run_ms));
         let resumed = wait_for(vm, "resumed", run_deadline, |e| matches!(e, StandinEvent::Resumed).then_some(()));

@@ -12,6 +12,26 @@ use crate::process::ProcessError;
 use crate::status_watch::StatusError;
 use crate::test_hooks::AgentTestHooks;
 
+/// The target agent's `--pull-order`: which stale pages its background
+/// pull fetches first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PullOrder {
+    /// Nearest to the guest's latest fault.
+    Nearest,
+    /// The source's hottest pages (dirtied in the most pre-copy rounds).
+    Hot,
+}
+
+impl PullOrder {
+    /// The flag's value.
+    pub fn arg(self) -> &'static str {
+        match self {
+            PullOrder::Nearest => "nearest",
+            PullOrder::Hot => "hot",
+        }
+    }
+}
+
 /// What to migrate and how.
 #[derive(Debug, Clone)]
 pub struct MigrationOptions {
@@ -40,6 +60,10 @@ pub struct MigrationOptions {
     /// right after `Switchover`, before the guest runs (`touch-spread`); the
     /// time it took is in the report.
     pub touch_spread_after_resume: Option<(u64, u64)>,
+    /// Pages the target vCPUs share and read at once, in this order, right
+    /// after `Switchover`, before the guest runs (`touch-shared`); the time
+    /// it took is in the report (`touch_spread`).
+    pub touch_shared_after_resume: Vec<u64>,
     /// Pages every target vCPU reads at once after `Switchover`, before the
     /// guest runs.
     pub touch_after_resume: Vec<u64>,
@@ -70,6 +94,20 @@ pub struct MigrationOptions {
     pub pause_timeout: Option<Duration>,
     /// The target agent's `--pull-delay` (its default, none, if unset).
     pub pull_delay: Option<Duration>,
+    /// The source guest rewrites its whole hot set every this many ms until
+    /// the pause (the stand-in's `--hot-sweep-ms`), on top of `dirty_rate`:
+    /// the hot half of a hot/cold workload. None: never.
+    pub hot_sweep_ms: Option<u64>,
+    /// The target guest's touches wait until the target agent applied the
+    /// final bitmap (its background pull starts then): the touches then
+    /// race the pull, not the bitmap.
+    pub touch_after_final_bitmap: bool,
+    /// After its touches (if any), the target guest does nothing (no run,
+    /// no verification) until the migration is complete: the pull alone
+    /// fetches every stale page the touches did not.
+    pub idle_until_complete: bool,
+    /// The target agent's `--pull-order` (its default if unset).
+    pub pull_order: Option<PullOrder>,
     /// Two hosts on one machine: the source side and the target side each
     /// in a network namespace, joined by a veth link ([`crate::netns`]).
     pub two_hosts: bool,
@@ -93,6 +131,7 @@ impl Default for MigrationOptions {
             discard_before_pause: Vec::new(),
             write_range_before_pause: None,
             touch_spread_after_resume: None,
+            touch_shared_after_resume: Vec::new(),
             quiet: false,
             vm_name: "demo-vm".to_owned(),
             max_written_pages: 4096,
@@ -104,6 +143,10 @@ impl Default for MigrationOptions {
             source_unreachable_timeout: None,
             pause_timeout: None,
             pull_delay: None,
+            hot_sweep_ms: None,
+            idle_until_complete: false,
+            touch_after_final_bitmap: false,
+            pull_order: None,
             two_hosts: false,
             link_rate_gbit: None,
         }
@@ -141,6 +184,7 @@ impl MigrationOptions {
             .write_before_pause
             .iter()
             .chain(&self.touch_after_resume)
+            .chain(&self.touch_shared_after_resume)
             .chain(&self.discard_after_switchover)
             .chain(&self.discard_before_pause)
             .chain(&range_ends)

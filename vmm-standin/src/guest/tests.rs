@@ -38,6 +38,7 @@ fn verify_mapped_answers_while_a_vcpu_is_blocked_in_a_write() {
         handoff_socket: dir.join("unused.sock"),
         vm: "unit".into(),
         dirty_rate: 0,
+        hot_sweep_ms: 0,
         snapshot: None,
         run_ms: 0,
         max_written_pages: PAGES,
