@@ -29,6 +29,8 @@
 //! - [`verify`]: the target's memory compared with the source's snapshot,
 //!   every page or only the pages already mapped;
 //! - [`pattern`]: the content every party derives from the seed;
+//! - [`written`]: which pages were ever written (all, or a sparse guest's
+//!   clusters);
 //! - [`size`]: memory sizes as users type them (also the demo's `--memory`).
 #![forbid(unsafe_code)]
 
@@ -43,6 +45,7 @@ pub mod source;
 pub mod target;
 pub mod undo_log;
 pub mod verify;
+pub mod written;
 
 use std::io::BufRead;
 use std::sync::Arc;

@@ -315,7 +315,7 @@ impl Migration<'_> {
         };
         target_vm.send(&format!("{command} {snapshot}")).await?;
         let (pages, mismatched, first) = wait_for(target_vm, answer, deadline(timeout), |e| match e {
-            StandinEvent::Verified { verified_pages: pages, mismatched_pages, first_mismatches }
+            StandinEvent::Verified { verified_pages: pages, mismatched_pages, first_mismatches, .. }
             | StandinEvent::VerifiedMapped { mapped_pages: pages, mismatched_pages, first_mismatches } => {
                 Some((*pages, *mismatched_pages, first_mismatches.clone()))
             }
