@@ -8,18 +8,30 @@
 //! A *scan* is PAGEMAP_SCAN over every region on the VMM's `/proc/PID/pagemap`
 //! (passed in the hand-off) with `PM_SCAN_WP_MATCHING`: it reports the pages
 //! written since they were last protected (`PAGE_IS_WRITTEN`) and protects
-//! them again, atomically, page by page. The first scan, at the hand-off,
-//! protects every page ([`DirtyTracker::start_tracking`]).
+//! them again, atomically, page by page. A scan covers only the pages the
+//! memory file holds data for: the holes are never protected (that would
+//! take page tables for all of the memory); a hole written since the last
+//! scan holds data now, and the look at the file reports it
+//! ([`DirtyTracker::scan_regions`]). The first scan, at the hand-off,
+//! protects every page that holds data ([`DirtyTracker::start_tracking`]).
 //!
 //! Every scan also looks for pages *removed* from the memory file (a hole
 //! punched, `MADV_REMOVE`, the file shrinking): their content changed
 //! without a write, which write-protection does not report; they are dirty
-//! at the scan's epoch too ([`crate::removed`]).
+//! at the scan's epoch too, and so is every page that holds data and did
+//! not at the last look ([`crate::removed`]).
 //!
 //! # Epoch rules
 //!
-//! - Epochs count scans. The current epoch starts at 1, and every page starts
-//!   as "last dirty at epoch 1": "since epoch 0" means every page.
+//! - Epochs count scans. The current epoch starts at 1. Every page that
+//!   holds data when tracking starts (mapped by the VMM, or data in the
+//!   memory file by `SEEK_DATA`) starts as "last dirty at epoch 1"; every
+//!   hole as "epoch 0", dirty since nothing. So "since epoch 0" is every
+//!   page that may hold data, and a page it leaves out is zeros (a hole
+//!   nobody wrote since): a sparse 1 TiB guest with 4 GiB written sends its
+//!   4 GiB, not 268 million zero pages. A target that holds content of its
+//!   own for such a page must make it zeros. A memory file starts with
+//!   every page at epoch 1.
 //! - Each scan makes a new epoch E and records E as the last-dirty epoch of
 //!   every page it reports. The new epoch is published (to `GetLayout`) only
 //!   once the scan is complete.
@@ -130,9 +142,13 @@ impl DirtyTracker {
             Some((pagemap, removed)) => (Some(pagemap), Some(removed)),
             None => (None, None),
         };
+        // Holes start at epoch 0 (module docs), and the zeroed allocation
+        // costs nothing until a page is marked: a sparse guest's holes never
+        // are.
+        let first_epoch = if pagemap.is_some() { 0 } else { 1 };
         let state = EpochState {
             epoch: 1,
-            last_dirty: vec![1; pages],
+            last_dirty: vec![first_epoch; pages],
             scan_buf: Vec::with_capacity(SCAN_BATCH_REGIONS),
             removed,
             settled: pagemap.is_none(),
@@ -197,9 +213,11 @@ impl DirtyTracker {
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// The initial scan: write-protects every written page so that the next
-    /// scan reports only what changes from now on. Everything is already
-    /// dirty at epoch 1, so what it finds changes nothing.
+    /// The initial scan: every page the memory file holds data for is new
+    /// to the look, so dirty at epoch 1, and write-protected, so that the
+    /// next scan reports only what changes from now on; the holes stay at
+    /// epoch 0 (module docs), unprotected: a hole written later holds data
+    /// at a later look, which reports it.
     pub fn start_tracking(&self) -> Result<(), DirtyError> {
         let mut state = self.lock();
         let epoch = state.epoch;
@@ -311,10 +329,18 @@ impl DirtyTracker {
         }
     }
 
-    /// One PAGEMAP_SCAN pass over every region, recording what it reports
-    /// (and, after a failure, the rest of the region) at `epoch`, then the
-    /// pages removed from the file ([`crate::removed`]). Returns the number
-    /// of pages found dirty.
+    /// One pass: the look at the memory file ([`crate::removed`]) first,
+    /// recording every page removed from it, or holding data now and not at
+    /// the last look, at `epoch`; then PAGEMAP_SCAN over the pages that hold
+    /// data now, recording what it reports (and, after a failure, the rest
+    /// of that range) at `epoch`. Returns the number of pages found dirty.
+    ///
+    /// Only the data is scanned: on a write-protect-async mapping the kernel
+    /// counts a page-table entry that maps nothing as written, and the scan
+    /// protects it by installing a marker, which needs page tables: scanning
+    /// a sparse 1 TiB guest whole would give its VMM 2 GiB of them. A hole
+    /// needs no protection: a page that is a hole at this look and written
+    /// after it holds data at the next look, which reports it.
     fn scan_regions(&self, state: &mut EpochState, epoch: u32) -> Result<u64, DirtyError> {
         let Some(pagemap) = self.pagemap.as_ref() else { return Ok(0) };
         let started = Instant::now();
@@ -322,15 +348,31 @@ impl DirtyTracker {
         let mut found = 0u64;
         let mut first_error = None;
         let EpochState { last_dirty, scan_buf, removed, .. } = state;
+        let mut data = Vec::new();
+        match removed.as_mut() {
+            Some(removed) => {
+                let looked = removed.look(&self.layout, |page| {
+                    if let Some(last) = last_dirty.get_mut(page as usize) {
+                        found += u64::from(*last != epoch);
+                        *last = epoch;
+                    }
+                });
+                if let Err((region, source)) = looked {
+                    first_error.get_or_insert(DirtyError::Holes { region, source });
+                }
+                removed.data_runs(|first, end| data.push((first as u64, end as u64)));
+            }
+            None => data.push((0, self.layout.total_pages())),
+        }
         for (region_index, region) in self.layout.regions().iter().enumerate() {
             let region_id = region_index as u32;
-            let first_page = self.layout.region_first_page(region_id).unwrap_or(0) as usize;
-            let pages = &mut last_dirty[first_page..first_page + (region.size / page_size) as usize];
+            let first_page = self.layout.region_first_page(region_id).unwrap_or(0);
+            let end_page = first_page + region.size / page_size;
             let base = region.base_host_virt_addr;
-            let end = base + region.size;
+            let pages = &mut last_dirty[first_page as usize..end_page as usize];
             let mut mark = |from: u64, to: u64| {
                 let first = ((from.max(base) - base) / page_size) as usize;
-                let last = (to.min(end).saturating_sub(base).div_ceil(page_size)) as usize;
+                let last = (to.saturating_sub(base).div_ceil(page_size) as usize).min(pages.len());
                 if first < last {
                     pages[first..last].fill(epoch);
                     (last - first) as u64
@@ -338,22 +380,20 @@ impl DirtyTracker {
                     0
                 }
             };
-            if let Err(error) = scan_written(pagemap.as_fd(), base, end, scan_buf, |from, to| found += mark(from, to)) {
-                // The failed call may have re-protected pages it did not
-                // report: count the rest of the region as dirty.
-                mark(error.at(), end);
-                first_error.get_or_insert(DirtyError::Scan { region: region_id, source: error });
-            }
-        }
-        if let Some(removed) = removed.as_mut() {
-            let looked = removed.look(&self.layout, |page| {
-                if let Some(last) = last_dirty.get_mut(page as usize) {
-                    found += u64::from(*last != epoch);
-                    *last = epoch;
+            for &(first, end) in &data {
+                let (first, end) = (first.max(first_page), end.min(end_page));
+                if first >= end {
+                    continue;
                 }
-            });
-            if let Err((region, source)) = looked {
-                first_error.get_or_insert(DirtyError::Holes { region, source });
+                let (start, stop) = (base + (first - first_page) * page_size, base + (end - first_page) * page_size);
+                if let Err(error) = scan_written(pagemap.as_fd(), start, stop, scan_buf, |from, to| {
+                    found += mark(from.max(start), to.min(stop))
+                }) {
+                    // The failed call may have re-protected pages it did not
+                    // report: count the rest of the range as dirty.
+                    mark(error.at(), stop);
+                    first_error.get_or_insert(DirtyError::Scan { region: region_id, source: error });
+                }
             }
         }
         crate::metrics::record_duration(&self.scan_latency, started.elapsed());

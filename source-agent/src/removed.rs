@@ -37,6 +37,12 @@
 //! reservation. Its cost: the page tables of a mapping of the guest's
 //! memory (2 MiB per GiB of 4 KiB pages, next to nothing for huge pages).
 //!
+//! The same look also reports every page mapped now and not at the last
+//! look: a page that holds data it did not hold then. Dirty tracking
+//! write-protects only the pages that hold data ([`crate::dirty`]), so this
+//! is how a hole that the VMM wrote is seen, even if the VMM's page-table
+//! entry for it went away again before the scan.
+//!
 //! A `MADV_DONTNEED` by the VMM changes no content on a shared mapping (the
 //! page cache keeps the data, only the VMM's page-table entry goes), leaves
 //! this mapping alone, and is not reported.
@@ -106,7 +112,7 @@ impl RemovedPages {
     /// for writing (the kernel registers a userfaultfd only over a mapping
     /// that could be made writable); they are read-only, and nothing keeps
     /// the writable descriptor. Nothing looked at yet: the first
-    /// [`look`](Self::look) reports nothing.
+    /// [`look`](Self::look) reports every page that holds data.
     pub fn watch(handed_off: BorrowedFd<'_>, file: File, layout: &GuestLayout) -> Result<Self, WatchError> {
         let (mut maps, mut guards) = (Vec::new(), Vec::new());
         for (index, r) in layout.regions().iter().enumerate() {
@@ -132,12 +138,14 @@ impl RemovedPages {
     }
 
     /// Reports each global page mapped here at the last look and not now
-    /// (removed since), then maps in every page that holds data. A region
-    /// that cannot be looked at has every page reported, and counts as all
-    /// data (so each of its pages not mapped at the next look is reported
-    /// again); the first such error is returned, with its region, after
-    /// every region.
-    pub fn look(&mut self, layout: &GuestLayout, mut on_removed: impl FnMut(u64)) -> Result<(), (u32, io::Error)> {
+    /// (removed since), then maps in every page that holds data and reports
+    /// each one not mapped at the last look (it holds data it did not hold:
+    /// written since, perhaps through a page-table entry of the VMM's that
+    /// is gone again; the first look reports every page that holds data). A region that cannot be
+    /// looked at has every page reported, and counts as all data (so each of
+    /// its pages not mapped at the next look is reported again); the first
+    /// such error is returned, with its region, after every region.
+    pub fn look(&mut self, layout: &GuestLayout, mut on_changed: impl FnMut(u64)) -> Result<(), (u32, io::Error)> {
         let page_size = layout.page_size();
         let mut failed = Vec::new();
         self.now.fill(false);
@@ -154,9 +162,11 @@ impl RemovedPages {
                 failed.push((index as u32, first, pages.len(), io::Error::other(error)));
             }
         }
+        // Before mapping anything in: a page removed and faulted in again
+        // since the last look is removed all the same.
         for (page, (was, is)) in self.data.iter().zip(&self.now).enumerate() {
             if *was && !*is {
-                on_removed(page as u64);
+                on_changed(page as u64);
             }
         }
         for (index, region) in layout.regions().iter().enumerate() {
@@ -179,15 +189,36 @@ impl RemovedPages {
             }
         }
         let mut first_error = None;
+        for (_, first, len, _) in &failed {
+            self.now[*first..*first + *len].fill(true);
+        }
+        for (page, (was, is)) in self.data.iter().zip(&self.now).enumerate() {
+            if !*was && *is {
+                on_changed(page as u64);
+            }
+        }
         for (region, first, len, error) in failed {
-            self.now[first..first + len].fill(true);
             for page in first..first + len {
-                on_removed(page as u64);
+                on_changed(page as u64);
             }
             first_error.get_or_insert((region, error));
         }
         std::mem::swap(&mut self.data, &mut self.now);
         first_error.map_or(Ok(()), Err)
+    }
+}
+
+impl RemovedPages {
+    /// Reports each run [first, end) of global pages mapped here at the end
+    /// of the last look: the pages that held data then (every page of a
+    /// region that could not be looked at).
+    pub fn data_runs(&self, mut on_run: impl FnMut(usize, usize)) {
+        let mut page = 0;
+        while let Some(start) = self.data[page..].iter().position(|&mapped| mapped).map(|at| page + at) {
+            let end = self.data[start..].iter().position(|&mapped| !mapped).map_or(self.data.len(), |at| start + at);
+            on_run(start, end);
+            page = end;
+        }
     }
 }
 

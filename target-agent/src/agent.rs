@@ -490,7 +490,9 @@ fn fault_loop_stopped(exit: Result<FaultLoopExit, oneshot::error::RecvError>) ->
 
 /// The final bitmap: the pages written since `since`, from the paused
 /// source. From a restarted source (another incarnation than `since`'s) it
-/// is every page: each one not yet installed becomes stale.
+/// is every page that may hold data there, and every page our file holds
+/// content for (the source may have zeros there now): each one not yet
+/// installed becomes stale.
 async fn final_bitmap(
     client: &mut source::Client,
     guest: &GuestMemory,
@@ -499,10 +501,14 @@ async fn final_bitmap(
 ) -> Result<Vec<u64>, TargetError> {
     let dirty = transfer::dirty_pages(guest, client, link, since, true, "the final dirty bitmap").await?;
     if dirty.epoch.incarnation != since.incarnation {
+        let mut pages = dirty.pages;
+        pages.extend(guest.states.present_pages_not_in(&pages));
+        pages.sort_unstable();
         tracing::warn!(
-            "the final bitmap comes from a restarted source agent: all {} pages count as dirty",
-            dirty.pages.len()
+            "the final bitmap comes from a restarted source agent: all {} pages that may hold data count as dirty",
+            pages.len()
         );
+        return Ok(pages);
     }
     Ok(dirty.pages)
 }

@@ -34,6 +34,7 @@
 pub mod agent;
 pub mod demand;
 pub mod fault_loop;
+pub mod fault_waits;
 pub mod fence;
 pub mod guest;
 pub mod handoff;

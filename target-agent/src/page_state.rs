@@ -393,6 +393,25 @@ impl PageStates {
         stale
     }
 
+    /// The present pages (the target's file holds content for them) that
+    /// are not in `listed` (ascending), ascending. A dirty bitmap "since
+    /// epoch 0" leaves out the pages that are zeros on the source: the
+    /// target must not keep content of its own there. O(pages).
+    pub fn present_pages_not_in(&self, listed: &[u64]) -> Vec<u64> {
+        let mut listed = listed.iter().peekable();
+        let mut pages = Vec::new();
+        for page in 0..self.len() {
+            if self.load(page) & PRESENT == 0 {
+                continue;
+            }
+            while listed.next_if(|&&l| l < page).is_some() {}
+            if listed.peek() != Some(&&page) {
+                pages.push(page);
+            }
+        }
+        pages
+    }
+
     /// Runs of pages that are `Fresh`, present and not removed: what a bulk
     /// UFFDIO_CONTINUE can map (rules 1 and 7). Fresh holes are left out:
     /// they stay holes (zero-filled if the guest touches them), so the target

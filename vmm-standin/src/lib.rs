@@ -52,7 +52,7 @@ use std::sync::Arc;
 
 pub use config::{StandinConfig, StandinRole};
 pub use error::VmmError;
-pub use protocol::{EventSink, StandinEvent};
+pub use protocol::{EventSink, StandinEvent, TrackingSetup};
 
 /// Runs the stand-in until `quit` or the end of `commands`. On the target,
 /// vCPU threads may still run then (or be blocked for ever in a fault that
