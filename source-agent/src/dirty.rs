@@ -71,6 +71,8 @@ use pageserver_proto::bitmap::DirtyRun;
 
 use crate::removed::RemovedPages;
 
+/// Pages whose epochs [`DirtyTracker::collect_runs`] looks at at once.
+const CLEAN_CHUNK: usize = 4096;
 /// Regions one PAGEMAP_SCAN call may return before we call again.
 const SCAN_BATCH_REGIONS: usize = 4096;
 
@@ -412,19 +414,48 @@ impl DirtyTracker {
             let first_page = self.layout.region_first_page(region).unwrap_or(0) as usize;
             let count = self.layout.region_pages(region).unwrap_or(0) as usize;
             let mut open: Option<DirtyRun> = None;
-            for (index, &last_dirty) in state.last_dirty[first_page..first_page + count].iter().enumerate() {
-                if u64::from(last_dirty) <= since {
+            let pages = &state.last_dirty[first_page..first_page + count];
+            for (chunk_index, chunk) in pages.chunks(CLEAN_CHUNK).enumerate() {
+                // Whole chunks of clean pages (a sparse guest's holes) are
+                // skipped at the speed of a vectorised maximum.
+                if chunk.iter().copied().max().is_none_or(|newest| u64::from(newest) <= since) {
                     runs.extend(open.take());
                     continue;
                 }
-                total += 1;
-                match open.as_mut() {
-                    Some(run) => run.len += 1,
-                    None => open = Some(DirtyRun { region, first_index: index as u64, len: 1 }),
-                }
+                Self::collect_chunk(
+                    chunk,
+                    chunk_index * CLEAN_CHUNK,
+                    (region, since),
+                    &mut open,
+                    &mut runs,
+                    &mut total,
+                );
             }
             runs.extend(open);
         }
         (runs, total)
+    }
+
+    /// [`collect_runs`](Self::collect_runs) over one chunk of a region's
+    /// pages, the first of which is page `first` of `region`.
+    fn collect_chunk(
+        chunk: &[u32],
+        first: usize,
+        (region, since): (u32, u64),
+        open: &mut Option<DirtyRun>,
+        runs: &mut Vec<DirtyRun>,
+        total: &mut u64,
+    ) {
+        for (index, &last_dirty) in (first..).zip(chunk) {
+            if u64::from(last_dirty) <= since {
+                runs.extend(open.take());
+                continue;
+            }
+            *total += 1;
+            match open.as_mut() {
+                Some(run) => run.len += 1,
+                None => *open = Some(DirtyRun { region, first_index: index as u64, len: 1 }),
+            }
+        }
     }
 }

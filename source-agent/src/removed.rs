@@ -164,11 +164,7 @@ impl RemovedPages {
         }
         // Before mapping anything in: a page removed and faulted in again
         // since the last look is removed all the same.
-        for (page, (was, is)) in self.data.iter().zip(&self.now).enumerate() {
-            if *was && !*is {
-                on_changed(page as u64);
-            }
-        }
+        changed_pages(&self.data, &self.now, |was, is| was && !is, &mut on_changed);
         for (index, region) in layout.regions().iter().enumerate() {
             if failed.iter().any(|(failed, ..)| *failed == index as u32) {
                 continue;
@@ -192,11 +188,7 @@ impl RemovedPages {
         for (_, first, len, _) in &failed {
             self.now[*first..*first + *len].fill(true);
         }
-        for (page, (was, is)) in self.data.iter().zip(&self.now).enumerate() {
-            if !*was && *is {
-                on_changed(page as u64);
-            }
-        }
+        changed_pages(&self.data, &self.now, |was, is| !was && is, &mut on_changed);
         for (region, first, len, error) in failed {
             for page in first..first + len {
                 on_changed(page as u64);
@@ -213,11 +205,45 @@ impl RemovedPages {
     /// of the last look: the pages that held data then (every page of a
     /// region that could not be looked at).
     pub fn data_runs(&self, mut on_run: impl FnMut(usize, usize)) {
-        let mut page = 0;
-        while let Some(start) = self.data[page..].iter().position(|&mapped| mapped).map(|at| page + at) {
-            let end = self.data[start..].iter().position(|&mapped| !mapped).map_or(self.data.len(), |at| start + at);
-            on_run(start, end);
-            page = end;
+        let mut open = None;
+        for (index, chunk) in self.data.chunks(CHUNK).enumerate() {
+            // Whole chunks of holes (most of a sparse guest) at memcmp speed.
+            if open.is_none() && chunk == &NO_PAGES[..chunk.len()] {
+                continue;
+            }
+            for (page, &mapped) in (index * CHUNK..).zip(chunk) {
+                match (mapped, open) {
+                    (true, None) => open = Some(page),
+                    (false, Some(start)) => {
+                        on_run(start, page);
+                        open = None;
+                    }
+                    _ => {}
+                }
+            }
+        }
+        if let Some(start) = open {
+            on_run(start, self.data.len());
+        }
+    }
+}
+
+/// Pages per chunk when whole chunks are compared at once.
+const CHUNK: usize = 4096;
+const NO_PAGES: [bool; CHUNK] = [false; CHUNK];
+
+/// Reports each page for which `changed(was, is)` holds; chunks that did not
+/// change at all are skipped at memcmp speed (a 1 TiB guest has 268 million
+/// pages, nearly all of them unchanged holes).
+fn changed_pages(was: &[bool], is: &[bool], changed: impl Fn(bool, bool) -> bool, on_page: &mut impl FnMut(u64)) {
+    for (index, (was, is)) in was.chunks(CHUNK).zip(is.chunks(CHUNK)).enumerate() {
+        if was == is {
+            continue;
+        }
+        for (page, (&was, &is)) in (index * CHUNK..).zip(was.iter().zip(is)) {
+            if changed(was, is) {
+                on_page(page as u64);
+            }
         }
     }
 }

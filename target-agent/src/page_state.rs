@@ -65,7 +65,7 @@
 //! zeros by the VMM's own doing, and a zero fill is what it expects.
 #![forbid(unsafe_code)]
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 #[repr(u8)]
@@ -249,12 +249,17 @@ pub struct ClaimMismatch {
 #[derive(Debug)]
 pub struct PageStates {
     bytes: Vec<AtomicU8>,
+    /// Pages per state, in [`PageState::ALL`] order, kept as states change:
+    /// counting a 1 TiB guest's 268 million pages for every status call
+    /// would keep a core busy.
+    counts: [AtomicU64; 6],
 }
 
 impl PageStates {
     /// Every page `Unknown` and absent (a hole).
     pub fn new(pages: u64) -> Self {
-        Self { bytes: (0..pages).map(|_| AtomicU8::new(0)).collect() }
+        let counts = [pages, 0, 0, 0, 0, 0].map(AtomicU64::new);
+        Self { bytes: (0..pages).map(|_| AtomicU8::new(0)).collect(), counts }
     }
 
     pub fn len(&self) -> u64 {
@@ -296,30 +301,44 @@ impl PageStates {
     /// Moves `page` from `from` to `to`, keeping its flags; true if it was
     /// in `from`. Private: every transition is one of this module's rules.
     fn transition(&self, page: u64, from: PageState, to: PageState) -> bool {
-        self.bytes[page as usize]
+        let moved = self.bytes[page as usize]
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| {
                 (PageState::from_bits(b) == from).then_some((b & !STATE_MASK) | to as u8)
             })
-            .is_ok()
+            .is_ok();
+        if moved {
+            self.count_move(from, to);
+        }
+        moved
+    }
+
+    /// One page went from `from` to `to`.
+    fn count_move(&self, from: PageState, to: PageState) {
+        self.counts[to as usize].fetch_add(1, Ordering::Relaxed);
+        self.counts[from as usize].fetch_sub(1, Ordering::Relaxed);
     }
 
     /// Claims `page` for `origin` if it is `Unknown` or `Stale` (rule 4),
     /// and, for the background pull, not removed by the VMM (rule 7).
     pub fn claim(&self, page: u64, origin: FetchOrigin) -> Option<Claim> {
-        let mut from = None;
-        let _ = self.bytes[page as usize].fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| {
-            if origin == FetchOrigin::Background && b & REMOVED != 0 {
-                return None;
-            }
-            let to = match PageState::from_bits(b) {
-                PageState::Unknown => PageState::FetchingUnknown,
-                PageState::Stale => PageState::FetchingStale,
-                _ => return None,
-            };
-            from = Some(PageState::from_bits(b));
-            Some((b & !STATE_MASK) | to as u8)
-        });
-        from.map(|from| Claim { page, from, origin })
+        let fetching = |state| match state {
+            PageState::Unknown => Some(PageState::FetchingUnknown),
+            PageState::Stale => Some(PageState::FetchingStale),
+            _ => None,
+        };
+        // What the successful exchange replaced decides (the closure may
+        // have run before on a value that changed meanwhile).
+        let before = self.bytes[page as usize]
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| {
+                if origin == FetchOrigin::Background && b & REMOVED != 0 {
+                    return None;
+                }
+                fetching(PageState::from_bits(b)).map(|to| (b & !STATE_MASK) | to as u8)
+            })
+            .ok()?;
+        let from = PageState::from_bits(before);
+        self.count_move(from, fetching(from)?);
+        Some(Claim { page, from, origin })
     }
 
     /// Decides what a guest fault on `page` needs. `minor`: the kernel
@@ -456,17 +475,13 @@ impl PageStates {
         }
     }
 
-    /// Pages per state, in [`PageState::ALL`] order (O(pages): for status
-    /// and metrics, not for the fault path).
+    /// Pages per state, in [`PageState::ALL`] order. Read while pages
+    /// change state, the six may be one transition apart from each other.
     pub fn counts(&self) -> [u64; 6] {
-        let mut counts = [0u64; 6];
-        for b in &self.bytes {
-            counts[PageState::from_bits(b.load(Ordering::Relaxed)) as usize] += 1;
-        }
-        counts
+        self.counts.each_ref().map(|count| count.load(Ordering::Relaxed))
     }
 
-    /// Pages claimed and not installed yet (O(pages)).
+    /// Pages claimed and not installed yet.
     pub fn fetching(&self) -> u64 {
         let counts = self.counts();
         counts[PageState::FetchingUnknown as usize] + counts[PageState::FetchingStale as usize]
