@@ -10,6 +10,7 @@
 //! | large | 4 GiB shmem, 4 vCPUs | pre-copy round 0's rate, resume at 4 GiB, the bulk install's rate, each agent's private memory per GiB |
 //! | many vCPUs | 1 GiB shmem, 16 vCPUs | resume with 16 vCPUs |
 //! | huge pages | 1 GiB hugetlbfs, 8 huge pages written just before the pause and read right after the switchover (the pull held back) | the stale 2 MiB fault |
+//! | sparse ([`crate::sparse`]) | 1 TiB shmem, 4 GiB of it written, once | pre-copy bytes, resume, agent memory, VMM page tables and set-up time of dirty tracking |
 //!
 //! Every run verifies every byte of the target's memory against the
 //! source's at pause, as the demo always does: a run that fails that is an
@@ -42,7 +43,7 @@ const PAGE: u64 = 4096;
 /// The target agent's fault-latency histogram (`target-agent/src/metrics.rs`).
 const FAULT_LATENCY: &str = "pageserver_target_fault_latency_seconds";
 const MIB: f64 = (1u64 << 20) as f64;
-const GIB: f64 = (1u64 << 30) as f64;
+pub(crate) const GIB: f64 = (1u64 << 30) as f64;
 
 /// Figures gathered across repetitions, by key.
 #[derive(Default)]
@@ -182,6 +183,7 @@ pub async fn measure(opts: &BenchOptions, report: &mut BenchReport) -> anyhow::R
 
     samples.into_report(report);
     max_converging_dirty_rate(opts, report).await?;
+    crate::sparse::measure(opts, report).await?;
     report.note(format!(
         "migrations: {} repetition(s), medians (the 4 GiB run once); guests of {} MiB ({} MiB for the 4 GiB rows); \
          fault latencies are the target agent's own histogram (event read to resolved)",
@@ -242,7 +244,7 @@ fn pull_rate(report: &Report) -> Option<f64> {
 }
 
 /// A shmem guest of `bytes` with `vcpus` dirtying vCPUs, as the demo runs it.
-fn shmem(bytes: u64, vcpus: u32) -> MigrationOptions {
+pub(crate) fn shmem(bytes: u64, vcpus: u32) -> MigrationOptions {
     MigrationOptions {
         memory_bytes: bytes,
         vcpus,
@@ -255,7 +257,7 @@ fn shmem(bytes: u64, vcpus: u32) -> MigrationOptions {
 
 /// Runs one migration; a failed one, or one whose verification found a
 /// wrong page, is an error.
-async fn migrate(name: &str, opts: MigrationOptions) -> anyhow::Result<Report> {
+pub(crate) async fn migrate(name: &str, opts: MigrationOptions) -> anyhow::Result<Report> {
     let report = run_migration(&opts).await.with_context(|| format!("the {name} migration"))?;
     if let Some(failure) = &report.failure {
         anyhow::bail!("the {name} migration failed: {failure}");

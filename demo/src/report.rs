@@ -115,6 +115,11 @@ pub struct Report {
     pub guest_accesses: u64,
     pub guest_pages_written: u64,
     pub verified_pages: u64,
+    /// Of `verified_pages`, those that are holes both in the source's
+    /// snapshot and in the target's file: zeros on both sides, verified
+    /// without being read (a sparse guest is not faulted in whole); every
+    /// other page was compared byte for byte.
+    pub verified_hole_pages: u64,
     pub mismatched_pages: u64,
     pub first_mismatches: Vec<u64>,
 

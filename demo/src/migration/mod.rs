@@ -315,15 +315,18 @@ impl Migration<'_> {
             Scope::Mapped => ("verify-mapped", "verified-mapped"),
         };
         target_vm.send(&format!("{command} {snapshot}")).await?;
-        let (pages, mismatched, first) = wait_for(target_vm, answer, deadline(timeout), |e| match e {
-            StandinEvent::Verified { verified_pages: pages, mismatched_pages, first_mismatches, .. }
-            | StandinEvent::VerifiedMapped { mapped_pages: pages, mismatched_pages, first_mismatches } => {
-                Some((*pages, *mismatched_pages, first_mismatches.clone()))
+        let (pages, mismatched, first, holes) = wait_for(target_vm, answer, deadline(timeout), |e| match e {
+            StandinEvent::Verified { verified_pages: pages, hole_pages, mismatched_pages, first_mismatches } => {
+                Some((*pages, *mismatched_pages, first_mismatches.clone(), *hole_pages))
+            }
+            StandinEvent::VerifiedMapped { mapped_pages: pages, mismatched_pages, first_mismatches } => {
+                Some((*pages, *mismatched_pages, first_mismatches.clone(), 0))
             }
             _ => None,
         })
         .await?;
         self.report.verify_seconds = started.elapsed().as_secs_f64();
+        self.report.verified_hole_pages = holes;
         self.report.verified_pages = pages;
         self.report.mismatched_pages = mismatched;
         self.report.first_mismatches = first;
