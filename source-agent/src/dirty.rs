@@ -387,15 +387,22 @@ impl DirtyTracker {
             let end_page = first_page + region.size / page_size;
             let base = region.base_host_virt_addr;
             let pages = &mut last_dirty[first_page as usize..end_page as usize];
-            let mut mark = |from: u64, to: u64| {
+            // `only_data`: leave out the pages that were holes at this look.
+            // The kernel counts an empty entry as written (and the scan
+            // covers the holes of whole 2 MiB blocks); such a page is zeros,
+            // or it holds data at the next look, which reports it.
+            let held_data = |page: usize| removed.as_ref().is_none_or(|r| r.held_data(first_page as usize + page));
+            let mut mark = |from: u64, to: u64, only_data: bool| {
                 let first = ((from.max(base) - base) / page_size) as usize;
                 let last = (to.saturating_sub(base).div_ceil(page_size) as usize).min(pages.len());
-                if first < last {
-                    pages[first..last].fill(epoch);
-                    (last - first) as u64
-                } else {
-                    0
+                let mut marked = 0;
+                for page in first..last {
+                    if !only_data || held_data(page) {
+                        pages[page] = epoch;
+                        marked += 1;
+                    }
                 }
+                marked
             };
             for &(first, end) in &data {
                 let (first, end) = (first.max(first_page), end.min(end_page));
@@ -404,11 +411,11 @@ impl DirtyTracker {
                 }
                 let (start, stop) = (base + (first - first_page) * page_size, base + (end - first_page) * page_size);
                 if let Err(error) = scan_written(pagemap.as_fd(), start, stop, scan_buf, |from, to| {
-                    found += mark(from.max(start), to.min(stop))
+                    found += mark(from.max(start), to.min(stop), true)
                 }) {
                     // The failed call may have re-protected pages it did not
                     // report: count the rest of the range as dirty.
-                    mark(error.at(), stop);
+                    mark(error.at(), stop, false);
                     first_error.get_or_insert(DirtyError::Scan { region: region_id, source: error });
                 }
             }

@@ -201,6 +201,12 @@ impl RemovedPages {
 }
 
 impl RemovedPages {
+    /// Whether global `page` was mapped here at the end of the last look
+    /// (it held data then).
+    pub fn held_data(&self, page: usize) -> bool {
+        self.data.get(page).copied().unwrap_or(true)
+    }
+
     /// Reports each run [first, end) of global pages mapped here at the end
     /// of the last look: the pages that held data then (every page of a
     /// region that could not be looked at).
