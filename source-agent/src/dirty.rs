@@ -396,9 +396,9 @@ impl DirtyTracker {
                 let first = ((from.max(base) - base) / page_size) as usize;
                 let last = (to.saturating_sub(base).div_ceil(page_size) as usize).min(pages.len());
                 let mut marked = 0;
-                for page in first..last {
+                for (page, last_dirty) in pages.iter_mut().enumerate().take(last).skip(first) {
                     if !only_data || held_data(page) {
-                        pages[page] = epoch;
+                        *last_dirty = epoch;
                         marked += 1;
                     }
                 }
