@@ -149,7 +149,7 @@ impl DirtyTracker {
         // Holes start at epoch 0 (module docs), and the zeroed allocation
         // costs nothing until a page is marked: a sparse guest's holes never
         // are.
-        let first_epoch = if pagemap.is_some() { 0 } else { 1 };
+        let first_epoch = if pagemap.is_some() && !whole(&layout) { 0 } else { 1 };
         let state = EpochState {
             epoch: 1,
             last_dirty: vec![first_epoch; pages],
@@ -354,6 +354,18 @@ impl DirtyTracker {
         let EpochState { last_dirty, scan_buf, removed, .. } = state;
         let mut data = Vec::new();
         match removed.as_mut() {
+            Some(removed) if whole(&self.layout) => {
+                let looked = removed.look(&self.layout, |page| {
+                    if let Some(last) = last_dirty.get_mut(page as usize) {
+                        found += u64::from(*last != epoch);
+                        *last = epoch;
+                    }
+                });
+                if let Err((region, source)) = looked {
+                    first_error.get_or_insert(DirtyError::Holes { region, source });
+                }
+                data.push((0, self.layout.total_pages()));
+            }
             Some(removed) => {
                 let looked = removed.look(&self.layout, |page| {
                     if let Some(last) = last_dirty.get_mut(page as usize) {
@@ -391,7 +403,9 @@ impl DirtyTracker {
             // The kernel counts an empty entry as written (and the scan
             // covers the holes of whole 2 MiB blocks); such a page is zeros,
             // or it holds data at the next look, which reports it.
-            let held_data = |page: usize| removed.as_ref().is_none_or(|r| r.held_data(first_page as usize + page));
+            let sparse = !whole(&self.layout);
+            let held_data =
+                |page: usize| !sparse || removed.as_ref().is_none_or(|r| r.held_data(first_page as usize + page));
             let mut mark = |from: u64, to: u64, only_data: bool| {
                 let first = ((from.max(base) - base) / page_size) as usize;
                 let last = (to.saturating_sub(base).div_ceil(page_size) as usize).min(pages.len());
@@ -480,4 +494,12 @@ impl DirtyTracker {
             }
         }
     }
+}
+
+/// Whether `layout` is tracked whole rather than by its data: huge pages
+/// (hugetlbfs has no `SEEK_HOLE`, and its page tables are small), tracked
+/// as before sparse guests were (every page dirty at epoch 1, every scan
+/// over all of it, protected up front by `SourceMemory::from_handoff`).
+fn whole(layout: &GuestLayout) -> bool {
+    layout.page_size() > 4096
 }

@@ -241,8 +241,16 @@ impl SourceMemory {
         // reports it. Turning protection *off* over every region
         // checks that the uffd covers it in write-protect mode, at no such
         // cost; a page it unprotects is data, dirty at epoch 1 anyway.
+        // Huge pages (hugetlbfs) are tracked whole, as before sparse guests
+        // were: protected up front (4 KiB of page tables per GiB), every page
+        // dirty at epoch 1, every scan over all of it (`crate::dirty`).
         for r in layout.regions() {
-            uffd.write_unprotect(r.base_host_virt_addr, r.size).map_err(MemoryError::WriteProtect)?;
+            let checked = if r.page_size > 4096 {
+                uffd.write_protect(r.base_host_virt_addr, r.size)
+            } else {
+                uffd.write_unprotect(r.base_host_virt_addr, r.size)
+            };
+            checked.map_err(MemoryError::WriteProtect)?;
         }
         let dirty = DirtyTracker::for_vmm(layout.clone(), pagemap, removed);
         dirty.start_tracking().map_err(MemoryError::StartTracking)?;
