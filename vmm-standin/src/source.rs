@@ -197,22 +197,26 @@ fn write_snapshot(ram: &GuestRam, path: &Path) -> Result<(), VmmError> {
     let mut ranges = Vec::new();
     data_ranges(ram.memfd.as_fd(), 0, ram.size(), |from, to| ranges.push((from as usize, to as usize)))
         .map_err(io_context("looking for the data of the guest memory (SEEK_DATA)"))?;
+    let memory = File::from(ram.memfd.try_clone().map_err(io_context("duplicating the memfd"))?);
     for (from, to) in ranges {
-        copy_range(ram, &file, from, to).map_err(io_context(context()))?;
+        copy_range(ram, &memory, &file, from, to).map_err(io_context(context()))?;
     }
     file.set_len(ram.size()).map_err(io_context(context()))
 }
 
 /// Copies bytes [`from`, `to`) of the memory to the same place in `file`,
-/// leaving all-zero pages out.
-fn copy_range(ram: &GuestRam, file: &File, from: usize, to: usize) -> std::io::Result<()> {
+/// leaving all-zero pages out. The memory is read with `pread`, not through
+/// the mapping: a hole read through the mapping would be allocated (and on
+/// hugetlbfs, which has no SEEK_HOLE, every hole is in a "data" range), a
+/// page the source agent would then see appear after the pause.
+fn copy_range(ram: &GuestRam, memory: &File, file: &File, from: usize, to: usize) -> std::io::Result<()> {
     let page_size = ram.page_size as usize;
     let (from, size) = (from - from % page_size, to.next_multiple_of(page_size).min(ram.map.len()));
     let mut buf = vec![0u8; SNAPSHOT_CHUNK_BYTES.min(size - from)];
     let mut offset = from;
     while offset < size {
         let len = buf.len().min(size - offset);
-        ram.map.copy_out(offset, &mut buf[..len]);
+        memory.read_exact_at(&mut buf[..len], offset as u64)?;
         let chunk = &buf[..len];
         // Each run of non-zero pages is written with one call.
         let is_zero_page = |page: usize| is_zero(&chunk[page * page_size..(page + 1) * page_size]);
