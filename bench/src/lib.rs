@@ -26,7 +26,8 @@
 //!
 //! - [`report`]: the catalogue of rows ([`report::ROWS`]), the report, its
 //!   table and its JSON;
-//! - [`floor`], [`kernel`], [`migrations`], [`qemu`]: one section each;
+//! - [`floor`], [`kernel`], [`migrations`], [`qemu`]: one section each
+//!   ([`sparse`]: the sparse 1 TiB guest, run by the migrations section);
 //! - [`stats`]: percentiles and medians;
 //! - [`plot`]: the fault-latency distributions as an SVG (`--plot`).
 #![forbid(unsafe_code)]
@@ -38,6 +39,7 @@ pub mod plot;
 mod pull_order;
 pub mod qemu;
 pub mod report;
+pub mod sparse;
 pub mod stats;
 
 pub use report::BenchReport;

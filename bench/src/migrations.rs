@@ -11,6 +11,7 @@
 //! | many vCPUs | 1 GiB shmem, 16 vCPUs | resume with 16 vCPUs |
 //! | pull order | 1 GiB shmem, a hot set rewritten all through pre-copy and a cold half written once before the pause; the hot set read by 4 vCPUs once the final bitmap is in; `--pull-order nearest`, then `hot` ([`crate::pull_order`]) | demand fetches with each order |
 //! | huge pages | 1 GiB hugetlbfs, 8 huge pages written just before the pause and read right after the switchover (the pull held back) | the stale 2 MiB fault |
+//! | sparse ([`crate::sparse`]) | 1 TiB shmem, 4 GiB of it written, once | pre-copy bytes, resume, agent memory, VMM page tables and set-up time of dirty tracking |
 //!
 //! Every run verifies every byte of the target's memory against the
 //! source's at pause, as the demo always does: a run that fails that is an
@@ -43,7 +44,7 @@ const PAGE: u64 = 4096;
 /// The target agent's fault-latency histogram (`target-agent/src/metrics.rs`).
 const FAULT_LATENCY: &str = "pageserver_target_fault_latency_seconds";
 const MIB: f64 = (1u64 << 20) as f64;
-const GIB: f64 = (1u64 << 30) as f64;
+pub(crate) const GIB: f64 = (1u64 << 30) as f64;
 
 /// Figures gathered across repetitions, by key.
 #[derive(Default)]
@@ -201,6 +202,7 @@ pub async fn measure(opts: &BenchOptions, report: &mut BenchReport) -> anyhow::R
 
     samples.into_report(report);
     max_converging_dirty_rate(opts, report).await?;
+    crate::sparse::measure(opts, report).await?;
     report.note(format!(
         "migrations: {} repetition(s), medians (the 4 GiB run once); guests of {} MiB ({} MiB for the 4 GiB rows); \
          fault latencies are the target agent's own histogram (event read to resolved)",

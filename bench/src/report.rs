@@ -15,9 +15,6 @@ pub enum Section {
     Migrations,
     /// The QEMU guest, by QEMU's own post-copy and through the agents.
     Qemu,
-    /// Not measured by this version of the bench (the table says so; the
-    /// JSON has no such key).
-    NotYet,
 }
 
 impl Section {
@@ -31,7 +28,6 @@ impl Section {
             Section::Kernel => "kernel",
             Section::Migrations => "migrations",
             Section::Qemu => "qemu",
-            Section::NotYet => "not-yet",
         }
     }
 
@@ -42,7 +38,6 @@ impl Section {
             Section::Kernel => "the kernel (in-process fault handler, dirty scan, bitmap)",
             Section::Migrations => "whole migrations through the agents",
             Section::Qemu => "a QEMU guest, by QEMU's own post-copy and through the agents",
-            Section::NotYet => "rows not measured yet",
         }
     }
 }
@@ -60,7 +55,7 @@ const fn row(key: &'static str, unit: &'static str, section: Section, what: &'st
     RowSpec { key, unit, what, section }
 }
 
-use Section::{Floor, Kernel, Migrations, NotYet, Qemu};
+use Section::{Floor, Kernel, Migrations, Qemu};
 
 /// Every row, in the order of the table.
 pub const ROWS: &[RowSpec] = &[
@@ -112,11 +107,11 @@ pub const ROWS: &[RowSpec] = &[
     row("source_rss_mib_per_gib", "MiB/GiB", Migrations, "source agent private memory (RssAnon + page tables) per GiB"),
     row("target_rss_mib_per_gib", "MiB/GiB", Migrations, "target agent private memory per GiB"),
     row("stale_fault_2m_p50_us", "µs", Migrations, "hugetlbfs: stale 2 MiB page fault, p50"),
-    row("sparse_1t_precopy_gib", "GiB", NotYet, "1 TiB guest, 4 GiB written: bytes pre-copy moved"),
-    row("sparse_1t_resume_ms", "ms", NotYet, "its resume time"),
-    row("sparse_1t_agent_private_mib", "MiB", NotYet, "the larger agent's private memory"),
-    row("sparse_1t_vmm_page_tables_mib", "MiB", NotYet, "page tables dirty tracking adds to the VMM"),
-    row("sparse_1t_tracking_setup_ms", "ms", NotYet, "time to start dirty tracking"),
+    row("sparse_1t_precopy_gib", "GiB", Migrations, "1 TiB guest, 4 GiB written: bytes pre-copy moved"),
+    row("sparse_1t_resume_ms", "ms", Migrations, "its resume time"),
+    row("sparse_1t_agent_private_mib", "MiB", Migrations, "the larger agent's private memory"),
+    row("sparse_1t_vmm_page_tables_mib", "MiB", Migrations, "page tables dirty tracking adds to the VMM"),
+    row("sparse_1t_tracking_setup_ms", "ms", Migrations, "time to start dirty tracking"),
     row("max_converging_dirty_pages_s", "pages/s", Migrations, "highest dirty rate at which pre-copy converges"),
     row("qemu_native_downtime_ms", "ms", Qemu, "QEMU's own post-copy, memcheck guest: downtime"),
     row("qemu_native_blocktime_ms", "ms", Qemu, "its target blocktime"),
@@ -175,7 +170,6 @@ impl fmt::Display for BenchReport {
             let value = match self.figures.get(r.key) {
                 Some(v) if v.abs() >= 100.0 => format!("{v:>12.0}"),
                 Some(v) => format!("{v:>12.3}"),
-                None if r.section == Section::NotYet => format!("{:>12}", "not yet"),
                 None if !self.sections.contains(&r.section) => format!("{:>12}", "not run"),
                 None => format!("{:>12}", "failed"),
             };

@@ -33,6 +33,10 @@ struct Args {
     /// Guest memory size: 1G, 256M, 64MiB or bytes [default: 1G; 256M with --vmm qemu].
     #[arg(long, value_parser = parse_size)]
     memory: Option<u64>,
+    /// A sparse guest: only this much of its memory is ever written (64
+    /// clusters spread evenly; e.g. --memory 1T --written 4G). Stand-in only.
+    #[arg(long, value_parser = parse_size)]
+    written: Option<u64>,
     /// Back guest memory with 2 MiB huge pages (reserved in
     /// /proc/sys/vm/nr_hugepages for the run when too few are free).
     #[arg(long)]
@@ -147,6 +151,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let options = MigrationOptions {
         memory_bytes: args.memory.unwrap_or(1 << 30),
+        written_bytes: args.written,
         hugetlb: args.hugetlb,
         vcpus: args.vcpus,
         seed: args.seed,

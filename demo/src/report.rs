@@ -29,6 +29,9 @@ pub struct TouchSpread {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Report {
     pub guest_bytes: u64,
+    /// Bytes of the guest ever written: all of it, or a sparse guest's
+    /// clusters (`MigrationOptions::written_bytes`).
+    pub written_bytes: u64,
     pub page_size: u64,
     pub total_pages: u64,
     pub hugetlb: bool,
@@ -42,7 +45,11 @@ pub struct Report {
     pub status_after_touch: Option<StatusAfterTouch>,
 
     pub precopy_rounds: u64,
+    /// Pages the pre-copy rounds asked for, zero pages included (each
+    /// counted at a full page, although a zero page travels as a flag).
     pub pages_sent_precopy: u64,
+    /// `pages_sent_precopy` in bytes: an upper bound of what pre-copy moved.
+    pub precopy_bytes: u64,
     pub dirty_pages_per_round: Vec<u64>,
     /// Seconds each pre-copy round took.
     #[serde(default)]
@@ -125,11 +132,28 @@ pub struct Report {
     /// memory (CRIU lazy pages style) would have fetched for the same run.
     pub guest_pages_touched: u64,
     pub verified_pages: u64,
+    /// Of `verified_pages`, those that are holes both in the source's
+    /// snapshot and in the target's file: zeros on both sides, verified
+    /// without being read (a sparse guest is not faulted in whole); every
+    /// other page was compared byte for byte.
+    pub verified_hole_pages: u64,
     pub mismatched_pages: u64,
     pub first_mismatches: Vec<u64>,
 
     /// Until both VMs were ready.
     pub setup_seconds: f64,
+    /// Starting dirty tracking on the source, as its VMM stand-in timed
+    /// it: from connecting to the source agent's hand-off socket to the
+    /// agent's acceptance, which it sends after mapping its watch of removed
+    /// pages over every data page and its first PAGEMAP_SCAN that
+    /// write-protects every page the VMM maps (`vmm_standin::TrackingSetup`).
+    pub tracking_setup_ms: f64,
+    /// The source VMM stand-in's page tables (`VmPTE`, KiB) right before
+    /// that hand-off (memory written, registered for write-protection)…
+    pub source_vmm_pte_kib_before_tracking: u64,
+    /// …and right after it, before its vCPUs run: the difference is what
+    /// starting the tracking added to the VMM.
+    pub source_vmm_pte_kib_after_tracking: u64,
     /// From the target VM's hand-off to pre-copy convergence.
     pub precopy_seconds: f64,
     /// The Switchover call, as the orchestrator saw it.
@@ -199,6 +223,7 @@ impl Report {
         self.total_pages = status.total_pages;
         self.precopy_rounds = u64::from(status.precopy_rounds);
         self.pages_sent_precopy = status.pages_sent_precopy;
+        self.precopy_bytes = status.pages_sent_precopy * status.page_size;
         self.dirty_pages_per_round = status.dirty_pages_per_round.clone();
         self.precopy_round_seconds = status.precopy_round_seconds.clone();
         self.bulk_install_seconds = status.bulk_install_seconds;
@@ -266,10 +291,22 @@ impl fmt::Display for Report {
             self.vcpus,
             self.seed
         )?;
+        if self.written_bytes < self.guest_bytes {
+            writeln!(f, "sparse:     {:.0} MiB written", mib(self.written_bytes))?;
+        }
         writeln!(
             f,
-            "pre-copy:   {} rounds in {:.2} s, {} pages sent, dirty pages per round {:?}",
-            self.precopy_rounds, self.precopy_seconds, self.pages_sent_precopy, self.dirty_pages_per_round
+            "tracking:   started in {:.1} ms; the source VMM's page tables {} -> {} KiB",
+            self.tracking_setup_ms, self.source_vmm_pte_kib_before_tracking, self.source_vmm_pte_kib_after_tracking
+        )?;
+        writeln!(
+            f,
+            "pre-copy:   {} rounds in {:.2} s, {} pages sent ({:.1} MiB), dirty pages per round {:?}",
+            self.precopy_rounds,
+            self.precopy_seconds,
+            self.pages_sent_precopy,
+            mib(self.precopy_bytes),
+            self.dirty_pages_per_round
         )?;
         writeln!(
             f,

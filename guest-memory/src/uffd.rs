@@ -345,6 +345,16 @@ impl Userfaultfd {
             .map_err(|e| UffdError::from_crate("UFFDIO_WRITEPROTECT", addr, len, e))
     }
 
+    /// UFFDIO_WRITEPROTECT off for [addr, addr+len) (without waking
+    /// anyone). It fails unless the whole range is registered in
+    /// write-protect mode, and, unlike turning protection on, it allocates
+    /// no page tables for the range's empty parts.
+    pub fn write_unprotect(&self, addr: u64, len: u64) -> Result<(), UffdError> {
+        self.inner
+            .remove_write_protection(addr as *mut libc::c_void, len as usize, false)
+            .map_err(|e| UffdError::from_crate("UFFDIO_WRITEPROTECT (off)", addr, len, e))
+    }
+
     /// Puts the descriptor in non-blocking mode (`FIONBIO`): reads return no
     /// events instead of waiting.
     pub fn set_nonblocking(&self) -> io::Result<()> {

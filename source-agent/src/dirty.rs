@@ -8,18 +8,30 @@
 //! A *scan* is PAGEMAP_SCAN over every region on the VMM's `/proc/PID/pagemap`
 //! (passed in the hand-off) with `PM_SCAN_WP_MATCHING`: it reports the pages
 //! written since they were last protected (`PAGE_IS_WRITTEN`) and protects
-//! them again, atomically, page by page. The first scan, at the hand-off,
-//! protects every page ([`DirtyTracker::start_tracking`]).
+//! them again, atomically, page by page. A scan covers only the pages the
+//! memory file holds data for: the holes are never protected (that would
+//! take page tables for all of the memory); a hole written since the last
+//! scan holds data now, and the look at the file reports it
+//! ([`DirtyTracker::scan_regions`]). The first scan, at the hand-off,
+//! protects every page that holds data ([`DirtyTracker::start_tracking`]).
 //!
 //! Every scan also looks for pages *removed* from the memory file (a hole
 //! punched, `MADV_REMOVE`, the file shrinking): their content changed
 //! without a write, which write-protection does not report; they are dirty
-//! at the scan's epoch too ([`crate::removed`]).
+//! at the scan's epoch too, and so is every page that holds data and did
+//! not at the last look ([`crate::removed`]).
 //!
 //! # Epoch rules
 //!
-//! - Epochs count scans. The current epoch starts at 1, and every page starts
-//!   as "last dirty at epoch 1": "since epoch 0" means every page.
+//! - Epochs count scans. The current epoch starts at 1. Every page that
+//!   holds data when tracking starts (mapped by the VMM, or data in the
+//!   memory file by `SEEK_DATA`) starts as "last dirty at epoch 1"; every
+//!   hole as "epoch 0", dirty since nothing. So "since epoch 0" is every
+//!   page that may hold data, and a page it leaves out is zeros (a hole
+//!   nobody wrote since): a sparse 1 TiB guest with 4 GiB written sends its
+//!   4 GiB, not 268 million zero pages. A target that holds content of its
+//!   own for such a page must make it zeros. A memory file starts with
+//!   every page at epoch 1.
 //! - Each scan makes a new epoch E and records E as the last-dirty epoch of
 //!   every page it reports. The new epoch is published (to `GetLayout`) only
 //!   once the scan is complete.
@@ -68,6 +80,10 @@ use pageserver_proto::heat::HotSpan;
 
 use crate::removed::RemovedPages;
 
+/// Pages whose epochs [`DirtyTracker::collect_runs`] looks at at once.
+const CLEAN_CHUNK: usize = 4096;
+/// The blocks a scan covers whole around the pages that hold data.
+const SCAN_ALIGN_BYTES: u64 = 2 << 20;
 /// Regions one PAGEMAP_SCAN call may return before we call again.
 const SCAN_BATCH_REGIONS: usize = 4096;
 
@@ -143,9 +159,13 @@ impl DirtyTracker {
             Some((pagemap, removed)) => (Some(pagemap), Some(removed)),
             None => (None, None),
         };
+        // Holes start at epoch 0 (module docs), and the zeroed allocation
+        // costs nothing until a page is marked: a sparse guest's holes never
+        // are.
+        let first_epoch = if pagemap.is_some() && !whole(&layout) { 0 } else { 1 };
         let state = EpochState {
             epoch: 1,
-            last_dirty: vec![1; pages],
+            last_dirty: vec![first_epoch; pages],
             heat: vec![0; pages],
             scan_buf: Vec::with_capacity(SCAN_BATCH_REGIONS),
             removed,
@@ -211,9 +231,11 @@ impl DirtyTracker {
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// The initial scan: write-protects every written page so that the next
-    /// scan reports only what changes from now on. Everything is already
-    /// dirty at epoch 1, so what it finds changes nothing.
+    /// The initial scan: every page the memory file holds data for is new
+    /// to the look, so dirty at epoch 1, and write-protected, so that the
+    /// next scan reports only what changes from now on; the holes stay at
+    /// epoch 0 (module docs), unprotected: a hole written later holds data
+    /// at a later look, which reports it.
     pub fn start_tracking(&self) -> Result<(), DirtyError> {
         let mut state = self.lock();
         let epoch = state.epoch;
@@ -332,10 +354,19 @@ impl DirtyTracker {
         }
     }
 
-    /// One PAGEMAP_SCAN pass over every region, recording what it reports
-    /// (and, after a failure, the rest of the region) at `epoch`, then the
-    /// pages removed from the file ([`crate::removed`]). Returns the number
-    /// of pages found dirty.
+    /// One pass: the look at the memory file ([`crate::removed`]) first,
+    /// recording every page removed from it, or holding data now and not at
+    /// the last look, at `epoch` (`thorough`: see that module); then
+    /// PAGEMAP_SCAN over the pages that hold data now, recording what it
+    /// reports (and, after a failure, the rest of that range) at `epoch`.
+    /// Returns the number of pages found dirty.
+    ///
+    /// Only the data is scanned: on a write-protect-async mapping the kernel
+    /// counts a page-table entry that maps nothing as written, and the scan
+    /// protects it by installing a marker, which needs page tables: scanning
+    /// a sparse 1 TiB guest whole would give its VMM 2 GiB of them. A hole
+    /// needs no protection: a page that is a hole at this look and written
+    /// after it holds data at a later look, which reports it.
     fn scan_regions(&self, state: &mut EpochState, epoch: u32, thorough: bool) -> Result<u64, DirtyError> {
         let Some(pagemap) = self.pagemap.as_ref() else { return Ok(0) };
         let started = Instant::now();
@@ -343,51 +374,87 @@ impl DirtyTracker {
         let mut found = 0u64;
         let mut first_error = None;
         let EpochState { last_dirty, heat, scan_buf, removed, .. } = state;
-        for (region_index, region) in self.layout.regions().iter().enumerate() {
-            let region_id = region_index as u32;
-            let first_page = self.layout.region_first_page(region_id).unwrap_or(0) as usize;
-            let span = first_page..first_page + (region.size / page_size) as usize;
-            let pages = &mut last_dirty[span.clone()];
-            let heats = &mut heat[span];
-            let base = region.base_host_virt_addr;
-            let end = base + region.size;
-            let mut mark = |from: u64, to: u64| {
-                let first = ((from.max(base) - base) / page_size) as usize;
-                let last = (to.min(end).saturating_sub(base).div_ceil(page_size)) as usize;
-                if first < last {
-                    // A page found twice by one scan is warmed once.
-                    for (page, heat) in pages[first..last].iter_mut().zip(&mut heats[first..last]) {
-                        if *page != epoch {
+        let total = self.layout.total_pages();
+        let mut data = Vec::new();
+        match removed.as_mut() {
+            Some(removed) => {
+                let looked = removed.look(&self.layout, pagemap.as_fd(), thorough, |page| {
+                    if let Some(last) = last_dirty.get_mut(page as usize)
+                        && *last != epoch
+                    {
+                        found += 1;
+                        *last = epoch;
+                        if let Some(heat) = heat.get_mut(page as usize) {
                             crate::heat::warm(heat);
-                            *page = epoch;
                         }
                     }
-                    (last - first) as u64
-                } else {
-                    0
+                });
+                if let Err((region, source)) = looked {
+                    first_error.get_or_insert(DirtyError::Holes { region, source });
                 }
-            };
-            if let Err(error) = scan_written(pagemap.as_fd(), base, end, scan_buf, |from, to| found += mark(from, to)) {
-                // The failed call may have re-protected pages it did not
-                // report: count the rest of the region as dirty.
-                mark(error.at(), end);
-                first_error.get_or_insert(DirtyError::Scan { region: region_id, source: error });
-            }
-        }
-        if let Some(removed) = removed.as_mut() {
-            let looked = removed.look(&self.layout, pagemap.as_fd(), thorough, |page| {
-                if let Some(last) = last_dirty.get_mut(page as usize)
-                    && *last != epoch
-                {
-                    found += 1;
-                    *last = epoch;
-                    if let Some(heat) = heat.get_mut(page as usize) {
-                        crate::heat::warm(heat);
+                if whole(&self.layout) {
+                    data.push((0, total));
+                } else {
+                    // Runs widened to whole 2 MiB blocks and merged: a dense
+                    // guest's data is tens of thousands of short runs between
+                    // holes, each an ioctl of its own otherwise. Scanning a
+                    // hole is harmless, and a block with data has its page
+                    // table.
+                    let align = (SCAN_ALIGN_BYTES / page_size).max(1);
+                    for run in removed.data_runs() {
+                        let (first, end) = (run.start / align * align, run.end.next_multiple_of(align).min(total));
+                        match data.last_mut() {
+                            Some((_, last_end)) if first <= *last_end => *last_end = end.max(*last_end),
+                            _ => data.push((first, end)),
+                        }
                     }
                 }
-            });
-            if let Err((region, source)) = looked {
-                first_error.get_or_insert(DirtyError::Holes { region, source });
+            }
+            None => data.push((0, total)),
+        }
+        let removed = removed.as_ref();
+        for (region_index, region) in self.layout.regions().iter().enumerate() {
+            let region_id = region_index as u32;
+            let first_page = self.layout.region_first_page(region_id).unwrap_or(0);
+            let end_page = first_page + region.size / page_size;
+            let base = region.base_host_virt_addr;
+            let span = first_page as usize..end_page as usize;
+            let (pages, heats) = (&mut last_dirty[span.clone()], &mut heat[span]);
+            // `only_data`: leave out the pages that were holes at this look.
+            // The kernel counts an empty entry as written (and the scan
+            // covers the holes of whole 2 MiB blocks); such a page is zeros,
+            // or it holds data at a later look, which reports it.
+            let sparse = !whole(&self.layout);
+            let held_data = |page: u64| !sparse || removed.is_none_or(|r| r.held_data(first_page + page));
+            let mut mark = |from: u64, to: u64, only_data: bool| {
+                let first = (from.max(base) - base) / page_size;
+                let last = to.saturating_sub(base).div_ceil(page_size).min(pages.len() as u64);
+                let mut marked = 0;
+                for page in (first..last).filter(|&page| !only_data || held_data(page)) {
+                    let index = page as usize;
+                    // A page found twice by one scan is warmed once.
+                    if pages[index] != epoch {
+                        crate::heat::warm(&mut heats[index]);
+                        pages[index] = epoch;
+                    }
+                    marked += 1;
+                }
+                marked
+            };
+            for &(first, end) in &data {
+                let (first, end) = (first.max(first_page), end.min(end_page));
+                if first >= end {
+                    continue;
+                }
+                let (start, stop) = (base + (first - first_page) * page_size, base + (end - first_page) * page_size);
+                if let Err(error) = scan_written(pagemap.as_fd(), start, stop, scan_buf, |from, to| {
+                    found += mark(from.max(start), to.min(stop), true)
+                }) {
+                    // The failed call may have re-protected pages it did not
+                    // report: count the rest of the range as dirty.
+                    mark(error.at(), stop, false);
+                    first_error.get_or_insert(DirtyError::Scan { region: region_id, source: error });
+                }
             }
         }
         crate::metrics::record_duration(&self.scan_latency, started.elapsed());
@@ -406,19 +473,56 @@ impl DirtyTracker {
             let first_page = self.layout.region_first_page(region).unwrap_or(0) as usize;
             let count = self.layout.region_pages(region).unwrap_or(0) as usize;
             let mut open: Option<DirtyRun> = None;
-            for (index, &last_dirty) in state.last_dirty[first_page..first_page + count].iter().enumerate() {
-                if u64::from(last_dirty) <= since {
+            let pages = &state.last_dirty[first_page..first_page + count];
+            for (chunk_index, chunk) in pages.chunks(CLEAN_CHUNK).enumerate() {
+                // Whole chunks of clean pages (a sparse guest's holes) are
+                // skipped at the speed of a vectorised maximum.
+                if chunk.iter().copied().max().is_none_or(|newest| u64::from(newest) <= since) {
                     runs.extend(open.take());
                     continue;
                 }
-                total += 1;
-                match open.as_mut() {
-                    Some(run) => run.len += 1,
-                    None => open = Some(DirtyRun { region, first_index: index as u64, len: 1 }),
-                }
+                Self::collect_chunk(
+                    chunk,
+                    chunk_index * CLEAN_CHUNK,
+                    (region, since),
+                    &mut open,
+                    &mut runs,
+                    &mut total,
+                );
             }
             runs.extend(open);
         }
         (runs, total)
     }
+
+    /// [`collect_runs`](Self::collect_runs) over one chunk of a region's
+    /// pages, the first of which is page `first` of `region`.
+    fn collect_chunk(
+        chunk: &[u32],
+        first: usize,
+        (region, since): (u32, u64),
+        open: &mut Option<DirtyRun>,
+        runs: &mut Vec<DirtyRun>,
+        total: &mut u64,
+    ) {
+        for (index, &last_dirty) in (first..).zip(chunk) {
+            if u64::from(last_dirty) <= since {
+                runs.extend(open.take());
+                continue;
+            }
+            *total += 1;
+            match open.as_mut() {
+                Some(run) => run.len += 1,
+                None => *open = Some(DirtyRun { region, first_index: index as u64, len: 1 }),
+            }
+        }
+    }
+}
+
+/// Whether `layout` is tracked whole rather than by its data: huge pages
+/// (hugetlbfs has no `SEEK_HOLE`, and its page tables are small), tracked
+/// as before sparse guests were (every page dirty at epoch 1, every scan
+/// over all of it, protected up front by `SourceMemory::from_handoff`).
+fn whole(layout: &GuestLayout) -> bool {
+    layout.page_size() > 4096
 }

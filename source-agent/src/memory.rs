@@ -52,7 +52,9 @@ impl std::fmt::Display for MemoryOrigin {
 
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
-    #[error("write-protecting the VMM's guest memory (is the uffd registered in WP mode?): {0}")]
+    #[error(
+        "checking that the VMM's guest memory is registered for write-protection (is the uffd registered in WP mode?): {0}"
+    )]
     WriteProtect(#[source] guest_memory::UffdError),
     #[error("opening memory file {path}: {source}", path = path.display())]
     Open {
@@ -216,7 +218,7 @@ impl SourceMemory {
     }
 
     /// Takes a VMM's handed-off memory (reopened read-only) and starts dirty
-    /// tracking (the initial scan that write-protects every page).
+    /// tracking (the initial scan that write-protects every mapped page).
     pub fn from_handoff(
         message: &HandoffMessage,
         layout: GuestLayout,
@@ -232,12 +234,25 @@ impl SourceMemory {
         let removed = RemovedPages::watch(memory.as_fd(), holes, &layout).map_err(MemoryError::WatchRemoved)?;
         // The VMM's (writable) descriptor goes here: reads use `file`.
         drop(memory);
-        // Write-protect the whole range first: on shmem and hugetlbfs this
-        // also leaves a marker in every empty page-table entry, so a page
-        // the VMM merely *reads* later (a hole faulted in) is not reported
-        // as written; PAGEMAP_SCAN alone protects only present pages.
+        // Only the pages that hold data are write-protected (the scans'
+        // PAGEMAP_SCAN, `crate::dirty`): protecting the whole range would
+        // leave a marker in every empty page-table entry, so the VMM would
+        // need page tables for all of its memory (2 GiB for a 1 TiB guest,
+        // made in seconds, even when 4 GiB of it were ever written). A hole
+        // the VMM writes later holds data at the next scan's look, which
+        // reports it. Turning protection *off* over every region
+        // checks that the uffd covers it in write-protect mode, at no such
+        // cost; a page it unprotects is data, dirty at epoch 1 anyway.
+        // Huge pages (hugetlbfs) are tracked whole, as before sparse guests
+        // were: protected up front (4 KiB of page tables per GiB), every page
+        // dirty at epoch 1, every scan over all of it (`crate::dirty`).
         for r in layout.regions() {
-            uffd.write_protect(r.base_host_virt_addr, r.size).map_err(MemoryError::WriteProtect)?;
+            let checked = if r.page_size > 4096 {
+                uffd.write_protect(r.base_host_virt_addr, r.size)
+            } else {
+                uffd.write_unprotect(r.base_host_virt_addr, r.size)
+            };
+            checked.map_err(MemoryError::WriteProtect)?;
         }
         let dirty = DirtyTracker::for_vmm(layout.clone(), pagemap, removed);
         dirty.start_tracking().map_err(MemoryError::StartTracking)?;

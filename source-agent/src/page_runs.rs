@@ -29,6 +29,12 @@ impl PageRuns {
         &self.0
     }
 
+    /// Whether a run holds `page`.
+    pub fn contains(&self, page: u64) -> bool {
+        let at = self.0.partition_point(|run| run.end <= page);
+        self.0.get(at).is_some_and(|run| run.start <= page)
+    }
+
     /// Calls `f` with each run of `range` that no run of `self` covers.
     pub fn gaps_in(&self, range: Range<u64>, mut f: impl FnMut(Range<u64>)) {
         let mut at = range.start;
@@ -79,6 +85,14 @@ mod tests {
         assert_eq!(gaps(&runs, 3..7), [4..6]);
         assert_eq!(gaps(&runs, 2..4), Vec::<std::ops::Range<u64>>::new());
         assert_eq!(gaps(&PageRuns::default(), 5..9), [5..9]);
+    }
+
+    #[test]
+    fn contains_only_pages_inside_runs() {
+        let runs = PageRuns::from_unsorted(vec![2..4, 6..8]);
+        let inside: Vec<u64> = (0..10).filter(|&page| runs.contains(page)).collect();
+        assert_eq!(inside, [2, 3, 6, 7]);
+        assert!(!PageRuns::default().contains(0));
     }
 
     #[test]

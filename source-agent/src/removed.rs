@@ -55,6 +55,11 @@
 //! reservation. Its cost: the page tables of a mapping of the guest's
 //! memory (2 MiB per GiB of 4 KiB pages, next to nothing for huge pages).
 //!
+//! Dirty tracking write-protects only the pages that hold data
+//! ([`crate::dirty`]), so the look is also how a hole that the VMM wrote is
+//! seen: it reports every page mapped in that was not mapped at the last
+//! look and holds something other than zeros.
+//!
 //! A `MADV_DONTNEED` by the VMM changes no content on a shared mapping (the
 //! page cache keeps the data, only the VMM's page-table entry goes), leaves
 //! this mapping alone, and is not reported.
@@ -131,7 +136,7 @@ impl RemovedPages {
     /// for writing (the kernel registers a userfaultfd only over a mapping
     /// that could be made writable); they are read-only, and nothing keeps
     /// the writable descriptor. Nothing looked at yet: the first
-    /// [`look`](Self::look) reports nothing.
+    /// [`look`](Self::look) reports every page that holds data.
     pub fn watch(handed_off: BorrowedFd<'_>, file: File, layout: &GuestLayout) -> Result<Self, WatchError> {
         let (mut maps, mut guards) = (Vec::new(), Vec::new());
         for (index, r) in layout.regions().iter().enumerate() {
@@ -274,6 +279,11 @@ impl RemovedPages {
     /// looked at).
     pub fn data_runs(&self) -> &[Range<u64>] {
         self.data.runs()
+    }
+
+    /// Whether global `page` was mapped here at the end of the last look.
+    pub fn held_data(&self, page: u64) -> bool {
+        self.data.contains(page)
     }
 
     /// Maps into region `index`'s mapping (its first global page `first`)

@@ -501,8 +501,9 @@ fn fault_loop_stopped(exit: Result<FaultLoopExit, oneshot::error::RecvError>) ->
 
 /// The final bitmap: the pages written since `since`, from the paused
 /// source, with its heat hint. From a restarted source (another incarnation
-/// than `since`'s) it is every page: each one not yet installed becomes
-/// stale.
+/// than `since`'s) it is every page that may hold data there, and every page
+/// our file holds content for (the source may have zeros there now): each
+/// one not yet installed becomes stale.
 async fn final_bitmap(
     client: &mut source::Client,
     guest: &GuestMemory,
@@ -511,10 +512,15 @@ async fn final_bitmap(
 ) -> Result<source::DirtyPages, TargetError> {
     let dirty = transfer::dirty_pages(guest, client, link, since, true, "the final dirty bitmap").await?;
     if dirty.epoch.incarnation != since.incarnation {
+        let mut dirty = dirty;
+        let ours = guest.states.present_pages_not_in(&dirty.pages);
+        dirty.pages.extend(ours);
+        dirty.pages.sort_unstable();
         tracing::warn!(
-            "the final bitmap comes from a restarted source agent: all {} pages count as dirty",
+            "the final bitmap comes from a restarted source agent: all {} pages that may hold data count as dirty",
             dirty.pages.len()
         );
+        return Ok(dirty);
     }
     Ok(dirty)
 }

@@ -20,13 +20,14 @@
 use std::io::IoSlice;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 
 use guest_memory::handoff::{AgentMessage, EventReader, Handoff};
 use guest_memory::memfile::{data_ranges, fallocate_keep_size, monotonic_ns, punch_hole};
 use guest_memory::{GuestLayout, MemoryMap, UffdError, Userfaultfd, layout::LayoutError};
 use pageserver_proto::v1::Page;
 
+use crate::fault_waits::FaultWaits;
 use crate::install_gate::{GateClosed, InstallGate};
 use crate::page_state::{Claim, ClaimMismatch, FetchOrigin, LocalFill, LocalResolution, PageStates};
 use crate::stats::{FaultKind, TargetStats};
@@ -100,9 +101,8 @@ pub struct GuestMemory {
     pub states: PageStates,
     /// Shut when the migration fails: nothing is installed after that.
     pub gate: InstallGate,
-    /// Per page: when the oldest fault still waiting on its fetch was read
-    /// (0: none).
-    fault_started_ns: Vec<AtomicU64>,
+    /// When the oldest fault still waiting on each page's fetch was read.
+    fault_waits: FaultWaits,
     pub stats: Arc<TargetStats>,
 }
 
@@ -121,7 +121,7 @@ impl GuestMemory {
         Ok(Self {
             states: PageStates::new(pages),
             gate: InstallGate::default(),
-            fault_started_ns: (0..pages).map(|_| AtomicU64::new(0)).collect(),
+            fault_waits: FaultWaits::default(),
             layout,
             maps,
             memory: handoff.memory,
@@ -226,7 +226,7 @@ impl GuestMemory {
     /// mapped into the guest). Zero pages stay holes unless an older copy is
     /// there to overwrite. `page` must have been checked against the reply's
     /// request ([`crate::source::check_reply`]).
-    fn store_precopy(&self, page: u64, content: &Page) {
+    pub fn store_precopy(&self, page: u64, content: &Page) {
         let (map, off) = self.locate(page);
         if content.zero {
             if self.states.is_present(page) {
@@ -348,8 +348,7 @@ impl GuestMemory {
     /// settles it; if the install won the race with this note, it is
     /// settled here.
     pub fn wait_for_fetch(&self, page: u64, started_ns: u64, known: bool) {
-        let _ =
-            self.fault_started_ns[page as usize].compare_exchange(0, started_ns, Ordering::AcqRel, Ordering::Relaxed);
+        self.fault_waits.note(page, started_ns);
         if self.states.state(page) == crate::page_state::PageState::Installed {
             // Installed between the fault's decision and this note: the
             // installer may have settled before the note, so do it here (the
@@ -364,24 +363,21 @@ impl GuestMemory {
     /// (a fault that needed the source; `known`: the page was stale, not
     /// unknown).
     fn settle_waiting_fault(&self, page: u64, known: bool) {
-        let started = self.fault_started_ns[page as usize].swap(0, Ordering::AcqRel);
-        if started != 0 {
+        if let Some(started) = self.fault_waits.take(page) {
             self.stats.record_fault_latency(FaultKind::Fetched, known, monotonic_ns().saturating_sub(started));
         }
     }
 
-    /// Pages with a fault waiting for their fetch right now (O(pages): for
-    /// metrics and for accounting a stopped fault loop, not for the fault
-    /// path).
+    /// Pages with a fault waiting for their fetch right now (for metrics and
+    /// for accounting a stopped fault loop).
     pub fn faults_waiting(&self) -> u64 {
-        self.fault_started_ns.iter().filter(|t| t.load(Ordering::Relaxed) != 0).count() as u64
+        self.fault_waits.count()
     }
 
-    /// The first `limit` pages with a fault waiting for their fetch
-    /// (O(pages): for the log of a stopped fault loop).
+    /// The first `limit` pages with a fault waiting for their fetch (for
+    /// the log of a stopped fault loop).
     pub fn pages_waiting(&self, limit: usize) -> Vec<u64> {
-        let waiting = self.fault_started_ns.iter().enumerate().filter(|(_, t)| t.load(Ordering::Relaxed) != 0);
-        waiting.map(|(page, _)| page as u64).take(limit).collect()
+        self.fault_waits.pages(limit)
     }
 
     /// Resolves a fault on a fresh or installed page without the network:

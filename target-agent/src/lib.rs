@@ -9,6 +9,7 @@
 //! - [`page_state`]: the per-page state machine, its rules and invariants;
 //!   the one place that decides every transition, and the tokens ([`Claim`](page_state::Claim)
 //!   and friends) without which nothing can be installed;
+//! - [`fault_waits`]: when each fault waiting on a fetch was read;
 //! - [`fault_loop`]: reads the guest's faults and carries out what the page
 //!   state decides; its failure policy (freeze, report, never guess);
 //! - [`demand`]: fetches the pages faults wait for, with reconnects and
@@ -34,6 +35,7 @@
 pub mod agent;
 pub mod demand;
 pub mod fault_loop;
+pub mod fault_waits;
 pub mod fence;
 pub mod guest;
 pub mod handoff;

@@ -262,14 +262,7 @@ pub struct PageStates {
 impl PageStates {
     /// Every page `Unknown` and absent (a hole).
     pub fn new(pages: u64) -> Self {
-        let counts = [
-            AtomicU64::new(pages),
-            AtomicU64::new(0),
-            AtomicU64::new(0),
-            AtomicU64::new(0),
-            AtomicU64::new(0),
-            AtomicU64::new(0),
-        ];
+        let counts = [pages, 0, 0, 0, 0, 0].map(AtomicU64::new);
         Self { bytes: (0..pages).map(|_| AtomicU8::new(0)).collect(), counts }
     }
 
@@ -329,6 +322,7 @@ impl PageStates {
             .is_ok()
     }
 
+    /// `pages` pages went from `from` to `to`.
     fn count_moved(&self, from: PageState, to: PageState, pages: u64) {
         if pages > 0 {
             self.counts[from as usize].fetch_sub(pages, Ordering::Relaxed);
@@ -339,23 +333,24 @@ impl PageStates {
     /// Claims `page` for `origin` if it is `Unknown` or `Stale` (rule 4),
     /// and, for the background pull, not removed by the VMM (rule 7).
     pub fn claim(&self, page: u64, origin: FetchOrigin) -> Option<Claim> {
-        let mut from = None;
-        let _ = self.bytes[page as usize].fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| {
-            if origin == FetchOrigin::Background && b & REMOVED != 0 {
-                return None;
-            }
-            let to = match PageState::from_bits(b) {
-                PageState::Unknown => PageState::FetchingUnknown,
-                PageState::Stale => PageState::FetchingStale,
-                _ => return None,
-            };
-            from = Some(PageState::from_bits(b));
-            Some((b & !STATE_MASK) | to as u8)
-        });
-        let from = from?;
-        let claim = Claim { page, from, origin };
-        self.count_moved(from, claim.fetching_state(), 1);
-        Some(claim)
+        let fetching = |state| match state {
+            PageState::Unknown => Some(PageState::FetchingUnknown),
+            PageState::Stale => Some(PageState::FetchingStale),
+            _ => None,
+        };
+        // What the successful exchange replaced decides (the closure may
+        // have run before on a value that changed meanwhile).
+        let before = self.bytes[page as usize]
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| {
+                if origin == FetchOrigin::Background && b & REMOVED != 0 {
+                    return None;
+                }
+                fetching(PageState::from_bits(b)).map(|to| (b & !STATE_MASK) | to as u8)
+            })
+            .ok()?;
+        let from = PageState::from_bits(before);
+        self.count_moved(from, fetching(from)?, 1);
+        Some(Claim { page, from, origin })
     }
 
     /// Decides what a guest fault on `page` needs. `minor`: the kernel
@@ -428,6 +423,25 @@ impl PageStates {
             .count();
         self.count_moved(PageState::Unknown, PageState::Fresh, fresh as u64);
         stale
+    }
+
+    /// The present pages (the target's file holds content for them) that
+    /// are not in `listed` (ascending), ascending. A dirty bitmap "since
+    /// epoch 0" leaves out the pages that are zeros on the source: the
+    /// target must not keep content of its own there. O(pages).
+    pub fn present_pages_not_in(&self, listed: &[u64]) -> Vec<u64> {
+        let mut listed = listed.iter().peekable();
+        let mut pages = Vec::new();
+        for page in 0..self.len() {
+            if self.load(page) & PRESENT == 0 {
+                continue;
+            }
+            while listed.next_if(|&&l| l < page).is_some() {}
+            if listed.peek() != Some(&&page) {
+                pages.push(page);
+            }
+        }
+        pages
     }
 
     /// Runs of pages that are `Fresh`, present and not removed: what a bulk

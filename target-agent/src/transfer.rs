@@ -137,9 +137,18 @@ pub async fn precopy(
         let started = std::time::Instant::now();
         let dirty = dirty_pages(guest, client, link, &since, false, "a pre-copy dirty bitmap").await?;
         let count = dirty.pages.len();
-        if dirty.epoch.incarnation != since.incarnation {
+        let restarted = dirty.epoch.incarnation != since.incarnation;
+        if restarted {
             tracing::warn!("pre-copy round {round}: a new source agent: every page is copied again");
             previous = None;
+        }
+        if restarted || since.epoch == 0 {
+            // "Since epoch 0" lists only the pages that may hold data: the
+            // others are zeros on the source now, whatever we copied before.
+            let zero = Page { zero: true, ..Page::default() };
+            for page in guest.states.present_pages_not_in(&dirty.pages) {
+                guest.store_precopy(page, &zero);
+            }
         }
         tracing::info!("pre-copy round {round}: {count} dirty pages since epoch {}", since.epoch);
         let mut requests = source::batch_requests(&guest.layout, &dirty.pages, 0, false).into_iter();

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 
 use crate::error::VmmError;
+use crate::written::WrittenPages;
 
 /// Which side of the migration the stand-in plays.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,6 +29,9 @@ impl FromStr for StandinRole {
 pub struct StandinConfig {
     pub role: StandinRole,
     pub memory_bytes: u64,
+    /// A sparse guest: only this many bytes are ever written
+    /// ([`WrittenPages::sparse`]); `None`: every page.
+    pub written_bytes: Option<u64>,
     pub hugetlb: bool,
     pub vcpus: usize,
     pub seed: u64,
@@ -53,6 +57,15 @@ impl StandinConfig {
         if self.hugetlb { 2 << 20 } else { 4096 }
     }
 
+    /// The pages the guest ever writes.
+    pub fn written(&self) -> WrittenPages {
+        let total_pages = self.memory_bytes / self.page_size();
+        match self.written_bytes {
+            Some(bytes) => WrittenPages::sparse(total_pages, bytes / self.page_size()),
+            None => WrittenPages::dense(total_pages),
+        }
+    }
+
     pub(crate) fn validate(&self) -> Result<(), VmmError> {
         let page_size = self.page_size();
         if self.memory_bytes == 0 || self.memory_bytes.checked_rem(page_size) != Some(0) {
@@ -63,6 +76,9 @@ impl StandinConfig {
         }
         if usize::try_from(self.memory_bytes).is_err() {
             return Err(VmmError::Config(format!("memory size {} does not fit this machine", self.memory_bytes)));
+        }
+        if self.written_bytes.is_some_and(|bytes| bytes < page_size) {
+            return Err(VmmError::Config(format!("a sparse guest writes at least one page ({page_size} bytes)")));
         }
         if self.vcpus == 0 {
             return Err(VmmError::Config("at least one vCPU is needed".into()));

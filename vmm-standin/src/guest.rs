@@ -22,6 +22,7 @@ use crate::pattern::{self, SplitMix64, Stream};
 use crate::ram::GuestRam;
 use crate::touched::TouchedPages;
 use crate::undo_log::UndoLogs;
+use crate::written::WrittenPages;
 
 /// Accesses a vCPU makes between two looks at the clock.
 const ACCESSES_PER_CLOCK_CHECK: u64 = 64;
@@ -39,6 +40,8 @@ pub struct TargetGuest {
     vcpus: usize,
     seed: u64,
     hot: Vec<u64>,
+    /// The pages the guest uses (all, or a sparse guest's clusters).
+    written: WrittenPages,
     /// Monotonic time when the first guest access completed; 0 = none yet.
     first_access_done_ns: AtomicU64,
     undo: UndoLogs,
@@ -65,7 +68,8 @@ impl TargetGuest {
     /// The guest of `ram`, registered with `registration`.
     pub fn new(ram: GuestRam, registration: Userfaultfd, config: &StandinConfig) -> Self {
         Self {
-            hot: pattern::hot_set(config.seed, ram.total_pages),
+            hot: config.written().hot_set(config.seed),
+            written: config.written(),
             undo: UndoLogs::new(config.vcpus, ram.page_size, config.max_written_pages),
             touched: TouchedPages::new(ram.total_pages),
             ram,
@@ -204,7 +208,7 @@ impl TargetGuest {
         let mut accesses = 0u64;
         loop {
             for _ in 0..ACCESSES_PER_CLOCK_CHECK {
-                let page = pattern::pick_page(&mut rng, &self.hot, self.ram.total_pages);
+                let page = self.written.pick_page(&mut rng, &self.hot);
                 let word = rng.below(words);
                 match self.owned_page_near(page, vcpu).filter(|_| rng.percent(WRITE_PERCENT)) {
                     Some(owned) => {

@@ -31,6 +31,8 @@
 //! - [`verify`]: the target's memory compared with the source's snapshot,
 //!   every page or only the pages already mapped;
 //! - [`pattern`]: the content every party derives from the seed;
+//! - [`written`]: which pages were ever written (all, or a sparse guest's
+//!   clusters);
 //! - [`size`]: memory sizes as users type them (also the demo's `--memory`).
 #![forbid(unsafe_code)]
 
@@ -47,13 +49,14 @@ pub mod target;
 pub mod touched;
 pub mod undo_log;
 pub mod verify;
+pub mod written;
 
 use std::io::BufRead;
 use std::sync::Arc;
 
 pub use config::{StandinConfig, StandinRole};
 pub use error::VmmError;
-pub use protocol::{EventSink, StandinEvent};
+pub use protocol::{EventSink, StandinEvent, TrackingSetup};
 
 /// Runs the stand-in until `quit` or the end of `commands`. On the target,
 /// vCPU threads may still run then (or be blocked for ever in a fault that

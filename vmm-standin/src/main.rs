@@ -20,6 +20,11 @@ struct Args {
     /// Guest memory size: 1G, 256M, 64MiB or bytes.
     #[arg(long, value_parser = parse_size)]
     memory: u64,
+    /// A sparse guest: only this much of the memory is ever written (64
+    /// clusters spread evenly; the vCPUs stay inside them); all of it if
+    /// unset.
+    #[arg(long, value_parser = parse_size)]
+    written: Option<u64>,
     /// Back guest memory with 2 MiB huge pages (MFD_HUGETLB).
     #[arg(long)]
     hugetlb: bool,
@@ -60,6 +65,7 @@ fn main() -> anyhow::Result<()> {
     let config = StandinConfig {
         role: args.role,
         memory_bytes: args.memory,
+        written_bytes: args.written,
         hugetlb: args.hugetlb,
         vcpus: args.vcpus,
         seed: args.seed,

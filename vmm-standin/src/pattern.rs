@@ -77,8 +77,13 @@ pub fn initial_page(seed: u64, page: u64, buf: &mut [u8]) {
     if is_initial_hole(seed, page) {
         buf.fill(0);
     } else {
-        SplitMix64::new(derive(seed, Stream::InitialContent, page, 0)).fill(buf);
+        data_page(seed, page, buf);
     }
+}
+
+/// The initial content of page `page` if it is not a hole.
+pub fn data_page(seed: u64, page: u64, buf: &mut [u8]) {
+    SplitMix64::new(derive(seed, Stream::InitialContent, page, 0)).fill(buf);
 }
 
 /// The content `write P` puts in page `page` for the `counter`-th command:

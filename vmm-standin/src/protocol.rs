@@ -44,6 +44,9 @@ pub enum StandinEvent {
         total_pages: u64,
         /// Up to 16 pages that are holes (all zeros) at this moment (source).
         zero_pages: Vec<u64>,
+        /// How the hand-off to the source agent went (source only).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tracking: Option<TrackingSetup>,
     },
     Written {
         page: u64,
@@ -79,7 +82,12 @@ pub enum StandinEvent {
         pages: u64,
     },
     Verified {
+        /// Every page verified: compared, or a hole in both files.
         verified_pages: u64,
+        /// Of those, the pages that are holes in both the snapshot and the
+        /// target's file: zeros on both sides, not read (`crate::verify`).
+        #[serde(default)]
+        hole_pages: u64,
         mismatched_pages: u64,
         first_mismatches: Vec<u64>,
     },
@@ -124,6 +132,23 @@ impl StandinEvent {
             Self::Error { .. } => "error",
         }
     }
+}
+
+/// The source's hand-off, which starts dirty tracking: the agent accepts it
+/// only once its first scan has write-protected the memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrackingSetup {
+    /// From connecting to the agent's hand-off socket to its acceptance:
+    /// sending the descriptors, the agent's watch of removed pages (its own
+    /// mapping of the memory, populated over every data page), and its
+    /// first PAGEMAP_SCAN that write-protects every written page.
+    pub handoff_us: u64,
+    /// The stand-in's page tables (`VmPTE`, KiB) just before the hand-off,
+    /// with the memory written and registered for write-protection…
+    pub vm_pte_kib_before: u64,
+    /// …and right after it, before any vCPU runs: what starting the
+    /// tracking added.
+    pub vm_pte_kib_after: u64,
 }
 
 /// One stdin line, parsed.

@@ -17,15 +17,17 @@ use std::time::{Duration, Instant};
 
 use guest_memory::Userfaultfd;
 use guest_memory::handoff::{Role, VmmEvent};
-use guest_memory::memfile::{is_zero, monotonic_ns};
+use guest_memory::memfile::{data_ranges, is_zero, monotonic_ns};
+use std::os::fd::AsFd;
 
 use crate::config::StandinConfig;
 use crate::error::{VmmError, io_context};
 use crate::hot_sweep;
 
 use crate::pattern::{self, SplitMix64, Stream};
-use crate::protocol::{Command, EventSink, StandinEvent, command_loop};
+use crate::protocol::{Command, EventSink, StandinEvent, TrackingSetup, command_loop};
 use crate::ram::{GuestRam, describe_fds, hand_off};
+use crate::written::WrittenPages;
 
 /// How many hole pages the `ready` event lists.
 const ZERO_PAGES_REPORTED: usize = 16;
@@ -39,10 +41,12 @@ pub(crate) fn run(config: &StandinConfig, commands: impl BufRead, events: &Arc<E
         config.page_size(),
         config.hugetlb,
     )?);
+    let written = config.written();
     let started = Instant::now();
-    fill_initial_content(&ram, config.seed, config.vcpus);
+    fill_initial_content(&ram, &written, config.seed, config.vcpus);
     eprintln!(
-        "vmm-standin[source]: {} pages of {} bytes filled from seed {} in {:.2?}",
+        "vmm-standin[source]: {} of {} pages of {} bytes filled from seed {} in {:.2?}",
+        written.len(),
         ram.total_pages,
         ram.page_size,
         config.seed,
@@ -51,21 +55,32 @@ pub(crate) fn run(config: &StandinConfig, commands: impl BufRead, events: &Arc<E
 
     let uffd = Userfaultfd::for_role(Role::Source, &ram.region())?;
     let pagemap = File::open("/proc/self/pagemap").map_err(io_context("opening /proc/self/pagemap"))?;
+    let pte_before = vm_pte_kib()?;
+    let handoff_started = Instant::now();
     let link = hand_off(config, Role::Source, &ram, &[&ram.memfd, &uffd, &pagemap], events)?;
+    let tracking = TrackingSetup {
+        handoff_us: handoff_started.elapsed().as_micros() as u64,
+        vm_pte_kib_before: pte_before,
+        vm_pte_kib_after: vm_pte_kib()?,
+    };
     eprintln!(
-        "vmm-standin[source]: hand-off to {} accepted ({})",
+        "vmm-standin[source]: hand-off to {} accepted ({}) in {} µs; VmPTE {} -> {} KiB",
         config.handoff_socket.display(),
-        describe_fds(Role::Source)
+        describe_fds(Role::Source),
+        tracking.handoff_us,
+        tracking.vm_pte_kib_before,
+        tracking.vm_pte_kib_after
     );
 
-    let hot = Arc::new(pattern::hot_set(config.seed, ram.total_pages));
-    let zero_pages = pick_zero_pages(config.seed, ram.total_pages, &hot);
-    let mut vcpus = Some(DirtyingVcpus::start(&ram, &hot, config)?);
+    let hot = Arc::new(written.hot_set(config.seed));
+    let zero_pages = pick_zero_pages(config.seed, &written, &hot);
+    let mut vcpus = Some(DirtyingVcpus::start(&ram, &hot, &written, config)?);
     events.emit(&StandinEvent::Ready {
         pid: std::process::id(),
         page_size: ram.page_size,
         total_pages: ram.total_pages,
         zero_pages,
+        tracking: Some(tracking),
     });
 
     let mut command_writes = 0u64;
@@ -129,16 +144,18 @@ pub(crate) fn run(config: &StandinConfig, commands: impl BufRead, events: &Arc<E
     Ok(())
 }
 
-/// Writes every non-hole page with its seed-derived content, in parallel.
-fn fill_initial_content(ram: &GuestRam, seed: u64, vcpus: usize) {
+/// Writes every written non-hole page with its seed-derived content, in
+/// parallel; the rest stays holes, never touched.
+fn fill_initial_content(ram: &GuestRam, written: &WrittenPages, seed: u64, vcpus: usize) {
     let threads = vcpus.min(std::thread::available_parallelism().map_or(1, |n| n.get())).max(1);
     std::thread::scope(|scope| {
         for first in 0..threads {
             scope.spawn(move || {
                 let mut buf = vec![0u8; ram.page_size as usize];
-                for page in (first as u64..ram.total_pages).step_by(threads) {
-                    if !pattern::is_initial_hole(seed, page) {
-                        pattern::initial_page(seed, page, &mut buf);
+                for index in (first as u64..written.len()).step_by(threads) {
+                    let page = written.page(index);
+                    if !written.is_initial_hole(seed, page) {
+                        written.initial_page(seed, page, &mut buf);
                         ram.map.copy_in(ram.page_offset(page), &buf);
                     }
                 }
@@ -148,8 +165,14 @@ fn fill_initial_content(ram: &GuestRam, seed: u64, vcpus: usize) {
 }
 
 /// Up to [`ZERO_PAGES_REPORTED`] holes outside the hot set, spread over the
-/// memory (so the vCPUs are unlikely to write them soon).
-fn pick_zero_pages(seed: u64, total_pages: u64, hot: &[u64]) -> Vec<u64> {
+/// memory (so the vCPUs are unlikely to write them soon). In a sparse guest:
+/// the page after each of the first clusters (never written at all).
+fn pick_zero_pages(seed: u64, written: &WrittenPages, hot: &[u64]) -> Vec<u64> {
+    let total_pages = written.page_count();
+    if !written.is_dense() {
+        let after = written.clusters().map(|(_, end)| end).filter(|&page| written.is_initial_hole(seed, page));
+        return after.filter(|&page| page < total_pages).take(ZERO_PAGES_REPORTED).collect();
+    }
     let mut picked: Vec<u64> = Vec::new();
     for slot in 0..ZERO_PAGES_REPORTED as u64 {
         let start = slot * total_pages / ZERO_PAGES_REPORTED as u64;
@@ -165,19 +188,37 @@ fn pick_zero_pages(seed: u64, total_pages: u64, hot: &[u64]) -> Vec<u64> {
     picked
 }
 
-/// Copies the whole (paused) memory into `path`. All-zero pages are left as
-/// holes in the file (they read back as zeros), which saves the memory and
-/// the time of writing them.
+/// Copies the whole (paused) memory into `path`. Holes of the memory file
+/// are skipped without reading them (reading a hole through the mapping
+/// would allocate it: a sparse 1 TiB guest would fill up), and all-zero
+/// pages are left as holes in the file (they read back as zeros), which
+/// saves the memory and the time of writing them.
 fn write_snapshot(ram: &GuestRam, path: &Path) -> Result<(), VmmError> {
     let context = || format!("writing the snapshot {}", path.display());
     let file = File::create(path).map_err(io_context(context()))?;
-    let size = ram.map.len();
+    let mut ranges = Vec::new();
+    data_ranges(ram.memfd.as_fd(), 0, ram.size(), |from, to| ranges.push((from as usize, to as usize)))
+        .map_err(io_context("looking for the data of the guest memory (SEEK_DATA)"))?;
+    let memory = File::from(ram.memfd.try_clone().map_err(io_context("duplicating the memfd"))?);
+    for (from, to) in ranges {
+        copy_range(ram, &memory, &file, from, to).map_err(io_context(context()))?;
+    }
+    file.set_len(ram.size()).map_err(io_context(context()))
+}
+
+/// Copies bytes [`from`, `to`) of the memory to the same place in `file`,
+/// leaving all-zero pages out. The memory is read with `pread`, not through
+/// the mapping: a hole read through the mapping would be allocated (and on
+/// hugetlbfs, which has no SEEK_HOLE, every hole is in a "data" range), a
+/// page the source agent would then see appear after the pause.
+fn copy_range(ram: &GuestRam, memory: &File, file: &File, from: usize, to: usize) -> std::io::Result<()> {
     let page_size = ram.page_size as usize;
-    let mut buf = vec![0u8; SNAPSHOT_CHUNK_BYTES.min(size)];
-    let mut offset = 0;
+    let (from, size) = (from - from % page_size, to.next_multiple_of(page_size).min(ram.map.len()));
+    let mut buf = vec![0u8; SNAPSHOT_CHUNK_BYTES.min(size - from)];
+    let mut offset = from;
     while offset < size {
         let len = buf.len().min(size - offset);
-        ram.map.copy_out(offset, &mut buf[..len]);
+        memory.read_exact_at(&mut buf[..len], offset as u64)?;
         let chunk = &buf[..len];
         // Each run of non-zero pages is written with one call.
         let is_zero_page = |page: usize| is_zero(&chunk[page * page_size..(page + 1) * page_size]);
@@ -193,12 +234,23 @@ fn write_snapshot(ram: &GuestRam, path: &Path) -> Result<(), VmmError> {
             }
             if run_start < page {
                 let run = &chunk[run_start * page_size..page * page_size];
-                file.write_all_at(run, (offset + run_start * page_size) as u64).map_err(io_context(context()))?;
+                file.write_all_at(run, (offset + run_start * page_size) as u64)?;
             }
         }
         offset += len;
     }
-    file.set_len(size as u64).map_err(io_context(context()))
+    Ok(())
+}
+
+/// The calling process's page tables (`VmPTE` in `/proc/self/status`), KiB.
+fn vm_pte_kib() -> Result<u64, VmmError> {
+    let status =
+        std::fs::read_to_string("/proc/self/status").map_err(io_context("reading /proc/self/status for VmPTE"))?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmPTE:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        .ok_or_else(|| VmmError::Config("no VmPTE line in /proc/self/status".into()))
 }
 
 /// vCPU threads writing 64 bytes at a time into random pages until stopped.
@@ -209,16 +261,22 @@ struct DirtyingVcpus {
 }
 
 impl DirtyingVcpus {
-    fn start(ram: &Arc<GuestRam>, hot: &Arc<Vec<u64>>, config: &StandinConfig) -> Result<Self, VmmError> {
+    fn start(
+        ram: &Arc<GuestRam>,
+        hot: &Arc<Vec<u64>>,
+        written: &WrittenPages,
+        config: &StandinConfig,
+    ) -> Result<Self, VmmError> {
         let mut vcpus =
             Self { stop: Arc::new(AtomicBool::new(false)), writes: Arc::new(AtomicU64::new(0)), threads: Vec::new() };
         let per_vcpu_rate = config.dirty_rate as f64 / config.vcpus as f64;
         for vcpu in 0..config.vcpus {
             let (ram, hot, stop, writes) = (ram.clone(), hot.clone(), vcpus.stop.clone(), vcpus.writes.clone());
+            let written = *written;
             let rng = SplitMix64::new(pattern::derive(config.seed, Stream::SourceVcpu, vcpu as u64, 0));
             let thread = std::thread::Builder::new()
                 .name(format!("vcpu{vcpu}"))
-                .spawn(move || dirty_until_stopped(&ram, &hot, rng, per_vcpu_rate, &stop, &writes))
+                .spawn(move || dirty_until_stopped(&ram, (&written, &hot), rng, per_vcpu_rate, &stop, &writes))
                 .map_err(io_context("starting a vCPU thread"))?;
             vcpus.threads.push(thread);
         }
@@ -262,7 +320,7 @@ const STOP_POLL: Duration = Duration::from_millis(10);
 
 fn dirty_until_stopped(
     ram: &GuestRam,
-    hot: &[u64],
+    (written, hot): (&WrittenPages, &[u64]),
     mut rng: SplitMix64,
     rate: f64,
     stop: &AtomicBool,
@@ -282,7 +340,7 @@ fn dirty_until_stopped(
     let mut next = Instant::now();
     while !stop.load(Ordering::Relaxed) {
         for _ in 0..batch {
-            let page = pattern::pick_page(&mut rng, hot, ram.total_pages);
+            let page = written.pick_page(&mut rng, hot);
             let offset = ram.page_offset(page) + (rng.below(chunks_per_page) * 64) as usize;
             for word in 0..8 {
                 ram.map.write_u64(offset + word * 8, rng.next_u64());
@@ -312,13 +370,17 @@ mod tests {
     #[test]
     fn zero_pages_are_cold_holes() {
         let hot = pattern::hot_set(9, 10_000);
-        let zero = pick_zero_pages(9, 10_000, &hot);
+        let zero = pick_zero_pages(9, &WrittenPages::dense(10_000), &hot);
         assert_eq!(zero.len(), ZERO_PAGES_REPORTED);
         for page in zero {
             assert!(pattern::is_initial_hole(9, page));
             assert!(hot.binary_search(&page).is_err());
         }
         // A tiny guest may have fewer holes than asked for.
-        assert!(pick_zero_pages(9, 2, &[0]).len() <= 1);
+        assert!(pick_zero_pages(9, &WrittenPages::dense(2), &[0]).len() <= 1);
+        let sparse = WrittenPages::sparse(1 << 20, 1 << 10);
+        let zero = pick_zero_pages(9, &sparse, &sparse.hot_set(9));
+        assert_eq!(zero.len(), ZERO_PAGES_REPORTED);
+        assert!(zero.iter().all(|&page| !sparse.contains(page)));
     }
 }

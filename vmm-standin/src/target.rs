@@ -40,6 +40,7 @@ pub(crate) fn run(config: &StandinConfig, commands: impl BufRead, events: &Arc<E
         page_size: guest.ram().page_size,
         total_pages: guest.ram().total_pages,
         zero_pages: Vec::new(),
+        tracking: None,
     });
 
     command_loop(commands, events, |command| match command {
@@ -82,13 +83,18 @@ pub(crate) fn run(config: &StandinConfig, commands: impl BufRead, events: &Arc<E
             Ok(())
         }
         Command::Verify(path) => {
-            let VerifyOutcome { compared_pages, mismatched_pages, first_mismatches } =
+            let VerifyOutcome { compared_pages, hole_pages, mismatched_pages, first_mismatches } =
                 guest.verify(&path, Scope::EveryPage).map_err(|e| e.to_string())?;
-            events.emit(&StandinEvent::Verified { verified_pages: compared_pages, mismatched_pages, first_mismatches });
+            events.emit(&StandinEvent::Verified {
+                verified_pages: compared_pages + hole_pages,
+                hole_pages,
+                mismatched_pages,
+                first_mismatches,
+            });
             Ok(())
         }
         Command::VerifyMapped(path) => {
-            let VerifyOutcome { compared_pages, mismatched_pages, first_mismatches } =
+            let VerifyOutcome { compared_pages, mismatched_pages, first_mismatches, .. } =
                 guest.verify(&path, Scope::MappedPages).map_err(|e| e.to_string())?;
             events.emit(&StandinEvent::VerifiedMapped {
                 mapped_pages: compared_pages,

@@ -41,7 +41,7 @@ fn source_handoff_write_pause_snapshot(hugetlb: bool) {
     assert_eq!(handoff.layout.regions()[0].offset, 0);
     assert!(handoff.pagemap.is_some(), "the source hands over its pagemap");
 
-    let StandinEvent::Ready { pid, page_size: ready_page_size, total_pages: ready_pages, zero_pages } = vm.event()
+    let StandinEvent::Ready { pid, page_size: ready_page_size, total_pages: ready_pages, zero_pages, .. } = vm.event()
     else {
         panic!("expected ready");
     };

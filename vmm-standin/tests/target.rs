@@ -72,7 +72,12 @@ fn target_faults_touch_resume_verify(hugetlb: bool) {
     let verified = vm.request(&format!("verify {}", snapshot.display()));
     assert_eq!(
         verified,
-        StandinEvent::Verified { verified_pages: total_pages, mismatched_pages: 0, first_mismatches: vec![] }
+        StandinEvent::Verified {
+            verified_pages: total_pages,
+            hole_pages: 0,
+            mismatched_pages: 0,
+            first_mismatches: vec![]
+        }
     );
     let mut live = vec![0u8; size as usize];
     agent_map.copy_out(0, &mut live);
@@ -88,7 +93,12 @@ fn target_faults_touch_resume_verify(hugetlb: bool) {
     std::fs::write(&corrupted_path, &corrupted).unwrap();
     assert_eq!(
         vm.request(&format!("verify {}", corrupted_path.display())),
-        StandinEvent::Verified { verified_pages: total_pages, mismatched_pages: 1, first_mismatches: vec![bad_page] }
+        StandinEvent::Verified {
+            verified_pages: total_pages,
+            hole_pages: 0,
+            mismatched_pages: 1,
+            first_mismatches: vec![bad_page]
+        }
     );
 
     // Bad requests are answered, and the stand-in goes on.

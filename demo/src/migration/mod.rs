@@ -108,6 +108,7 @@ pub async fn run_migration_until(
         snapshot_written: false,
         report: Report {
             guest_bytes: opts.memory_bytes,
+            written_bytes: opts.written_bytes.unwrap_or(opts.memory_bytes),
             hugetlb: opts.hugetlb,
             vcpus: u64::from(opts.vcpus),
             seed: opts.seed,
@@ -314,15 +315,18 @@ impl Migration<'_> {
             Scope::Mapped => ("verify-mapped", "verified-mapped"),
         };
         target_vm.send(&format!("{command} {snapshot}")).await?;
-        let (pages, mismatched, first) = wait_for(target_vm, answer, deadline(timeout), |e| match e {
-            StandinEvent::Verified { verified_pages: pages, mismatched_pages, first_mismatches }
-            | StandinEvent::VerifiedMapped { mapped_pages: pages, mismatched_pages, first_mismatches } => {
-                Some((*pages, *mismatched_pages, first_mismatches.clone()))
+        let (pages, mismatched, first, holes) = wait_for(target_vm, answer, deadline(timeout), |e| match e {
+            StandinEvent::Verified { verified_pages: pages, hole_pages, mismatched_pages, first_mismatches } => {
+                Some((*pages, *mismatched_pages, first_mismatches.clone(), *hole_pages))
+            }
+            StandinEvent::VerifiedMapped { mapped_pages: pages, mismatched_pages, first_mismatches } => {
+                Some((*pages, *mismatched_pages, first_mismatches.clone(), 0))
             }
             _ => None,
         })
         .await?;
         self.report.verify_seconds = started.elapsed().as_secs_f64();
+        self.report.verified_hole_pages = holes;
         self.report.verified_pages = pages;
         self.report.mismatched_pages = mismatched;
         self.report.first_mismatches = first;
@@ -386,6 +390,9 @@ impl Migration<'_> {
         if opts.hugetlb {
             args.push("--hugetlb".to_owned());
         }
+        if let Some(written) = opts.written_bytes {
+            args.push(format!("--written={written}"));
+        }
         args
     }
 
@@ -420,10 +427,10 @@ impl Migration<'_> {
         args.push(format!("--snapshot={}", self.path("snapshot")));
         let vm = self.source_host.spawn("vmm-standin-source", &self.binaries.vmm_standin, &args, self.work)?;
         let vm = self.children.source_vm.insert(vm);
-        let (page_size, total_pages, zero_pages) =
+        let (page_size, total_pages, zero_pages, tracking) =
             wait_for(vm, "ready", deadline(self.opts.phase_timeout), |e| match e {
-                StandinEvent::Ready { page_size, total_pages, zero_pages, .. } => {
-                    Some((*page_size, *total_pages, zero_pages.clone()))
+                StandinEvent::Ready { page_size, total_pages, zero_pages, tracking, .. } => {
+                    Some((*page_size, *total_pages, zero_pages.clone(), *tracking))
                 }
                 _ => None,
             })
@@ -431,6 +438,11 @@ impl Migration<'_> {
         self.report.page_size = page_size;
         self.report.total_pages = total_pages;
         self.report.zero_pages = zero_pages;
+        if let Some(tracking) = tracking {
+            self.report.tracking_setup_ms = tracking.handoff_us as f64 / 1e3;
+            self.report.source_vmm_pte_kib_before_tracking = tracking.vm_pte_kib_before;
+            self.report.source_vmm_pte_kib_after_tracking = tracking.vm_pte_kib_after;
+        }
         self.progress.say(format!(
             "source VM running: {total_pages} pages of {page_size} bytes, {} vCPUs writing {} pages/s",
             self.opts.vcpus, self.opts.dirty_rate

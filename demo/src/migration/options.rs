@@ -36,6 +36,10 @@ impl PullOrder {
 #[derive(Debug, Clone)]
 pub struct MigrationOptions {
     pub memory_bytes: u64,
+    /// A sparse guest: only this many bytes of its memory are ever written
+    /// (64 clusters spread evenly, the vCPUs dirtying only inside them; the
+    /// stand-ins' `--written`); `None`: all of it.
+    pub written_bytes: Option<u64>,
     /// 2 MiB pages (MFD_HUGETLB); needs free huge pages for both VMs.
     pub hugetlb: bool,
     pub vcpus: u32,
@@ -119,6 +123,7 @@ impl Default for MigrationOptions {
     fn default() -> Self {
         Self {
             memory_bytes: 1 << 30,
+            written_bytes: None,
             hugetlb: false,
             vcpus: 4,
             seed: 1,
@@ -164,6 +169,12 @@ impl MigrationOptions {
         if self.memory_bytes == 0 || self.memory_bytes.checked_rem(page_size) != Some(0) {
             return Err(MigrationError::InvalidOptions(format!(
                 "memory size {} is not a positive multiple of the page size {page_size}",
+                self.memory_bytes
+            )));
+        }
+        if self.written_bytes.is_some_and(|written| written < page_size || written > self.memory_bytes) {
+            return Err(MigrationError::InvalidOptions(format!(
+                "a sparse guest writes between one page and all of its {} bytes",
                 self.memory_bytes
             )));
         }

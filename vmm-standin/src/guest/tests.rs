@@ -30,6 +30,7 @@ const FIRST_WORD: u64 = 0x1234_5678;
 fn verify_mapped_answers_while_a_vcpu_is_blocked_in_a_write() {
     let dir = TempDir::new("standin-guest");
     let config = StandinConfig {
+        written_bytes: None,
         role: StandinRole::Target,
         memory_bytes: PAGES * PAGE,
         hugetlb: false,
@@ -77,5 +78,8 @@ fn verify_mapped_answers_while_a_vcpu_is_blocked_in_a_write() {
     let (done, outcome) = channel();
     std::thread::spawn(move || done.send(guest.verify(&path, Scope::MappedPages).map_err(|e| e.to_string())));
     let outcome = outcome.recv_timeout(Duration::from_secs(10)).expect("verify-mapped waits for the blocked vCPU");
-    assert_eq!(outcome, Ok(VerifyOutcome { compared_pages: 1, mismatched_pages: 0, first_mismatches: vec![] }));
+    assert_eq!(
+        outcome,
+        Ok(VerifyOutcome { compared_pages: 1, hole_pages: 0, mismatched_pages: 0, first_mismatches: vec![] })
+    );
 }
