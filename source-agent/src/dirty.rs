@@ -375,6 +375,13 @@ impl DirtyTracker {
         let mut first_error = None;
         let EpochState { last_dirty, heat, scan_buf, removed, .. } = state;
         let total = self.layout.total_pages();
+        // The first scan (epoch 1, at the hand-off) finds what the VM held
+        // already, not what it dirtied: it adds no heat.
+        let warm = |heat: &mut u8| {
+            if epoch > 1 {
+                crate::heat::warm(heat);
+            }
+        };
         let mut data = Vec::new();
         match removed.as_mut() {
             Some(removed) => {
@@ -385,7 +392,7 @@ impl DirtyTracker {
                         found += 1;
                         *last = epoch;
                         if let Some(heat) = heat.get_mut(page as usize) {
-                            crate::heat::warm(heat);
+                            warm(heat);
                         }
                     }
                 });
@@ -434,7 +441,7 @@ impl DirtyTracker {
                     let index = page as usize;
                     // A page found twice by one scan is warmed once.
                     if pages[index] != epoch {
-                        crate::heat::warm(&mut heats[index]);
+                        warm(&mut heats[index]);
                         pages[index] = epoch;
                     }
                     marked += 1;
