@@ -10,7 +10,6 @@ use std::future::Future;
 use bytes::Bytes;
 use pageserver_proto::FILE_DESCRIPTOR_SET;
 use tokio::net::TcpListener;
-use tokio_stream::StreamExt;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::body::Body;
 use tonic::service::Routes;
@@ -76,15 +75,7 @@ where
     ResponseBody::Error: Into<BoxError>,
 {
     let health = tokio::spawn(health);
-    // Every reply goes out at once: with Nagle's algorithm, the tail of a
-    // reply waits for the ACK of what went before it (tonic sets
-    // TCP_NODELAY only on listeners it binds itself, not on ours).
-    let incoming = TcpListenerStream::new(listener).map(|accepted| {
-        let stream = accepted?;
-        stream.set_nodelay(true)?;
-        Ok::<_, std::io::Error>(stream)
-    });
-    let served = router.serve_with_incoming_shutdown(incoming, shutdown).await;
+    let served = router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown).await;
     health.abort();
     served.map_err(ServeError::Transport)
 }

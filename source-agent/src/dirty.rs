@@ -239,7 +239,7 @@ impl DirtyTracker {
     pub fn start_tracking(&self) -> Result<(), DirtyError> {
         let mut state = self.lock();
         let epoch = state.epoch;
-        self.scan_regions(&mut state, epoch, true).map(drop)
+        self.scan_regions(&mut state, epoch).map(drop)
     }
 
     /// The VMM stopped its vCPUs: mark paused, then scan while its page
@@ -331,9 +331,7 @@ impl DirtyTracker {
             // Nothing can change any more; the PTEs may already be torn down.
             Ok(0)
         } else {
-            // A scan after the pause may be the final one: its look must
-            // see every change (`crate::removed`).
-            self.scan_regions(state, epoch, paused_at_start)
+            self.scan_regions(state, epoch)
         };
         self.newest_epoch.store(u64::from(epoch), Ordering::Release);
         match result {
@@ -356,7 +354,7 @@ impl DirtyTracker {
 
     /// One pass: the look at the memory file ([`crate::removed`]) first,
     /// recording every page removed from it, or holding data now and not at
-    /// the last look, at `epoch` (`thorough`: see that module); then
+    /// the last look, at `epoch`; then
     /// PAGEMAP_SCAN over the pages that hold data now, recording what it
     /// reports (and, after a failure, the rest of that range) at `epoch`.
     /// Returns the number of pages found dirty.
@@ -367,7 +365,7 @@ impl DirtyTracker {
     /// a sparse 1 TiB guest whole would give its VMM 2 GiB of them. A hole
     /// needs no protection: a page that is a hole at this look and written
     /// after it holds data at a later look, which reports it.
-    fn scan_regions(&self, state: &mut EpochState, epoch: u32, thorough: bool) -> Result<u64, DirtyError> {
+    fn scan_regions(&self, state: &mut EpochState, epoch: u32) -> Result<u64, DirtyError> {
         let Some(pagemap) = self.pagemap.as_ref() else { return Ok(0) };
         let started = Instant::now();
         let page_size = self.layout.page_size();
@@ -385,7 +383,7 @@ impl DirtyTracker {
         let mut data = Vec::new();
         match removed.as_mut() {
             Some(removed) => {
-                let looked = removed.look(&self.layout, pagemap.as_fd(), thorough, |page| {
+                let looked = removed.look(&self.layout, pagemap.as_fd(), |page| {
                     if let Some(last) = last_dirty.get_mut(page as usize)
                         && *last != epoch
                     {

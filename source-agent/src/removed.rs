@@ -29,31 +29,17 @@
 //!
 //! # Which pages a look maps in
 //!
-//! A look maps in the pages the VMM maps and this mapping does not (the
-//! VMM's own page tables, read with a plain `PAGEMAP_SCAN`: a hole gets
-//! content by a write, which maps it in the VMM) and reports them: they
-//! hold data they did not hold at the last look. That is a walk of page
-//! tables, whatever the size of the guest. Walking the file's data ranges
-//! instead (`SEEK_DATA`/`SEEK_HOLE`) cost 40-250 ms per look of a 1 GiB
-//! guest with ~47 000 of them, most of the pause scan.
-//!
-//! A page the VMM wrote and then dropped from its own page tables
-//! (`MADV_DONTNEED` on a shared mapping keeps the data) is not seen that
-//! way. A *thorough* look also maps in every data page of the file still
-//! unmapped here: the first look, any after a failure, and every scan that
-//! started after the pause (which may give the final bitmap: nothing may
-//! be missed there), unless the file's allocated size equals the pages
-//! mapped here, which proves that no data page is missing (every page
-//! mapped here holds data).
-//!
-//! The mapping must never fill a hole itself: a userfaultfd registered over
-//! it for missing faults with `UFFD_FEATURE_SIGBUS`
-//! ([`Userfaultfd::guarding_holes`]) makes populating a hole fail instead
-//! (a page that became a hole since `SEEK_DATA` looked), and the mapping is
-//! `MAP_NORESERVE`, so on hugetlbfs (which has no `SEEK_HOLE`: the whole file
-//! is data, every page is tried) it takes nothing from the VMM's huge-page
-//! reservation. Its cost: the page tables of a mapping of the guest's
-//! memory (2 MiB per GiB of 4 KiB pages, next to nothing for huge pages).
+//! Every look maps in the pages the VMM maps and this mapping does not (the
+//! VMM's own page tables, read with a plain `PAGEMAP_SCAN`), then every data
+//! page of the file still unmapped here (`SEEK_DATA`/`SEEK_HOLE`): a page
+//! the VMM wrote and then dropped from its own page tables (`MADV_DONTNEED`
+//! on a shared mapping keeps the data) is seen only the second way. The
+//! walk of the file's data ranges costs 40-250 ms per look of a 1 GiB guest
+//! with ~47 000 of them. Looking at the file only at the scan after the
+//! pause, or trusting the file's allocated size to prove that nothing is
+//! missing, was tried: under CPU load, demo migrations then ended with 1-3
+//! wrong pages in about one run in three, for a cause not found yet, so
+//! every look walks the file.
 //!
 //! Dirty tracking write-protects only the pages that hold data
 //! ([`crate::dirty`]), so the look is also how a hole that the VMM wrote is
@@ -70,7 +56,7 @@ use std::io;
 use std::ops::Range;
 use std::os::fd::{AsFd, BorrowedFd};
 
-use guest_memory::memfile::{data_ranges, is_zero};
+use guest_memory::memfile::data_ranges;
 use guest_memory::page_tables::scan_present;
 use guest_memory::sys::PageRegion;
 use guest_memory::{GuestLayout, MemoryMap, UffdError, Userfaultfd};
@@ -121,12 +107,6 @@ pub struct RemovedPages {
     scan_buf: Vec<PageRegion>,
     /// The global pages mapped here at the end of the last look.
     data: PageRuns,
-    /// A look has been made: pages mapped in from now on are reported only
-    /// if they hold something other than zeros.
-    looked: bool,
-    /// Per region: the next look maps in every data page of the file, not
-    /// only the pages just written (the first look, and after a failure).
-    whole_file: Vec<bool>,
 }
 
 impl RemovedPages {
@@ -156,30 +136,24 @@ impl RemovedPages {
             _guards: guards,
             scan_buf: Vec::with_capacity(SCAN_BATCH_REGIONS),
             data: PageRuns::default(),
-            looked: false,
-            whole_file: vec![true; layout.regions().len()],
         })
     }
 
     /// One look; see the module docs. Reports each global page whose
     /// content may have changed since the last look: mapped here then and
-    /// not now (removed), or mapped in now and not then and not all zeros
-    /// (it holds data it did not hold; the first look reports every page
-    /// that holds data).
+    /// not now (removed), or mapped in now and not then (it holds data it
+    /// did not hold; the first look reports every page that holds data).
     /// The pages mapped in are those the VMM maps (`vmm_pagemap`, its
-    /// `/proc/PID/pagemap`) and this mapping does not; a `thorough` look
-    /// (the first, any after a failure, and those asked for) also maps in
-    /// every data page of the file that is still unmapped here, unless the
-    /// file's allocated size proves there is none. A region that cannot be
+    /// `/proc/PID/pagemap`) and this mapping does not, then every data page
+    /// of the file still unmapped here. A region that cannot be
     /// looked at has every page reported, and counts as all data (so each
-    /// of its pages not mapped at the next look, a thorough one, is
+    /// of its pages not mapped at the next look is
     /// reported again); the first such error is returned, with its region,
     /// after every region.
     pub fn look(
         &mut self,
         layout: &GuestLayout,
         vmm_pagemap: BorrowedFd<'_>,
-        thorough: bool,
         mut on_changed: impl FnMut(u64),
     ) -> Result<(), (u32, io::Error)> {
         let page_size = layout.page_size();
@@ -217,11 +191,7 @@ impl RemovedPages {
                 failed.push((index as u32, error));
             }
         }
-        let unseen_data_possible = || {
-            let mapped: u64 = now_mapped.runs().iter().chain(&mapped_in).map(|r| r.end - r.start).sum();
-            self.file_pages(page_size).is_none_or(|in_file| in_file != mapped)
-        };
-        if self.whole_file.iter().any(|&w| w) || (thorough && unseen_data_possible()) {
+        {
             for (index, region) in layout.regions().iter().enumerate() {
                 if failed.iter().any(|(failed, _)| *failed == index as u32) {
                     continue;
@@ -235,37 +205,19 @@ impl RemovedPages {
                 let already = PageRuns::from_unsorted(now.iter().chain(&mapped_in).cloned().collect());
                 let looked =
                     looked.and_then(|()| self.map_in(index, first, page_size, &already, &wanted, &mut mapped_in));
-                match looked {
-                    Ok(()) => self.whole_file[index] = false,
-                    Err(error) => failed.push((index as u32, error)),
+                if let Err(error) = looked {
+                    failed.push((index as u32, error));
                 }
             }
         }
-        // A hole read as zeros, and a page just mapped in that reads as
-        // zeros, did not change (a read of a hole allocates a zeroed page,
-        // as a VMM's snapshot does): only content counts. The first look
-        // reports every data page, unread.
-        let mut content = vec![0u8; page_size as usize];
         for run in &mapped_in {
-            for page in run.clone() {
-                if !self.looked {
-                    on_changed(page);
-                    continue;
-                }
-                let (region, index) = layout.locate(page);
-                self.maps[region as usize].copy_out((index * page_size) as usize, &mut content);
-                if !is_zero(&content) {
-                    on_changed(page);
-                }
-            }
+            run.clone().for_each(&mut on_changed);
         }
-        self.looked = true;
         now.extend(mapped_in);
         let mut first_error = None;
         for (region, error) in failed {
             let first = layout.region_first_page(region).unwrap_or(0);
             let pages = first..first + layout.region_pages(region).unwrap_or(0);
-            self.whole_file[region as usize] = true;
             now.push(pages.clone());
             pages.for_each(&mut on_changed);
             first_error.get_or_insert((region, error));
@@ -309,14 +261,6 @@ impl RemovedPages {
             });
         }
         result
-    }
-
-    /// The pages the memory file holds data for, by its allocated size
-    /// (`None` if it cannot be read): every page mapped here holds data, so
-    /// when as many are mapped as the file has, none is missing here.
-    fn file_pages(&self, page_size: u64) -> Option<u64> {
-        let stat = rustix::fs::fstat(&self.file).ok()?;
-        Some(u64::try_from(stat.st_blocks).ok()? * 512 / page_size)
     }
 }
 
