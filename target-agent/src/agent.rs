@@ -194,9 +194,18 @@ impl TargetAgent {
     }
 
     /// Starts the switchover (idempotent). Returns the phase after it.
+    ///
+    /// Refused before a VMM has handed its memory over. From the moment the
+    /// hand-off is taken (before the VMM hears so) it is accepted, although
+    /// the phase says `waiting_for_handoff` until the source is reached: an
+    /// orchestrator that restarted this agent mid-migration and saw the VMM
+    /// hand over again may switch over at once (the request waits for the
+    /// agent to be ready).
     pub fn request_switchover(&self) -> Result<Phase, &'static str> {
         match self.phase.get() {
-            Phase::WaitingForHandoff => return Err("no guest memory yet: waiting for the VMM hand-off"),
+            Phase::WaitingForHandoff if self.handoff.handed_over().is_none() => {
+                return Err("no guest memory yet: waiting for the VMM hand-off");
+            }
             Phase::Failed => return Err("the migration has failed (see GetStatus)"),
             _ => {}
         }

@@ -24,7 +24,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use guest_memory::handoff::{Handoff, Role, receive_handoff, refuse_handoff};
+use guest_memory::handoff::{Handoff, Role, receive_handoff_with, refuse_handoff};
 use pageserver_agent_shell::{HANDOFF_READ_TIMEOUT, HandoffSocket, HandoffSocketError};
 use tokio::net::UnixListener;
 use tokio::sync::Semaphore;
@@ -62,12 +62,15 @@ pub struct HandoffEndpoint {
     path: PathBuf,
     /// Bound at start, until the accepting begins.
     bound: Mutex<Option<HandoffSocket>>,
-    handed_over: OnceLock<HandedOver>,
+    /// Set before the VMM is told its hand-off was taken: once a VMM (or
+    /// an orchestrator watching it) knows, this agent says so too, and a
+    /// `Switchover` sent right after is not refused as "no memory yet".
+    handed_over: Arc<OnceLock<HandedOver>>,
 }
 
 impl HandoffEndpoint {
     pub fn new(path: impl Into<PathBuf>) -> Self {
-        Self { path: path.into(), bound: Mutex::new(None), handed_over: OnceLock::new() }
+        Self { path: path.into(), bound: Mutex::new(None), handed_over: Arc::new(OnceLock::new()) }
     }
 
     pub fn path(&self) -> &Path {
@@ -102,13 +105,18 @@ impl HandoffEndpoint {
         tracing::info!("waiting for the VMM hand-off on {}", self.path.display());
         loop {
             let Some(stream) = accept_one(&listener).await else { continue };
-            let received = tokio::task::spawn_blocking(move || receive_handoff(stream, Role::Target))
-                .await
-                .map_err(|source| HandoffEndpointError::Task { path: self.path.clone(), source })?;
-            match received {
-                Ok(handoff) => {
+            let handed_over = self.handed_over.clone();
+            let received = tokio::task::spawn_blocking(move || {
+                receive_handoff_with(stream, Role::Target, |handoff| {
                     let owner = HandedOver { vm: handoff.message.vm.clone(), pid: handoff.message.pid };
-                    let _ = self.handed_over.set(owner.clone());
+                    let _ = handed_over.set(owner.clone());
+                    Ok::<_, std::convert::Infallible>((handoff, owner))
+                })
+            })
+            .await
+            .map_err(|source| HandoffEndpointError::Task { path: self.path.clone(), source })?;
+            match received {
+                Ok((handoff, owner)) => {
                     tokio::spawn(refuse_later_connections(socket, listener, owner));
                     return Ok(handoff);
                 }

@@ -56,6 +56,51 @@ async fn switchover_before_the_handoff_is_refused() {
     assert!(err.message().contains("hand-off"), "{err}");
 }
 
+/// Once the VMM hears its hand-off was taken, `Switchover` is accepted,
+/// even though the agent has not reached its source yet (nothing listens
+/// there: it keeps trying, for a minute, in phase `waiting_for_handoff`).
+/// An orchestrator that restarted a target agent mid-migration switches
+/// over as soon as the VMM has handed its memory over again; before this,
+/// that Switchover was refused with "no guest memory yet" whenever it came
+/// before the agent's first contact with the source (a QEMU chaos test
+/// failed on it).
+#[tokio::test]
+async fn switchover_right_after_the_handoff_is_accepted() {
+    let t = start("right-after").await;
+    let socket = t.socket.clone();
+    let (memfd, map, uffd) = target_vmm(16);
+    let vmm = tokio::task::spawn_blocking(move || {
+        let message = HandoffMessage {
+            version: HANDOFF_VERSION,
+            role: Role::Target,
+            vm: "test-vm".into(),
+            pid: std::process::id(),
+            regions: vec![RegionLayout {
+                base_host_virt_addr: map.addr(),
+                size: 16 * 4096,
+                offset: 0,
+                page_size: 4096,
+            }],
+            fds: vec![FdKind::Memory, FdKind::Uffd, FdKind::Pagemap],
+            previous_handoffs: 0,
+            checkpoint: None,
+        };
+        let pagemap = std::fs::File::open("/proc/self/pagemap").expect("pagemap");
+        let stream = UnixStream::connect(&socket).expect("connect");
+        send_handoff(&stream, &message, &[memfd.as_fd(), uffd.as_fd(), pagemap.as_fd()]).expect("a hand-off taken");
+        // The connection stays open (its end would mean the VMM left).
+        (stream, memfd, map, uffd)
+    })
+    .await
+    .expect("the VMM's hand-off");
+    let mut client = t.client.clone();
+    let status = client.get_status(GetStatusRequest {}).await.expect("GetStatus").into_inner();
+    assert_eq!(status.phase(), MigrationPhase::WaitingForHandoff, "the source is unreachable: not started yet");
+    let reply = client.switchover(SwitchoverRequest::default()).await.expect("Switchover after the hand-off");
+    assert_eq!(reply.into_inner().phase(), MigrationPhase::Postcopy);
+    drop(vmm);
+}
+
 /// A target VMM's memory, registered MINOR|MISSING like the real thing.
 fn target_vmm(pages: u64) -> (std::os::fd::OwnedFd, MemoryMap, Userfaultfd) {
     let len = pages * 4096;
