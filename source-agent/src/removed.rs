@@ -35,16 +35,24 @@
 //! the VMM wrote and then dropped from its own page tables (`MADV_DONTNEED`
 //! on a shared mapping keeps the data) is seen only the second way. The
 //! walk of the file's data ranges costs 40-250 ms per look of a 1 GiB guest
-//! with ~47 000 of them. Looking at the file only at the scan after the
-//! pause, or trusting the file's allocated size to prove that nothing is
-//! missing, was tried: under CPU load, demo migrations then ended with 1-3
-//! wrong pages in about one run in three, for a cause not found yet, so
-//! every look walks the file.
+//! with ~47 000 of them.
+//!
+//! Mapping a page in also maps its neighbours that the page cache holds
+//! (the kernel's fault-around for read faults; a userfaultfd registered for
+//! missing faults does not turn it off). A neighbour may have become data
+//! after the walk above read the file's holes: it is mapped here without
+//! being asked for. So what a look reports is every page mapped here at its
+//! end (this mapping's page tables, read again) and not at the last look,
+//! whoever mapped it. Reporting only the pages the look asked for lost
+//! such a page for good (the next look found it mapped already, and a scan
+//! records only what a look found): under CPU load, about one demo
+//! migration in four ended with one wrong page, a page the guest had
+//! written once, from a hole, during pre-copy.
 //!
 //! Dirty tracking write-protects only the pages that hold data
 //! ([`crate::dirty`]), so the look is also how a hole that the VMM wrote is
-//! seen: it reports every page mapped in that was not mapped at the last
-//! look and holds something other than zeros.
+//! seen: it reports every page mapped here that was not mapped at the last
+//! look.
 //!
 //! A `MADV_DONTNEED` by the VMM changes no content on a shared mapping (the
 //! page cache keeps the data, only the VMM's page-table entry goes), leaves
@@ -141,8 +149,9 @@ impl RemovedPages {
 
     /// One look; see the module docs. Reports each global page whose
     /// content may have changed since the last look: mapped here then and
-    /// not now (removed), or mapped in now and not then (it holds data it
-    /// did not hold; the first look reports every page that holds data).
+    /// not now (removed), or mapped here now, by this look or otherwise, and
+    /// not then (it holds data it did not hold; the first look reports every
+    /// page that holds data).
     /// The pages mapped in are those the VMM maps (`vmm_pagemap`, its
     /// `/proc/PID/pagemap`) and this mapping does not, then every data page
     /// of the file still unmapped here. A region that cannot be
@@ -159,17 +168,7 @@ impl RemovedPages {
         let page_size = layout.page_size();
         let mut failed = Vec::new();
         // Global page runs mapped here now, from this mapping's page tables.
-        let mut now = Vec::new();
-        for (index, region) in layout.regions().iter().enumerate() {
-            let first = layout.region_first_page(index as u32).unwrap_or(0);
-            let base = self.maps[index].addr();
-            let present = |from: u64, to: u64| now.push(pages_of(first, base, region.size, page_size, from, to));
-            if let Err(error) =
-                scan_present(self.pagemap.as_fd(), base, base + region.size, &mut self.scan_buf, present)
-            {
-                failed.push((index as u32, io::Error::other(error)));
-            }
-        }
+        let now = self.mapped_here(layout, &mut failed);
         let now_mapped = PageRuns::from_unsorted(now.clone());
         // Before mapping anything in: a page removed and faulted in again
         // since the last look is removed all the same.
@@ -210,20 +209,48 @@ impl RemovedPages {
                 }
             }
         }
-        for run in &mapped_in {
-            run.clone().for_each(&mut on_changed);
-        }
-        now.extend(mapped_in);
+        // This mapping's page tables again: mapping a page in also maps its
+        // neighbours that the page cache holds (the kernel's fault-around),
+        // among them pages that became data after the walk above looked at
+        // the file. Every page mapped here now and not at the last look is
+        // reported, whoever mapped it: one left out here would be mapped at
+        // the next look already, never reported, and lost (a scan records
+        // only the pages a look found; see `crate::dirty`).
+        let after = self.mapped_here(layout, &mut failed);
+        let mut mapped = now;
+        mapped.extend(after);
+        mapped.extend(mapped_in);
+        let mapped = PageRuns::from_unsorted(mapped);
+        mapped.minus(&self.data, |new| new.for_each(&mut on_changed));
+        let mut data = mapped.runs().to_vec();
         let mut first_error = None;
         for (region, error) in failed {
             let first = layout.region_first_page(region).unwrap_or(0);
             let pages = first..first + layout.region_pages(region).unwrap_or(0);
-            now.push(pages.clone());
+            data.push(pages.clone());
             pages.for_each(&mut on_changed);
             first_error.get_or_insert((region, error));
         }
-        self.data = PageRuns::from_unsorted(now);
+        self.data = PageRuns::from_unsorted(data);
         first_error.map_or(Ok(()), Err)
+    }
+
+    /// The global page runs mapped here now, read from this mapping's page
+    /// tables; a region that cannot be read is added to `failed`.
+    fn mapped_here(&mut self, layout: &GuestLayout, failed: &mut Vec<(u32, io::Error)>) -> Vec<Range<u64>> {
+        let page_size = layout.page_size();
+        let mut mapped = Vec::new();
+        for (index, region) in layout.regions().iter().enumerate() {
+            let first = layout.region_first_page(index as u32).unwrap_or(0);
+            let base = self.maps[index].addr();
+            let present = |from: u64, to: u64| mapped.push(pages_of(first, base, region.size, page_size, from, to));
+            if let Err(error) =
+                scan_present(self.pagemap.as_fd(), base, base + region.size, &mut self.scan_buf, present)
+            {
+                failed.push((index as u32, io::Error::other(error)));
+            }
+        }
+        mapped
     }
 
     /// The global page runs mapped here at the end of the last look: the
@@ -298,3 +325,6 @@ fn map_unmapped(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;

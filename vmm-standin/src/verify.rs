@@ -159,23 +159,49 @@ impl TargetGuest {
                 } else {
                     snapshot.copy_out(offset, &mut expected);
                 }
-                let matches = {
+                let mismatch = {
                     let undo = self.undo_logs().lock_owner_of(page);
                     match undo.get(&page) {
-                        Some(before) => before == &expected,
+                        Some(before) => (before != &expected).then(|| describe(page, before, &expected, true)),
                         None => {
                             ram.map.copy_out(offset, &mut actual);
-                            actual == expected
+                            (actual != expected).then(|| describe(page, &actual, &expected, false))
                         }
                     }
                 };
                 tally.compared += 1;
-                if !matches {
+                if let Some(description) = mismatch {
+                    if tally.mismatches.len() < MISMATCHES_REPORTED {
+                        eprintln!("vmm-standin[target]: {description}");
+                    }
                     tally.mismatches.push(page);
                 }
             }
         }
     }
+}
+
+/// How a page differs from the snapshot, for the log: whether either side
+/// is zeros, and which 64-byte lines differ (the source's vCPUs write one
+/// line at a time, so one line means one write missed, every line another
+/// page's or no content).
+fn describe(page: u64, actual: &[u8], expected: &[u8], from_undo_log: bool) -> String {
+    const LINE: usize = 64;
+    let differing: Vec<usize> = (0..actual.len() / LINE)
+        .filter(|&line| actual[line * LINE..(line + 1) * LINE] != expected[line * LINE..(line + 1) * LINE])
+        .collect();
+    let zeros = |bytes: &[u8]| bytes.iter().all(|&b| b == 0);
+    let shown: Vec<String> = differing.iter().take(8).map(|line| (line * LINE).to_string()).collect();
+    format!(
+        "page {page} mismatched{}: ours {}, the source's {}; {} of {} 64-byte lines differ (at byte {}{})",
+        if from_undo_log { " (as first installed, before the guest wrote it)" } else { "" },
+        if zeros(actual) { "zeros" } else { "data" },
+        if zeros(expected) { "zeros" } else { "data" },
+        differing.len(),
+        actual.len() / LINE,
+        shown.join(", "),
+        if differing.len() > shown.len() { ", ..." } else { "" },
+    )
 }
 
 /// Sorted, overlapping or touching ranges joined.
