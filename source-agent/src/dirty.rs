@@ -44,7 +44,9 @@
 //!   kernel did not get to report; every page from the failed position to the
 //!   end of that region is therefore counted dirty at the new epoch.
 //! - Only a scan that *started after the pause* is final: `paused` is read
-//!   before scanning and reported with the result.
+//!   before scanning and reported with the result. Once one is complete,
+//!   the memory cannot change until a resume: later scans return its epoch
+//!   without scanning again.
 //! - When the VMM pauses, the tracker scans at once (the "pause scan"), while
 //!   the VMM's page tables still exist. If the VMM then goes away (its
 //!   hand-off connection closes), its memory can no longer change: later scans
@@ -239,7 +241,7 @@ impl DirtyTracker {
     pub fn start_tracking(&self) -> Result<(), DirtyError> {
         let mut state = self.lock();
         let epoch = state.epoch;
-        self.scan_regions(&mut state, epoch).map(drop)
+        self.scan_regions(&mut state, epoch, true).map(drop)
     }
 
     /// The VMM stopped its vCPUs: mark paused, then scan while its page
@@ -325,13 +327,21 @@ impl DirtyTracker {
             return Ok(u64::from(state.epoch));
         }
         let paused_at_start = self.is_paused();
+        if paused_at_start && state.settled {
+            // A complete scan since the pause found everything there is:
+            // the memory has not changed since (the final bitmap after the
+            // pause scan answers at once instead of scanning again).
+            return Ok(u64::from(state.epoch));
+        }
         let epoch = state.epoch.checked_add(1).ok_or(DirtyError::EpochOverflow)?;
         state.epoch = epoch;
         let result = if self.is_vmm_gone() {
             // Nothing can change any more; the PTEs may already be torn down.
             Ok(0)
         } else {
-            self.scan_regions(state, epoch)
+            // A scan after the pause may give the final bitmap: its look
+            // walks the file ([`crate::removed`]).
+            self.scan_regions(state, epoch, paused_at_start)
         };
         self.newest_epoch.store(u64::from(epoch), Ordering::Release);
         match result {
@@ -357,7 +367,8 @@ impl DirtyTracker {
     /// the last look, at `epoch`; then
     /// PAGEMAP_SCAN over the pages that hold data now, recording what it
     /// reports (and, after a failure, the rest of that range) at `epoch`.
-    /// Returns the number of pages found dirty.
+    /// A `thorough` look walks the memory file's data too. Returns the
+    /// number of pages found dirty.
     ///
     /// Only the data is scanned: on a write-protect-async mapping the kernel
     /// counts a page-table entry that maps nothing as written, and the scan
@@ -365,7 +376,7 @@ impl DirtyTracker {
     /// a sparse 1 TiB guest whole would give its VMM 2 GiB of them. A hole
     /// needs no protection: a page that is a hole at this look and written
     /// after it holds data at a later look, which reports it.
-    fn scan_regions(&self, state: &mut EpochState, epoch: u32) -> Result<u64, DirtyError> {
+    fn scan_regions(&self, state: &mut EpochState, epoch: u32, thorough: bool) -> Result<u64, DirtyError> {
         let Some(pagemap) = self.pagemap.as_ref() else { return Ok(0) };
         let started = Instant::now();
         let page_size = self.layout.page_size();
@@ -383,7 +394,7 @@ impl DirtyTracker {
         let mut data = Vec::new();
         match removed.as_mut() {
             Some(removed) => {
-                let looked = removed.look(&self.layout, pagemap.as_fd(), |page| {
+                let looked = removed.look(&self.layout, pagemap.as_fd(), thorough, |page| {
                     if let Some(last) = last_dirty.get_mut(page as usize)
                         && *last != epoch
                     {

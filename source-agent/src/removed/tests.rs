@@ -5,6 +5,7 @@
 use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
 
+use guest_memory::sys::Discard;
 use guest_memory::{GuestLayout, MemoryMap, RegionLayout, memfile};
 
 use super::RemovedPages;
@@ -41,9 +42,9 @@ impl Vmm {
         RemovedPages::watch(self.memfd.as_fd(), file, &self.layout).expect("watch")
     }
 
-    fn look(&self, removed: &mut RemovedPages) -> Vec<u64> {
+    fn look(&self, removed: &mut RemovedPages, thorough: bool) -> Vec<u64> {
         let mut changed = Vec::new();
-        removed.look(&self.layout, self.pagemap.as_fd(), |page| changed.push(page)).expect("look");
+        removed.look(&self.layout, self.pagemap.as_fd(), thorough, |page| changed.push(page)).expect("look");
         changed.sort_unstable();
         changed.dedup();
         changed
@@ -57,11 +58,11 @@ fn a_look_reports_what_holds_data_then_only_what_changed() {
         vmm.write(page);
     }
     let mut removed = vmm.watch();
-    assert_eq!(vmm.look(&mut removed), vec![1, 2, 40]);
-    assert_eq!(vmm.look(&mut removed), Vec::<u64>::new(), "nothing changed");
+    assert_eq!(vmm.look(&mut removed, false), vec![1, 2, 40], "the first look walks the file whatever asked");
+    assert_eq!(vmm.look(&mut removed, true), Vec::<u64>::new(), "nothing changed");
     vmm.write(7);
     memfile::punch_hole(vmm.memfd.as_fd(), 40 * PAGE, PAGE).expect("punch");
-    assert_eq!(vmm.look(&mut removed), vec![7, 40], "a hole written, a page removed");
+    assert_eq!(vmm.look(&mut removed, false), vec![7, 40], "a hole written, a page removed");
     assert!(removed.held_data(7) && !removed.held_data(40));
 }
 
@@ -78,10 +79,26 @@ fn a_page_mapped_here_between_looks_is_reported() {
     let vmm = Vmm::new();
     vmm.write(10);
     let mut removed = vmm.watch();
-    assert_eq!(vmm.look(&mut removed), vec![10]);
+    assert_eq!(vmm.look(&mut removed, true), vec![10]);
     vmm.write(11);
     // What fault-around does when the look maps page 10's neighbourhood in.
     removed.maps[0].populate_read((11 * PAGE) as usize, PAGE as usize).expect("map page 11 here");
-    assert_eq!(vmm.look(&mut removed), vec![11], "page 11 holds data it did not hold at the last look");
+    assert_eq!(vmm.look(&mut removed, false), vec![11], "page 11 holds data it did not hold at the last look");
     assert!(removed.held_data(11));
+}
+
+/// A page the VMM wrote and then dropped from its own page tables
+/// (`MADV_DONTNEED` keeps a shared file's data) is seen only by walking the
+/// file: not by a quick look, by the next thorough one.
+#[test]
+fn a_page_the_vmm_dropped_is_seen_by_a_thorough_look() {
+    let vmm = Vmm::new();
+    vmm.write(3);
+    let mut removed = vmm.watch();
+    assert_eq!(vmm.look(&mut removed, false), vec![3]);
+    vmm.write(30);
+    vmm.map.discard((30 * PAGE) as usize, PAGE as usize, Discard::DontNeed).expect("MADV_DONTNEED");
+    assert_eq!(vmm.look(&mut removed, false), Vec::<u64>::new(), "the VMM's page tables no longer show it");
+    assert_eq!(vmm.look(&mut removed, true), vec![30]);
+    assert!(removed.held_data(30));
 }
