@@ -461,12 +461,6 @@ impl TargetAgent {
             installed
         });
         let (pull_delay, order) = (self.config.pull_delay, self.config.pull_order);
-        if order == PullOrder::Hot {
-            tracing::warn!(
-                "--pull-order hot is experimental: under CPU load, migrations in this order have ended with wrong \
-                 pages (cause not found); use the default, nearest, for guests that matter"
-            );
-        }
         let pull = async {
             tokio::time::sleep(pull_delay).await;
             let started = Instant::now();

@@ -73,11 +73,10 @@ struct Args {
     /// much later.
     #[arg(long, env = "PAGESERVER_PULL_DELAY", default_value = "0s", value_parser = parse_duration)]
     pull_delay: Duration,
-    /// Which stale pages the background pull fetches first: `nearest` to
-    /// the guest's latest fault (the default), or `hot` (EXPERIMENTAL, not
-    /// for production: the pages the guest dirtied in the most pre-copy
-    /// rounds, as the source counted them, then nearest; under CPU load a
-    /// migration in this order has ended with wrong pages, cause not found).
+    /// Which stale pages the background pull fetches first: `hot` (the
+    /// default: the pages the guest dirtied in the most pre-copy rounds, as
+    /// the source counted them, then nearest), or `nearest` to the guest's
+    /// latest fault. Only an order: the final bitmap alone says what is stale.
     #[arg(long, env = "PAGESERVER_PULL_ORDER", value_enum, default_value_t = PullOrder::default())]
     pull_order: PullOrder,
     #[command(flatten)]
