@@ -5,14 +5,17 @@
 //!
 //! The peer is this binary again ([`PEER_ARG`]): it binds 127.0.0.1:0,
 //! prints its port on one line of stdout, accepts one connection and serves
-//! it with blocking sockets (`TCP_NODELAY`) until it is closed. The protocol
+//! it with blocking sockets (`TCP_NODELAY`) until it is closed. With two
+//! hosts (`--two-hosts`) the peer runs in the source host's network
+//! namespace and binds its end of the veth link, and the bench connects
+//! from inside the target host's: the path the agents take there. The protocol
 //! is as small as it gets: a request is a length `L` (8 bytes, little
 //! endian), the reply is `L` bytes from a buffer filled beforehand.
 #![forbid(unsafe_code)]
 
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 use std::process::{Child, Command, Stdio};
@@ -21,6 +24,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use guest_memory::MemoryMap;
 use guest_memory::memfile::{ftruncate, memfd_create};
+use pageserver_demo::netns::{Side, TwoHosts, connect_blocking_in};
 
 use crate::plot::Distribution;
 use crate::{BenchOptions, BenchReport, stats};
@@ -77,7 +81,11 @@ impl Plan {
 /// killed bench leaves no peer behind.
 pub fn peer_main() -> anyhow::Result<()> {
     pageserver_parent_death::die_with_parent().context("floor peer: dying with the bench")?;
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("floor peer: binding 127.0.0.1:0")?;
+    let ip = match std::env::args().nth(2) {
+        Some(ip) => ip.parse().with_context(|| format!("floor peer: {ip:?} is not an IPv4 address"))?,
+        None => Ipv4Addr::LOCALHOST,
+    };
+    let listener = TcpListener::bind((ip, 0)).with_context(|| format!("floor peer: binding {ip}:0"))?;
     let port = listener.local_addr().context("floor peer: reading the bound address")?.port();
     let mut stdout = io::stdout().lock();
     writeln!(stdout, "{port}").and_then(|()| stdout.flush()).context("floor peer: printing the port")?;
@@ -116,9 +124,23 @@ fn serve(mut conn: TcpStream) -> anyhow::Result<()> {
 /// received into a fresh memfd (`floor_precopy_gib_s`). The peer is stopped
 /// at the end, also on error.
 pub fn measure(opts: &BenchOptions, report: &mut BenchReport) -> anyhow::Result<()> {
-    let (peer, port) = PeerProcess::spawn()?;
-    let conn = TcpStream::connect((Ipv4Addr::LOCALHOST, port))
-        .with_context(|| format!("connecting to the floor peer on 127.0.0.1:{port}"))?;
+    // Kept until the peer is done: dropping it removes the namespaces.
+    let hosts = match opts.link {
+        Some(link) => {
+            report.note(format!("floor: {}", link.describe()));
+            Some(TwoHosts::create(link.rate_bits()).context("setting up the two hosts")?)
+        }
+        None => None,
+    };
+    let (peer, port) = PeerProcess::spawn(hosts.as_ref().map(|h| &h.source))?;
+    let conn = match &hosts {
+        Some(hosts) => {
+            let addr = SocketAddr::from((hosts.source.addr, port));
+            connect_blocking_in(&hosts.target, addr).context("connecting to the floor peer across the link")?
+        }
+        None => TcpStream::connect((Ipv4Addr::LOCALHOST, port))
+            .with_context(|| format!("connecting to the floor peer on 127.0.0.1:{port}"))?,
+    };
     let mut client = Client::new(conn)?;
     measure_with(&mut client, &Plan::new(opts), report)?;
     drop(client);
@@ -265,11 +287,23 @@ struct PeerProcess {
 }
 
 impl PeerProcess {
-    /// Starts this binary as the peer and reads the port it listens on.
-    fn spawn() -> anyhow::Result<(Self, u16)> {
+    /// Starts this binary as the peer (inside `host`'s namespace, on its
+    /// end of the link, if given) and reads the port it listens on.
+    fn spawn(host: Option<&Side>) -> anyhow::Result<(Self, u16)> {
         let exe = std::env::current_exe().context("finding the bench binary to run the floor peer")?;
-        let child = Command::new(&exe)
-            .arg(PEER_ARG)
+        let mut command = match host {
+            Some(host) => {
+                let mut ip = Command::new("ip");
+                ip.args(host.exec_args(&exe, &[PEER_ARG.to_owned(), host.addr.to_string()]));
+                ip
+            }
+            None => {
+                let mut direct = Command::new(&exe);
+                direct.arg(PEER_ARG);
+                direct
+            }
+        };
+        let child = command
             .env(pageserver_parent_death::ENV, std::process::id().to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -45,11 +45,37 @@ pub mod stats;
 pub use report::BenchReport;
 
 /// How much a run measures.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct BenchOptions {
     /// A short run (about a minute): smaller guests, fewer repetitions; its
     /// figures show that everything works, not how fast.
     pub quick: bool,
+    /// Two hosts on one machine: the network rows run across a veth link
+    /// between two network namespaces (the demo's `--two-hosts`), not
+    /// loopback. `None`: loopback.
+    pub link: Option<Link>,
+}
+
+/// The link between the two hosts of a `--two-hosts` run.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Link {
+    /// Its rate limit in Gbit/s each way (`tc tbf`), if any.
+    pub rate_gbit: Option<f64>,
+}
+
+impl Link {
+    /// The rate limit in bits per second, as `TwoHosts::create` takes it.
+    pub fn rate_bits(&self) -> Option<u64> {
+        self.rate_gbit.map(|gbit| (gbit * 1e9) as u64)
+    }
+
+    /// How the report's notes name the path.
+    pub fn describe(&self) -> String {
+        match self.rate_gbit {
+            Some(gbit) => format!("two hosts: a veth link between two network namespaces, limited to {gbit} Gbit/s"),
+            None => "two hosts: a veth link between two network namespaces, no rate limit".to_owned(),
+        }
+    }
 }
 
 impl BenchOptions {

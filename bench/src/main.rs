@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Parser;
 use pageserver_bench::report::Section;
-use pageserver_bench::{BenchOptions, BenchReport, floor, kernel, migrations, plot, qemu};
+use pageserver_bench::{BenchOptions, BenchReport, Link, floor, kernel, migrations, plot, qemu};
 
 /// Measures the agents against the physical floor of this machine, in one
 /// run: prints a table and writes the figures as JSON.
@@ -26,6 +26,15 @@ struct Args {
     /// Only these sections (floor, kernel, migrations, qemu); all by default.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// Two hosts on one machine: the floor and the migrations run across a
+    /// veth link between two network namespaces (as `pageserver-demo
+    /// --two-hosts`), not loopback. The kernel rows are in-process, and the
+    /// QEMU rows stay on loopback (the QEMU driver has no two-host mode).
+    #[arg(long)]
+    two_hosts: bool,
+    /// Limits that link to N Gbit/s each way (`tc tbf`; with --two-hosts).
+    #[arg(long, value_name = "N", requires = "two_hosts")]
+    link_rate_gbit: Option<f64>,
 }
 
 /// Under `cargo run`, builds the binaries the migrations run (the agents and
@@ -53,7 +62,13 @@ fn main() -> anyhow::Result<()> {
     if let Some(unknown) = args.only.iter().find(|name| Section::MEASURED.iter().all(|s| s.name() != name.as_str())) {
         anyhow::bail!("--only {unknown}: the sections are floor, kernel, migrations and qemu");
     }
-    let opts = BenchOptions { quick: args.quick };
+    if let Some(rate) = args.link_rate_gbit
+        && !(rate > 0.0 && rate.is_finite())
+    {
+        anyhow::bail!("--link-rate-gbit {rate}: give a positive number of Gbit/s");
+    }
+    let link = args.two_hosts.then_some(Link { rate_gbit: args.link_rate_gbit });
+    let opts = BenchOptions { quick: args.quick, link };
     let wanted = |section: &str| args.only.is_empty() || args.only.iter().any(|s| s == section);
     let mut report = BenchReport::new(opts.quick);
     let mut failures = Vec::new();

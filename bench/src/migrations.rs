@@ -67,6 +67,9 @@ impl Samples {
 
 /// Measures the migration rows.
 pub async fn measure(opts: &BenchOptions, report: &mut BenchReport) -> anyhow::Result<()> {
+    if let Some(link) = opts.link {
+        report.note(format!("migrations: {}", link.describe()));
+    }
     let mut samples = Samples::default();
     let guest = opts.guest_bytes();
     let large = opts.large_guest_bytes();
@@ -78,7 +81,7 @@ pub async fn measure(opts: &BenchOptions, report: &mut BenchReport) -> anyhow::R
         let dump = (repetition == 0).then(|| metrics.path().join("idle"));
         let idle =
             MigrationOptions { pull_delay: Some(IDLE_PULL_DELAY), metrics_dump: dump.clone(), ..shmem(guest, 4) };
-        let idle = migrate("idle", idle).await?;
+        let idle = migrate(opts, "idle", idle).await?;
         if let Some(dir) = &dump {
             let text = std::fs::read_to_string(dir.join("target.prom")).context("the idle run's target metrics")?;
             for (resolution, label) in
@@ -105,7 +108,7 @@ pub async fn measure(opts: &BenchOptions, report: &mut BenchReport) -> anyhow::R
         // same with the vCPUs faulting on those pages meanwhile.
         let stale = (guest / PAGE / 4, guest / PAGE / 4);
         let pull = MigrationOptions { dirty_rate: 0, write_range_before_pause: Some(stale), ..shmem(guest, 4) };
-        let pull = migrate("pull", MigrationOptions { run_ms: 1, ..pull }).await?;
+        let pull = migrate(opts, "pull", MigrationOptions { run_ms: 1, ..pull }).await?;
         if let Some(rate) = pull_rate(&pull) {
             samples.add("background_pull_gib_s", rate);
         }
@@ -115,7 +118,7 @@ pub async fn measure(opts: &BenchOptions, report: &mut BenchReport) -> anyhow::R
             touch_spread_after_resume: Some(stale),
             ..shmem(guest, 4)
         };
-        let loaded = migrate("loaded", MigrationOptions { run_ms: 1, ..loaded }).await?;
+        let loaded = migrate(opts, "loaded", MigrationOptions { run_ms: 1, ..loaded }).await?;
         if let Some(l) = loaded.fault_latency_us.get("fetched").filter(|l| l.max > 0.0) {
             samples.add("stale_fault_loaded_p99_us", l.p99);
         }
@@ -134,7 +137,7 @@ pub async fn measure(opts: &BenchOptions, report: &mut BenchReport) -> anyhow::R
                 pull_delay: Some(IDLE_PULL_DELAY),
                 ..shmem(guest, vcpus)
             };
-            let run = migrate("stale faults", MigrationOptions { run_ms: 1, ..run }).await?;
+            let run = migrate(opts, "stale faults", MigrationOptions { run_ms: 1, ..run }).await?;
             if vcpus == 1 {
                 // The same faults with no vCPU spinning beside the agents
                 // (the idle run has four on two cores): what the scheduler
@@ -152,9 +155,9 @@ pub async fn measure(opts: &BenchOptions, report: &mut BenchReport) -> anyhow::R
             }
         }
 
-        crate::pull_order::measure(&mut samples, guest, 1 + repetition as u64).await?;
+        crate::pull_order::measure(opts, &mut samples, guest, 1 + repetition as u64).await?;
 
-        let many = migrate("many vCPUs", shmem(guest, 16)).await?;
+        let many = migrate(opts, "many vCPUs", shmem(guest, 16)).await?;
         samples.add("resume_ms_16vcpu", many.downtime_ms);
 
         // The source writes these huge pages just before the pause, and the
@@ -171,7 +174,7 @@ pub async fn measure(opts: &BenchOptions, report: &mut BenchReport) -> anyhow::R
             ..shmem(guest, 1)
         };
         let dump = (repetition == 0).then(|| metrics.path().join("huge"));
-        let huge = migrate("huge pages", MigrationOptions { metrics_dump: dump.clone(), ..huge }).await?;
+        let huge = migrate(opts, "huge pages", MigrationOptions { metrics_dump: dump.clone(), ..huge }).await?;
         if let Some(dir) = &dump {
             let text =
                 std::fs::read_to_string(dir.join("target.prom")).context("the huge-page run's target metrics")?;
@@ -183,7 +186,7 @@ pub async fn measure(opts: &BenchOptions, report: &mut BenchReport) -> anyhow::R
         }
     }
     // The 4 GiB guest once: it takes as long as the rest of a repetition.
-    let big = migrate("large", shmem(large, 4)).await?;
+    let big = migrate(opts, "large", shmem(large, 4)).await?;
     samples.add("resume_ms_4g", big.downtime_ms);
     if big.bulk_install_seconds > 0.0 {
         let bytes = (big.pages_installed_bulk * big.page_size) as f64;
@@ -224,7 +227,7 @@ async fn max_converging_dirty_rate(opts: &BenchOptions, report: &mut BenchReport
     let guest = 1 << 30;
     let last_rate = if opts.quick { 4 * FIRST_DIRTY_RATE } else { LAST_DIRTY_RATE };
     let converges = |rate: u64| async move {
-        let run = migrate("dirty rate", MigrationOptions { dirty_rate: rate, ..shmem(guest, 4) }).await?;
+        let run = migrate(opts, "dirty rate", MigrationOptions { dirty_rate: rate, ..shmem(guest, 4) }).await?;
         let last = run.dirty_pages_per_round.last().copied().unwrap_or(u64::MAX);
         anyhow::Ok(last.saturating_mul(100) < run.total_pages)
     };
@@ -274,9 +277,14 @@ pub(crate) fn shmem(bytes: u64, vcpus: u32) -> MigrationOptions {
     }
 }
 
-/// Runs one migration; a failed one, or one whose verification found a
-/// wrong page, is an error.
-pub(crate) async fn migrate(name: &str, opts: MigrationOptions) -> anyhow::Result<Report> {
+/// Runs one migration, across the two hosts' link if `bench` asks for one;
+/// a failed one, or one whose verification found a wrong page, is an error.
+pub(crate) async fn migrate(bench: &BenchOptions, name: &str, opts: MigrationOptions) -> anyhow::Result<Report> {
+    let opts = MigrationOptions {
+        two_hosts: bench.link.is_some(),
+        link_rate_gbit: bench.link.and_then(|link| link.rate_gbit),
+        ..opts
+    };
     let report = run_migration(&opts).await.with_context(|| format!("the {name} migration"))?;
     if let Some(failure) = &report.failure {
         anyhow::bail!("the {name} migration failed: {failure}");

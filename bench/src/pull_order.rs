@@ -16,6 +16,7 @@ use pageserver_demo::PullOrder;
 use pageserver_demo::migration::MigrationOptions;
 use vmm_standin::pattern::{self, SplitMix64};
 
+use crate::BenchOptions;
 use crate::migrations::{Samples, migrate, shmem};
 
 /// How often the source guest rewrites its hot set during pre-copy.
@@ -23,7 +24,7 @@ const HOT_SWEEP_MS: u64 = 5;
 const PAGE: u64 = 4096;
 
 /// Both rows, one migration each.
-pub(crate) async fn measure(samples: &mut Samples, guest: u64, seed: u64) -> anyhow::Result<()> {
+pub(crate) async fn measure(opts: &BenchOptions, samples: &mut Samples, guest: u64, seed: u64) -> anyhow::Result<()> {
     let pages = guest / PAGE;
     for (order, key) in
         [(PullOrder::Nearest, "demand_fetches_nearest_first"), (PullOrder::Hot, "demand_fetches_hot_first")]
@@ -40,7 +41,7 @@ pub(crate) async fn measure(samples: &mut Samples, guest: u64, seed: u64) -> any
             run_ms: 1,
             ..shmem(guest, 4)
         };
-        let run = migrate(key, run).await?;
+        let run = migrate(opts, key, run).await?;
         samples.add(key, run.pages_fetched_on_demand as f64);
     }
     Ok(())

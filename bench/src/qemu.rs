@@ -28,6 +28,9 @@ pub async fn measure(opts: &BenchOptions, report: &mut BenchReport) -> anyhow::R
     let mut samples = Samples::default();
     let mut native_verdicts = Vec::new();
     let qemu = QemuOptions { quiet: true, ..QemuOptions::default() };
+    if opts.link.is_some() {
+        report.note("qemu: on loopback, not across the two hosts' link (the QEMU driver has no two-host mode)");
+    }
     for repetition in 0..opts.migration_repetitions() {
         eprintln!("pageserver-bench: QEMU, repetition {} of {}", repetition + 1, opts.migration_repetitions());
         let native = run_native_postcopy(&qemu).await.context("QEMU's own post-copy")?;

@@ -35,7 +35,7 @@ pub async fn measure(opts: &BenchOptions, report: &mut BenchReport) -> anyhow::R
     eprintln!("pageserver-bench: a sparse guest, {} GiB with {} MiB written", memory >> 30, written >> 20);
     let started = Instant::now();
     let run = MigrationOptions { written_bytes: Some(written), ..shmem(memory, 4) };
-    let sparse = migrate("sparse", run).await?;
+    let sparse = migrate(opts, "sparse", run).await?;
     let seconds = started.elapsed().as_secs_f64();
     report.set("sparse_1t_precopy_gib", sparse.precopy_bytes as f64 / GIB);
     report.set("sparse_1t_resume_ms", sparse.downtime_ms);

@@ -49,6 +49,32 @@ pub async fn connect_in(side: &Side, addr: SocketAddr) -> Result<TcpStream, NetE
     TcpStream::from_std(stream).map_err(connect_error)
 }
 
+/// A blocking TCP connection to `addr` made inside `side`'s namespace
+/// (`TCP_NODELAY`), for callers without an async runtime (the benchmark's
+/// floor). The calling thread stays where it is.
+pub fn connect_blocking_in(side: &Side, addr: SocketAddr) -> Result<std::net::TcpStream, NetError> {
+    let enter_error = |source| NetError::Enter { namespace: side.namespace.clone(), source };
+    let path = side.namespace_path();
+    let thread = std::thread::Builder::new()
+        .name("netns-connect".to_owned())
+        .spawn(move || connect_from_inside(&path, addr))
+        .map_err(enter_error)?;
+    let stream = match thread.join() {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(Failed::Enter(source))) => return Err(enter_error(source)),
+        Ok(Err(Failed::Connect(source))) => {
+            return Err(NetError::Connect { namespace: side.namespace.clone(), addr, source });
+        }
+        Err(_) => return Err(enter_error(io::Error::other("the connecting thread panicked"))),
+    };
+    stream.set_nonblocking(false).map_err(|source| NetError::Connect {
+        namespace: side.namespace.clone(),
+        addr,
+        source,
+    })?;
+    Ok(stream)
+}
+
 /// On a thread of its own, which it leaves in the namespace at `path`.
 fn connect_from_inside(path: &Path, addr: SocketAddr) -> Result<std::net::TcpStream, Failed> {
     let namespace = std::fs::File::open(path).map_err(Failed::Enter)?;

@@ -26,7 +26,7 @@ mod nft;
 mod pair;
 mod tool;
 
-pub use connect::{channel_in, connect_in};
+pub use connect::{channel_in, connect_blocking_in, connect_in};
 pub use nft::NftTable;
 pub use pair::{NAMESPACE_PREFIX, Side, TwoHosts, link_addresses};
 pub use tool::ToolError;
