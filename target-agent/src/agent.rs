@@ -209,7 +209,8 @@ impl TargetAgent {
             Phase::Failed => return Err("the migration has failed (see GetStatus)"),
             _ => {}
         }
-        self.switchover.send_if_modified(|requested| !std::mem::replace(requested, true));
+        let first = self.switchover.send_if_modified(|requested| !std::mem::replace(requested, true));
+        tracing::info!(phase = ?self.phase.get(), first, "Switchover requested");
         // A stop that abandoned the migration meanwhile wins: it decided
         // under the phase's lock, before this request was seen
         // (`crate::shutdown`).

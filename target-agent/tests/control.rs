@@ -12,6 +12,9 @@ use pageserver_proto::v1::migration_target_client::MigrationTargetClient;
 use pageserver_proto::v1::{GetStatusRequest, MigrationPhase, SwitchoverRequest};
 use target_agent::agent::{TargetAgent, TargetConfig};
 
+mod support;
+use support::TargetVmm;
+
 struct Running {
     client: MigrationTargetClient<tonic::transport::Channel>,
     socket: std::path::PathBuf,
@@ -68,28 +71,11 @@ async fn switchover_before_the_handoff_is_refused() {
 async fn switchover_right_after_the_handoff_is_accepted() {
     let t = start("right-after").await;
     let socket = t.socket.clone();
-    let (memfd, map, uffd) = target_vmm(16);
+    // The VMM's hand-off connection stays open (its end would mean the VMM left).
     let vmm = tokio::task::spawn_blocking(move || {
-        let message = HandoffMessage {
-            version: HANDOFF_VERSION,
-            role: Role::Target,
-            vm: "test-vm".into(),
-            pid: std::process::id(),
-            regions: vec![RegionLayout {
-                base_host_virt_addr: map.addr(),
-                size: 16 * 4096,
-                offset: 0,
-                page_size: 4096,
-            }],
-            fds: vec![FdKind::Memory, FdKind::Uffd, FdKind::Pagemap],
-            previous_handoffs: 0,
-            checkpoint: None,
-        };
-        let pagemap = std::fs::File::open("/proc/self/pagemap").expect("pagemap");
-        let stream = UnixStream::connect(&socket).expect("connect");
-        send_handoff(&stream, &message, &[memfd.as_fd(), uffd.as_fd(), pagemap.as_fd()]).expect("a hand-off taken");
-        // The connection stays open (its end would mean the VMM left).
-        (stream, memfd, map, uffd)
+        let mut vmm = TargetVmm::new(16);
+        vmm.hand_off(&socket).expect("a hand-off taken");
+        vmm
     })
     .await
     .expect("the VMM's hand-off");

@@ -632,8 +632,19 @@ impl Migration<'_> {
             self.progress
                 .say(format!("{} target vCPUs touched pages {:?}", self.opts.vcpus, self.opts.touch_after_resume));
         }
-        if let Some((first, count)) = self.opts.touch_spread_after_resume {
-            vm.send(&format!("touch-spread {first} {count}")).await?;
+        // Reads spread over the vCPUs: a range, or listed pages shared in order.
+        let shared = &self.opts.touch_shared_after_resume;
+        let spreads = [
+            self.opts
+                .touch_spread_after_resume
+                .map(|(first, count)| (format!("touch-spread {first} {count}"), "pages")),
+            (!shared.is_empty()).then(|| {
+                let pages: Vec<String> = shared.iter().map(u64::to_string).collect();
+                (format!("touch-shared {}", pages.join(" ")), "listed pages")
+            }),
+        ];
+        for (command, what) in spreads.into_iter().flatten() {
+            vm.send(&command).await?;
             let touched = wait_for(vm, "touched-spread", deadline(timeout), |e| match e {
                 StandinEvent::TouchedSpread { pages, nanos } => Some((*pages, *nanos)),
                 _ => None,
@@ -642,23 +653,7 @@ impl Migration<'_> {
             let seconds = nanos as f64 / 1e9;
             self.report.touch_spread = Some(crate::report::TouchSpread { pages, seconds });
             self.progress.say(format!(
-                "{} target vCPUs read {pages} pages in {:.1} ms",
-                self.opts.vcpus,
-                seconds * 1e3
-            ));
-        }
-        if !self.opts.touch_shared_after_resume.is_empty() {
-            let pages: Vec<String> = self.opts.touch_shared_after_resume.iter().map(u64::to_string).collect();
-            vm.send(&format!("touch-shared {}", pages.join(" "))).await?;
-            let touched = wait_for(vm, "touched-spread", deadline(timeout), |e| match e {
-                StandinEvent::TouchedSpread { pages, nanos } => Some((*pages, *nanos)),
-                _ => None,
-            });
-            let (pages, nanos) = watch.unless_failed(touched).await?;
-            let seconds = nanos as f64 / 1e9;
-            self.report.touch_spread = Some(crate::report::TouchSpread { pages, seconds });
-            self.progress.say(format!(
-                "{} target vCPUs read {pages} listed pages in {:.1} ms",
+                "{} target vCPUs read {pages} {what} in {:.1} ms",
                 self.opts.vcpus,
                 seconds * 1e3
             ));

@@ -72,6 +72,8 @@ pub enum QemuError {
     },
     #[error("{call} on the {agent} agent failed: {status}")]
     Rpc { agent: &'static str, call: &'static str, status: Box<tonic::Status> },
+    #[error("the target agent did not report the switchover within {after:?} of Switchover calls")]
+    SwitchoverUnseen { after: Duration },
     #[error(
         "timed out after {after:.1?}: the {qemu} guest's memory checker printed {seen} of {want} generations in {log}",
         log = log.display()

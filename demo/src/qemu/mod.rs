@@ -53,8 +53,9 @@ use std::time::{Duration, Instant};
 
 use pageserver_proto::v1::migration_source_client::MigrationSourceClient;
 use pageserver_proto::v1::migration_target_client::MigrationTargetClient;
-use pageserver_proto::v1::{GetStatusRequest, SetPausedRequest, SwitchoverRequest};
+use pageserver_proto::v1::{GetStatusRequest, MigrationPhase, SetPausedRequest, SwitchoverRequest};
 use serde_json::json;
+use tonic::transport::Channel;
 
 pub use agent_restart::supported as chaos_supported;
 pub use error::QemuError;
@@ -65,7 +66,7 @@ use crate::chaos::{ChaosEvent, ChaosPhase};
 use crate::process::{Binaries, ChildProcess, WorkDir};
 use crate::progress::Progress;
 use crate::report::Report;
-use crate::status_watch::StatusWatch;
+use crate::status_watch::{StatusError, StatusWatch, phase};
 use crate::test_hooks::AgentTestHooks;
 use agent_restart::TargetAgent;
 use command_line::QemuLaunch;
@@ -268,6 +269,43 @@ fn free_port() -> Result<u16, QemuError> {
     Ok(listener.local_addr().map_err(QemuError::MigrationPort)?.port())
 }
 
+/// How long the target agent has to report a Switchover in its status
+/// before it is asked again (the call is idempotent).
+const SWITCHOVER_SEEN_WITHIN: Duration = Duration::from_secs(2);
+
+/// `Switchover` until the target agent's status says it switched over (at
+/// least once: the call is idempotent), each call bounded, all of it within
+/// `timeout`. Once, in CI, a Switchover to a target agent that had just
+/// taken over from a killed one left the agent waiting for it and the demo
+/// waiting on the guest, for minutes; the agent logs each Switchover it
+/// gets, so a repeat shows where it went, and this never waits unbounded.
+async fn switch_over(
+    client: &mut MigrationTargetClient<Channel>,
+    watch: &StatusWatch,
+    timeout: Duration,
+) -> Result<(), QemuError> {
+    let deadline = Instant::now() + timeout;
+    let switched = |s: &crate::status_watch::PollState| {
+        s.latest.as_ref().is_some_and(|status| phase::of(status) >= MigrationPhase::Postcopy)
+    };
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, client.switchover(SwitchoverRequest::default())).await {
+            Ok(reply) => drop(reply.map_err(rpc("target", "Switchover"))?),
+            Err(_) => return Err(QemuError::SwitchoverUnseen { after: timeout }),
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        match watch.wait_until("the switchover", SWITCHOVER_SEEN_WITHIN.min(left), switched).await {
+            Ok(_) => return Ok(()),
+            Err(StatusError::Timeout { .. }) if Instant::now() < deadline => {
+                eprintln!("pageserver-demo: the target agent does not report the switchover yet: asking again");
+            }
+            Err(StatusError::Timeout { .. }) => return Err(QemuError::SwitchoverUnseen { after: timeout }),
+            Err(other) => return Err(other.into()),
+        }
+    }
+}
+
 async fn migrate(q: &Qemus<'_>, children: &mut Vec<ChildProcess>) -> Result<QemuReport, QemuError> {
     let t = q.opts.timeout;
     // Source side.
@@ -333,7 +371,7 @@ async fn migrate(q: &Qemus<'_>, children: &mut Vec<ChildProcess>) -> Result<Qemu
     if q.fire_chaos(ChaosPhase::Switchover, &mut target, &args, children, &mut chaos, &mut handoffs).await? {
         watch = StatusWatch::start(target.client.clone());
     }
-    target.client.switchover(SwitchoverRequest::default()).await.map_err(rpc("target", "Switchover"))?;
+    switch_over(&mut target.client, &watch, t).await?;
     if q.fire_chaos(ChaosPhase::Postcopy, &mut target, &args, children, &mut chaos, &mut handoffs).await? {
         watch = StatusWatch::start(target.client.clone());
     }
