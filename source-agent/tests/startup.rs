@@ -8,7 +8,7 @@ use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 
-use pageserver_test_support::refusal::{self, assert_refused};
+use pageserver_test_support::refusal::{self, assert_refused, output_of};
 
 const BINARY: &str = env!("CARGO_BIN_EXE_source-agent");
 
@@ -64,6 +64,29 @@ fn bad_flags_are_refused_at_start() {
         1,
         "binding the metrics listener 127.0.0.1:99999",
     );
+}
+
+/// `--handoff-allow-uid` (or `PAGESERVER_HANDOFF_ALLOW_UID`) that is not a
+/// list of uids stops the agent before it binds anything.
+#[test]
+fn a_bad_handoff_allow_list_is_refused_at_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("source.sock").display().to_string();
+    assert_refused(
+        &run(&["--handoff-socket", &socket, "--handoff-allow-uid", "abc"]),
+        2,
+        "invalid value 'abc' for '--handoff-allow-uid <UID[,UID...]>': \"abc\" is not a uid",
+    );
+    let from_env = output_of(Command::new(BINARY).env_clear().env("PAGESERVER_HANDOFF_ALLOW_UID", "0,-1").args([
+        "--listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        "127.0.0.1:0",
+        "--handoff-socket",
+        &socket,
+    ]));
+    assert_refused(&from_env, 2, "\"-1\" is not a uid (a number from 0 to 4294967295) in the list \"0,-1\"");
+    assert!(!Path::new(&socket).exists(), "a refused start leaves no hand-off socket behind");
 }
 
 #[test]

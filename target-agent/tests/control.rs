@@ -8,8 +8,10 @@ use std::time::Duration;
 use guest_memory::RegionLayout;
 use guest_memory::handoff::{FdKind, HANDOFF_VERSION, HandoffError, HandoffMessage, Role, send_handoff};
 use guest_memory::{MemoryMap, Userfaultfd, memfile};
+use pageserver_agent_shell::PeerAllowList;
 use pageserver_proto::v1::migration_target_client::MigrationTargetClient;
 use pageserver_proto::v1::{GetStatusRequest, MigrationPhase, SwitchoverRequest};
+use pageserver_test_support::foreign_peer::{self, NOBODY};
 use target_agent::agent::{TargetAgent, TargetConfig};
 
 struct Running {
@@ -68,37 +70,35 @@ async fn switchover_before_the_handoff_is_refused() {
 async fn switchover_right_after_the_handoff_is_accepted() {
     let t = start("right-after").await;
     let socket = t.socket.clone();
-    let (memfd, map, uffd) = target_vmm(16);
-    let vmm = tokio::task::spawn_blocking(move || {
-        let message = HandoffMessage {
-            version: HANDOFF_VERSION,
-            role: Role::Target,
-            vm: "test-vm".into(),
-            pid: std::process::id(),
-            regions: vec![RegionLayout {
-                base_host_virt_addr: map.addr(),
-                size: 16 * 4096,
-                offset: 0,
-                page_size: 4096,
-            }],
-            fds: vec![FdKind::Memory, FdKind::Uffd, FdKind::Pagemap],
-            previous_handoffs: 0,
-            checkpoint: None,
-        };
-        let pagemap = std::fs::File::open("/proc/self/pagemap").expect("pagemap");
-        let stream = UnixStream::connect(&socket).expect("connect");
-        send_handoff(&stream, &message, &[memfd.as_fd(), uffd.as_fd(), pagemap.as_fd()]).expect("a hand-off taken");
-        // The connection stays open (its end would mean the VMM left).
-        (stream, memfd, map, uffd)
-    })
-    .await
-    .expect("the VMM's hand-off");
+    let vmm = tokio::task::spawn_blocking(move || hand_off(&socket)).await.expect("the VMM's hand-off");
     let mut client = t.client.clone();
     let status = client.get_status(GetStatusRequest {}).await.expect("GetStatus").into_inner();
     assert_eq!(status.phase(), MigrationPhase::WaitingForHandoff, "the source is unreachable: not started yet");
     let reply = client.switchover(SwitchoverRequest::default()).await.expect("Switchover after the hand-off");
     assert_eq!(reply.into_inner().phase(), MigrationPhase::Postcopy);
     drop(vmm);
+}
+
+/// A target VMM of 16 pages that handed its memory over on `socket`: the
+/// connection (kept open: its end would mean the VMM left) and the memory.
+type HandedOff = (UnixStream, std::os::fd::OwnedFd, MemoryMap, Userfaultfd);
+
+fn hand_off(socket: &std::path::Path) -> HandedOff {
+    let (memfd, map, uffd) = target_vmm(16);
+    let message = HandoffMessage {
+        version: HANDOFF_VERSION,
+        role: Role::Target,
+        vm: "test-vm".into(),
+        pid: std::process::id(),
+        regions: vec![RegionLayout { base_host_virt_addr: map.addr(), size: 16 * 4096, offset: 0, page_size: 4096 }],
+        fds: vec![FdKind::Memory, FdKind::Uffd, FdKind::Pagemap],
+        previous_handoffs: 0,
+        checkpoint: None,
+    };
+    let pagemap = std::fs::File::open("/proc/self/pagemap").expect("pagemap");
+    let stream = UnixStream::connect(socket).expect("connect");
+    send_handoff(&stream, &message, &[memfd.as_fd(), uffd.as_fd(), pagemap.as_fd()]).expect("a hand-off taken");
+    (stream, memfd, map, uffd)
 }
 
 /// A target VMM's memory, registered MINOR|MISSING like the real thing.
@@ -153,4 +153,50 @@ async fn malformed_handoffs_get_a_clear_refusal() {
     let mut client = t.client.clone();
     let status = client.get_status(GetStatusRequest {}).await.expect("GetStatus").into_inner();
     assert_eq!(status.phase(), MigrationPhase::WaitingForHandoff, "a refused hand-off must leave the agent waiting");
+}
+
+/// A peer of another uid (`nobody`, while the agent allows only its own) is
+/// refused by its credentials, with a reply naming its uid and pid, before
+/// and after the hand-off; the agent goes on accepting, and a proper
+/// hand-off in between is taken. The socket is opened to everyone for this,
+/// so that the agent's check, not the socket's mode, is what refuses.
+#[tokio::test]
+async fn a_peer_of_another_uid_is_refused_and_a_proper_handoff_follows() {
+    let t = start("foreign-peer").await;
+    let socket = t.socket.clone();
+    let own_uid = PeerAllowList::own_uid().uids()[0];
+    assert_ne!(own_uid, NOBODY, "the test must not run as the foreign peer's user");
+    let vmm = tokio::task::spawn_blocking(move || {
+        foreign_peer::let_everyone_connect(&socket);
+        let refused_as_foreign = |when: &str| {
+            let attempt = foreign_peer::reply_to_foreign_peer(&socket, "as_a_foreign_peer");
+            let reply: serde_json::Value = serde_json::from_str(&attempt.reply).expect("a JSON reply");
+            assert_eq!(reply["ok"], false, "{when}: {reply}");
+            let expected = format!(
+                "hand-off refused: peer uid {NOBODY} (pid {}) is not allowed; this agent accepts uids [{own_uid}] \
+                 (--handoff-allow-uid)",
+                attempt.pid
+            );
+            assert_eq!(reply["error"], expected.as_str(), "{when}: {reply}");
+        };
+        refused_as_foreign("before the hand-off");
+        let vmm = hand_off(&socket);
+        refused_as_foreign("after the hand-off");
+        vmm
+    })
+    .await
+    .expect("the foreign peer and the VMM");
+    let mut client = t.client.clone();
+    let status = client.get_status(GetStatusRequest {}).await.expect("GetStatus").into_inner();
+    assert_eq!(status.phase(), MigrationPhase::WaitingForHandoff, "the source is unreachable: not started yet");
+    let reply = client.switchover(SwitchoverRequest::default()).await.expect("Switchover after the hand-off");
+    assert_eq!(reply.into_inner().phase(), MigrationPhase::Postcopy);
+    drop(vmm);
+}
+
+/// Not a test: the foreign peer of the test above, run by it as `nobody`.
+#[test]
+#[ignore = "a helper, run as another user by a_peer_of_another_uid_is_refused_and_a_proper_handoff_follows"]
+fn as_a_foreign_peer() {
+    foreign_peer::act_if_asked();
 }

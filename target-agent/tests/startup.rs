@@ -38,6 +38,20 @@ fn bad_flags_are_refused_at_start() {
     assert_refused(&with(&["--max-precopy-rounds", "0"]), 2, "invalid value '0' for '--max-precopy-rounds");
     assert_refused(&with(&["--shutdown-grace", "soon"]), 2, "invalid value 'soon' for '--shutdown-grace");
     assert_refused(&with(&["--source-unreachable-timeout=-1s"]), 2, "--source-unreachable-timeout");
+    assert_refused(
+        &with(&["--handoff-allow-uid", "abc"]),
+        2,
+        "invalid value 'abc' for '--handoff-allow-uid <UID[,UID...]>': \"abc\" is not a uid",
+    );
+    assert_refused(&with(&["--handoff-allow-uid", "0,,1"]), 2, "\"\" is not a uid");
+    let allow_from_env = output_of(
+        Command::new(TARGET_AGENT)
+            .env_clear()
+            .env("PAGESERVER_HANDOFF_ALLOW_UID", "root")
+            .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--source", "http://127.0.0.1:9"])
+            .args(["--handoff-socket", &socket]),
+    );
+    assert_refused(&allow_from_env, 2, "\"root\" is not a uid (a number from 0 to 4294967295) in the list \"root\"");
     assert_refused(&with(&["--listen", "nowhere"]), 1, "binding the gRPC listener nowhere");
     assert_refused(&with(&["--metrics-listen", "127.0.0.1:99999"]), 1, "binding the metrics listener 127.0.0.1:99999");
     assert!(!Path::new(&socket).exists(), "a refused start leaves no hand-off socket behind");
