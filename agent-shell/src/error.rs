@@ -69,3 +69,29 @@ impl From<HandoffSocketError> for io::Error {
         io::Error::new(kind, error)
     }
 }
+
+/// Why a hand-off connection's peer is refused (see
+/// [`PeerAllowList::check`](crate::PeerAllowList::check)). The message is
+/// the reply the peer gets.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerRefused {
+    #[error(
+        "hand-off refused: peer uid {uid} (pid {pid}) is not allowed; this agent accepts uids {allowed:?} \
+         (--handoff-allow-uid)"
+    )]
+    NotAllowed { uid: u32, pid: i32, allowed: Vec<u32> },
+    #[error("hand-off refused: the peer's credentials (SO_PEERCRED) cannot be read")]
+    Unknown(#[source] io::Error),
+}
+
+/// Why a `--handoff-allow-uid` value is not a list of uids.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerAllowListError {
+    #[error("{uid:?} is not a uid (a number from 0 to 4294967295) in the list {list:?} (UID[,UID...])")]
+    NotAUid {
+        uid: String,
+        list: String,
+        #[source]
+        source: std::num::ParseIntError,
+    },
+}

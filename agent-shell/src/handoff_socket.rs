@@ -11,7 +11,9 @@
 //! - a stale socket (nothing listens on it: a previous agent died) is
 //!   removed and bound again;
 //! - the new socket is mode 0600: only the agent's user (the VMM runs as it,
-//!   or as root) may connect;
+//!   or as root) may connect; and whoever connects is checked against the
+//!   allow-list of peer uids ([`crate::handoff_peers`]) by the agent, on
+//!   each connection;
 //! - dropping the [`HandoffSocket`] removes the socket file, unless it is no
 //!   longer the one bound here (another agent replaced it meanwhile).
 //!

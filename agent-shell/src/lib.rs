@@ -25,6 +25,8 @@
 //! - [`handoff_socket`]: the hand-off socket's binding policy, the same for
 //!   both agents (a path that is not a socket, or a socket in use, is
 //!   refused; a stale socket is replaced; mode 0600; removed when dropped);
+//! - [`handoff_peers`]: who may hand memory over, the allow-list of peer
+//!   uids checked on every hand-off connection (`--handoff-allow-uid`);
 //! - [`exit`]: the exit status, and the reason on stderr;
 //! - [`duration`]: durations on the command line (`250ms`, `30s`);
 //! - [`error`]: what can go wrong in all of these.
@@ -34,6 +36,7 @@ pub mod duration;
 pub mod error;
 pub mod exit;
 pub mod grpc;
+pub mod handoff_peers;
 pub mod handoff_socket;
 mod listening;
 pub mod logging;
@@ -42,9 +45,10 @@ pub mod shell;
 pub mod shutdown;
 
 pub use duration::parse_duration;
-pub use error::{HandoffSocketError, ServeError, ShellError};
+pub use error::{HandoffSocketError, PeerAllowListError, PeerRefused, ServeError, ShellError};
 pub use exit::exit_code;
 pub use grpc::{grpc_router, serve_router, set_health};
+pub use handoff_peers::{PeerAllowList, PeerCredentials};
 pub use handoff_socket::{HANDOFF_READ_TIMEOUT, HandoffSocket};
 pub use logging::init_logging;
 pub use shell::{AgentShell, Shutdown};

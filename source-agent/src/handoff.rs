@@ -6,8 +6,11 @@
 //! on a dedicated thread, handling each on a thread of its own, at most
 //! [`MAX_CONCURRENT_HANDOFFS`] at once (the rest wait in the listen backlog):
 //! a peer that connects and says nothing does not hold up the VMM behind it.
-//! Each connection gets [`HANDOFF_READ_TIMEOUT`] to deliver its hand-off
-//! message, which
+//! A peer whose uid is not on the allow-list ([`PeerAllowList`],
+//! `--handoff-allow-uid`) is refused before anything is read: it gets the
+//! refusal's reason as its reply, the agent logs a warning naming its uid
+//! and pid, and goes on waiting. Each connection gets
+//! [`HANDOFF_READ_TIMEOUT`] to deliver its hand-off message, which
 //! `guest_memory::handoff::receive_handoff_with` validates. Of a valid one
 //! the memory file is reopened read-only, dirty tracking starts (the initial write-protecting
 //! scan, which also proves the uffd is registered WP-async), and the memory
@@ -31,7 +34,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use guest_memory::handoff::{self, EventReader, Handoff, HandoffError, Role, VmmEvent};
-use pageserver_agent_shell::{HANDOFF_READ_TIMEOUT, HandoffSocket, HandoffSocketError};
+use pageserver_agent_shell::exit::describe;
+use pageserver_agent_shell::{HANDOFF_READ_TIMEOUT, HandoffSocket, HandoffSocketError, PeerAllowList};
 
 use crate::agent::SourceAgent;
 use crate::memory::{MemoryError, SourceMemory};
@@ -69,15 +73,20 @@ impl Drop for HandoffListener {
     }
 }
 
-/// Binds `path` and accepts the VMM's hand-off for `agent` on a new thread.
-pub fn listen_for_handoff(path: &Path, agent: Arc<SourceAgent>) -> Result<HandoffListener, HandoffSocketError> {
+/// Binds `path` and accepts the VMM's hand-off for `agent` on a new thread,
+/// from peers whose uid is on `peers` only.
+pub fn listen_for_handoff(
+    path: &Path,
+    peers: PeerAllowList,
+    agent: Arc<SourceAgent>,
+) -> Result<HandoffListener, HandoffSocketError> {
     let socket = HandoffSocket::bind(path)?;
     let listener = socket.try_clone_listener()?;
     let stop = Arc::new(AtomicBool::new(false));
     let accepting_stop = stop.clone();
     std::thread::Builder::new()
         .name("handoff-accept".into())
-        .spawn(move || accept_loop(listener, agent, accepting_stop))
+        .spawn(move || accept_loop(listener, &peers, agent, accepting_stop))
         .map_err(|source| HandoffSocketError::Io {
             doing: "starting the accept thread for",
             path: path.into(),
@@ -87,7 +96,7 @@ pub fn listen_for_handoff(path: &Path, agent: Arc<SourceAgent>) -> Result<Handof
     Ok(HandoffListener { socket, stop })
 }
 
-fn accept_loop(listener: UnixListener, agent: Arc<SourceAgent>, stop: Arc<AtomicBool>) {
+fn accept_loop(listener: UnixListener, peers: &PeerAllowList, agent: Arc<SourceAgent>, stop: Arc<AtomicBool>) {
     // One token per connection being handled.
     let (release, tokens) = std::sync::mpsc::sync_channel::<()>(MAX_CONCURRENT_HANDOFFS);
     for _ in 0..MAX_CONCURRENT_HANDOFFS {
@@ -108,9 +117,9 @@ fn accept_loop(listener: UnixListener, agent: Arc<SourceAgent>, stop: Arc<Atomic
         if tokens.recv().is_err() {
             break;
         }
-        let (agent, done) = (agent.clone(), release.clone());
+        let (agent, peers, done) = (agent.clone(), peers.clone(), release.clone());
         let handler = std::thread::Builder::new().name("handoff-connection".into()).spawn(move || {
-            handle_connection(stream, &agent);
+            handle_connection(stream, &peers, &agent);
             let _ = done.send(());
         });
         if let Err(error) = handler {
@@ -121,7 +130,13 @@ fn accept_loop(listener: UnixListener, agent: Arc<SourceAgent>, stop: Arc<Atomic
     }
 }
 
-fn handle_connection(stream: UnixStream, agent: &SourceAgent) {
+fn handle_connection(stream: UnixStream, peers: &PeerAllowList, agent: &SourceAgent) {
+    // Before anything else: a peer not allowed learns nothing of this agent.
+    if let Err(refused) = peers.check(&stream) {
+        tracing::warn!(error = %describe(&refused), "refusing a hand-off from a peer not allowed");
+        handoff::refuse_handoff(stream, &refused.to_string(), HANDOFF_READ_TIMEOUT);
+        return;
+    }
     if let Some(memory) = agent.memory() {
         let reason = format!("this agent already serves the memory of {}", memory.origin());
         tracing::warn!(reason, "refusing a second hand-off");

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{ArgGroup, Parser};
-use pageserver_agent_shell::{AgentShell, exit_code, parse_duration, shutdown_signal};
+use pageserver_agent_shell::{AgentShell, PeerAllowList, exit_code, parse_duration, shutdown_signal};
 use source_agent::memory::SUPPORTED_PAGE_SIZES;
 use source_agent::{HandoffListener, SourceAgent, SourceMemory, listen_for_handoff, serve_with_grace};
 
@@ -37,6 +37,10 @@ struct Cli {
     /// Unix socket on which the VMM hands its guest memory over.
     #[arg(long, env = "PAGESERVER_HANDOFF_SOCKET", value_name = "PATH")]
     handoff_socket: Option<PathBuf>,
+    /// The uids whose processes may hand memory over on --handoff-socket
+    /// (checked on every connection; default: this agent's own uid).
+    #[arg(long, env = "PAGESERVER_HANDOFF_ALLOW_UID", value_name = "UID[,UID...]")]
+    handoff_allow_uid: Option<PeerAllowList>,
     /// Serve this file as the guest memory instead (never changes; counts as paused).
     #[arg(long, env = "PAGESERVER_MEMORY_FILE", value_name = "PATH")]
     memory_file: Option<PathBuf>,
@@ -71,8 +75,10 @@ fn agent(cli: &Cli) -> anyhow::Result<(Arc<SourceAgent>, Option<HandoffListener>
     match (&cli.handoff_socket, &cli.memory_file) {
         (Some(socket), _) => {
             let agent = Arc::new(SourceAgent::waiting_for_handoff(&cli.vm, socket));
-            let listener =
-                listen_for_handoff(socket, agent.clone()).context("binding the hand-off socket (--handoff-socket)")?;
+            let peers = cli.handoff_allow_uid.clone().unwrap_or_else(PeerAllowList::own_uid);
+            tracing::info!(allowed_uids = %peers, "hand-offs are accepted from these uids only");
+            let listener = listen_for_handoff(socket, peers, agent.clone())
+                .context("binding the hand-off socket (--handoff-socket)")?;
             Ok((agent, Some(listener)))
         }
         (None, Some(file)) => {

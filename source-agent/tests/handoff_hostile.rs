@@ -17,7 +17,9 @@ use common::{PAGE_SIZE, RunningServer, TestVmm};
 use guest_memory::fd_passing::send_with_fds;
 use guest_memory::handoff::{FdKind, HandoffMessage, MAX_MESSAGE_BYTES, Role};
 use guest_memory::{RegionLayout, memfile};
+use pageserver_agent_shell::PeerAllowList;
 use pageserver_proto::v1::GetLayoutRequest;
+use pageserver_test_support::foreign_peer::{self, NOBODY};
 use source_agent::{HandoffListener, SourceAgent, listen_for_handoff};
 
 const PAGES: u64 = 8;
@@ -33,7 +35,8 @@ async fn start_waiting_agent() -> Setup {
     let dir = tempfile::tempdir().expect("tempdir");
     let socket = dir.path().join("handoff.sock");
     let agent = Arc::new(SourceAgent::waiting_for_handoff("test-vm", &socket));
-    let listener = listen_for_handoff(&socket, agent.clone()).expect("listen for the hand-off");
+    let listener =
+        listen_for_handoff(&socket, PeerAllowList::own_uid(), agent.clone()).expect("listen for the hand-off");
     let server = RunningServer::start(agent).await;
     Setup { _dir: dir, socket, _listener: listener, server }
 }
@@ -169,4 +172,44 @@ async fn a_silent_peer_does_not_hold_up_the_vmm() {
     let reasons = ["no complete hand-off message arrived in time", "this agent already serves the memory"];
     assert!(reply.contains("\"ok\":false") && reasons.iter().any(|r| reply.contains(r)), "{reply}");
     setup.server.stop().await;
+}
+
+/// A peer of another uid (`nobody`, while the agent allows only its own) is
+/// refused by its credentials, before the agent reads what it sent, with a
+/// reply naming its uid and pid; the agent goes on waiting, and a proper
+/// hand-off follows. The socket is opened to everyone for this, so that the
+/// agent's check, not the socket's mode, is what refuses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_of_another_uid_is_refused_and_a_proper_handoff_follows() {
+    let setup = start_waiting_agent().await;
+    let socket = setup.socket.clone();
+    let own_uid = PeerAllowList::own_uid().uids()[0];
+    assert_ne!(own_uid, NOBODY, "the test must not run as the foreign peer's user");
+    tokio::task::spawn_blocking(move || {
+        foreign_peer::let_everyone_connect(&socket);
+        let attempt = foreign_peer::reply_to_foreign_peer(&socket, "as_a_foreign_peer");
+        let reply: serde_json::Value = serde_json::from_str(&attempt.reply).expect("a JSON reply");
+        assert_eq!(reply["ok"], false, "{reply}");
+        let expected = format!(
+            "hand-off refused: peer uid {NOBODY} (pid {}) is not allowed; this agent accepts uids [{own_uid}] \
+             (--handoff-allow-uid)",
+            attempt.pid
+        );
+        assert_eq!(reply["error"], expected.as_str(), "{reply}");
+        let mut vmm = TestVmm::new(PAGES);
+        vmm.hand_off(&socket).expect("a proper hand-off after the foreign peer's");
+        vmm
+    })
+    .await
+    .expect("the foreign peer, then the VMM");
+    let layout = setup.server.client().await.get_layout(GetLayoutRequest {}).await.expect("GetLayout");
+    assert_eq!(layout.into_inner().total_pages, PAGES);
+    setup.server.stop().await;
+}
+
+/// Not a test: the foreign peer of the test above, run by it as `nobody`.
+#[test]
+#[ignore = "a helper, run as another user by a_peer_of_another_uid_is_refused_and_a_proper_handoff_follows"]
+fn as_a_foreign_peer() {
+    foreign_peer::act_if_asked();
 }

@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use common::{PAGE_SIZE, RunningServer, bitmap_chunks, page_pattern};
+use pageserver_agent_shell::PeerAllowList;
 use pageserver_proto::MAX_MESSAGE_BYTES;
 use pageserver_proto::v1::page_server_client::PageServerClient;
 use pageserver_proto::v1::{GetLayoutRequest, GetPageRequest, Page, PagesReply, PagesRequest};
@@ -51,7 +52,8 @@ async fn serve_handoff() -> Served {
     let dir = tempfile::tempdir().expect("tempdir");
     let socket = dir.path().join("handoff.sock");
     let agent = Arc::new(SourceAgent::waiting_for_handoff("test-vm", &socket));
-    let listener = listen_for_handoff(&socket, agent.clone()).expect("listen for the hand-off");
+    let listener =
+        listen_for_handoff(&socket, PeerAllowList::own_uid(), agent.clone()).expect("listen for the hand-off");
     let server = RunningServer::start(agent.clone()).await;
     let vmm = common::handed_off(&socket, PAGES).await;
     Served { agent, server, _keep: Box::new((dir, listener, vmm)) }

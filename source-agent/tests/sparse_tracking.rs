@@ -11,6 +11,7 @@ use std::sync::Arc;
 use common::{RunningServer, TestVmm, dirty_pages};
 use guest_memory::memfile::punch_hole;
 use guest_memory::sys::Discard;
+use pageserver_agent_shell::PeerAllowList;
 use pageserver_proto::v1::SetPausedRequest;
 use pageserver_proto::v1::migration_source_client::MigrationSourceClient;
 use source_agent::{SourceAgent, listen_for_handoff};
@@ -25,7 +26,8 @@ async fn holes_are_not_sent_and_a_hole_written_later_is_dirty() {
     let dir = tempfile::tempdir().expect("tempdir");
     let socket = dir.path().join("handoff.sock");
     let agent = Arc::new(SourceAgent::waiting_for_handoff("test-vm", &socket));
-    let _listener = listen_for_handoff(&socket, agent.clone()).expect("listen for the hand-off");
+    let _listener =
+        listen_for_handoff(&socket, PeerAllowList::own_uid(), agent.clone()).expect("listen for the hand-off");
     let server = RunningServer::start(agent).await;
     let mut client = server.client().await;
 

@@ -2,13 +2,19 @@
 //! says it is listening: page sizes other than 4 KiB and 2 MiB, a memory
 //! file that is not whole pages (its tail would silently go unserved) or is
 //! not a file, addresses it cannot bind, a hand-off socket path that is a
-//! regular file (left alone) or a socket another agent listens on.
+//! regular file (left alone) or a socket another agent listens on, a
+//! `--handoff-allow-uid` that is not a list of uids. And the allow-list it
+//! is given is the one its hand-off socket applies.
+
+mod common;
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 
-use pageserver_test_support::refusal::{self, assert_refused};
+use common::TestVmm;
+use guest_memory::handoff::HandoffError;
+use pageserver_test_support::refusal::{self, assert_refused, output_of};
 
 const BINARY: &str = env!("CARGO_BIN_EXE_source-agent");
 
@@ -66,6 +72,29 @@ fn bad_flags_are_refused_at_start() {
     );
 }
 
+/// `--handoff-allow-uid` (or `PAGESERVER_HANDOFF_ALLOW_UID`) that is not a
+/// list of uids stops the agent before it binds anything.
+#[test]
+fn a_bad_handoff_allow_list_is_refused_at_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("source.sock").display().to_string();
+    assert_refused(
+        &run(&["--handoff-socket", &socket, "--handoff-allow-uid", "abc"]),
+        2,
+        "invalid value 'abc' for '--handoff-allow-uid <UID[,UID...]>': \"abc\" is not a uid",
+    );
+    let from_env = output_of(Command::new(BINARY).env_clear().env("PAGESERVER_HANDOFF_ALLOW_UID", "0,-1").args([
+        "--listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        "127.0.0.1:0",
+        "--handoff-socket",
+        &socket,
+    ]));
+    assert_refused(&from_env, 2, "\"-1\" is not a uid (a number from 0 to 4294967295) in the list \"0,-1\"");
+    assert!(!Path::new(&socket).exists(), "a refused start leaves no hand-off socket behind");
+}
+
 #[test]
 fn a_regular_file_at_the_handoff_socket_path_is_refused_and_left_alone() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -104,4 +133,48 @@ fn a_second_agent_on_a_socket_in_use_is_refused_and_a_dead_agents_socket_is_take
     let mut second = start_waiting(&socket);
     second.kill().expect("kill");
     second.wait().expect("wait");
+}
+
+/// `PAGESERVER_HANDOFF_ALLOW_UID` reaches the binary's hand-off socket: an
+/// agent that allows another uid than this test's refuses its hand-off with
+/// the reason, logs a warning naming the peer's uid and pid, and goes on
+/// waiting (a second attempt is refused alike).
+#[test]
+fn a_peer_not_on_the_handoff_allow_list_is_refused_and_logged() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("source.sock");
+    let log = dir.path().join("agent.log");
+    let other_uid = rustix::process::getuid().as_raw() + 1;
+    let mut child = Command::new(BINARY)
+        .env("PAGESERVER_HANDOFF_ALLOW_UID", other_uid.to_string())
+        .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--handoff-socket"])
+        .arg(&socket)
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).expect("log file"))
+        .spawn()
+        .expect("spawn source-agent");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("the listening line");
+    let own = format!("peer uid {} (pid {})", rustix::process::getuid().as_raw(), std::process::id());
+    for attempt in ["first", "second"] {
+        match TestVmm::new(8).hand_off(&socket) {
+            Err(HandoffError::Refused(why)) => assert_eq!(
+                why,
+                format!(
+                    "hand-off refused: {own} is not allowed; this agent accepts uids [{other_uid}] (--handoff-allow-uid)"
+                ),
+                "{attempt} attempt"
+            ),
+            other => panic!("{attempt} attempt: expected a refusal, got {other:?}"),
+        }
+    }
+    let running = child.try_wait().expect("try_wait").is_none();
+    child.kill().expect("kill");
+    child.wait().expect("wait");
+    let stderr = std::fs::read_to_string(&log).expect("the log");
+    assert!(running, "the agent goes on waiting: {stderr}");
+    assert!(
+        stderr.lines().any(|line| line.contains("WARN") && line.contains(&own)),
+        "no warning naming {own}: {stderr}"
+    );
 }

@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use common::{RunningServer, TestVmm, bitmap_chunks, dirty_pages, page_pattern, wait_until};
 use guest_memory::handoff::{self, FdKind, HandoffError, Role, VmmEvent};
+use pageserver_agent_shell::PeerAllowList;
 use pageserver_proto::v1::page_server_client::PageServerClient;
 use pageserver_proto::v1::{GetLayoutRequest, GetPageRequest};
 use source_agent::{HandoffListener, SourceAgent, listen_for_handoff};
@@ -33,7 +34,8 @@ async fn start_waiting_agent() -> Setup {
     let dir = tempfile::tempdir().expect("tempdir");
     let socket = dir.path().join("handoff.sock");
     let agent = Arc::new(SourceAgent::waiting_for_handoff("test-vm", &socket));
-    let listener = listen_for_handoff(&socket, agent.clone()).expect("listen for the hand-off");
+    let listener =
+        listen_for_handoff(&socket, PeerAllowList::own_uid(), agent.clone()).expect("listen for the hand-off");
     let server = RunningServer::start(agent.clone()).await;
     Setup { _dir: dir, socket, _listener: listener, agent, server }
 }

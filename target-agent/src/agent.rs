@@ -31,6 +31,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use pageserver_agent_shell::PeerAllowList;
 use tokio::sync::{oneshot, watch};
 
 use crate::fault_loop::{FaultHint, FaultLoop, FaultLoopError, FaultLoopExit, GUEST_FROZEN, describe_stop};
@@ -53,6 +54,8 @@ pub struct TargetConfig {
     /// The source agent, e.g. `http://127.0.0.1:50051`.
     pub source_url: String,
     pub handoff_socket: PathBuf,
+    /// The uids whose processes may hand memory over ([`crate::handoff`]).
+    pub handoff_peers: PeerAllowList,
     pub vm: String,
     pub max_precopy_rounds: u32,
     /// How long the migration waits for an unreachable source (or for the
@@ -81,6 +84,7 @@ impl TargetConfig {
         Self {
             source_url: source_url.to_owned(),
             handoff_socket: handoff_socket.into(),
+            handoff_peers: PeerAllowList::own_uid(),
             vm: vm.to_owned(),
             max_precopy_rounds: Self::DEFAULT_MAX_PRECOPY_ROUNDS,
             source_unreachable_timeout: Self::DEFAULT_SOURCE_UNREACHABLE_TIMEOUT,
@@ -174,7 +178,7 @@ impl TargetAgent {
             tracing::warn!("TEST HOOKS ARE SET: this agent misbehaves on purpose ({:?})", config.hooks);
         }
         Arc::new(Self {
-            handoff: HandoffEndpoint::new(&config.handoff_socket),
+            handoff: HandoffEndpoint::new(&config.handoff_socket, config.handoff_peers.clone()),
             config,
             stats: Arc::new(TargetStats::default()),
             phase: PhaseTracker::default(),

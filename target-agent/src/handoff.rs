@@ -7,6 +7,11 @@
 //! ([`HandoffEndpoint::bind`]), before it says it is listening, so that a
 //! bad path fails the agent then and not after a VMM has come.
 //!
+//! Every connection's peer is checked first against the allow-list of uids
+//! ([`PeerAllowList`], `--handoff-allow-uid`): a peer not on it is refused
+//! before anything is read, gets the refusal's reason as its reply, and the
+//! agent logs a warning naming its uid and pid and goes on accepting.
+//!
 //! Connections are accepted until one valid target hand-off arrives (a
 //! refused one is logged and the next awaited). From then on the socket
 //! stays bound, and every later connection is refused with
@@ -25,12 +30,14 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use guest_memory::handoff::{Handoff, Role, receive_handoff_with, refuse_handoff};
-use pageserver_agent_shell::{HANDOFF_READ_TIMEOUT, HandoffSocket, HandoffSocketError};
+use pageserver_agent_shell::exit::describe;
+use pageserver_agent_shell::{HANDOFF_READ_TIMEOUT, HandoffSocket, HandoffSocketError, PeerAllowList};
 use tokio::net::UnixListener;
 use tokio::sync::Semaphore;
 
-/// Later connections refused at once (the rest wait in the backlog): a peer
-/// that connects and says nothing holds up no one for long.
+/// Connections refused at once (peers not allowed, and every connection
+/// after the hand-off; the rest wait in the backlog): a peer that connects
+/// and says nothing holds up no one for long.
 const CONCURRENT_REFUSALS: usize = 4;
 
 /// The pause after a failed accept.
@@ -60,6 +67,8 @@ pub enum HandoffEndpointError {
 #[derive(Debug)]
 pub struct HandoffEndpoint {
     path: PathBuf,
+    /// Whose connections are read at all.
+    peers: PeerAllowList,
     /// Bound at start, until the accepting begins.
     bound: Mutex<Option<HandoffSocket>>,
     /// Set before the VMM is told its hand-off was taken: once a VMM (or
@@ -69,8 +78,9 @@ pub struct HandoffEndpoint {
 }
 
 impl HandoffEndpoint {
-    pub fn new(path: impl Into<PathBuf>) -> Self {
-        Self { path: path.into(), bound: Mutex::new(None), handed_over: Arc::new(OnceLock::new()) }
+    /// The endpoint for `path`, taking hand-offs from `peers` only.
+    pub fn new(path: impl Into<PathBuf>, peers: PeerAllowList) -> Self {
+        Self { path: path.into(), peers, bound: Mutex::new(None), handed_over: Arc::new(OnceLock::new()) }
     }
 
     pub fn path(&self) -> &Path {
@@ -102,9 +112,15 @@ impl HandoffEndpoint {
             None => HandoffSocket::bind(&self.path)?,
         };
         let listener = socket.async_listener()?;
-        tracing::info!("waiting for the VMM hand-off on {}", self.path.display());
+        tracing::info!(allowed_uids = %self.peers, "waiting for the VMM hand-off on {}", self.path.display());
+        let refusals = Arc::new(Semaphore::new(CONCURRENT_REFUSALS));
         loop {
             let Some(stream) = accept_one(&listener).await else { continue };
+            if let Err(refused) = self.peers.check(&stream) {
+                tracing::warn!(error = %describe(&refused), "refusing a hand-off from a peer not allowed");
+                refuse(stream, refused.to_string(), &refusals).await;
+                continue;
+            }
             let handed_over = self.handed_over.clone();
             let received = tokio::task::spawn_blocking(move || {
                 receive_handoff_with(stream, Role::Target, |handoff| {
@@ -117,7 +133,8 @@ impl HandoffEndpoint {
             .map_err(|source| HandoffEndpointError::Task { path: self.path.clone(), source })?;
             match received {
                 Ok((handoff, owner)) => {
-                    tokio::spawn(refuse_later_connections(socket, listener, owner));
+                    let peers = self.peers.clone();
+                    tokio::spawn(refuse_later_connections(socket, listener, peers, owner, refusals));
                     return Ok(handoff);
                 }
                 Err(e) => tracing::warn!("refused a hand-off: {e}"),
@@ -149,21 +166,41 @@ async fn accept_one(listener: &UnixListener) -> Option<std::os::unix::net::UnixS
 }
 
 /// Keeps `socket` bound, answering every connection with a refusal, until
-/// the runtime stops (then dropping the socket removes its file).
-async fn refuse_later_connections(socket: HandoffSocket, listener: UnixListener, owner: HandedOver) {
-    let reason = format!(
+/// the runtime stops (then dropping the socket removes its file). A peer not
+/// on `peers` is told only that.
+async fn refuse_later_connections(
+    socket: HandoffSocket,
+    listener: UnixListener,
+    peers: PeerAllowList,
+    owner: HandedOver,
+    refusals: Arc<Semaphore>,
+) {
+    let already_handed_over = format!(
         "this agent already has its VM's memory (VM {:?}, VMM pid {}); start another agent on another socket",
         owner.vm, owner.pid
     );
-    let slots = Arc::new(Semaphore::new(CONCURRENT_REFUSALS));
     loop {
         let Some(stream) = accept_one(&listener).await else { continue };
-        let Ok(slot) = slots.clone().acquire_owned().await else { break };
-        let reason = reason.clone();
-        tracing::warn!(socket = %socket.path().display(), "refusing a second hand-off: {reason}");
-        tokio::task::spawn_blocking(move || {
-            refuse_handoff(stream, &reason, HANDOFF_READ_TIMEOUT);
-            drop(slot);
-        });
+        let reason = match peers.check(&stream) {
+            Ok(_) => {
+                tracing::warn!(socket = %socket.path().display(), "refusing a second hand-off: {already_handed_over}");
+                already_handed_over.clone()
+            }
+            Err(refused) => {
+                tracing::warn!(error = %describe(&refused), "refusing a hand-off from a peer not allowed");
+                refused.to_string()
+            }
+        };
+        refuse(stream, reason, &refusals).await;
     }
+}
+
+/// Answers `stream` with a refusal naming `reason`, on a blocking thread
+/// once one of the `slots` is free (the accepting waits for it meanwhile).
+async fn refuse(stream: std::os::unix::net::UnixStream, reason: String, slots: &Arc<Semaphore>) {
+    let Ok(slot) = slots.clone().acquire_owned().await else { return };
+    tokio::task::spawn_blocking(move || {
+        refuse_handoff(stream, &reason, HANDOFF_READ_TIMEOUT);
+        drop(slot);
+    });
 }

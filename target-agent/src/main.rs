@@ -22,7 +22,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use pageserver_agent_shell::exit::describe;
-use pageserver_agent_shell::{AgentShell, exit_code, parse_duration, shutdown_signal};
+use pageserver_agent_shell::{AgentShell, PeerAllowList, exit_code, parse_duration, shutdown_signal};
 use target_agent::agent::{TargetAgent, TargetConfig};
 use target_agent::pull_order::PullOrder;
 use target_agent::service::serve;
@@ -43,6 +43,10 @@ struct Args {
     /// Unix socket on which the target VMM hands its memory over.
     #[arg(long, env = "PAGESERVER_HANDOFF_SOCKET")]
     handoff_socket: PathBuf,
+    /// The uids whose processes may hand memory over on --handoff-socket
+    /// (checked on every connection; default: this agent's own uid).
+    #[arg(long, env = "PAGESERVER_HANDOFF_ALLOW_UID", value_name = "UID[,UID...]")]
+    handoff_allow_uid: Option<PeerAllowList>,
     /// Name of the VM (logs, metrics label `vm`).
     #[arg(long, env = "PAGESERVER_VM", default_value = "vm")]
     vm: String,
@@ -110,6 +114,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         let agent = TargetAgent::new(TargetConfig {
             source_url: args.source,
             handoff_socket: args.handoff_socket,
+            handoff_peers: args.handoff_allow_uid.unwrap_or_else(PeerAllowList::own_uid),
             vm: args.vm,
             max_precopy_rounds: args.max_precopy_rounds,
             source_unreachable_timeout: args.source_unreachable_timeout,

@@ -8,8 +8,10 @@ use std::time::Duration;
 use guest_memory::RegionLayout;
 use guest_memory::handoff::{FdKind, HANDOFF_VERSION, HandoffError, HandoffMessage, Role, send_handoff};
 use guest_memory::{MemoryMap, Userfaultfd, memfile};
+use pageserver_agent_shell::PeerAllowList;
 use pageserver_proto::v1::migration_target_client::MigrationTargetClient;
 use pageserver_proto::v1::{GetStatusRequest, MigrationPhase, SwitchoverRequest};
+use pageserver_test_support::foreign_peer::{self, NOBODY};
 use target_agent::agent::{TargetAgent, TargetConfig};
 
 mod support;
@@ -139,4 +141,51 @@ async fn malformed_handoffs_get_a_clear_refusal() {
     let mut client = t.client.clone();
     let status = client.get_status(GetStatusRequest {}).await.expect("GetStatus").into_inner();
     assert_eq!(status.phase(), MigrationPhase::WaitingForHandoff, "a refused hand-off must leave the agent waiting");
+}
+
+/// A peer of another uid (`nobody`, while the agent allows only its own) is
+/// refused by its credentials, with a reply naming its uid and pid, before
+/// and after the hand-off; the agent goes on accepting, and a proper
+/// hand-off in between is taken. The socket is opened to everyone for this,
+/// so that the agent's check, not the socket's mode, is what refuses.
+#[tokio::test]
+async fn a_peer_of_another_uid_is_refused_and_a_proper_handoff_follows() {
+    let t = start("foreign-peer").await;
+    let socket = t.socket.clone();
+    let own_uid = PeerAllowList::own_uid().uids()[0];
+    assert_ne!(own_uid, NOBODY, "the test must not run as the foreign peer's user");
+    let vmm = tokio::task::spawn_blocking(move || {
+        foreign_peer::let_everyone_connect(&socket);
+        let refused_as_foreign = |when: &str| {
+            let attempt = foreign_peer::reply_to_foreign_peer(&socket, "as_a_foreign_peer");
+            let reply: serde_json::Value = serde_json::from_str(&attempt.reply).expect("a JSON reply");
+            assert_eq!(reply["ok"], false, "{when}: {reply}");
+            let expected = format!(
+                "hand-off refused: peer uid {NOBODY} (pid {}) is not allowed; this agent accepts uids [{own_uid}] \
+                 (--handoff-allow-uid)",
+                attempt.pid
+            );
+            assert_eq!(reply["error"], expected.as_str(), "{when}: {reply}");
+        };
+        refused_as_foreign("before the hand-off");
+        let mut vmm = TargetVmm::new(16);
+        vmm.hand_off(&socket).expect("a hand-off taken");
+        refused_as_foreign("after the hand-off");
+        vmm
+    })
+    .await
+    .expect("the foreign peer and the VMM");
+    let mut client = t.client.clone();
+    let status = client.get_status(GetStatusRequest {}).await.expect("GetStatus").into_inner();
+    assert_eq!(status.phase(), MigrationPhase::WaitingForHandoff, "the source is unreachable: not started yet");
+    let reply = client.switchover(SwitchoverRequest::default()).await.expect("Switchover after the hand-off");
+    assert_eq!(reply.into_inner().phase(), MigrationPhase::Postcopy);
+    drop(vmm);
+}
+
+/// Not a test: the foreign peer of the test above, run by it as `nobody`.
+#[test]
+#[ignore = "a helper, run as another user by a_peer_of_another_uid_is_refused_and_a_proper_handoff_follows"]
+fn as_a_foreign_peer() {
+    foreign_peer::act_if_asked();
 }

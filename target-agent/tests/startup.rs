@@ -2,7 +2,8 @@
 //! says it is listening, and holds its hand-off socket for its whole life:
 //! a second agent on the same path is refused ("in use"), a later hand-off
 //! is refused with a clear reply, a regular file at the path is left alone,
-//! and the stale socket of an agent that died is taken by the next one.
+//! and the stale socket of an agent that died is taken by the next one; a
+//! peer not on its `--handoff-allow-uid` is refused and logged.
 
 mod support;
 
@@ -38,6 +39,20 @@ fn bad_flags_are_refused_at_start() {
     assert_refused(&with(&["--max-precopy-rounds", "0"]), 2, "invalid value '0' for '--max-precopy-rounds");
     assert_refused(&with(&["--shutdown-grace", "soon"]), 2, "invalid value 'soon' for '--shutdown-grace");
     assert_refused(&with(&["--source-unreachable-timeout=-1s"]), 2, "--source-unreachable-timeout");
+    assert_refused(
+        &with(&["--handoff-allow-uid", "abc"]),
+        2,
+        "invalid value 'abc' for '--handoff-allow-uid <UID[,UID...]>': \"abc\" is not a uid",
+    );
+    assert_refused(&with(&["--handoff-allow-uid", "0,,1"]), 2, "\"\" is not a uid");
+    let allow_from_env = output_of(
+        Command::new(TARGET_AGENT)
+            .env_clear()
+            .env("PAGESERVER_HANDOFF_ALLOW_UID", "root")
+            .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--source", "http://127.0.0.1:9"])
+            .args(["--handoff-socket", &socket]),
+    );
+    assert_refused(&allow_from_env, 2, "\"root\" is not a uid (a number from 0 to 4294967295) in the list \"root\"");
     assert_refused(&with(&["--listen", "nowhere"]), 1, "binding the gRPC listener nowhere");
     assert_refused(&with(&["--metrics-listen", "127.0.0.1:99999"]), 1, "binding the metrics listener 127.0.0.1:99999");
     assert!(!Path::new(&socket).exists(), "a refused start leaves no hand-off socket behind");
@@ -139,4 +154,44 @@ async fn the_stale_socket_of_a_dead_agent_is_taken_by_the_next_one() {
     let mut vmm = TargetVmm::new(16);
     let handed = tokio::task::spawn_blocking(move || vmm.hand_off(Path::new(&socket)).map(|()| vmm));
     handed.await.expect("hand-off thread").expect("the new agent takes the hand-off");
+}
+
+/// `--handoff-allow-uid` reaches the binary's hand-off socket: an agent
+/// that allows other uids than this test's refuses its hand-off with the
+/// reason, logs a warning naming the peer's uid and pid, and goes on
+/// waiting (a second attempt is refused alike).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_not_on_the_handoff_allow_list_is_refused_and_logged() {
+    let dir = Scratch::new("allow-list");
+    let socket = dir.join("t.sock");
+    let own_uid = rustix::process::getuid().as_raw();
+    let (others, listed) = (format!("{},{}", own_uid + 1, own_uid + 2), format!("[{}, {}]", own_uid + 1, own_uid + 2));
+    let args = [
+        "--source",
+        "http://127.0.0.1:9",
+        "--handoff-socket",
+        &socket.display().to_string(),
+        "--handoff-allow-uid",
+        &others,
+    ];
+    let mut agent = Agent::start("allow-list", Path::new(TARGET_AGENT), &args, &dir);
+    let peer = format!("peer uid {own_uid} (pid {})", std::process::id());
+    for attempt in ["first", "second"] {
+        let socket = socket.clone();
+        let refused =
+            tokio::task::spawn_blocking(move || TargetVmm::new(16).hand_off(&socket)).await.expect("hand-off thread");
+        match refused {
+            Err(HandoffError::Refused(why)) => assert_eq!(
+                why,
+                format!(
+                    "hand-off refused: {peer} is not allowed; this agent accepts uids {listed} (--handoff-allow-uid)"
+                ),
+                "{attempt} attempt"
+            ),
+            other => panic!("{attempt} attempt: expected a refusal, got {other:?}"),
+        }
+    }
+    agent.wait_for_log(&peer);
+    assert!(agent.stderr().contains("WARN"), "the refusal is logged as a warning: {}", agent.stderr());
+    assert!(agent.running(), "the agent goes on waiting");
 }

@@ -14,6 +14,8 @@
 //! - [`fault_server`]: [`FaultServer`], a thread that resolves the faults of
 //!   a handed-off target userfaultfd (MINOR → `UFFDIO_CONTINUE`, MISSING →
 //!   `UFFDIO_COPY` of test content) and counts them;
+//! - [`foreign_peer`]: a hand-off attempt by another user (the test binary
+//!   run again as `nobody`), for the agents' peer-credential check;
 //! - [`child`]: [`TestChild`], a process with piped stdin, stdout lines on a
 //!   channel and stderr in a log file, killed when dropped;
 //! - [`temp_dir`]: [`TempDir`], a scratch directory under /dev/shm;
@@ -25,6 +27,7 @@
 
 pub mod child;
 pub mod fault_server;
+pub mod foreign_peer;
 pub mod handoff_listener;
 pub mod huge_pages;
 pub mod refusal;
