@@ -212,7 +212,7 @@ impl RemovedPages {
         }
         // Mapped here now (after the VMM's pages, and what fault-around
         // mapped with them).
-        let here = self.mapped_here(layout, &mut failed);
+        let here = PageRuns::from_unsorted(self.mapped_here(layout, &mut failed));
         let shortcut = walk_file && failed.is_empty() && self.all_data_mapped(&here, page_size);
         let walked = walk_file && !shortcut;
         if shortcut {
@@ -228,9 +228,7 @@ impl RemovedPages {
                 let looked = data_ranges(self.file.as_fd(), start, end, |from, to| {
                     wanted.push(first + (from - start) / page_size..first + (to - start).div_ceil(page_size))
                 });
-                let already = PageRuns::from_unsorted(here.clone());
-                let looked =
-                    looked.and_then(|()| self.map_in(index, first, page_size, &already, &wanted, &mut mapped_in));
+                let looked = looked.and_then(|()| self.map_in(index, first, page_size, &here, &wanted, &mut mapped_in));
                 if let Err(error) = looked {
                     failed.push((index as u32, error));
                 }
@@ -246,7 +244,7 @@ impl RemovedPages {
         // only the pages a look found; see `crate::dirty`).
         let after = if walked { self.mapped_here(layout, &mut failed) } else { Vec::new() };
         let mut mapped = now;
-        mapped.extend(here);
+        mapped.extend(here.runs().iter().cloned());
         mapped.extend(after);
         mapped.extend(mapped_in);
         let mapped = PageRuns::from_unsorted(mapped);
@@ -274,9 +272,9 @@ impl RemovedPages {
     /// later look (a thorough one at the latest), never lost. A file with
     /// data outside the regions, or a file system that counts blocks
     /// otherwise, only ever holds more blocks: then the walk is made.
-    fn all_data_mapped(&self, mapped: &[Range<u64>], page_size: u64) -> bool {
+    fn all_data_mapped(&self, mapped: &PageRuns, page_size: u64) -> bool {
         let Ok(stat) = rustix::fs::fstat(&self.file) else { return false };
-        let mapped_pages: u64 = PageRuns::from_unsorted(mapped.to_vec()).runs().iter().map(|r| r.end - r.start).sum();
+        let mapped_pages: u64 = mapped.runs().iter().map(|r| r.end - r.start).sum();
         u64::try_from(stat.st_blocks).is_ok_and(|blocks| blocks.saturating_mul(512) == mapped_pages * page_size)
     }
 

@@ -187,15 +187,7 @@ async fn a_peer_of_another_uid_is_refused_and_a_proper_handoff_follows() {
     assert_ne!(own_uid, NOBODY, "the test must not run as the foreign peer's user");
     tokio::task::spawn_blocking(move || {
         foreign_peer::let_everyone_connect(&socket);
-        let attempt = foreign_peer::reply_to_foreign_peer(&socket, "as_a_foreign_peer");
-        let reply: serde_json::Value = serde_json::from_str(&attempt.reply).expect("a JSON reply");
-        assert_eq!(reply["ok"], false, "{reply}");
-        let expected = format!(
-            "hand-off refused: peer uid {NOBODY} (pid {}) is not allowed; this agent accepts uids [{own_uid}] \
-             (--handoff-allow-uid)",
-            attempt.pid
-        );
-        assert_eq!(reply["error"], expected.as_str(), "{reply}");
+        foreign_peer::assert_refused_as_foreign(&socket, "as_a_foreign_peer", &[own_uid], "before the hand-off");
         let mut vmm = TestVmm::new(PAGES);
         vmm.hand_off(&socket).expect("a proper hand-off after the foreign peer's");
         vmm

@@ -7,12 +7,10 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 
 use common::TestVmm;
 
-const BINARY: &str = env!("CARGO_BIN_EXE_source-agent");
 const PAGES: u64 = 16;
 
 /// The agent process; killed when dropped (also when an assertion fails).
@@ -23,23 +21,6 @@ impl Drop for AgentProcess {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-/// Starts an agent waiting on `socket` and reads its listening line.
-fn start_waiting(socket: &std::path::Path) -> AgentProcess {
-    let mut child = Command::new(BINARY)
-        .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--handoff-socket"])
-        .arg(socket)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn source-agent");
-    let stdout = child.stdout.take().expect("stdout");
-    let agent = AgentProcess(child);
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).expect("the listening line");
-    assert!(line.contains("\"listening\""), "{line}");
-    agent
 }
 
 /// The lines of `/proc/PID/maps` that map the file of inode `inode` (the
@@ -57,7 +38,7 @@ fn mappings_of(maps: &str, inode: u64) -> Vec<&str> {
 async fn every_mapping_of_the_guest_memory_in_the_agent_is_read_only() {
     let dir = tempfile::tempdir().expect("tempdir");
     let socket = dir.path().join("source.sock");
-    let agent = start_waiting(&socket);
+    let agent = AgentProcess(common::agent_process_waiting(&socket));
     let vmm: TestVmm = common::handed_off(&socket, PAGES).await;
     let inode = rustix::fs::fstat(&vmm.memory).expect("fstat the guest memory").st_ino;
     let maps = std::fs::read_to_string(format!("/proc/{}/maps", agent.0.id())).expect("the agent's maps");

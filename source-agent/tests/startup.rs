@@ -10,7 +10,7 @@ mod common;
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 
 use common::TestVmm;
 use guest_memory::handoff::HandoffError;
@@ -105,32 +105,17 @@ fn a_regular_file_at_the_handoff_socket_path_is_refused_and_left_alone() {
     assert_eq!(std::fs::read(&path).expect("the file is still there"), b"precious");
 }
 
-/// Starts an agent waiting on `socket` and reads its listening line.
-fn start_waiting(socket: &Path) -> Child {
-    let mut child = Command::new(BINARY)
-        .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--handoff-socket"])
-        .arg(socket)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn source-agent");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("the listening line");
-    assert!(line.contains("\"listening\""), "{line}");
-    child
-}
-
 #[test]
 fn a_second_agent_on_a_socket_in_use_is_refused_and_a_dead_agents_socket_is_taken() {
     let dir = tempfile::tempdir().expect("tempdir");
     let socket = dir.path().join("source.sock");
-    let mut first = start_waiting(&socket);
+    let mut first = common::agent_process_waiting(&socket);
     assert_refused(&run(&["--handoff-socket", &socket.display().to_string()]), 1, "is in use");
     assert!(first.try_wait().expect("try_wait").is_none(), "the first agent goes on");
     first.kill().expect("kill");
     first.wait().expect("wait");
     assert!(socket.exists(), "a killed agent leaves its socket file");
-    let mut second = start_waiting(&socket);
+    let mut second = common::agent_process_waiting(&socket);
     second.kill().expect("kill");
     second.wait().expect("wait");
 }

@@ -81,12 +81,19 @@ async fn switchover_right_after_the_handoff_is_accepted() {
     })
     .await
     .expect("the VMM's hand-off");
+    switchover_is_taken_before_the_source(&t).await;
+    drop(vmm);
+}
+
+/// The agent has a VMM's memory but cannot reach its source (nothing
+/// listens there): it still says `waiting_for_handoff`, and takes a
+/// Switchover.
+async fn switchover_is_taken_before_the_source(t: &Running) {
     let mut client = t.client.clone();
     let status = client.get_status(GetStatusRequest {}).await.expect("GetStatus").into_inner();
     assert_eq!(status.phase(), MigrationPhase::WaitingForHandoff, "the source is unreachable: not started yet");
     let reply = client.switchover(SwitchoverRequest::default()).await.expect("Switchover after the hand-off");
     assert_eq!(reply.into_inner().phase(), MigrationPhase::Postcopy);
-    drop(vmm);
 }
 
 /// A target VMM's memory, registered MINOR|MISSING like the real thing.
@@ -156,17 +163,8 @@ async fn a_peer_of_another_uid_is_refused_and_a_proper_handoff_follows() {
     assert_ne!(own_uid, NOBODY, "the test must not run as the foreign peer's user");
     let vmm = tokio::task::spawn_blocking(move || {
         foreign_peer::let_everyone_connect(&socket);
-        let refused_as_foreign = |when: &str| {
-            let attempt = foreign_peer::reply_to_foreign_peer(&socket, "as_a_foreign_peer");
-            let reply: serde_json::Value = serde_json::from_str(&attempt.reply).expect("a JSON reply");
-            assert_eq!(reply["ok"], false, "{when}: {reply}");
-            let expected = format!(
-                "hand-off refused: peer uid {NOBODY} (pid {}) is not allowed; this agent accepts uids [{own_uid}] \
-                 (--handoff-allow-uid)",
-                attempt.pid
-            );
-            assert_eq!(reply["error"], expected.as_str(), "{when}: {reply}");
-        };
+        let refused_as_foreign =
+            |when: &str| foreign_peer::assert_refused_as_foreign(&socket, "as_a_foreign_peer", &[own_uid], when);
         refused_as_foreign("before the hand-off");
         let mut vmm = TargetVmm::new(16);
         vmm.hand_off(&socket).expect("a hand-off taken");
@@ -175,11 +173,7 @@ async fn a_peer_of_another_uid_is_refused_and_a_proper_handoff_follows() {
     })
     .await
     .expect("the foreign peer and the VMM");
-    let mut client = t.client.clone();
-    let status = client.get_status(GetStatusRequest {}).await.expect("GetStatus").into_inner();
-    assert_eq!(status.phase(), MigrationPhase::WaitingForHandoff, "the source is unreachable: not started yet");
-    let reply = client.switchover(SwitchoverRequest::default()).await.expect("Switchover after the hand-off");
-    assert_eq!(reply.into_inner().phase(), MigrationPhase::Postcopy);
+    switchover_is_taken_before_the_source(&t).await;
     drop(vmm);
 }
 

@@ -72,6 +72,24 @@ pub fn reply_to_foreign_peer(socket: &Path, helper_test: &str) -> ForeignAttempt
     ForeignAttempt { pid, reply: reply.to_owned() }
 }
 
+/// Asserts that `helper_test`, run as [`NOBODY`], is refused by the agent on
+/// `socket` for its uid, and that the refusal names its uid and pid and the
+/// uids the agent accepts (`allowed`, as the agent lists them); `when`
+/// names the moment in the messages.
+pub fn assert_refused_as_foreign(socket: &Path, helper_test: &str, allowed: &[u32], when: &str) {
+    let attempt = reply_to_foreign_peer(socket, helper_test);
+    let reply: serde_json::Value = serde_json::from_str(&attempt.reply).expect("a JSON reply");
+    assert_eq!(reply["ok"], false, "{when}: {reply}");
+    let allowed: Vec<String> = allowed.iter().map(u32::to_string).collect();
+    let expected = format!(
+        "hand-off refused: peer uid {NOBODY} (pid {}) is not allowed; this agent accepts uids [{}] \
+         (--handoff-allow-uid)",
+        attempt.pid,
+        allowed.join(", ")
+    );
+    assert_eq!(reply["error"], expected.as_str(), "{when}: {reply}");
+}
+
 /// In the helper test: if [`reply_to_foreign_peer`] started this process,
 /// connects, sends a line and prints the reply; otherwise does nothing.
 pub fn act_if_asked() {

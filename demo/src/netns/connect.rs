@@ -27,31 +27,22 @@ enum Failed {
     Connect(io::Error),
 }
 
-/// A TCP connection to `addr` made inside `side`'s namespace.
+/// A TCP connection to `addr` made inside `side`'s namespace, for tokio: a
+/// blocking-pool thread waits for [`connect_blocking_in`]'s own thread (the
+/// pool thread itself never enters the namespace).
 pub async fn connect_in(side: &Side, addr: SocketAddr) -> Result<TcpStream, NetError> {
-    let enter_error = |source| NetError::Enter { namespace: side.namespace.clone(), source };
     let connect_error = |source| NetError::Connect { namespace: side.namespace.clone(), addr, source };
-    let path = side.namespace_path();
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    std::thread::Builder::new()
-        .name("netns-connect".to_owned())
-        .spawn(move || {
-            // The receiver is gone only if the caller was dropped.
-            let _ = tx.send(connect_from_inside(&path, addr));
-        })
-        .map_err(enter_error)?;
-    let stream = match rx.await {
-        Ok(Ok(stream)) => stream,
-        Ok(Err(Failed::Enter(source))) => return Err(enter_error(source)),
-        Ok(Err(Failed::Connect(source))) => return Err(connect_error(source)),
-        Err(_) => return Err(enter_error(io::Error::other("the connecting thread died"))),
-    };
+    let inside = side.clone();
+    let stream = tokio::task::spawn_blocking(move || connect_blocking_in(&inside, addr)).await.map_err(|_| {
+        NetError::Enter { namespace: side.namespace.clone(), source: io::Error::other("the task died") }
+    })??;
+    stream.set_nonblocking(true).map_err(connect_error)?;
     TcpStream::from_std(stream).map_err(connect_error)
 }
 
 /// A blocking TCP connection to `addr` made inside `side`'s namespace
-/// (`TCP_NODELAY`), for callers without an async runtime (the benchmark's
-/// floor). The calling thread stays where it is.
+/// (`TCP_NODELAY`), by a thread of its own that enters the namespace and
+/// ends; the calling thread stays where it is.
 pub fn connect_blocking_in(side: &Side, addr: SocketAddr) -> Result<std::net::TcpStream, NetError> {
     let enter_error = |source| NetError::Enter { namespace: side.namespace.clone(), source };
     let path = side.namespace_path();
@@ -59,20 +50,12 @@ pub fn connect_blocking_in(side: &Side, addr: SocketAddr) -> Result<std::net::Tc
         .name("netns-connect".to_owned())
         .spawn(move || connect_from_inside(&path, addr))
         .map_err(enter_error)?;
-    let stream = match thread.join() {
-        Ok(Ok(stream)) => stream,
-        Ok(Err(Failed::Enter(source))) => return Err(enter_error(source)),
-        Ok(Err(Failed::Connect(source))) => {
-            return Err(NetError::Connect { namespace: side.namespace.clone(), addr, source });
-        }
-        Err(_) => return Err(enter_error(io::Error::other("the connecting thread panicked"))),
-    };
-    stream.set_nonblocking(false).map_err(|source| NetError::Connect {
-        namespace: side.namespace.clone(),
-        addr,
-        source,
-    })?;
-    Ok(stream)
+    match thread.join() {
+        Ok(Ok(stream)) => Ok(stream),
+        Ok(Err(Failed::Enter(source))) => Err(enter_error(source)),
+        Ok(Err(Failed::Connect(source))) => Err(NetError::Connect { namespace: side.namespace.clone(), addr, source }),
+        Err(_) => Err(enter_error(io::Error::other("the connecting thread panicked"))),
+    }
 }
 
 /// On a thread of its own, which it leaves in the namespace at `path`.
@@ -81,7 +64,7 @@ fn connect_from_inside(path: &Path, addr: SocketAddr) -> Result<std::net::TcpStr
     move_into_link_name_space(namespace.as_fd(), Some(LinkNameSpaceType::Network))
         .map_err(|e| Failed::Enter(e.into()))?;
     let stream = std::net::TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT).map_err(Failed::Connect)?;
-    stream.set_nodelay(true).and_then(|()| stream.set_nonblocking(true)).map_err(Failed::Connect)?;
+    stream.set_nodelay(true).map_err(Failed::Connect)?;
     Ok(stream)
 }
 

@@ -209,3 +209,21 @@ pub async fn handed_off(socket: &std::path::Path, pages: u64) -> TestVmm {
     .await
     .expect("hand-off task")
 }
+
+/// Starts the `source-agent` binary waiting for a hand-off on `socket` and
+/// reads its listening line.
+pub fn agent_process_waiting(socket: &Path) -> std::process::Child {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_source-agent"))
+        .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--handoff-socket"])
+        .arg(socket)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn source-agent");
+    let mut line = String::new();
+    let stdout = child.stdout.take().expect("stdout");
+    std::io::BufReader::new(stdout).read_line(&mut line).expect("the listening line");
+    assert!(line.contains("\"listening\""), "{line}");
+    child
+}
