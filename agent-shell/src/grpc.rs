@@ -9,6 +9,7 @@ use std::future::Future;
 
 use bytes::Bytes;
 use pageserver_proto::FILE_DESCRIPTOR_SET;
+use pageserver_tls::ServerTls;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::body::Body;
@@ -20,6 +21,7 @@ use tonic_health::server::HealthReporter;
 use tower::{Layer, Service};
 
 use crate::error::ServeError;
+use crate::tls_incoming::secured;
 
 /// A router on `server` (with whatever settings and layers it already has)
 /// carrying health and both reflection versions; the agent adds its own
@@ -58,11 +60,14 @@ pub async fn set_health(reporter: &HealthReporter, service: &str, status: Servin
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Serves `router` on `listener` until `shutdown` completes and the calls
-/// under way have finished. `health` (the agent's driver of its health
-/// reporter) runs alongside, for as long as the server does.
+/// under way have finished: over mutual TLS with `tls`
+/// ([`crate::tls_incoming`]), else in the clear. `health` (the agent's
+/// driver of its health reporter) runs alongside, for as long as the server
+/// does.
 pub async fn serve_router<L, ResponseBody>(
     router: Router<L>,
     listener: TcpListener,
+    tls: Option<ServerTls>,
     shutdown: impl Future<Output = ()>,
     health: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError>
@@ -75,7 +80,11 @@ where
     ResponseBody::Error: Into<BoxError>,
 {
     let health = tokio::spawn(health);
-    let served = router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown).await;
+    let incoming = TcpListenerStream::new(listener);
+    let served = match tls {
+        Some(tls) => router.serve_with_incoming_shutdown(secured(incoming, tls), shutdown).await,
+        None => router.serve_with_incoming_shutdown(incoming, shutdown).await,
+    };
     health.abort();
     served.map_err(ServeError::Transport)
 }

@@ -22,6 +22,11 @@
 //! - [`grpc`]: a gRPC router already carrying health and reflection (v1 and
 //!   v1alpha), the health reporter the agent drives, and serving the router
 //!   until a graceful shutdown;
+//! - [`security`]: the TLS flags (`--tls-cert`, `--tls-key`, `--tls-ca`,
+//!   `--plaintext`, `--control-allow-name`) and what they resolve to;
+//! - `tls_incoming`: the TLS handshakes of a gRPC port's connections;
+//! - [`control_access`]: who may call the control RPCs (the orchestrator's
+//!   certificate names, or loopback peers without TLS);
 //! - [`handoff_socket`]: the hand-off socket's binding policy, the same for
 //!   both agents (a path that is not a socket, or a socket in use, is
 //!   refused; a stale socket is replaced; mode 0600; removed when dropped);
@@ -32,6 +37,7 @@
 //! - [`error`]: what can go wrong in all of these.
 #![forbid(unsafe_code)]
 
+pub mod control_access;
 pub mod duration;
 pub mod error;
 pub mod exit;
@@ -41,9 +47,12 @@ pub mod handoff_socket;
 mod listening;
 pub mod logging;
 mod metrics_server;
+pub mod security;
 pub mod shell;
 pub mod shutdown;
+mod tls_incoming;
 
+pub use control_access::ControlAccess;
 pub use duration::parse_duration;
 pub use error::{HandoffSocketError, PeerAllowListError, PeerRefused, ServeError, ShellError};
 pub use exit::exit_code;
@@ -51,5 +60,6 @@ pub use grpc::{grpc_router, serve_router, set_health};
 pub use handoff_peers::{PeerAllowList, PeerCredentials};
 pub use handoff_socket::{HANDOFF_READ_TIMEOUT, HandoffSocket};
 pub use logging::init_logging;
+pub use security::{GrpcSecurity, SecurityArgs, SecurityError};
 pub use shell::{AgentShell, Shutdown};
 pub use shutdown::shutdown_signal;

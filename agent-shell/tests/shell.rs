@@ -66,7 +66,7 @@ async fn serves_until_shutdown_and_stops_metrics_after_grpc() {
         // Registered before serving: the first check below can never race
         // the agent's own health driver (which here never runs).
         let (router, _reporter) = grpc_router(Server::builder(), SERVICE, ServingStatus::NotServing).await?;
-        let served = serve_router(router, listener, shutdown, std::future::pending()).await;
+        let served = serve_router(router, listener, None, shutdown, std::future::pending()).await;
         // The gRPC server has finished: metrics must still answer.
         let scraped = pageserver_metrics::scrape(&metrics.to_string()).await.expect("metrics after gRPC");
         let _ = grpc_done.send(scraped);

@@ -38,6 +38,7 @@ pub mod resources;
 pub mod status_watch;
 pub mod stop_signal;
 pub mod test_hooks;
+pub mod tls;
 
 pub use migration::{MigrationError, MigrationOptions, PullOrder, run_migration, run_migration_until};
 pub use report::Report;

@@ -79,6 +79,11 @@ struct Args {
     /// with --two-hosts).
     #[arg(long, value_name = "N")]
     link_rate_gbit: Option<f64>,
+    /// The agents without TLS. By default they speak mutual TLS with
+    /// throwaway certificates made for the run (a CA, one certificate per
+    /// agent, one for the demo as the orchestrator).
+    #[arg(long)]
+    plaintext: bool,
     /// The target agent's --source-unreachable-timeout (e.g. 10s).
     #[arg(long, value_parser = parse_duration)]
     source_unreachable_timeout: Option<Duration>,
@@ -167,6 +172,7 @@ async fn main() -> anyhow::Result<()> {
         pause_timeout: args.pause_timeout,
         two_hosts: args.two_hosts,
         link_rate_gbit: args.link_rate_gbit,
+        plaintext: args.plaintext,
         ..MigrationOptions::default()
     };
     let report = run_migration_until(&options, stop_signal()).await.context("migration failed")?;
@@ -196,6 +202,7 @@ async fn run_qemu(args: &Args) -> anyhow::Result<()> {
         hugetlb: args.hugetlb,
         hooks: args.hooks.hooks(),
         chaos: args.chaos.clone(),
+        plaintext: args.plaintext,
         ..QemuOptions::default()
     };
     let report = run_qemu_migration_until(&options, stop_signal()).await.context("QEMU migration failed")?;

@@ -3,10 +3,15 @@
 //! the hand-off connection (an unmodified QEMU behind the LD_PRELOAD shim).
 //! The VMM stand-in reports its pause as a hand-off event instead; both end
 //! in the same [`DirtyTracker`](crate::dirty::DirtyTracker) calls.
+//!
+//! Only the orchestrator may say so ([`ControlAccess`]): a client that
+//! declared a running VM paused would let its target install pages that
+//! still change. Everyone else gets PERMISSION_DENIED.
 #![forbid(unsafe_code)]
 
 use std::sync::Arc;
 
+use pageserver_agent_shell::ControlAccess;
 use pageserver_proto::v1::migration_source_server::MigrationSource;
 use pageserver_proto::v1::{SetPausedReply, SetPausedRequest};
 use tonic::{Request, Response, Status};
@@ -16,17 +21,19 @@ use crate::agent::SourceAgent;
 #[derive(Debug, Clone)]
 pub struct ControlService {
     agent: Arc<SourceAgent>,
+    access: ControlAccess,
 }
 
 impl ControlService {
-    pub fn new(agent: Arc<SourceAgent>) -> Self {
-        Self { agent }
+    pub fn new(agent: Arc<SourceAgent>, access: ControlAccess) -> Self {
+        Self { agent, access }
     }
 }
 
 #[tonic::async_trait]
 impl MigrationSource for ControlService {
     async fn set_paused(&self, req: Request<SetPausedRequest>) -> Result<Response<SetPausedReply>, Status> {
+        self.access.authorize(&req, "MigrationSource/SetPaused")?;
         self.set_paused_inner(req.into_inner().paused).await.map(Response::new)
     }
 }

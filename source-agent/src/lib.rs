@@ -41,4 +41,4 @@ pub use agent::SourceAgent;
 pub use handoff::{HandoffListener, listen_for_handoff};
 pub use memory::SourceMemory;
 pub use pageserver_agent_shell::ServeError;
-pub use server::{serve, serve_with_grace};
+pub use server::{serve, serve_secured, serve_with_grace};

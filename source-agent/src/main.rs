@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{ArgGroup, Parser};
-use pageserver_agent_shell::{AgentShell, PeerAllowList, exit_code, parse_duration, shutdown_signal};
+use pageserver_agent_shell::{AgentShell, PeerAllowList, SecurityArgs, exit_code, parse_duration, shutdown_signal};
 use source_agent::memory::SUPPORTED_PAGE_SIZES;
 use source_agent::{HandoffListener, SourceAgent, SourceMemory, listen_for_handoff, serve_with_grace};
 
@@ -57,6 +57,8 @@ struct Cli {
     /// way may go on before they are cut (e.g. 10s, 500ms).
     #[arg(long, env = "PAGESERVER_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
     shutdown_grace: Duration,
+    #[command(flatten)]
+    security: SecurityArgs,
 }
 
 /// `--page-size`: one of the sizes guest memory comes in.
@@ -104,12 +106,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 #[tokio::main]
 async fn serve_until_stopped(cli: Cli) -> anyhow::Result<()> {
     tracing::info!(vm = %cli.vm, "source agent starting");
+    let security = cli.security.resolve(&cli.listen).context("--tls-cert, --tls-key, --tls-ca, --plaintext")?;
+    let _reloading = security
+        .tls
+        .as_ref()
+        .map(|tls| pageserver_tls::watch(vec![tls.reloading()], pageserver_tls::reloading::POLL_INTERVAL))
+        .transpose()
+        .context("watching the TLS certificates")?;
     let (agent, _handoff_listener) = agent(&cli)?;
     let metrics = source_agent::metrics::install(agent.clone()).context("setting up metrics")?;
     let shell = AgentShell::bind(&cli.listen, &cli.metrics_listen).await?;
     let grace = cli.shutdown_grace;
     shell
-        .run_until(metrics, shutdown_signal(), |listener, shutdown| serve_with_grace(listener, agent, shutdown, grace))
+        .run_until(metrics, shutdown_signal(), |listener, shutdown| {
+            serve_with_grace(listener, agent, security, shutdown, grace)
+        })
         .await?;
     Ok(())
 }

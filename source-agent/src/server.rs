@@ -10,7 +10,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use pageserver_agent_shell::{ServeError, grpc_router, serve_router, set_health};
+use pageserver_agent_shell::{GrpcSecurity, ServeError, grpc_router, serve_router, set_health};
 use pageserver_proto::MAX_MESSAGE_BYTES;
 use pageserver_proto::v1::migration_source_server::MigrationSourceServer;
 use pageserver_proto::v1::page_server_server::{self, PageServerServer};
@@ -28,24 +28,37 @@ use crate::service::PageService;
 const STREAM_WINDOW_BYTES: u32 = 8 << 20;
 const CONNECTION_WINDOW_BYTES: u32 = 16 << 20;
 
-/// Serves `agent` on `listener` until `shutdown` completes, then lets the
-/// calls and streams under way finish for up to `grace` before it cuts
-/// them ([`crate::drain`]).
+/// Serves `agent` on `listener` with `security` until `shutdown` completes,
+/// then lets the calls and streams under way finish for up to `grace`
+/// before it cuts them ([`crate::drain`]).
 pub async fn serve_with_grace(
     listener: TcpListener,
     agent: Arc<SourceAgent>,
+    security: GrpcSecurity,
     shutdown: impl Future<Output = ()> + Send + 'static,
     grace: Duration,
 ) -> Result<(), ServeError> {
     let serving = agent.clone();
-    serve_draining(|shutdown| serve(listener, serving, shutdown), shutdown, grace, &agent.drain).await
+    serve_draining(|shutdown| serve_secured(listener, serving, security, shutdown), shutdown, grace, &agent.drain).await
 }
 
-/// Serves `agent` on `listener` until `shutdown` completes, then finishes the
-/// calls under way, however long they take.
+/// [`serve_secured`] in the clear, control RPCs from loopback peers: an
+/// in-process server on 127.0.0.1.
 pub async fn serve(
     listener: TcpListener,
     agent: Arc<SourceAgent>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    serve_secured(listener, agent, GrpcSecurity::loopback_plaintext(), shutdown).await
+}
+
+/// Serves `agent` on `listener` with `security` (TLS or not, and who may
+/// call SetPaused) until `shutdown` completes, then finishes the calls
+/// under way, however long they take.
+pub async fn serve_secured(
+    listener: TcpListener,
+    agent: Arc<SourceAgent>,
+    security: GrpcSecurity,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     let server = Server::builder()
@@ -59,10 +72,10 @@ pub async fn serve(
             set_health(&health, page_server_server::SERVICE_NAME, ServingStatus::Serving).await;
         }
     };
-    let control = MigrationSourceServer::new(ControlService::new(agent.clone()));
+    let control = MigrationSourceServer::new(ControlService::new(agent.clone(), security.control));
     let page_server = PageServerServer::new(PageService::new(agent))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let router = router.add_service(page_server).add_service(control);
-    serve_router(router, listener, shutdown, serving_once_attached).await
+    serve_router(router, listener, security.tls, shutdown, serving_once_attached).await
 }

@@ -40,7 +40,7 @@ use crate::guest::{GuestMemory, InstallError};
 use crate::handoff::{HandoffEndpoint, HandoffEndpointError};
 use crate::phase::{Phase, PhaseTracker};
 use crate::pull_order::PullOrder;
-use crate::source::{self, SourceError, SourceLink};
+use crate::source::{self, SourceAddress, SourceError, SourceLink};
 use crate::stats::TargetStats;
 use crate::takeover::{self, Checkpoint, TakeoverError};
 use crate::test_hooks::TestHooks;
@@ -53,6 +53,9 @@ const COMPLETION_POLL: Duration = Duration::from_millis(5);
 pub struct TargetConfig {
     /// The source agent, e.g. `http://127.0.0.1:50051`.
     pub source_url: String,
+    /// This agent's client certificate towards the source (`Some` exactly
+    /// when `source_url` is https).
+    pub source_tls: Option<pageserver_tls::ClientTls>,
     pub handoff_socket: PathBuf,
     /// The uids whose processes may hand memory over ([`crate::handoff`]).
     pub handoff_peers: PeerAllowList,
@@ -83,6 +86,7 @@ impl TargetConfig {
     pub fn new(source_url: &str, handoff_socket: impl Into<PathBuf>, vm: &str) -> Self {
         Self {
             source_url: source_url.to_owned(),
+            source_tls: None,
             handoff_socket: handoff_socket.into(),
             handoff_peers: PeerAllowList::own_uid(),
             vm: vm.to_owned(),
@@ -257,9 +261,9 @@ impl TargetAgent {
             handoff.layout.total_pages(),
             handoff.layout.page_size()
         );
-        let url = self.config.source_url.clone();
+        let address = SourceAddress { url: self.config.source_url.clone(), tls: self.config.source_tls.clone() };
         let stats = &self.stats;
-        let (client, layout) = self.first_contact(&url, &handoff.layout).await?;
+        let (client, layout) = self.first_contact(&address, &handoff.layout).await?;
         let takeover = handoff.message.previous_handoffs > 0;
         let checkpoint = takeover::checkpoint_of(handoff.message.checkpoint.as_ref())?;
         if let Some(checkpoint) = &checkpoint
@@ -272,7 +276,7 @@ impl TargetAgent {
             .into());
         }
         let link = Arc::new(SourceLink {
-            url,
+            address,
             fence: SourceFence::learn(&layout, stats.clone())?,
             unreachable_timeout: self.config.source_unreachable_timeout,
             pause_timeout: self.config.pause_timeout,
@@ -321,14 +325,14 @@ impl TargetAgent {
     /// not match fails at once.
     async fn first_contact(
         &self,
-        url: &str,
+        address: &SourceAddress,
         expected: &guest_memory::GuestLayout,
     ) -> Result<(source::Client, pageserver_proto::v1::Layout), TargetError> {
         let stats = &self.stats;
         let mut backoff = crate::demand::RECONNECT.start();
         loop {
             let attempt = async {
-                let mut client = source::connect(url).await?;
+                let mut client = source::connect(address).await?;
                 let (layout, _) = source::get_layout(&mut client, None).await?;
                 source::check_layout(&layout, expected)?;
                 Ok::<_, SourceError>((client, layout))

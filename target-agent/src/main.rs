@@ -22,7 +22,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use pageserver_agent_shell::exit::describe;
-use pageserver_agent_shell::{AgentShell, PeerAllowList, exit_code, parse_duration, shutdown_signal};
+use pageserver_agent_shell::{AgentShell, PeerAllowList, SecurityArgs, exit_code, parse_duration, shutdown_signal};
 use target_agent::agent::{TargetAgent, TargetConfig};
 use target_agent::pull_order::PullOrder;
 use target_agent::service::serve;
@@ -37,7 +37,9 @@ struct Args {
     /// gRPC listen address (MigrationTarget, health, reflection).
     #[arg(long, env = "PAGESERVER_LISTEN", default_value = "127.0.0.1:50052")]
     listen: String,
-    /// The source agent's gRPC URL, e.g. http://10.0.0.5:50051.
+    /// The source agent's gRPC URL: https://NAME:PORT over mutual TLS (the
+    /// source's certificate must be valid for NAME), or http://HOST:PORT
+    /// without TLS.
     #[arg(long, env = "PAGESERVER_SOURCE")]
     source: String,
     /// Unix socket on which the target VMM hands its memory over.
@@ -84,6 +86,8 @@ struct Args {
     #[arg(long, env = "PAGESERVER_PULL_ORDER", value_enum, default_value_t = PullOrder::default())]
     pull_order: PullOrder,
     #[command(flatten)]
+    security: SecurityArgs,
+    #[command(flatten)]
     hooks: target_agent::test_hooks::TestHooks,
 }
 
@@ -108,11 +112,25 @@ fn main() -> ExitCode {
 fn run(args: Args) -> anyhow::Result<()> {
     pageserver_parent_death::die_with_parent()?;
     // Bad configuration fails now, not after the VMM's hand-off.
-    target_agent::source::check_url(&args.source)?;
+    target_agent::source::check_url(&args.source, args.security.files().is_some())?;
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(async move {
+        let flags = "--tls-cert, --tls-key, --tls-ca, --plaintext";
+        let security = args.security.resolve(&args.listen).context(flags)?;
+        let source_tls = args.security.client().context(flags)?;
+        let reloading: Vec<_> = security
+            .tls
+            .iter()
+            .map(|tls| tls.reloading())
+            .chain(source_tls.iter().map(|tls| tls.reloading()))
+            .collect();
+        let _reloading = (!reloading.is_empty())
+            .then(|| pageserver_tls::watch(reloading, pageserver_tls::reloading::POLL_INTERVAL))
+            .transpose()
+            .context("watching the TLS certificates")?;
         let agent = TargetAgent::new(TargetConfig {
             source_url: args.source,
+            source_tls,
             handoff_socket: args.handoff_socket,
             handoff_peers: args.handoff_allow_uid.unwrap_or_else(PeerAllowList::own_uid),
             vm: args.vm,
@@ -137,8 +155,9 @@ fn run(args: Args) -> anyhow::Result<()> {
                 let _ = stopped_tx.send(shutdown::stop(&agent, args.shutdown_grace, shutdown_signal()).await);
             }
         };
-        let served =
-            shell.run_until(metrics, stopping, |listener, shutdown| serve(listener, agent.clone(), shutdown)).await;
+        let served = shell
+            .run_until(metrics, stopping, |listener, shutdown| serve(listener, agent.clone(), security, shutdown))
+            .await;
         // Without a signal the server stopped by itself: an error.
         let stopped = stopped_rx.await.unwrap_or_else(|_| Stopped::as_it_is(&agent));
         match (served, stopped.into_result()) {

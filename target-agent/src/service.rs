@@ -11,6 +11,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use pageserver_agent_shell::{ControlAccess, GrpcSecurity};
 use pageserver_proto::v1::migration_target_server::{MigrationTarget, MigrationTargetServer};
 use pageserver_proto::v1::{
     FaultsBlocked, GetStatusRequest, LatencySummary, MigrationPhase, MigrationStatus, PageCounts, SwitchoverReply,
@@ -30,6 +31,8 @@ pub const MIGRATION_TARGET_SERVICE: &str = "pageserver.v1.MigrationTarget";
 #[derive(Debug, Clone)]
 pub struct TargetService {
     agent: Arc<TargetAgent>,
+    /// Who may call Switchover: the orchestrator only.
+    access: ControlAccess,
 }
 
 /// The agent's status as the protocol reports it.
@@ -106,7 +109,8 @@ impl MigrationTarget for TargetService {
         Ok(Response::new(status(&self.agent)))
     }
 
-    async fn switchover(&self, _req: Request<SwitchoverRequest>) -> Result<Response<SwitchoverReply>, Status> {
+    async fn switchover(&self, req: Request<SwitchoverRequest>) -> Result<Response<SwitchoverReply>, Status> {
+        self.access.authorize(&req, "MigrationTarget/Switchover")?;
         match self.agent.request_switchover() {
             Ok(phase) => Ok(Response::new(SwitchoverReply { phase: MigrationPhase::from(phase) as i32 })),
             Err(why) => Err(Status::failed_precondition(why)),
@@ -119,6 +123,7 @@ impl MigrationTarget for TargetService {
 pub async fn serve(
     listener: TcpListener,
     agent: Arc<TargetAgent>,
+    security: GrpcSecurity,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), pageserver_agent_shell::ServeError> {
     use pageserver_agent_shell::{grpc_router, serve_router, set_health};
@@ -136,8 +141,8 @@ pub async fn serve(
             set_health(&health, MIGRATION_TARGET_SERVICE, serving).await;
         }
     };
-    let router = router.add_service(MigrationTargetServer::new(TargetService { agent }));
-    serve_router(router, listener, shutdown, following_the_phase).await
+    let router = router.add_service(MigrationTargetServer::new(TargetService { agent, access: security.control }));
+    serve_router(router, listener, security.tls, shutdown, following_the_phase).await
 }
 
 #[cfg(test)]

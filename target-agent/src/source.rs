@@ -23,6 +23,7 @@ use pageserver_proto::heat;
 use pageserver_proto::v1::page_server_client::PageServerClient;
 use pageserver_proto::v1::{DirtyBitmapRequest, GetLayoutRequest, Layout, Page, PagesReply, PagesRequest};
 use pageserver_proto::{MAX_MESSAGE_BYTES, MAX_REQUEST_BYTES, MEMORY_ID_HEADER};
+use pageserver_tls::ClientTls;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
@@ -36,7 +37,7 @@ pub type Client = PageServerClient<Channel>;
 /// be, and how long to wait for it.
 #[derive(Debug)]
 pub struct SourceLink {
-    pub url: String,
+    pub address: SourceAddress,
     pub fence: SourceFence,
     /// How long faults and transfers wait for an unreachable (or wrong)
     /// source before the migration fails.
@@ -51,7 +52,7 @@ impl SourceLink {
     /// migration's source, and that the layout still matches ours.
     pub async fn connect(&self, layout: &GuestLayout) -> Result<Client, SourceError> {
         let result = async {
-            let mut client = connect(&self.url).await?;
+            let mut client = connect(&self.address).await?;
             let (reply, incarnation) = get_layout(&mut client, Some(&self.fence)).await?;
             self.fence.check_layout(&reply)?;
             check_layout(&reply, layout)?;
@@ -147,18 +148,47 @@ impl SourceError {
     }
 }
 
-/// Checks that `url` is a source address this agent can use
+/// Where the source agent is and how to reach it: `https://NAME:PORT`
+/// over mutual TLS (the source's certificate must be valid for NAME), or
+/// `http://HOST:PORT` in the clear.
+#[derive(Debug, Clone)]
+pub struct SourceAddress {
+    pub url: String,
+    /// This agent's client certificate and the CA the source's must chain
+    /// to; `Some` exactly when the URL is https.
+    pub tls: Option<ClientTls>,
+}
+
+impl SourceAddress {
+    /// In the clear (an in-process test source on 127.0.0.1).
+    pub fn plaintext(url: &str) -> Self {
+        Self { url: url.to_owned(), tls: None }
+    }
+}
+
+/// Checks that `url` is a source address this agent can use, with TLS
+/// (`https://NAME:PORT`, when the agent has certificates) or without
 /// (`http://HOST:PORT`), before anything else starts.
-pub fn check_url(url: &str) -> Result<(), SourceError> {
+pub fn check_url(url: &str, tls: bool) -> Result<(), SourceError> {
     let bad = |why: &str| SourceError::BadUrl { url: url.to_owned(), why: why.to_owned() };
     let uri: http::Uri = url.parse().map_err(|e: http::uri::InvalidUri| bad(&e.to_string()))?;
-    match uri.scheme_str() {
-        Some("http") => {}
-        Some(other) => return Err(bad(&format!("scheme {other:?}: only http is supported"))),
-        None => return Err(bad("no scheme: write http://HOST:PORT")),
+    match (uri.scheme_str(), tls) {
+        (Some("https"), true) | (Some("http"), false) => {}
+        (Some("http"), true) => {
+            return Err(bad("this agent has TLS certificates: write https://NAME:PORT, NAME as in the source's \
+                            certificate"));
+        }
+        (Some("https"), false) => {
+            return Err(bad("https needs this agent's certificates: give --tls-cert, --tls-key and --tls-ca"));
+        }
+        (Some(other), _) => return Err(bad(&format!("scheme {other:?}: write https://NAME:PORT or http://HOST:PORT"))),
+        (None, _) => return Err(bad("no scheme: write https://NAME:PORT (or http://HOST:PORT without TLS)")),
     }
     if uri.host().is_none_or(str::is_empty) {
         return Err(bad("no host"));
+    }
+    if tls {
+        pageserver_tls::client::server_name(&uri).map_err(|e| bad(&e.to_string()))?;
     }
     Endpoint::from_shared(url.to_owned()).map_err(|source| SourceError::Address { url: url.to_owned(), source })?;
     Ok(())
@@ -176,9 +206,12 @@ pub const KEEPALIVE_INTERVAL: Duration = Duration::from_millis(250);
 /// connection that carries data is never pinged.
 pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_millis(750);
 
-/// Opens a new HTTP/2 connection to the source (one per traffic class).
-pub async fn connect(url: &str) -> Result<Client, SourceError> {
-    let endpoint = Endpoint::from_shared(url.to_string())
+/// Opens a new HTTP/2 connection to the source (one per traffic class),
+/// over TLS if the address says so (the certificates in use at that
+/// moment: a rotation reaches the next connection).
+pub async fn connect(address: &SourceAddress) -> Result<Client, SourceError> {
+    let url = &address.url;
+    let endpoint = pageserver_tls::endpoint(url)
         .map_err(|source| SourceError::Address { url: url.to_string(), source })?
         .tcp_nodelay(true)
         .connect_timeout(Duration::from_secs(5))
@@ -186,7 +219,11 @@ pub async fn connect(url: &str) -> Result<Client, SourceError> {
         .initial_connection_window_size(16 << 20)
         .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
         .keep_alive_timeout(KEEPALIVE_TIMEOUT);
-    let channel = endpoint.connect().await.map_err(|source| SourceError::Connect { url: url.to_string(), source })?;
+    let connector = pageserver_tls::connector(address.tls.clone(), pageserver_tls::client::dial_tcp());
+    let channel = endpoint
+        .connect_with_connector(connector)
+        .await
+        .map_err(|source| SourceError::Connect { url: url.to_string(), source })?;
     Ok(PageServerClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES))

@@ -34,7 +34,7 @@ use target_agent::demand::{DemandError, DemandFetcher};
 use target_agent::fence::SourceFence;
 use target_agent::guest::GuestMemory;
 use target_agent::page_state::{FaultAction, PageState};
-use target_agent::source::{SourceError, SourceLink};
+use target_agent::source::{SourceAddress, SourceError, SourceLink};
 use target_agent::stats::TargetStats;
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
@@ -272,7 +272,7 @@ async fn start(answers: &[(u64, Answer)]) -> Running {
     let (vmm, guest) = hand_off();
     let stats = guest.stats.clone();
     let link = Arc::new(SourceLink {
-        url,
+        address: SourceAddress::plaintext(&url),
         fence: SourceFence::learn(&source.layout(), stats.clone()).expect("the fake source names itself"),
         unreachable_timeout: UNREACHABLE_TIMEOUT,
         pause_timeout: PAUSE_TIMEOUT,

@@ -16,6 +16,7 @@ use crate::chaos::{ChaosEvent, ChaosKind, ChaosPhase, ChaosRecord};
 use crate::process::ChildProcess;
 use crate::resources::ProcessResources;
 use crate::status_watch::StatusWatch;
+use crate::tls::DemoTls;
 
 /// What firing an event did.
 pub(super) struct Fired {
@@ -170,6 +171,7 @@ impl Migration<'_> {
     async fn start_source_agent_again(&mut self, memory_file: Option<PathBuf>) -> Result<(), MigrationError> {
         let addrs = self.source_addrs.clone().ok_or(MigrationError::NotStarted("source agent"))?;
         let mut args = vec![format!("--listen={}", addrs.grpc), format!("--metrics-listen={}", addrs.metrics)];
+        let is_impostor = memory_file.is_some();
         match memory_file {
             None => args.extend(self.source_agent_args.iter().cloned()),
             Some(path) => args.extend([
@@ -177,6 +179,11 @@ impl Migration<'_> {
                 format!("--page-size={}", self.opts.page_size()),
                 format!("--vm={}", self.opts.vm_name),
             ]),
+        }
+        if is_impostor {
+            // An impostor with a certificate from the same CA: only the
+            // target's fence on the memory's identity stops it.
+            args.extend(self.tls_args(DemoTls::source_args));
         }
         let name = format!("source-agent-{}", self.report.chaos.len() + 2);
         let agent = self.source_host.spawn(&name, &self.binaries.source_agent, &args, self.work)?;

@@ -8,12 +8,13 @@ use std::ffi::OsStr;
 use std::net::SocketAddr;
 use std::path::Path;
 
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use super::{Migration, MigrationError};
 use crate::netns::{self, Side};
 use crate::process::{ChildProcess, ProcessError};
 use crate::report::NetworkReport;
+use crate::tls::DemoTls;
 
 /// What an agent listens on for what only its own side reaches (the target
 /// agent's gRPC, both agents' metrics): loopback, inside the namespace if
@@ -53,16 +54,17 @@ impl Host {
         }
     }
 
-    /// A gRPC channel to `addr` on this host.
-    pub(super) async fn channel(&self, addr: &str) -> Result<Channel, MigrationError> {
+    /// A gRPC channel to `addr` on this host, as the orchestrator over TLS
+    /// with `tls`, else in the clear.
+    pub(super) async fn channel(&self, addr: &str, tls: Option<&DemoTls>) -> Result<Channel, MigrationError> {
         match self {
-            Host::Local => {
-                let error = |source| MigrationError::Connect { addr: addr.to_owned(), source };
-                Endpoint::from_shared(format!("http://{addr}")).map_err(error)?.connect().await.map_err(error)
-            }
+            Host::Local => crate::tls::channel(tls, addr)
+                .await
+                .map_err(|source| MigrationError::Connect { addr: addr.to_owned(), source }),
             Host::Namespace(side) => {
                 let addr = socket_addr(addr)?;
-                netns::channel_in(side, addr).await.map_err(MigrationError::Network)
+                let tls = tls.map(|tls| tls.orchestrator.clone());
+                netns::channel_in(side, addr, tls).await.map_err(MigrationError::Network)
             }
         }
     }

@@ -47,6 +47,7 @@ use crate::process::{AgentAddrs, Binaries, ChildProcess, WorkDir};
 use crate::progress::Progress;
 use crate::report::Report;
 use crate::status_watch::{Failure, StatusError, StatusWatch};
+use crate::tls::DemoTls;
 use hosts::Host;
 use waits::{deadline, wait_for};
 
@@ -86,6 +87,13 @@ pub async fn run_migration_until(
     } else {
         None
     };
+    let tls = if opts.plaintext {
+        None
+    } else {
+        let link: Vec<String> =
+            network.iter().flat_map(|n| [n.source.addr.to_string(), n.target.addr.to_string()]).collect();
+        Some(DemoTls::create(work.path(), &link).map_err(MigrationError::Tls)?)
+    };
     let (source_host, target_host) = match &network {
         Some(hosts) => (Host::Namespace(hosts.source.clone()), Host::Namespace(hosts.target.clone())),
         None => (Host::Local, Host::Local),
@@ -100,6 +108,7 @@ pub async fn run_migration_until(
         target_host,
         children: Children::default(),
         target_channel: None,
+        tls,
         source_agent_args: Vec::new(),
         target_agent_args: Vec::new(),
         target_agent_before_chaos: None,
@@ -198,6 +207,8 @@ struct Migration<'a> {
     report: Report,
     /// The connection to the target agent (its status, and its health).
     target_channel: Option<Channel>,
+    /// The run's certificates; `None` with `--plaintext`.
+    tls: Option<DemoTls>,
     /// How the source agent was started (a chaos event starts it again).
     source_agent_args: Vec<String>,
     source_addrs: Option<AgentAddrs>,
@@ -401,6 +412,7 @@ impl Migration<'_> {
     async fn start_source(&mut self) -> Result<String, MigrationError> {
         let socket = self.path("source.sock");
         self.source_agent_args = vec![format!("--handoff-socket={socket}"), format!("--vm={}", self.opts.vm_name)];
+        self.source_agent_args.extend(self.tls_args(DemoTls::source_args));
         let mut args = self.source_agent_args.clone();
         args.extend([
             format!("--listen={}", self.source_host.on_link()),
@@ -450,6 +462,12 @@ impl Migration<'_> {
         Ok(addr)
     }
 
+    /// An agent's TLS flags (`args` of the run's certificates), none with
+    /// `--plaintext`.
+    fn tls_args(&self, args: fn(&DemoTls) -> Vec<String>) -> Vec<String> {
+        self.tls.as_ref().map(args).unwrap_or_default()
+    }
+
     /// Starts the target agent (pointed at the source agent), then the
     /// target VM; returns a client of the target agent.
     async fn start_target(&mut self, source_addr: &str) -> Result<MigrationTargetClient<Channel>, MigrationError> {
@@ -457,7 +475,7 @@ impl Migration<'_> {
         let mut args = vec![
             format!("--listen={}", hosts::LOOPBACK),
             format!("--metrics-listen={}", self.opts.metrics_listen.1),
-            format!("--source=http://{source_addr}"),
+            format!("--source={}", crate::tls::url(self.tls.as_ref(), source_addr)),
             format!("--handoff-socket={socket}"),
             format!("--vm={}", self.opts.vm_name),
             format!("--max-precopy-rounds={}", self.opts.max_precopy_rounds),
@@ -475,13 +493,14 @@ impl Migration<'_> {
             args.push(format!("--pull-order={}", order.arg()));
         }
         args.extend(self.opts.hooks.args());
+        args.extend(self.tls_args(DemoTls::target_args));
         let agent = self.target_host.spawn("target-agent", &self.binaries.target_agent, &args, self.work)?;
         let agent = self.children.target_agent.insert(agent);
         let addrs = agent.wait_listening(deadline(self.opts.phase_timeout)).await?;
         args.retain(|arg| !arg.starts_with("--listen=") && !arg.starts_with("--metrics-listen="));
         args.extend([format!("--listen={}", addrs.grpc), format!("--metrics-listen={}", addrs.metrics)]);
         self.target_agent_args = args;
-        let channel = self.target_host.channel(&addrs.grpc).await?;
+        let channel = self.target_host.channel(&addrs.grpc, self.tls.as_ref()).await?;
         self.target_channel = Some(channel.clone());
         let client = MigrationTargetClient::new(channel);
         self.progress.say(format!(

@@ -117,6 +117,9 @@ pub struct MigrationOptions {
     pub two_hosts: bool,
     /// The link's rate in Gbit/s, each way (`two_hosts` only).
     pub link_rate_gbit: Option<f64>,
+    /// The agents without TLS (`--plaintext`); by default they speak mutual
+    /// TLS with throwaway certificates ([`crate::tls`]).
+    pub plaintext: bool,
 }
 
 impl Default for MigrationOptions {
@@ -154,6 +157,7 @@ impl Default for MigrationOptions {
             pull_order: None,
             two_hosts: false,
             link_rate_gbit: None,
+            plaintext: false,
         }
     }
 }
@@ -290,6 +294,8 @@ pub enum MigrationError {
     AgentAddress(String),
     #[error("the two hosts: {0}")]
     Network(#[source] NetError),
+    #[error("the run's TLS certificates")]
+    Tls(#[source] crate::tls::DemoTlsError),
     #[error("writing the metrics dump {path}: {source}", path = path.display())]
     MetricsDump {
         path: PathBuf,

@@ -9,12 +9,15 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsFd;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
-use hyper_util::rt::TokioIo;
+use pageserver_tls::ClientTls;
+use pageserver_tls::client::Dial;
+
 use rustix::thread::{LinkNameSpaceType, move_into_link_name_space};
 use tokio::net::TcpStream;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::{Channel, Uri};
 
 use super::{NetError, Side};
 
@@ -68,15 +71,16 @@ fn connect_from_inside(path: &Path, addr: SocketAddr) -> Result<std::net::TcpStr
     Ok(stream)
 }
 
-/// A gRPC channel to `addr` inside `side`'s namespace: each connection
-/// tonic makes (the first and every reconnection) is [`connect_in`]'s.
-pub async fn channel_in(side: &Side, addr: SocketAddr) -> Result<Channel, NetError> {
+/// A gRPC channel to `addr` inside `side`'s namespace, over TLS with
+/// `tls`: each connection tonic makes (the first and every reconnection)
+/// is [`connect_in`]'s.
+pub async fn channel_in(side: &Side, addr: SocketAddr, tls: Option<ClientTls>) -> Result<Channel, NetError> {
     let channel_error = |source| NetError::Channel { namespace: side.namespace.clone(), addr, source };
-    let endpoint = Endpoint::from_shared(format!("http://{addr}")).map_err(channel_error)?;
+    let endpoint = pageserver_tls::endpoint(&format!("http://{addr}")).map_err(channel_error)?;
     let side = side.clone();
-    let connector = tower::service_fn(move |_: Uri| {
+    let dial: Dial = Arc::new(move |_: Uri| {
         let side = side.clone();
-        async move { connect_in(&side, addr).await.map(TokioIo::new) }
+        Box::pin(async move { connect_in(&side, addr).await.map_err(io::Error::other) })
     });
-    endpoint.connect_with_connector(connector).await.map_err(channel_error)
+    endpoint.connect_with_connector(pageserver_tls::connector(tls, dial)).await.map_err(channel_error)
 }

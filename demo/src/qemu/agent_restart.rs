@@ -57,9 +57,7 @@ impl Qemus<'_> {
             let addr = self.start_agent(&name, &self.binaries.target_agent, agent_args, children).await?;
             let handed_off = self.wait_handed_over_again(*handoffs).await?;
             *handoffs = Some(handed_off);
-            let client = MigrationTargetClient::connect(format!("http://{addr}"))
-                .await
-                .map_err(|source| QemuError::Connect { agent: "target", addr: addr.clone(), source })?;
+            let client = self.target_client(&addr).await?;
             *agent = TargetAgent { addr, client, child: children.len() - 1 };
             let outcome = format!(
                 "SIGKILLed the target agent; a new one took the guest's memory over from the shim (hand-off \

@@ -21,6 +21,8 @@ pub const SETUP_COMMAND: &str = "scripts/setup --qemu";
 pub enum QemuError {
     #[error("interrupted by {0}")]
     Interrupted(String),
+    #[error("the run's TLS certificates")]
+    Tls(#[source] crate::tls::DemoTlsError),
     #[error("--chaos {0}: a QEMU migration rehearses kill-target-agent only (the others need --vmm standin)")]
     ChaosUnsupported(ChaosEvent),
     #[error(

@@ -68,6 +68,7 @@ use crate::progress::Progress;
 use crate::report::Report;
 use crate::status_watch::{StatusError, StatusWatch, phase};
 use crate::test_hooks::AgentTestHooks;
+use crate::tls::DemoTls;
 use agent_restart::TargetAgent;
 use command_line::QemuLaunch;
 use error::{qmp, rpc};
@@ -97,6 +98,9 @@ pub struct QemuOptions {
     pub timeout: Duration,
     /// Chaos events; only `kill-target-agent` ([`chaos_supported`]).
     pub chaos: Vec<ChaosEvent>,
+    /// The agents without TLS (`--plaintext`); by default mutual TLS with
+    /// throwaway certificates ([`crate::tls`]).
+    pub plaintext: bool,
 }
 
 impl Default for QemuOptions {
@@ -111,6 +115,7 @@ impl Default for QemuOptions {
             verify_bytes: false,
             timeout: Duration::from_secs(120),
             chaos: Vec::new(),
+            plaintext: false,
         }
     }
 }
@@ -149,7 +154,8 @@ pub async fn run_qemu_migration_until(
     };
     let work = WorkDir::create().map_err(QemuError::WorkDir)?;
     let _mount = if opts.hugetlb { Some(HugetlbfsMount::new(work.path().join(HUGETLBFS_DIR))?) } else { None };
-    let q = Qemus { opts, work: work.path(), binaries: &binaries, image, progress: Progress::start(opts.quiet) };
+    let tls = if opts.plaintext { None } else { Some(DemoTls::create(work.path(), &[]).map_err(QemuError::Tls)?) };
+    let q = Qemus { opts, work: work.path(), binaries: &binaries, image, progress: Progress::start(opts.quiet), tls };
     let mut children: Vec<ChildProcess> = Vec::new();
     let result = tokio::select! {
         result = migrate(&q, &mut children) => result,
@@ -174,9 +180,19 @@ struct Qemus<'a> {
     binaries: &'a Binaries,
     image: GuestImage,
     progress: Progress,
+    /// The run's certificates; `None` with `--plaintext`.
+    tls: Option<DemoTls>,
 }
 
 impl Qemus<'_> {
+    /// A client of the target agent at `addr`, as the orchestrator.
+    async fn target_client(&self, addr: &str) -> Result<MigrationTargetClient<Channel>, QemuError> {
+        crate::tls::channel(self.tls.as_ref(), addr)
+            .await
+            .map(MigrationTargetClient::new)
+            .map_err(|source| QemuError::Connect { agent: "target", addr: addr.to_owned(), source })
+    }
+
     /// Prints the children's stderr and both serial consoles (a failed run).
     fn print_failure(&self, children: &[ChildProcess]) {
         for child in children {
@@ -310,11 +326,12 @@ async fn migrate(q: &Qemus<'_>, children: &mut Vec<ChildProcess>) -> Result<Qemu
     let t = q.opts.timeout;
     // Source side.
     let source_sock = q.work.join("source.sock");
-    let args = [
+    let mut args = vec![
         "--listen=127.0.0.1:0".to_owned(),
         "--metrics-listen=127.0.0.1:0".to_owned(),
         format!("--handoff-socket={}", source_sock.display()),
     ];
+    args.extend(q.tls.as_ref().map(DemoTls::source_args).unwrap_or_default());
     let source_addr = q.start_agent("source-agent", &q.binaries.source_agent, &args, children).await?;
     children.push(q.spawn_qemu("source", &source_sock)?);
     let mut source_qmp = Qmp::connect(&q.qmp_socket("source"), t).await.map_err(qmp("source"))?;
@@ -327,10 +344,11 @@ async fn migrate(q: &Qemus<'_>, children: &mut Vec<ChildProcess>) -> Result<Qemu
     let mut args = vec![
         "--listen=127.0.0.1:0".to_owned(),
         "--metrics-listen=127.0.0.1:0".to_owned(),
-        format!("--source=http://{source_addr}"),
+        format!("--source={}", crate::tls::url(q.tls.as_ref(), &source_addr)),
         format!("--handoff-socket={}", target_sock.display()),
     ];
     args.extend(q.opts.hooks.args());
+    args.extend(q.tls.as_ref().map(DemoTls::target_args).unwrap_or_default());
     let addr = q.start_agent("target-agent", &q.binaries.target_agent, &args, children).await?;
     let child = children.len() - 1;
     children.push(q.spawn_qemu("target", &target_sock)?);
@@ -343,9 +361,7 @@ async fn migrate(q: &Qemus<'_>, children: &mut Vec<ChildProcess>) -> Result<Qemu
         .map_err(qmp("target"))?;
     let migration_started = Instant::now();
 
-    let client = MigrationTargetClient::connect(format!("http://{addr}"))
-        .await
-        .map_err(|source| QemuError::Connect { agent: "target", addr: addr.clone(), source })?;
+    let client = q.target_client(&addr).await?;
     let mut target = TargetAgent { addr, client, child };
     let (mut chaos, mut handoffs) = (Vec::new(), None);
     q.fire_chaos(ChaosPhase::Precopy, &mut target, &args, children, &mut chaos, &mut handoffs).await?;
@@ -364,8 +380,9 @@ async fn migrate(q: &Qemus<'_>, children: &mut Vec<ChildProcess>) -> Result<Qemu
     watch.unless_failed(async { pre_switchover.await.map_err(qmp("source")) }).await?;
     let paused_at = Instant::now();
     let source_lines_at_pause = checker_lines(&read_log(&source_serial)).len();
-    let mut control = MigrationSourceClient::connect(format!("http://{source_addr}"))
+    let mut control = crate::tls::channel(q.tls.as_ref(), &source_addr)
         .await
+        .map(MigrationSourceClient::new)
         .map_err(|source| QemuError::Connect { agent: "source", addr: source_addr.clone(), source })?;
     control.set_paused(SetPausedRequest { paused: true }).await.map_err(rpc("source", "SetPaused"))?;
     if q.fire_chaos(ChaosPhase::Switchover, &mut target, &args, children, &mut chaos, &mut handoffs).await? {

@@ -50,7 +50,8 @@ pub async fn run_native_postcopy(opts: &QemuOptions) -> Result<NativeReport, Qem
     }
     let image = GuestImage::locate()?;
     let work = WorkDir::create().map_err(QemuError::WorkDir)?;
-    let q = Qemus { opts, work: work.path(), binaries: &binaries, image, progress: Progress::start(opts.quiet) };
+    let q =
+        Qemus { opts, work: work.path(), binaries: &binaries, image, progress: Progress::start(opts.quiet), tls: None };
     let mut children = Vec::new();
     let result = migrate_natively(&q, &mut children).await;
     for child in children.iter_mut().rev() {
