@@ -117,6 +117,14 @@ pub struct MigrationOptions {
     pub two_hosts: bool,
     /// The link's rate in Gbit/s, each way (`two_hosts` only).
     pub link_rate_gbit: Option<f64>,
+    /// The children's stderr logs (`NAME.log`) go to this directory, which
+    /// must exist, and stay there; `None`: into the work directory, removed
+    /// with it.
+    pub log_dir: Option<PathBuf>,
+    /// The source guest writes this at the start of every page that starts
+    /// with data (the stand-in's `--marker`): something to look for where no
+    /// guest memory may appear, such as the logs.
+    pub guest_marker: Option<String>,
 }
 
 impl Default for MigrationOptions {
@@ -154,6 +162,8 @@ impl Default for MigrationOptions {
             pull_order: None,
             two_hosts: false,
             link_rate_gbit: None,
+            log_dir: None,
+            guest_marker: None,
         }
     }
 }
