@@ -10,6 +10,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = protox::compile(["pageserver.proto"], ["proto"])?;
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(out.join("pageserver_descriptor.bin"), files.encode_to_vec())?;
-    tonic_prost_build::configure().bytes(".pageserver.v1.Page.data").compile_fds(files)?;
+    // `Page`'s Debug is written by hand (src/lib.rs): it never shows the bytes.
+    tonic_prost_build::configure()
+        .bytes(".pageserver.v1.Page.data")
+        .skip_debug([".pageserver.v1.Page"])
+        .compile_fds(files)?;
     Ok(())
 }

@@ -46,6 +46,16 @@ pub enum HandoffSocketError {
     NotASocket { path: PathBuf },
     #[error("{path} is in use: another process (an agent?) listens on it; refusing to take it over", path = path.display())]
     InUse { path: PathBuf },
+    #[error(
+        "giving {path} to group {group} (--handoff-group): the agent must be a member of that group, or root",
+        path = path.display()
+    )]
+    Group {
+        path: PathBuf,
+        group: String,
+        #[source]
+        source: io::Error,
+    },
     #[error("{doing} {path}", path = path.display())]
     Io {
         /// What was being done to the path, e.g. "binding".
@@ -64,7 +74,7 @@ impl From<HandoffSocketError> for io::Error {
         let kind = match &error {
             HandoffSocketError::NotASocket { .. } => io::ErrorKind::AlreadyExists,
             HandoffSocketError::InUse { .. } => io::ErrorKind::AddrInUse,
-            HandoffSocketError::Io { source, .. } => source.kind(),
+            HandoffSocketError::Group { source, .. } | HandoffSocketError::Io { source, .. } => source.kind(),
         };
         io::Error::new(kind, error)
     }
@@ -93,5 +103,26 @@ pub enum PeerAllowListError {
         list: String,
         #[source]
         source: std::num::ParseIntError,
+    },
+}
+
+/// Why a `--handoff-group` value names no group.
+#[derive(Debug, thiserror::Error)]
+pub enum HandoffGroupError {
+    #[error("an empty group (give a group name or a numeric gid)")]
+    Empty,
+    #[error("{given:?} is not a gid (a number from 0 to 4294967295)")]
+    NotAGid {
+        given: String,
+        #[source]
+        source: std::num::ParseIntError,
+    },
+    #[error("no group named {name:?} in the system's group database (give a group name or a numeric gid)")]
+    NoSuchGroup { name: String },
+    #[error("looking up the group {name:?}")]
+    Lookup {
+        name: String,
+        #[source]
+        source: io::Error,
     },
 }

@@ -11,7 +11,10 @@
 //! - a stale socket (nothing listens on it: a previous agent died) is
 //!   removed and bound again;
 //! - the new socket is mode 0600: only the agent's user (the VMM runs as it,
-//!   or as root) may connect; and whoever connects is checked against the
+//!   or as root) may connect; with a group ([`crate::handoff_group`],
+//!   `--handoff-group`) it is given to that group and made 0660 (in that
+//!   order, so it is never open to the agent's own group), and members of
+//!   the group may connect too; whoever connects is checked against the
 //!   allow-list of peer uids ([`crate::handoff_peers`]) by the agent, on
 //!   each connection;
 //! - dropping the [`HandoffSocket`] removes the socket file, unless it is no
@@ -30,12 +33,15 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::error::HandoffSocketError;
+use crate::handoff_group::HandoffGroup;
 
 /// How long a connection may take to deliver its hand-off message.
 pub const HANDOFF_READ_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The socket file's mode.
 const SOCKET_MODE: u32 = 0o600;
+/// The socket file's mode when it is given to a group.
+const GROUP_SOCKET_MODE: u32 = 0o660;
 
 /// A bound, listening hand-off socket. Dropping it removes the socket file.
 #[derive(Debug)]
@@ -47,8 +53,9 @@ pub struct HandoffSocket {
 }
 
 impl HandoffSocket {
-    /// Binds `path` by the policy of the module docs.
-    pub fn bind(path: impl Into<PathBuf>) -> Result<Self, HandoffSocketError> {
+    /// Binds `path` by the policy of the module docs, shared with `group`
+    /// if one is given.
+    pub fn bind(path: impl Into<PathBuf>, group: Option<&HandoffGroup>) -> Result<Self, HandoffSocketError> {
         let path = path.into();
         match std::fs::symlink_metadata(&path) {
             Ok(meta) if !meta.file_type().is_socket() => return Err(HandoffSocketError::NotASocket { path }),
@@ -74,6 +81,14 @@ impl HandoffSocket {
         let socket = Self { path, listener, identity };
         std::fs::set_permissions(&socket.path, std::fs::Permissions::from_mode(SOCKET_MODE))
             .map_err(io_error("restricting the permissions of", &socket.path))?;
+        if let Some(group) = group {
+            std::os::unix::fs::lchown(&socket.path, None, Some(group.gid())).map_err(|source| {
+                HandoffSocketError::Group { path: socket.path.clone(), group: group.to_string(), source }
+            })?;
+            std::fs::set_permissions(&socket.path, std::fs::Permissions::from_mode(GROUP_SOCKET_MODE))
+                .map_err(io_error("opening to its group the permissions of", &socket.path))?;
+            tracing::info!(socket = %socket.path.display(), %group, "the hand-off socket is shared with its group (0660)");
+        }
         Ok(socket)
     }
 

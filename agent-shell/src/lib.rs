@@ -29,7 +29,10 @@
 //!   certificate names, or loopback peers without TLS);
 //! - [`handoff_socket`]: the hand-off socket's binding policy, the same for
 //!   both agents (a path that is not a socket, or a socket in use, is
-//!   refused; a stale socket is replaced; mode 0600; removed when dropped);
+//!   refused; a stale socket is replaced; mode 0600, or 0660 and chowned to
+//!   the `--handoff-group`; removed when dropped);
+//! - [`handoff_group`]: the group the hand-off socket may be shared with
+//!   (`--handoff-group`: then mode 0660);
 //! - [`handoff_peers`]: who may hand memory over, the allow-list of peer
 //!   uids checked on every hand-off connection (`--handoff-allow-uid`);
 //! - [`exit`]: the exit status, and the reason on stderr;
@@ -42,6 +45,7 @@ pub mod duration;
 pub mod error;
 pub mod exit;
 pub mod grpc;
+pub mod handoff_group;
 pub mod handoff_peers;
 pub mod handoff_socket;
 mod listening;
@@ -54,9 +58,10 @@ mod tls_incoming;
 
 pub use control_access::ControlAccess;
 pub use duration::parse_duration;
-pub use error::{HandoffSocketError, PeerAllowListError, PeerRefused, ServeError, ShellError};
+pub use error::{HandoffGroupError, HandoffSocketError, PeerAllowListError, PeerRefused, ServeError, ShellError};
 pub use exit::exit_code;
 pub use grpc::{grpc_router, serve_router, set_health};
+pub use handoff_group::{HandoffGroup, HandoffGroupArg};
 pub use handoff_peers::{PeerAllowList, PeerCredentials};
 pub use handoff_socket::{HANDOFF_READ_TIMEOUT, HandoffSocket};
 pub use logging::init_logging;

@@ -99,6 +99,16 @@ struct Args {
     /// DIR/source.prom and DIR/target.prom (stand-in VMM only).
     #[arg(long, value_name = "DIR")]
     metrics_dump: Option<PathBuf>,
+    /// Keep the agents' and the stand-ins' logs (their stderr) in DIR, which
+    /// must exist, as NAME.log (stand-in VMM only; by default they go with
+    /// the work directory).
+    #[arg(long, value_name = "DIR")]
+    log_dir: Option<PathBuf>,
+    /// The source guest writes TEXT at the start of every page that starts
+    /// with data: a marker to look for where no guest memory may appear,
+    /// such as the logs (stand-in VMM only).
+    #[arg(long, value_name = "TEXT")]
+    guest_marker: Option<String>,
 }
 
 /// The target agent's test hooks; they need a target agent built with its
@@ -146,8 +156,16 @@ enum Vmm {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if args.vmm == Vmm::Qemu {
-        if args.metrics_dump.is_some() || args.two_hosts || args.link_rate_gbit.is_some() {
-            bail!("--metrics-dump, --two-hosts and --link-rate-gbit work with --vmm standin only");
+        if args.metrics_dump.is_some()
+            || args.two_hosts
+            || args.link_rate_gbit.is_some()
+            || args.log_dir.is_some()
+            || args.guest_marker.is_some()
+        {
+            bail!(
+                "--metrics-dump, --two-hosts, --link-rate-gbit, --log-dir and --guest-marker work with --vmm standin \
+                 only"
+            );
         }
         if let Some(event) = args.chaos.iter().find(|e| !chaos_supported(e)) {
             bail!("--chaos {event}: with --vmm qemu only kill-target-agent can be rehearsed");
@@ -173,6 +191,8 @@ async fn main() -> anyhow::Result<()> {
         two_hosts: args.two_hosts,
         link_rate_gbit: args.link_rate_gbit,
         plaintext: args.plaintext,
+        log_dir: args.log_dir.clone(),
+        guest_marker: args.guest_marker.clone(),
         ..MigrationOptions::default()
     };
     let report = run_migration_until(&options, stop_signal()).await.context("migration failed")?;

@@ -7,6 +7,9 @@
 //!   handed-off descriptor, `UFFDIO_ZEROPAGE`, `UFFDIO_COPY`): they act on
 //!   another process's address space, so they are sound for us whatever the
 //!   address; [`crate::uffd`] is the safe face of them;
+//! - the `userfaultfd(2)` system call and its `UFFDIO_API` handshake, for
+//!   when `/dev/userfaultfd` exists but is not ours to open (the crate then
+//!   gives up instead of trying the system call);
 //! - `PAGEMAP_SCAN` (Linux 6.7): neither `rustix`, `nix` nor `userfaultfd`
 //!   has it, and `rustix`'s typed ioctls drop the value it returns (the
 //!   number of regions filled), so it is a raw `libc::ioctl`, its number
@@ -33,6 +36,10 @@ const PAGEMAP_SCAN: u32 = iowr(b'f' as u32, 16, size_of::<k::pm_scan_arg>());
 const _: () = assert!(size_of::<k::pm_scan_arg>() == 96);
 const _: () = assert!(size_of::<k::page_region>() == 24);
 const _: () = assert!(PAGEMAP_SCAN == 0xC060_6610);
+
+/// `_IOWR(UFFDIO, _UFFDIO_API, struct uffdio_api)` (linux/userfaultfd.h).
+const UFFDIO_API: u32 = iowr(0xAA, 0x3F, size_of::<k::uffdio_api>());
+const _: () = assert!(UFFDIO_API == linux_raw_sys::ioctl::UFFDIO_API);
 
 // ---------------------------------------------------------------------------
 // Mappings.
@@ -202,6 +209,27 @@ pub(crate) fn uffd_from_fd(fd: OwnedFd) -> userfaultfd::Uffd {
     // SAFETY: `fd` is an open descriptor we own (the hand-off checked that it
     // is a userfaultfd); ownership moves into the `Uffd`, which closes it.
     unsafe { userfaultfd::Uffd::from_raw_fd(fd.into_raw_fd()) }
+}
+
+/// A new userfaultfd from the `userfaultfd(2)` system call (`flags`:
+/// `O_CLOEXEC`, `O_NONBLOCK`, `UFFD_USER_MODE_ONLY`), its `UFFDIO_API`
+/// handshake done with `features` (raw `UFFD_FEATURE_*` bits).
+pub(crate) fn uffd_by_syscall(flags: u32, features: u64) -> io::Result<userfaultfd::Uffd> {
+    // SAFETY: userfaultfd(2) takes one integer argument and returns a new
+    // descriptor or -1; it touches no memory of ours.
+    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, flags as libc::c_int) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the system call just returned this descriptor; nobody else has it.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) };
+    let mut api = k::uffdio_api { api: u64::from(k::UFFD_API), features, ioctls: 0 };
+    // SAFETY: UFFDIO_API reads and writes one `struct uffdio_api`, which `api`
+    // is (its size is in the request number), alive for the whole call.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_API as _, &mut api) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(uffd_from_fd(fd))
 }
 
 /// `UFFDIO_ZEROPAGE` over [addr, addr+len) of the VMM that registered `uffd`.

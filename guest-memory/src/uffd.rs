@@ -57,6 +57,10 @@ const TARGET_EVENTS: u64 = features::EVENT_REMOVE;
 /// 2 MiB: the page size of a hugetlbfs region.
 const HUGE_PAGE: u64 = 2 << 20;
 
+/// `UFFD_USER_MODE_ONLY`: faults from kernel mode are not reported (they
+/// fail); such a userfaultfd needs no privilege.
+const USER_MODE_ONLY: u32 = linux_raw_sys::general::UFFD_USER_MODE_ONLY;
+
 /// A userfaultfd error, with the operation and range it concerned.
 #[derive(Debug, thiserror::Error)]
 pub enum UffdError {
@@ -83,6 +87,25 @@ pub enum UffdError {
         #[source]
         source: userfaultfd::Error,
     },
+    /// `/dev/userfaultfd` was not ours to open, and the system call refused
+    /// too (without `user_mode_only` it needs `vm.unprivileged_userfaultfd=1`
+    /// or `CAP_SYS_PTRACE`).
+    #[error(
+        "creating a userfaultfd with features {features:#x}{mode}: /dev/userfaultfd: {device}; the userfaultfd \
+         system call: {source}{hint}",
+        mode = if *user_mode_only { " (user-mode faults only)" } else { "" },
+        hint = if *user_mode_only { "" } else {
+            " (a userfaultfd that also reports kernel-mode faults needs read-write access to /dev/userfaultfd, \
+             vm.unprivileged_userfaultfd=1 or CAP_SYS_PTRACE)"
+        }
+    )]
+    CreateBySyscall {
+        features: u64,
+        user_mode_only: bool,
+        device: io::Error,
+        #[source]
+        source: io::Error,
+    },
     /// The userfaultfd has no more events to give: the process that
     /// registered it exited (its address space is gone).
     #[error("the userfaultfd's registering process is gone (EOF)")]
@@ -95,6 +118,18 @@ pub enum UffdError {
 }
 
 impl UffdError {
+    /// The kernel would not give this process a userfaultfd of the kind
+    /// asked for (not permitted), as opposed to not supporting it.
+    pub fn is_creation_not_permitted(&self) -> bool {
+        match self {
+            UffdError::CreateBySyscall { source, .. } => source.kind() == io::ErrorKind::PermissionDenied,
+            UffdError::Create { source: userfaultfd::Error::SystemError(errno), .. } => {
+                [libc::EPERM, libc::EACCES].contains(&(*errno as i32))
+            }
+            _ => false,
+        }
+    }
+
     fn from_errno(op: &'static str, addr: u64, len: u64, errno: i32) -> Self {
         match errno {
             libc::EEXIST => UffdError::Exists { op, addr, len },
@@ -225,13 +260,30 @@ impl Userfaultfd {
         Self::create_with(features, false)
     }
 
+    /// Through `/dev/userfaultfd` if it exists, else the system call; and
+    /// through the system call if the device is there but not ours to open
+    /// (by default it is root's alone): the kernel then decides by
+    /// `vm.unprivileged_userfaultfd`, `CAP_SYS_PTRACE` and `user_mode_only`
+    /// (user-mode-only needs no privilege at all).
     fn create_with(features: u64, user_mode_only: bool) -> Result<Self, UffdError> {
-        let inner = UffdBuilder::new()
+        let created = UffdBuilder::new()
             .close_on_exec(true)
             .user_mode_only(user_mode_only)
             .require_features(FeatureFlags::from_bits_retain(features))
-            .create()
-            .map_err(|source| UffdError::Create { features, source })?;
+            .create();
+        let inner = match created {
+            Ok(inner) => inner,
+            Err(userfaultfd::Error::OpenDevUserfaultfd(device)) if device.kind() == io::ErrorKind::PermissionDenied => {
+                let flags = libc::O_CLOEXEC as u32 | if user_mode_only { USER_MODE_ONLY } else { 0 };
+                sys::uffd_by_syscall(flags, features).map_err(|source| UffdError::CreateBySyscall {
+                    features,
+                    user_mode_only,
+                    device,
+                    source,
+                })?
+            }
+            Err(source) => return Err(UffdError::Create { features, source }),
+        };
         Ok(Self { inner })
     }
 
@@ -243,6 +295,19 @@ impl Userfaultfd {
     ///   (holes in the file: a page that must not be zero-filled silently),
     ///   with the shmem or hugetlbfs features by the region's page size.
     pub fn for_role(role: Role, region: &RegionLayout) -> Result<Self, UffdError> {
+        Self::for_role_with(role, region, false)
+    }
+
+    /// Like [`Userfaultfd::for_role`], for a guest that touches its memory
+    /// from user mode only (a VMM stand-in's threads; never KVM, which
+    /// touches guest memory from the kernel): faults from kernel mode are
+    /// not reported. It needs no privilege, whatever
+    /// `vm.unprivileged_userfaultfd` says.
+    pub fn for_role_user_mode_only(role: Role, region: &RegionLayout) -> Result<Self, UffdError> {
+        Self::for_role_with(role, region, true)
+    }
+
+    fn for_role_with(role: Role, region: &RegionLayout, user_mode_only: bool) -> Result<Self, UffdError> {
         let hugetlb = region.page_size >= HUGE_PAGE;
         let (wanted, mode) = match role {
             Role::Source => (features::WP_ASYNC | features::WP_HUGETLBFS_SHMEM, RegisterMode::WRITE_PROTECT),
@@ -258,7 +323,7 @@ impl Userfaultfd {
                 RegisterMode::MINOR | RegisterMode::MISSING,
             ),
         };
-        let uffd = Self::create(wanted)?;
+        let uffd = Self::create_with(wanted, user_mode_only)?;
         uffd.register(region.base_host_virt_addr, region.size, mode)?;
         Ok(uffd)
     }

@@ -28,6 +28,20 @@ pub const INCARNATION_HEADER: &str = "pageserver-incarnation";
 /// served (`Layout.memory_id`).
 pub const MEMORY_ID_HEADER: &str = "pageserver-memory-id";
 
+/// A page as logs and error messages may show it: where it is and how long,
+/// never its bytes (guest memory holds the guest's secrets). Every message
+/// that carries pages shows them through this.
+impl std::fmt::Debug for v1::Page {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Page")
+            .field("region", &self.region)
+            .field("index", &self.index)
+            .field("zero", &self.zero)
+            .field("data", &format_args!("<{} bytes, not shown>", self.data.len()))
+            .finish()
+    }
+}
+
 impl v1::MigrationPhase {
     /// The phase as the agents' logs and the `phase` label of
     /// `pageserver_target_phase` name it ("precopy-converged").

@@ -2,7 +2,8 @@
 //!
 //! The agent binds the socket by the shell's policy
 //! ([`HandoffSocket`]: a path that is not a socket, or a socket in use, is
-//! refused; a stale socket is replaced; mode 0600) and accepts connections
+//! refused; a stale socket is replaced; mode 0600, or 0660 for its
+//! `--handoff-group`) and accepts connections
 //! on a dedicated thread, handling each on a thread of its own, at most
 //! [`MAX_CONCURRENT_HANDOFFS`] at once (the rest wait in the listen backlog):
 //! a peer that connects and says nothing does not hold up the VMM behind it.
@@ -35,7 +36,7 @@ use std::time::Duration;
 
 use guest_memory::handoff::{self, EventReader, Handoff, HandoffError, Role, VmmEvent};
 use pageserver_agent_shell::exit::describe;
-use pageserver_agent_shell::{HANDOFF_READ_TIMEOUT, HandoffSocket, HandoffSocketError, PeerAllowList};
+use pageserver_agent_shell::{HANDOFF_READ_TIMEOUT, HandoffGroup, HandoffSocket, HandoffSocketError, PeerAllowList};
 
 use crate::agent::SourceAgent;
 use crate::memory::{MemoryError, SourceMemory};
@@ -73,14 +74,16 @@ impl Drop for HandoffListener {
     }
 }
 
-/// Binds `path` and accepts the VMM's hand-off for `agent` on a new thread,
-/// from peers whose uid is on `peers` only.
+/// Binds `path` (shared with `group`, if given) and accepts the VMM's
+/// hand-off for `agent` on a new thread, from peers whose uid is on `peers`
+/// only.
 pub fn listen_for_handoff(
     path: &Path,
     peers: PeerAllowList,
+    group: Option<&HandoffGroup>,
     agent: Arc<SourceAgent>,
 ) -> Result<HandoffListener, HandoffSocketError> {
-    let socket = HandoffSocket::bind(path)?;
+    let socket = HandoffSocket::bind(path, group)?;
     let listener = socket.try_clone_listener()?;
     let stop = Arc::new(AtomicBool::new(false));
     let accepting_stop = stop.clone();

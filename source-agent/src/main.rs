@@ -41,6 +41,8 @@ struct Cli {
     /// (checked on every connection; default: this agent's own uid).
     #[arg(long, env = "PAGESERVER_HANDOFF_ALLOW_UID", value_name = "UID[,UID...]")]
     handoff_allow_uid: Option<PeerAllowList>,
+    #[command(flatten)]
+    handoff_group: pageserver_agent_shell::HandoffGroupArg,
     /// Serve this file as the guest memory instead (never changes; counts as paused).
     #[arg(long, env = "PAGESERVER_MEMORY_FILE", value_name = "PATH")]
     memory_file: Option<PathBuf>,
@@ -79,7 +81,7 @@ fn agent(cli: &Cli) -> anyhow::Result<(Arc<SourceAgent>, Option<HandoffListener>
             let agent = Arc::new(SourceAgent::waiting_for_handoff(&cli.vm, socket));
             let peers = cli.handoff_allow_uid.clone().unwrap_or_else(PeerAllowList::own_uid);
             tracing::info!(allowed_uids = %peers, "hand-offs are accepted from these uids only");
-            let listener = listen_for_handoff(socket, peers, agent.clone())
+            let listener = listen_for_handoff(socket, peers, cli.handoff_group.group.as_ref(), agent.clone())
                 .context("binding the hand-off socket (--handoff-socket)")?;
             Ok((agent, Some(listener)))
         }

@@ -36,7 +36,7 @@ async fn start_waiting_agent() -> Setup {
     let socket = dir.path().join("handoff.sock");
     let agent = Arc::new(SourceAgent::waiting_for_handoff("test-vm", &socket));
     let listener =
-        listen_for_handoff(&socket, PeerAllowList::own_uid(), agent.clone()).expect("listen for the hand-off");
+        listen_for_handoff(&socket, PeerAllowList::own_uid(), None, agent.clone()).expect("listen for the hand-off");
     let server = RunningServer::start(agent).await;
     Setup { _dir: dir, socket, _listener: listener, server }
 }

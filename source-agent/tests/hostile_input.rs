@@ -53,7 +53,7 @@ async fn serve_handoff() -> Served {
     let socket = dir.path().join("handoff.sock");
     let agent = Arc::new(SourceAgent::waiting_for_handoff("test-vm", &socket));
     let listener =
-        listen_for_handoff(&socket, PeerAllowList::own_uid(), agent.clone()).expect("listen for the hand-off");
+        listen_for_handoff(&socket, PeerAllowList::own_uid(), None, agent.clone()).expect("listen for the hand-off");
     let server = RunningServer::start(agent.clone()).await;
     let vmm = common::handed_off(&socket, PAGES).await;
     Served { agent, server, _keep: Box::new((dir, listener, vmm)) }

@@ -27,7 +27,7 @@ async fn holes_are_not_sent_and_a_hole_written_later_is_dirty() {
     let socket = dir.path().join("handoff.sock");
     let agent = Arc::new(SourceAgent::waiting_for_handoff("test-vm", &socket));
     let _listener =
-        listen_for_handoff(&socket, PeerAllowList::own_uid(), agent.clone()).expect("listen for the hand-off");
+        listen_for_handoff(&socket, PeerAllowList::own_uid(), None, agent.clone()).expect("listen for the hand-off");
     let server = RunningServer::start(agent).await;
     let mut client = server.client().await;
 

@@ -3,8 +3,9 @@
 //! file that is not whole pages (its tail would silently go unserved) or is
 //! not a file, addresses it cannot bind, a hand-off socket path that is a
 //! regular file (left alone) or a socket another agent listens on, a
-//! `--handoff-allow-uid` that is not a list of uids. And the allow-list it
-//! is given is the one its hand-off socket applies.
+//! `--handoff-allow-uid` that is not a list of uids, a `--handoff-group`
+//! that does not exist. And the allow-list it is given is the one its
+//! hand-off socket applies; its socket is 0600, or 0660 and its group's.
 
 mod common;
 
@@ -15,6 +16,7 @@ use std::process::{Command, Output, Stdio};
 use common::TestVmm;
 use guest_memory::handoff::HandoffError;
 use pageserver_test_support::refusal::{self, assert_refused, output_of};
+use pageserver_test_support::socket_access::{another_group, socket_access_of_agent};
 
 const BINARY: &str = env!("CARGO_BIN_EXE_source-agent");
 
@@ -161,5 +163,36 @@ fn a_peer_not_on_the_handoff_allow_list_is_refused_and_logged() {
     assert!(
         stderr.lines().any(|line| line.contains("WARN") && line.contains(&own)),
         "no warning naming {own}: {stderr}"
+    );
+}
+
+/// The hand-off socket is mode 0600 and the agent's group's; with
+/// `PAGESERVER_HANDOFF_GROUP` (a group name) or `--handoff-group` (a gid)
+/// it is that group's and mode 0660; a group that does not exist is refused
+/// at start.
+#[test]
+fn the_handoff_socket_is_shared_with_the_handoff_group_only() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("source.sock");
+    let agent = || {
+        let mut command = Command::new(BINARY);
+        command.args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--handoff-socket"]).arg(&socket);
+        command
+    };
+    let own_gid = rustix::process::getegid().as_raw();
+    assert_eq!(socket_access_of_agent(agent(), &socket), (0o600, own_gid), "without a group");
+    let (name, gid) = another_group();
+    let mut by_name = agent();
+    by_name.env("PAGESERVER_HANDOFF_GROUP", &name);
+    assert_eq!(socket_access_of_agent(by_name, &socket), (0o660, gid), "PAGESERVER_HANDOFF_GROUP={name}");
+    let mut by_gid = agent();
+    by_gid.args(["--handoff-group", &gid.to_string()]);
+    assert_eq!(socket_access_of_agent(by_gid, &socket), (0o660, gid), "--handoff-group {gid}");
+    let socket = socket.display().to_string();
+    assert_refused(
+        &run(&["--handoff-socket", &socket, "--handoff-group", "no-such-group-pageserver"]),
+        2,
+        "invalid value 'no-such-group-pageserver' for '--handoff-group <GROUP>': no group named \
+         \"no-such-group-pageserver\"",
     );
 }

@@ -31,7 +31,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use pageserver_agent_shell::PeerAllowList;
+use pageserver_agent_shell::{HandoffGroup, PeerAllowList};
 use tokio::sync::{oneshot, watch};
 
 use crate::fault_loop::{FaultHint, FaultLoop, FaultLoopError, FaultLoopExit, GUEST_FROZEN, describe_stop};
@@ -59,6 +59,8 @@ pub struct TargetConfig {
     pub handoff_socket: PathBuf,
     /// The uids whose processes may hand memory over ([`crate::handoff`]).
     pub handoff_peers: PeerAllowList,
+    /// The group the hand-off socket is shared with (mode 0660), if any.
+    pub handoff_group: Option<HandoffGroup>,
     pub vm: String,
     pub max_precopy_rounds: u32,
     /// How long the migration waits for an unreachable source (or for the
@@ -89,6 +91,7 @@ impl TargetConfig {
             source_tls: None,
             handoff_socket: handoff_socket.into(),
             handoff_peers: PeerAllowList::own_uid(),
+            handoff_group: None,
             vm: vm.to_owned(),
             max_precopy_rounds: Self::DEFAULT_MAX_PRECOPY_ROUNDS,
             source_unreachable_timeout: Self::DEFAULT_SOURCE_UNREACHABLE_TIMEOUT,
@@ -182,7 +185,11 @@ impl TargetAgent {
             tracing::warn!("TEST HOOKS ARE SET: this agent misbehaves on purpose ({:?})", config.hooks);
         }
         Arc::new(Self {
-            handoff: HandoffEndpoint::new(&config.handoff_socket, config.handoff_peers.clone()),
+            handoff: HandoffEndpoint::new(
+                &config.handoff_socket,
+                config.handoff_peers.clone(),
+                config.handoff_group.clone(),
+            ),
             config,
             stats: Arc::new(TargetStats::default()),
             phase: PhaseTracker::default(),

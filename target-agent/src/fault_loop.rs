@@ -171,7 +171,11 @@ impl FaultLoop {
         let (exit_tx, exit_rx) = oneshot::channel();
         std::thread::Builder::new().name("fault-loop".into()).spawn(move || {
             if let Err(e) = raise_thread_priority(FAULT_LOOP_NICE) {
-                tracing::warn!("fault loop keeps normal priority ({e}): busy vCPUs may delay it");
+                tracing::warn!(
+                    "fault loop keeps its normal priority, not nice {FAULT_LOOP_NICE} ({e}): busy vCPUs may delay \
+                     it; give the agent CAP_SYS_NICE or an RLIMIT_NICE of at least {} (ulimit -e)",
+                    20 - FAULT_LOOP_NICE
+                );
             }
             let guest = self.guest.clone();
             let mut state = LoopState::default();
@@ -383,8 +387,8 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
 }
 
 /// Raises the calling thread's scheduling priority to `nice` (needs
-/// CAP_SYS_NICE or a negative-nice rlimit; the agent runs without it, only
-/// less well on a busy host).
+/// CAP_SYS_NICE, or an RLIMIT_NICE of at least `20 - nice`; the agent runs
+/// without it, only less well on a busy host).
 fn raise_thread_priority(nice: i32) -> std::io::Result<()> {
     Ok(rustix::process::setpriority_process(Some(rustix::thread::gettid()), nice)?)
 }

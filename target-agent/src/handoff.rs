@@ -3,7 +3,7 @@
 //! The socket is bound by the agent shell's policy
 //! ([`HandoffSocket`]: a path that exists and is not a socket is refused
 //! and left alone, a socket some process listens on is refused ("in use"),
-//! a stale one replaced, mode 0600). The binary binds it at start
+//! a stale one replaced, mode 0600, or 0660 for its `--handoff-group`). The binary binds it at start
 //! ([`HandoffEndpoint::bind`]), before it says it is listening, so that a
 //! bad path fails the agent then and not after a VMM has come.
 //!
@@ -31,7 +31,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use guest_memory::handoff::{Handoff, Role, receive_handoff_with, refuse_handoff};
 use pageserver_agent_shell::exit::describe;
-use pageserver_agent_shell::{HANDOFF_READ_TIMEOUT, HandoffSocket, HandoffSocketError, PeerAllowList};
+use pageserver_agent_shell::{HANDOFF_READ_TIMEOUT, HandoffGroup, HandoffSocket, HandoffSocketError, PeerAllowList};
 use tokio::net::UnixListener;
 use tokio::sync::Semaphore;
 
@@ -69,6 +69,8 @@ pub struct HandoffEndpoint {
     path: PathBuf,
     /// Whose connections are read at all.
     peers: PeerAllowList,
+    /// The group the socket is shared with (mode 0660), if any.
+    group: Option<HandoffGroup>,
     /// Bound at start, until the accepting begins.
     bound: Mutex<Option<HandoffSocket>>,
     /// Set before the VMM is told its hand-off was taken: once a VMM (or
@@ -78,9 +80,10 @@ pub struct HandoffEndpoint {
 }
 
 impl HandoffEndpoint {
-    /// The endpoint for `path`, taking hand-offs from `peers` only.
-    pub fn new(path: impl Into<PathBuf>, peers: PeerAllowList) -> Self {
-        Self { path: path.into(), peers, bound: Mutex::new(None), handed_over: Arc::new(OnceLock::new()) }
+    /// The endpoint for `path` (shared with `group`, if given), taking
+    /// hand-offs from `peers` only.
+    pub fn new(path: impl Into<PathBuf>, peers: PeerAllowList, group: Option<HandoffGroup>) -> Self {
+        Self { path: path.into(), peers, group, bound: Mutex::new(None), handed_over: Arc::new(OnceLock::new()) }
     }
 
     pub fn path(&self) -> &Path {
@@ -91,7 +94,7 @@ impl HandoffEndpoint {
     pub fn bind(&self) -> Result<(), HandoffSocketError> {
         let mut bound = self.bound.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if bound.is_none() {
-            *bound = Some(HandoffSocket::bind(&self.path)?);
+            *bound = Some(HandoffSocket::bind(&self.path, self.group.as_ref())?);
         }
         Ok(())
     }
@@ -109,7 +112,7 @@ impl HandoffEndpoint {
         let socket = self.bound.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take();
         let socket = match socket {
             Some(socket) => socket,
-            None => HandoffSocket::bind(&self.path)?,
+            None => HandoffSocket::bind(&self.path, self.group.as_ref())?,
         };
         let listener = socket.async_listener()?;
         tracing::info!(allowed_uids = %self.peers, "waiting for the VMM hand-off on {}", self.path.display());

@@ -49,6 +49,8 @@ struct Args {
     /// (checked on every connection; default: this agent's own uid).
     #[arg(long, env = "PAGESERVER_HANDOFF_ALLOW_UID", value_name = "UID[,UID...]")]
     handoff_allow_uid: Option<PeerAllowList>,
+    #[command(flatten)]
+    handoff_group: pageserver_agent_shell::HandoffGroupArg,
     /// Name of the VM (logs, metrics label `vm`).
     #[arg(long, env = "PAGESERVER_VM", default_value = "vm")]
     vm: String,
@@ -133,6 +135,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             source_tls,
             handoff_socket: args.handoff_socket,
             handoff_peers: args.handoff_allow_uid.unwrap_or_else(PeerAllowList::own_uid),
+            handoff_group: args.handoff_group.group,
             vm: args.vm,
             max_precopy_rounds: args.max_precopy_rounds,
             source_unreachable_timeout: args.source_unreachable_timeout,

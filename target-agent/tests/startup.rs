@@ -3,7 +3,8 @@
 //! a second agent on the same path is refused ("in use"), a later hand-off
 //! is refused with a clear reply, a regular file at the path is left alone,
 //! and the stale socket of an agent that died is taken by the next one; a
-//! peer not on its `--handoff-allow-uid` is refused and logged.
+//! peer not on its `--handoff-allow-uid` is refused and logged; its socket
+//! is 0600, or 0660 and owned by its `--handoff-group`.
 
 mod support;
 
@@ -13,6 +14,7 @@ use std::process::{Command, Output};
 use guest_memory::handoff::HandoffError;
 use pageserver_proto::v1::MigrationPhase;
 use pageserver_test_support::refusal::{self, assert_refused, output_of};
+use pageserver_test_support::socket_access::{another_group, socket_access_of_agent};
 use rustix::process::Signal;
 use support::{Agent, Migration, Scratch, TARGET_AGENT, TargetVmm, wait_for_status};
 
@@ -194,4 +196,43 @@ async fn a_peer_not_on_the_handoff_allow_list_is_refused_and_logged() {
     agent.wait_for_log(&peer);
     assert!(agent.stderr().contains("WARN"), "the refusal is logged as a warning: {}", agent.stderr());
     assert!(agent.running(), "the agent goes on waiting");
+}
+
+/// The hand-off socket is mode 0600 and the agent's group's; with
+/// `--handoff-group` (a group name) or `PAGESERVER_HANDOFF_GROUP` (a gid)
+/// it is that group's and mode 0660; a group that does not exist is
+/// refused at start.
+#[test]
+fn the_handoff_socket_is_shared_with_the_handoff_group_only() {
+    let dir = Scratch::new("handoff-group");
+    let socket = dir.join("t.sock");
+    let agent = || {
+        let mut command = Command::new(TARGET_AGENT);
+        command.args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--source", "http://127.0.0.1:9"]);
+        command.arg("--handoff-socket").arg(&socket);
+        command
+    };
+    let own_gid = rustix::process::getegid().as_raw();
+    assert_eq!(socket_access_of_agent(agent(), &socket), (0o600, own_gid), "without a group");
+    let (name, gid) = another_group();
+    let mut by_name = agent();
+    by_name.args(["--handoff-group", &name]);
+    assert_eq!(socket_access_of_agent(by_name, &socket), (0o660, gid), "--handoff-group {name}");
+    let mut by_gid = agent();
+    by_gid.env("PAGESERVER_HANDOFF_GROUP", gid.to_string());
+    assert_eq!(socket_access_of_agent(by_gid, &socket), (0o660, gid), "PAGESERVER_HANDOFF_GROUP={gid}");
+    let socket = socket.display().to_string();
+    assert_refused(
+        &run(&[
+            "--source",
+            "http://127.0.0.1:9",
+            "--handoff-socket",
+            &socket,
+            "--handoff-group",
+            "no-such-group-pageserver",
+        ]),
+        2,
+        "invalid value 'no-such-group-pageserver' for '--handoff-group <GROUP>': no group named \
+         \"no-such-group-pageserver\"",
+    );
 }

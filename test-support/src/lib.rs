@@ -22,6 +22,8 @@
 //! - [`huge_pages`]: [`HugePages`], free 2 MiB pages for one test at a time;
 //! - [`refusal`]: an agent binary run until it refuses to start, and the
 //!   check that it refused as it should;
+//! - [`socket_access`]: the mode and group of a real agent's hand-off
+//!   socket (`--handoff-group`);
 //! - [`written_pages`]: the pages a VMM wrote since the last look.
 #![forbid(unsafe_code)]
 
@@ -31,6 +33,7 @@ pub mod foreign_peer;
 pub mod handoff_listener;
 pub mod huge_pages;
 pub mod refusal;
+pub mod socket_access;
 pub mod temp_dir;
 
 use std::os::fd::BorrowedFd;

@@ -49,6 +49,10 @@ pub struct StandinConfig {
     pub run_ms: u64,
     /// Target: how many pages the guest may write (each costs an undo copy).
     pub max_written_pages: u64,
+    /// Source: bytes written at the start of every page that starts with
+    /// data, over the seed's content (a marker the tests look for where no
+    /// page content may go, such as logs); empty: none.
+    pub marker: Vec<u8>,
 }
 
 impl StandinConfig {

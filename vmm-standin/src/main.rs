@@ -55,6 +55,10 @@ struct Args {
     /// Target: most pages the guest writes (each needs an undo copy).
     #[arg(long, default_value_t = 4096)]
     max_written_pages: u64,
+    /// Source: write TEXT at the start of every page that starts with data
+    /// (a marker to look for where no guest memory may appear, e.g. logs).
+    #[arg(long, value_name = "TEXT", default_value = "")]
+    marker: String,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -76,6 +80,7 @@ fn main() -> anyhow::Result<()> {
         snapshot: args.snapshot,
         run_ms: args.run_ms,
         max_written_pages: args.max_written_pages,
+        marker: args.marker.into_bytes(),
     };
     let events = Arc::new(EventSink::stdout());
     let result = vmm_standin::run(&config, std::io::stdin().lock(), &events);

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use guest_memory::MemoryMap;
 use guest_memory::RegionLayout;
+use guest_memory::Userfaultfd;
 use guest_memory::handoff::{FdKind, Role};
 use guest_memory::handoff_link::{HandoffLink, LinkChange, LinkConfig};
 use guest_memory::memfile::{ftruncate, memfd_create};
@@ -77,6 +78,27 @@ impl GuestRam {
         } else {
             Err(format!("page {page} out of range (the guest has {} pages)", self.total_pages))
         }
+    }
+}
+
+/// The userfaultfd `role`'s agent gets over `ram`, as a VMM registers it.
+/// A process the kernel does not let create one that also reports
+/// kernel-mode faults (no access to /dev/userfaultfd, no CAP_SYS_PTRACE,
+/// `vm.unprivileged_userfaultfd=0`: any unprivileged user on a default
+/// Debian) gets a user-mode-only one instead, which is all this stand-in
+/// needs: its vCPUs are threads touching the memory from user mode, never
+/// KVM (a real VMM with KVM needs the full kind).
+pub fn guest_userfaultfd(role: Role, ram: &GuestRam) -> Result<Userfaultfd, VmmError> {
+    match Userfaultfd::for_role(role, &ram.region()) {
+        Err(error) if error.is_creation_not_permitted() => {
+            eprintln!(
+                "vmm-standin[{}]: {error}; using a userfaultfd that reports user-mode faults only (enough for \
+                 this stand-in's guest, whose vCPUs never fault from the kernel)",
+                format!("{role:?}").to_lowercase()
+            );
+            Ok(Userfaultfd::for_role_user_mode_only(role, &ram.region())?)
+        }
+        other => Ok(other?),
     }
 }
 

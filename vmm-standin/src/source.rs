@@ -15,7 +15,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use guest_memory::Userfaultfd;
 use guest_memory::handoff::{Role, VmmEvent};
 use guest_memory::memfile::{data_ranges, is_zero, monotonic_ns};
 use std::os::fd::AsFd;
@@ -26,7 +25,7 @@ use crate::hot_sweep;
 
 use crate::pattern::{self, SplitMix64, Stream};
 use crate::protocol::{Command, EventSink, StandinEvent, TrackingSetup, command_loop};
-use crate::ram::{GuestRam, describe_fds, hand_off};
+use crate::ram::{GuestRam, describe_fds, guest_userfaultfd, hand_off};
 use crate::written::WrittenPages;
 
 /// How many hole pages the `ready` event lists.
@@ -43,7 +42,7 @@ pub(crate) fn run(config: &StandinConfig, commands: impl BufRead, events: &Arc<E
     )?);
     let written = config.written();
     let started = Instant::now();
-    fill_initial_content(&ram, &written, config.seed, config.vcpus);
+    fill_initial_content(&ram, &written, config.seed, config.vcpus, &config.marker);
     eprintln!(
         "vmm-standin[source]: {} of {} pages of {} bytes filled from seed {} in {:.2?}",
         written.len(),
@@ -53,7 +52,7 @@ pub(crate) fn run(config: &StandinConfig, commands: impl BufRead, events: &Arc<E
         started.elapsed()
     );
 
-    let uffd = Userfaultfd::for_role(Role::Source, &ram.region())?;
+    let uffd = guest_userfaultfd(Role::Source, &ram)?;
     let pagemap = File::open("/proc/self/pagemap").map_err(io_context("opening /proc/self/pagemap"))?;
     let pte_before = vm_pte_kib()?;
     let handoff_started = Instant::now();
@@ -146,7 +145,9 @@ pub(crate) fn run(config: &StandinConfig, commands: impl BufRead, events: &Arc<E
 
 /// Writes every written non-hole page with its seed-derived content, in
 /// parallel; the rest stays holes, never touched.
-fn fill_initial_content(ram: &GuestRam, written: &WrittenPages, seed: u64, vcpus: usize) {
+/// Each page that starts with data gets the seed's content, `marker` over
+/// its first bytes.
+fn fill_initial_content(ram: &GuestRam, written: &WrittenPages, seed: u64, vcpus: usize, marker: &[u8]) {
     let threads = vcpus.min(std::thread::available_parallelism().map_or(1, |n| n.get())).max(1);
     std::thread::scope(|scope| {
         for first in 0..threads {
@@ -156,6 +157,8 @@ fn fill_initial_content(ram: &GuestRam, written: &WrittenPages, seed: u64, vcpus
                     let page = written.page(index);
                     if !written.is_initial_hole(seed, page) {
                         written.initial_page(seed, page, &mut buf);
+                        let marked = marker.len().min(buf.len());
+                        buf[..marked].copy_from_slice(&marker[..marked]);
                         ram.map.copy_in(ram.page_offset(page), &buf);
                     }
                 }

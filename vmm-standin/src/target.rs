@@ -9,7 +9,6 @@ use std::io::BufRead;
 use std::sync::Arc;
 use std::time::Duration;
 
-use guest_memory::Userfaultfd;
 use guest_memory::handoff::Role;
 
 use crate::config::StandinConfig;
@@ -17,13 +16,13 @@ use crate::error::{VmmError, io_context};
 use crate::guest::{GuestRunStats, TargetGuest};
 
 use crate::protocol::{Command, EventSink, StandinEvent, command_loop};
-use crate::ram::{GuestRam, describe_fds, hand_off};
+use crate::ram::{GuestRam, describe_fds, guest_userfaultfd, hand_off};
 use crate::verify::{Scope, VerifyOutcome};
 
 pub(crate) fn run(config: &StandinConfig, commands: impl BufRead, events: &Arc<EventSink>) -> Result<(), VmmError> {
     let ram =
         GuestRam::create(&format!("{}-target", config.vm), config.memory_bytes, config.page_size(), config.hugetlb)?;
-    let uffd = Userfaultfd::for_role(Role::Target, &ram.region())?;
+    let uffd = guest_userfaultfd(Role::Target, &ram)?;
     let pagemap = std::fs::File::open("/proc/self/pagemap").map_err(io_context("opening /proc/self/pagemap"))?;
     // The hand-off connection stays open while the VM lives (its EOF tells
     // the agent that the VMM is gone); a new agent gets the memory again.

@@ -127,7 +127,7 @@ impl Migration<'_> {
                 let started = Instant::now();
                 let name = format!("target-agent-{}", self.report.chaos.len() + 2);
                 let args = self.target_agent_args.clone();
-                let agent = self.target_host.spawn(&name, &self.binaries.target_agent, &args, self.work)?;
+                let agent = self.target_host.spawn(&name, &self.binaries.target_agent, &args, self.log_dir)?;
                 let agent = self.children.target_agent.insert(agent);
                 agent.wait_listening(deadline(self.opts.phase_timeout)).await?;
                 let vm = running(&mut self.children.target_vm, "target VM")?;
@@ -186,7 +186,7 @@ impl Migration<'_> {
             args.extend(self.tls_args(DemoTls::source_args));
         }
         let name = format!("source-agent-{}", self.report.chaos.len() + 2);
-        let agent = self.source_host.spawn(&name, &self.binaries.source_agent, &args, self.work)?;
+        let agent = self.source_host.spawn(&name, &self.binaries.source_agent, &args, self.log_dir)?;
         let agent = self.children.source_agent.insert(agent);
         agent.wait_listening(deadline(self.opts.phase_timeout)).await?;
         Ok(())

@@ -102,6 +102,7 @@ pub async fn run_migration_until(
         opts,
         binaries,
         work: work.path(),
+        log_dir: opts.log_dir.as_deref().unwrap_or(work.path()),
         progress: Progress::start(opts.quiet),
         network: network.as_ref(),
         source_host,
@@ -198,6 +199,8 @@ struct Migration<'a> {
     opts: &'a MigrationOptions,
     binaries: Binaries,
     work: &'a Path,
+    /// Where the children's stderr goes (the work directory unless asked).
+    log_dir: &'a Path,
     progress: Progress,
     /// The two hosts' namespaces and link (`two_hosts`).
     network: Option<&'a TwoHosts>,
@@ -418,7 +421,7 @@ impl Migration<'_> {
             format!("--listen={}", self.source_host.on_link()),
             format!("--metrics-listen={}", self.opts.metrics_listen.0),
         ]);
-        let agent = self.source_host.spawn("source-agent", &self.binaries.source_agent, &args, self.work)?;
+        let agent = self.source_host.spawn("source-agent", &self.binaries.source_agent, &args, self.log_dir)?;
         let agent = self.children.source_agent.insert(agent);
         let addrs = agent.wait_listening(deadline(self.opts.phase_timeout)).await?;
         self.source_addrs = Some(addrs.clone());
@@ -437,7 +440,10 @@ impl Migration<'_> {
             args.push(format!("--hot-sweep-ms={ms}"));
         }
         args.push(format!("--snapshot={}", self.path("snapshot")));
-        let vm = self.source_host.spawn("vmm-standin-source", &self.binaries.vmm_standin, &args, self.work)?;
+        if let Some(marker) = &self.opts.guest_marker {
+            args.push(format!("--marker={marker}"));
+        }
+        let vm = self.source_host.spawn("vmm-standin-source", &self.binaries.vmm_standin, &args, self.log_dir)?;
         let vm = self.children.source_vm.insert(vm);
         let (page_size, total_pages, zero_pages, tracking) =
             wait_for(vm, "ready", deadline(self.opts.phase_timeout), |e| match e {
@@ -494,7 +500,7 @@ impl Migration<'_> {
         }
         args.extend(self.opts.hooks.args());
         args.extend(self.tls_args(DemoTls::target_args));
-        let agent = self.target_host.spawn("target-agent", &self.binaries.target_agent, &args, self.work)?;
+        let agent = self.target_host.spawn("target-agent", &self.binaries.target_agent, &args, self.log_dir)?;
         let agent = self.children.target_agent.insert(agent);
         let addrs = agent.wait_listening(deadline(self.opts.phase_timeout)).await?;
         args.retain(|arg| !arg.starts_with("--listen=") && !arg.starts_with("--metrics-listen="));
@@ -514,7 +520,7 @@ impl Migration<'_> {
         let mut args = self.vm_args("target", &socket);
         args.push(format!("--run-ms={}", self.opts.run_ms));
         args.push(format!("--max-written-pages={}", self.opts.max_written_pages));
-        let vm = self.target_host.spawn("vmm-standin-target", &self.binaries.vmm_standin, &args, self.work)?;
+        let vm = self.target_host.spawn("vmm-standin-target", &self.binaries.vmm_standin, &args, self.log_dir)?;
         let vm = self.children.target_vm.insert(vm);
         wait_for(vm, "ready", deadline(self.opts.phase_timeout), |e| {
             matches!(e, StandinEvent::Ready { .. }).then_some(())

@@ -120,6 +120,14 @@ pub struct MigrationOptions {
     /// The agents without TLS (`--plaintext`); by default they speak mutual
     /// TLS with throwaway certificates ([`crate::tls`]).
     pub plaintext: bool,
+    /// The children's stderr logs (`NAME.log`) go to this directory, which
+    /// must exist, and stay there; `None`: into the work directory, removed
+    /// with it.
+    pub log_dir: Option<PathBuf>,
+    /// The source guest writes this at the start of every page that starts
+    /// with data (the stand-in's `--marker`): something to look for where no
+    /// guest memory may appear, such as the logs.
+    pub guest_marker: Option<String>,
 }
 
 impl Default for MigrationOptions {
@@ -158,6 +166,8 @@ impl Default for MigrationOptions {
             two_hosts: false,
             link_rate_gbit: None,
             plaintext: false,
+            log_dir: None,
+            guest_marker: None,
         }
     }
 }

@@ -43,6 +43,7 @@ fn verify_mapped_answers_while_a_vcpu_is_blocked_in_a_write() {
         snapshot: None,
         run_ms: 0,
         max_written_pages: PAGES,
+        marker: Vec::new(),
     };
     let ram = GuestRam::create("unit-target", PAGES * PAGE, PAGE, false).unwrap();
     let base = ram.map.addr();
