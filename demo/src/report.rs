@@ -200,6 +200,10 @@ pub struct Report {
     /// The two hosts, when the migration had them (`--two-hosts`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<NetworkReport>,
+    /// How the agents and the demo spoke gRPC: "mutual TLS", or
+    /// "plaintext" (`--plaintext`).
+    #[serde(default)]
+    pub transport: String,
 }
 
 /// The two hosts of a `--two-hosts` migration: their namespaces, their
@@ -340,6 +344,7 @@ impl fmt::Display for Report {
             "guest:      {} accesses, {} pages written, {} pages touched",
             self.guest_accesses, self.guest_pages_written, self.guest_pages_touched
         )?;
+        writeln!(f, "transport:  {}", self.transport)?;
         if let Some(net) = &self.network {
             writeln!(
                 f,

@@ -35,6 +35,7 @@ fn spread(pages: Vec<u64>, count: usize) -> Vec<u64> {
 async fn shmem_migration_with_a_dirtying_guest_verifies_every_byte() {
     let r = migrate(MigrationOptions { dirty_rate: 20_000, ..options(128 * MIB) }).await;
     assert_eq!(r.page_size, 4096);
+    assert_eq!(r.transport, "mutual TLS", "the demo's default");
     assert_every_byte_verified(&r);
     assert_only_stale_pages_fetched(&r);
     assert!(r.precopy_rounds >= 2, "pre-copy stopped after round 0");
@@ -47,6 +48,14 @@ async fn shmem_migration_with_a_dirtying_guest_verifies_every_byte() {
     assert!(r.pages_installed_bulk > 0, "no fresh page was installed in bulk");
     assert!(r.faults_total > 0, "the target guest never faulted");
     assert!(r.guest_pages_written > 0, "the target guest never wrote");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plaintext_migration_when_asked_verifies_every_byte() {
+    let r = migrate(MigrationOptions { plaintext: true, ..options(64 * MIB) }).await;
+    assert_eq!(r.transport, "plaintext");
+    assert_every_byte_verified(&r);
+    assert_only_stale_pages_fetched(&r);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -123,6 +123,7 @@ pub async fn run_migration_until(
             vcpus: u64::from(opts.vcpus),
             seed: opts.seed,
             handoffs: [("source".to_owned(), 1), ("target".to_owned(), 1)].into(),
+            transport: if opts.plaintext { "plaintext" } else { "mutual TLS" }.to_owned(),
             ..Report::default()
         },
     };
