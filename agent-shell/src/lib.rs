@@ -21,7 +21,16 @@
 //! - `metrics_server`: the `/metrics` server, started and stopped;
 //! - [`grpc`]: a gRPC router already carrying health and reflection (v1 and
 //!   v1alpha), the health reporter the agent drives, and serving the router
-//!   until a graceful shutdown;
+//!   until a graceful shutdown, under the server's limits;
+//! - [`limits`]: those limits as flags (`--grpc-*`, `--metrics-max-connections`),
+//!   [`GrpcLimits`], flattened into both agents' flags;
+//! - [`connections`]: the accept loop: the connection cap, idle connections
+//!   closed, connections cut;
+//! - [`rpc_limit`]: the RPCs under way, one more refused with
+//!   RESOURCE_EXHAUSTED;
+//! - [`limit_metrics`]: every refusal counted;
+//! - `rate_limited`: refusals logged at most every 10 s;
+//! - [`fd_limit`]: the soft descriptor limit raised to the hard one at start;
 //! - [`handoff_socket`]: the hand-off socket's binding policy, the same for
 //!   both agents (a path that is not a socket, or a socket in use, is
 //!   refused; a stale socket is replaced; mode 0600; removed when dropped);
@@ -29,27 +38,39 @@
 //!   uids checked on every hand-off connection (`--handoff-allow-uid`);
 //! - [`exit`]: the exit status, and the reason on stderr;
 //! - [`duration`]: durations on the command line (`250ms`, `30s`);
+//! - [`size`]: sizes on the command line (`16MiB`);
 //! - [`error`]: what can go wrong in all of these.
 #![forbid(unsafe_code)]
 
+pub mod connections;
 pub mod duration;
 pub mod error;
 pub mod exit;
+pub mod fd_limit;
 pub mod grpc;
 pub mod handoff_peers;
 pub mod handoff_socket;
+pub mod limit_metrics;
+pub mod limits;
 mod listening;
 pub mod logging;
 mod metrics_server;
+mod rate_limited;
+pub mod rpc_limit;
 pub mod shell;
 pub mod shutdown;
+pub mod size;
 
+pub use connections::{ConnectionState, OpenConnections};
 pub use duration::parse_duration;
 pub use error::{HandoffSocketError, PeerAllowListError, PeerRefused, ServeError, ShellError};
 pub use exit::exit_code;
-pub use grpc::{grpc_router, serve_router, set_health};
+pub use grpc::{ServerLimits, grpc_router, serve_router, set_health};
 pub use handoff_peers::{PeerAllowList, PeerCredentials};
 pub use handoff_socket::{HANDOFF_READ_TIMEOUT, HandoffSocket};
+pub use limits::GrpcLimits;
 pub use logging::init_logging;
+pub use rpc_limit::ConnectionHandle;
 pub use shell::{AgentShell, Shutdown};
 pub use shutdown::shutdown_signal;
+pub use size::parse_bytes;

@@ -22,7 +22,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use pageserver_agent_shell::exit::describe;
-use pageserver_agent_shell::{AgentShell, PeerAllowList, exit_code, parse_duration, shutdown_signal};
+use pageserver_agent_shell::{AgentShell, GrpcLimits, PeerAllowList, exit_code, parse_duration, shutdown_signal};
 use target_agent::agent::{TargetAgent, TargetConfig};
 use target_agent::pull_order::PullOrder;
 use target_agent::service::serve;
@@ -84,6 +84,8 @@ struct Args {
     #[arg(long, env = "PAGESERVER_PULL_ORDER", value_enum, default_value_t = PullOrder::default())]
     pull_order: PullOrder,
     #[command(flatten)]
+    grpc_limits: GrpcLimits,
+    #[command(flatten)]
     hooks: target_agent::test_hooks::TestHooks,
 }
 
@@ -125,7 +127,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         });
         agent.handoff.bind().context("binding the hand-off socket (--handoff-socket)")?;
         let metrics = target_agent::metrics::install(agent.clone()).context("setting up metrics")?;
-        let shell = AgentShell::bind(&args.listen, &args.metrics_listen).await?;
+        let shell = AgentShell::bind(&args.listen, &args.metrics_listen, &args.grpc_limits).await?;
         tokio::spawn(agent.clone().run());
         let (stopped_tx, stopped_rx) = oneshot::channel();
         // Watched from now on, before the listening line.
@@ -137,8 +139,12 @@ fn run(args: Args) -> anyhow::Result<()> {
                 let _ = stopped_tx.send(shutdown::stop(&agent, args.shutdown_grace, shutdown_signal()).await);
             }
         };
-        let served =
-            shell.run_until(metrics, stopping, |listener, shutdown| serve(listener, agent.clone(), shutdown)).await;
+        let (limits, serving) = (args.grpc_limits, agent.clone());
+        let served = shell
+            .run_until(metrics, stopping, |listener, shutdown| async move {
+                serve(listener, serving, &limits, shutdown).await
+            })
+            .await;
         // Without a signal the server stopped by itself: an error.
         let stopped = stopped_rx.await.unwrap_or_else(|_| Stopped::as_it_is(&agent));
         match (served, stopped.into_result()) {
