@@ -46,8 +46,10 @@ impl AgentShell {
     /// `limits.metrics_max_connections` at once.
     pub async fn bind(grpc: &str, metrics: &str, limits: &GrpcLimits) -> Result<Self, ShellError> {
         let fd_limit = raise_fd_limit();
+        let large_buffers_returned = crate::sys::return_large_buffers_to_the_kernel();
         tracing::info!(
             fd_limit,
+            large_buffers_returned,
             max_connections = limits.grpc_max_connections,
             max_rpcs = limits.grpc_max_rpcs,
             max_streams_per_connection = limits.grpc_max_streams_per_connection,
