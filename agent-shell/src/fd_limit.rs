@@ -16,7 +16,7 @@ pub fn raise_fd_limit() -> Option<u64> {
     if limit.current != limit.maximum {
         let before = limit.current;
         limit.current = limit.maximum;
-        match setrlimit(Resource::Nofile, limit.clone()) {
+        match setrlimit(Resource::Nofile, limit) {
             Ok(()) => tracing::debug!(?before, now = ?limit.current, "raised the soft descriptor limit"),
             Err(error) => {
                 tracing::warn!(%error, ?before, "could not raise the soft descriptor limit to the hard one");
