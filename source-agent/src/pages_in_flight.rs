@@ -205,14 +205,14 @@ mod tests {
         assert!(budget.open_stream().is_ok());
     }
 
-    #[tokio::test(start_paused = true)]
+    #[tokio::test]
     async fn a_stream_holds_its_budget_and_stalls_when_nothing_is_taken() {
-        let (stream, _reservation) = PagesInFlight::new(&limits(4 << 20, 8 << 20, 1000)).open_stream().expect("stream");
+        let (stream, _reservation) = PagesInFlight::new(&limits(4 << 20, 8 << 20, 100)).open_stream().expect("stream");
         let a = stream.room_for(2 << 20).await.expect("room for the first reply");
         let b = stream.room_for(2 << 20).await.expect("room for the second");
         assert_eq!(stream.queued_bytes(), 4 << 20);
         // Nothing taken: the third waits the stall timeout, then fails.
-        assert_eq!(stream.room_for(1).await.expect_err("stalled"), Stalled(Duration::from_millis(1000)));
+        assert_eq!(stream.room_for(1).await.expect_err("stalled"), Stalled(Duration::from_millis(100)));
         // A reply taken: room again, a small one charged the least.
         drop(a);
         let small = stream.room_for(1).await.expect("room");
