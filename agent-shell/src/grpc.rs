@@ -3,27 +3,62 @@
 //! version can list and describe the services) over the whole
 //! `pageserver.v1` protocol and health's own descriptors; and serving the
 //! router on a listener until a graceful shutdown.
+//!
+//! This is the one place that puts a server's limits ([`ServerLimits`],
+//! from `--grpc-*`, see [`crate::limits`]) together: [`grpc_router`] sets the
+//! HTTP/2 and per-call ones and the RPC limit layer ([`crate::rpc_limit`]);
+//! [`serve_router`] serves the connections of the accept loop under the
+//! connection cap and idle timeout ([`crate::connections`]).
 #![forbid(unsafe_code)]
 
 use std::future::Future;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use pageserver_proto::FILE_DESCRIPTOR_SET;
 use pageserver_tls::ServerTls;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::body::Body;
 use tonic::service::Routes;
 use tonic::transport::Server;
 use tonic::transport::server::Router;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
+use tower::layer::util::Stack;
 use tower::{Layer, Service};
 
+use crate::connections::{ConnectionLimits, LimitedIncoming, OpenConnections};
 use crate::error::ServeError;
 use crate::tls_incoming::secured;
+use crate::limits::GrpcLimits;
+use crate::rpc_limit::RpcLimitLayer;
 
-/// A router on `server` (with whatever settings and layers it already has)
+/// One gRPC server's limits, and the connections it has open (shared by
+/// the accept loop, the RPC limit layer and the services that look up the
+/// connection of a request).
+#[derive(Debug, Clone)]
+pub struct ServerLimits {
+    limits: GrpcLimits,
+    open: Arc<OpenConnections>,
+}
+
+impl ServerLimits {
+    pub fn new(limits: &GrpcLimits) -> Self {
+        Self { limits: limits.clone(), open: Arc::new(OpenConnections::default()) }
+    }
+
+    pub fn limits(&self) -> &GrpcLimits {
+        &self.limits
+    }
+
+    /// The connections open on the server.
+    pub fn open_connections(&self) -> &Arc<OpenConnections> {
+        &self.open
+    }
+}
+
+/// A router on `server` (with whatever settings and layers it already has,
+/// and the `limits`' HTTP/2 settings, per-call timeout and RPC limit layer)
 /// carrying health and both reflection versions; the agent adds its own
 /// services and drives health through the returned reporter. Health
 /// already answers `initial` for `service` and for the server as a whole
@@ -31,10 +66,20 @@ use crate::tls_incoming::secured;
 /// registered" in the moment between listening and the agent's first
 /// status.
 pub async fn grpc_router<L: Clone>(
-    mut server: Server<L>,
+    server: Server<L>,
+    limits: &ServerLimits,
     service: &str,
     initial: ServingStatus,
-) -> Result<(Router<L>, HealthReporter), ServeError> {
+) -> Result<(Router<Stack<RpcLimitLayer, L>>, HealthReporter), ServeError> {
+    let grpc = &limits.limits;
+    // No HTTP/2 keepalive pings of our own (the idle timeout counts what is
+    // received: see `connections`), no per-connection queue (tonic's
+    // `concurrency_limit_per_connection`: max_concurrent_streams bounds a
+    // connection, and the RPC limit refuses rather than queues).
+    let mut server = server
+        .max_concurrent_streams(grpc.grpc_max_streams_per_connection)
+        .timeout(grpc.grpc_unary_timeout)
+        .layer(RpcLimitLayer::new(grpc.grpc_max_rpcs, limits.open.clone()));
     let (reporter, health) = tonic_health::server::health_reporter();
     set_health(&reporter, service, initial).await;
     let reflection = || {
@@ -59,14 +104,15 @@ pub async fn set_health(reporter: &HealthReporter, service: &str, status: Servin
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Serves `router` on `listener` until `shutdown` completes and the calls
-/// under way have finished: over mutual TLS with `tls`
-/// ([`crate::tls_incoming`]), else in the clear. `health` (the agent's
-/// driver of its health reporter) runs alongside, for as long as the server
-/// does.
+/// Serves `router` on `listener`, under the connection limits of
+/// `limits`, until `shutdown` completes and the calls under way have
+/// finished: over mutual TLS with `tls` ([`crate::tls_incoming`]), else in
+/// the clear. `health` (the agent's driver of its health reporter) runs
+/// alongside, for as long as the server does.
 pub async fn serve_router<L, ResponseBody>(
     router: Router<L>,
     listener: TcpListener,
+    limits: &ServerLimits,
     tls: Option<ServerTls>,
     shutdown: impl Future<Output = ()>,
     health: impl Future<Output = ()> + Send + 'static,
@@ -80,7 +126,11 @@ where
     ResponseBody::Error: Into<BoxError>,
 {
     let health = tokio::spawn(health);
-    let incoming = TcpListenerStream::new(listener);
+    let connection_limits = ConnectionLimits {
+        max_connections: limits.limits.grpc_max_connections,
+        idle_timeout: limits.limits.grpc_idle_timeout,
+    };
+    let incoming = LimitedIncoming::new(listener, connection_limits, limits.open.clone());
     let served = match tls {
         Some(tls) => router.serve_with_incoming_shutdown(secured(incoming, tls), shutdown).await,
         None => router.serve_with_incoming_shutdown(incoming, shutdown).await,

@@ -21,7 +21,16 @@
 //! - `metrics_server`: the `/metrics` server, started and stopped;
 //! - [`grpc`]: a gRPC router already carrying health and reflection (v1 and
 //!   v1alpha), the health reporter the agent drives, and serving the router
-//!   until a graceful shutdown;
+//!   until a graceful shutdown, under the server's limits;
+//! - [`limits`]: those limits as flags (`--grpc-*`, `--metrics-max-connections`),
+//!   [`GrpcLimits`], flattened into both agents' flags;
+//! - [`connections`]: the accept loop: the connection cap, idle connections
+//!   closed, connections cut;
+//! - [`rpc_limit`]: the RPCs under way, one more refused with
+//!   RESOURCE_EXHAUSTED;
+//! - [`limit_metrics`]: every refusal counted;
+//! - `rate_limited`: refusals logged at most every 10 s;
+//! - [`fd_limit`]: the soft descriptor limit raised to the hard one at start;
 //! - [`security`]: the TLS flags (`--tls-cert`, `--tls-key`, `--tls-ca`,
 //!   `--plaintext`, `--control-allow-name`) and what they resolve to;
 //! - `tls_incoming`: the TLS handshakes of a gRPC port's connections;
@@ -37,34 +46,48 @@
 //!   uids checked on every hand-off connection (`--handoff-allow-uid`);
 //! - [`exit`]: the exit status, and the reason on stderr;
 //! - [`duration`]: durations on the command line (`250ms`, `30s`);
-//! - [`error`]: what can go wrong in all of these.
-#![forbid(unsafe_code)]
+//! - [`size`]: sizes on the command line (`16MiB`);
+//! - [`error`]: what can go wrong in all of these;
+//! - `sys`: the one `unsafe` call (glibc's mmap threshold, so that freed
+//!   page buffers go back to the kernel). Every other file forbids `unsafe`.
 
 pub mod control_access;
+pub mod connections;
 pub mod duration;
 pub mod error;
 pub mod exit;
+pub mod fd_limit;
 pub mod grpc;
 pub mod handoff_group;
 pub mod handoff_peers;
 pub mod handoff_socket;
+pub mod limit_metrics;
+pub mod limits;
 mod listening;
 pub mod logging;
 mod metrics_server;
+mod rate_limited;
+pub mod rpc_limit;
 pub mod security;
 pub mod shell;
 pub mod shutdown;
+pub mod size;
+mod sys;
 mod tls_incoming;
 
+pub use connections::{ConnectionState, OpenConnections};
 pub use control_access::ControlAccess;
 pub use duration::parse_duration;
 pub use error::{HandoffGroupError, HandoffSocketError, PeerAllowListError, PeerRefused, ServeError, ShellError};
 pub use exit::exit_code;
-pub use grpc::{grpc_router, serve_router, set_health};
+pub use grpc::{ServerLimits, grpc_router, serve_router, set_health};
 pub use handoff_group::{HandoffGroup, HandoffGroupArg};
 pub use handoff_peers::{PeerAllowList, PeerCredentials};
 pub use handoff_socket::{HANDOFF_READ_TIMEOUT, HandoffSocket};
+pub use limits::GrpcLimits;
 pub use logging::init_logging;
 pub use security::{GrpcSecurity, SecurityArgs, SecurityError};
+pub use rpc_limit::ConnectionHandle;
 pub use shell::{AgentShell, Shutdown};
 pub use shutdown::shutdown_signal;
+pub use size::parse_bytes;

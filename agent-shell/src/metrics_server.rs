@@ -16,10 +16,11 @@ pub struct MetricsServer {
 }
 
 impl MetricsServer {
-    /// Serves `handle` on `listener` from now on, on the current runtime.
-    pub fn start(listener: TcpListener, handle: MetricsHandle) -> Self {
+    /// Serves `handle` on `listener` from now on, at most `max_connections`
+    /// at once, on the current runtime.
+    pub fn start(listener: TcpListener, handle: MetricsHandle, max_connections: usize) -> Self {
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(serve_metrics(listener, handle, async {
+        let task = tokio::spawn(serve_metrics(listener, handle, max_connections, async {
             let _ = stopped.await;
         }));
         Self { stop, task }

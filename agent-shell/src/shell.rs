@@ -10,6 +10,8 @@ use pageserver_metrics::MetricsHandle;
 use tokio::net::TcpListener;
 
 use crate::error::{ServeError, ShellError};
+use crate::fd_limit::raise_fd_limit;
+use crate::limits::GrpcLimits;
 use crate::listening::{ListeningEvent, announce_listening};
 use crate::metrics_server::MetricsServer;
 use crate::shutdown::shutdown_signal;
@@ -24,6 +26,7 @@ pub struct AgentShell {
     metrics: TcpListener,
     grpc_address: SocketAddr,
     metrics_address: SocketAddr,
+    metrics_max_connections: usize,
 }
 
 async fn bind(what: &'static str, address: &str) -> Result<(TcpListener, SocketAddr), ShellError> {
@@ -38,11 +41,32 @@ async fn bind(what: &'static str, address: &str) -> Result<(TcpListener, SocketA
 
 impl AgentShell {
     /// Binds the gRPC and the metrics listener (`HOST:PORT`; port 0 picks a
-    /// free port, reported by the listening event).
-    pub async fn bind(grpc: &str, metrics: &str) -> Result<Self, ShellError> {
+    /// free port, reported by the listening event), after raising the
+    /// descriptor limit ([`raise_fd_limit`]); the metrics server will take
+    /// `limits.metrics_max_connections` at once.
+    pub async fn bind(grpc: &str, metrics: &str, limits: &GrpcLimits) -> Result<Self, ShellError> {
+        let fd_limit = raise_fd_limit();
+        let large_buffers_returned = crate::sys::return_large_buffers_to_the_kernel();
+        tracing::info!(
+            fd_limit,
+            large_buffers_returned,
+            max_connections = limits.grpc_max_connections,
+            max_rpcs = limits.grpc_max_rpcs,
+            max_streams_per_connection = limits.grpc_max_streams_per_connection,
+            idle_timeout = ?limits.grpc_idle_timeout,
+            unary_timeout = ?limits.grpc_unary_timeout,
+            metrics_max_connections = limits.metrics_max_connections,
+            "limits"
+        );
         let (grpc, grpc_address) = bind("gRPC", grpc).await?;
         let (metrics, metrics_address) = bind("metrics", metrics).await?;
-        Ok(Self { grpc, metrics, grpc_address, metrics_address })
+        Ok(Self {
+            grpc,
+            metrics,
+            grpc_address,
+            metrics_address,
+            metrics_max_connections: limits.metrics_max_connections,
+        })
     }
 
     pub fn grpc_address(&self) -> SocketAddr {
@@ -79,7 +103,7 @@ impl AgentShell {
         let event = ListeningEvent::new(self.grpc_address, self.metrics_address);
         announce_listening(&mut std::io::stdout().lock(), &event).map_err(ShellError::Announce)?;
         tracing::info!(grpc = %self.grpc_address, metrics = %self.metrics_address, "gRPC and metrics listening");
-        let metrics_server = MetricsServer::start(self.metrics, metrics);
+        let metrics_server = MetricsServer::start(self.metrics, metrics, self.metrics_max_connections);
         let served = serve(self.grpc, Box::pin(shutdown)).await;
         metrics_server.stop().await;
         served.map_err(ShellError::Serve)?;

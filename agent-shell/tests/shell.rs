@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use pageserver_agent_shell::{AgentShell, grpc_router, serve_router};
+use pageserver_agent_shell::{AgentShell, GrpcLimits, ServerLimits, grpc_router, serve_router};
 use tonic::transport::{Channel, Server};
 use tonic_health::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -54,7 +54,7 @@ async fn answers_v1alpha(channel: &Channel) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serves_until_shutdown_and_stops_metrics_after_grpc() {
-    let shell = AgentShell::bind("127.0.0.1:0", "127.0.0.1:0").await.expect("bind");
+    let shell = AgentShell::bind("127.0.0.1:0", "127.0.0.1:0", &GrpcLimits::default()).await.expect("bind");
     let (grpc, metrics) = (shell.grpc_address(), shell.metrics_address());
     assert!(grpc.port() != 0 && metrics.port() != 0 && grpc != metrics);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -65,8 +65,9 @@ async fn serves_until_shutdown_and_stops_metrics_after_grpc() {
     let running = tokio::spawn(shell.run_until(metrics_handle(), shutdown, move |listener, shutdown| async move {
         // Registered before serving: the first check below can never race
         // the agent's own health driver (which here never runs).
-        let (router, _reporter) = grpc_router(Server::builder(), SERVICE, ServingStatus::NotServing).await?;
-        let served = serve_router(router, listener, None, shutdown, std::future::pending()).await;
+        let limits = ServerLimits::new(&GrpcLimits::default());
+        let (router, _reporter) = grpc_router(Server::builder(), &limits, SERVICE, ServingStatus::NotServing).await?;
+        let served = serve_router(router, listener, &limits, None, shutdown, std::future::pending()).await;
         // The gRPC server has finished: metrics must still answer.
         let scraped = pageserver_metrics::scrape(&metrics.to_string()).await.expect("metrics after gRPC");
         let _ = grpc_done.send(scraped);

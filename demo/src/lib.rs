@@ -9,6 +9,8 @@
 //!   post-copy, and a byte-for-byte verification of the target's memory
 //!   ([`run_migration`]);
 //! - [`chaos`]: faults injected into a migration (`--chaos KIND@PHASE`);
+//! - [`flood`]: hostile clients of a source agent (the limits' tests and
+//!   `pageserver-flood`);
 //! - [`netns`]: two hosts on one machine (`--two-hosts`): network
 //!   namespaces, the veth link, its rate limit and its faults;
 //! - [`qemu`]: the same with an unmodified QEMU and the VMM shim;
@@ -27,6 +29,7 @@
 
 pub use guest_memory::hugepages;
 pub mod chaos;
+pub mod flood;
 pub mod leftovers;
 pub mod migration;
 pub mod netns;
@@ -40,5 +43,7 @@ pub mod stop_signal;
 pub mod test_hooks;
 pub mod tls;
 
-pub use migration::{MigrationError, MigrationOptions, PullOrder, run_migration, run_migration_until};
+pub use migration::{
+    MigrationError, MigrationObserver, MigrationOptions, PullOrder, StartedAgent, run_migration, run_migration_until,
+};
 pub use report::Report;

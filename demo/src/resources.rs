@@ -19,6 +19,10 @@ pub struct ProcessResources {
     /// `VmPTE:` of /proc/PID/status (its page tables), KiB.
     #[serde(default)]
     pub page_tables_kib: u64,
+    /// `VmRSS:` of /proc/PID/status (all resident memory, the guest memory
+    /// it maps included), KiB.
+    #[serde(default)]
+    pub vm_rss_kib: u64,
 }
 
 impl ProcessResources {
@@ -42,7 +46,13 @@ impl ProcessResources {
                 .and_then(|value| value.parse().ok())
                 .unwrap_or(0)
         };
-        Ok(Self { fds, threads: field("Threads:"), rss_anon_kib: field("RssAnon:"), page_tables_kib: field("VmPTE:") })
+        Ok(Self {
+            fds,
+            threads: field("Threads:"),
+            rss_anon_kib: field("RssAnon:"),
+            page_tables_kib: field("VmPTE:"),
+            vm_rss_kib: field("VmRSS:"),
+        })
     }
 }
 

@@ -10,7 +10,10 @@
 //! One request per connection (`Connection: close`, which Prometheus
 //! handles): every connection's life is bounded (its head within 10 s, the
 //! whole exchange within 30 s), so idle keep-alive connections never pile
-//! up, and shutdown only has in-flight answers to wait for.
+//! up, and shutdown only has in-flight answers to wait for. At most
+//! `max_connections` are open at once: one more is accepted and closed at
+//! once (so the backlog holds no descriptors), counted in
+//! [`CONNECTIONS_REFUSED`] and logged at most every 10 s.
 //!
 //! Rendering runs on tokio's blocking pool (the target's collector counts
 //! page states, O(pages)). Every 5 s the recorder's pending histogram
@@ -40,6 +43,8 @@ use crate::MetricsHandle;
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 /// The only path served.
 pub const METRICS_PATH: &str = "/metrics";
+/// Connections accepted and closed at once, over the cap.
+pub const CONNECTIONS_REFUSED: &str = "pageserver_metrics_connections_refused_total";
 
 /// hyper's read buffer, hence the largest request head (a larger one gets
 /// 431). Prometheus sends a few hundred bytes; hyper allows no less than 8 KiB.
@@ -57,18 +62,33 @@ const UPKEEP_PERIOD: Duration = Duration::from_secs(5);
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 /// After a failed accept (out of descriptors, most likely), before the next.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// A refusal (or a failed accept) is logged at most this often.
+const WARN_EVERY: Duration = Duration::from_secs(10);
 
-/// Serves `handle` on `listener` until `shutdown` completes, then stops
-/// accepting, lets answers in flight finish and returns within 2 s
-/// (`SHUTDOWN_GRACE`), even if a client holds a connection open
-/// without sending anything. Errors on one connection end that connection
-/// only.
-pub async fn serve_metrics(listener: TcpListener, handle: MetricsHandle, shutdown: impl Future<Output = ()>) {
+/// Serves `handle` on `listener`, at most `max_connections` at once, until
+/// `shutdown` completes, then stops accepting, lets answers in flight finish
+/// and returns within 2 s (`SHUTDOWN_GRACE`), even if a client holds a
+/// connection open without sending anything. Errors on one connection end
+/// that connection only.
+pub async fn serve_metrics(
+    listener: TcpListener,
+    handle: MetricsHandle,
+    max_connections: usize,
+    shutdown: impl Future<Output = ()>,
+) {
     let app = router(handle.clone());
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new()).header_read_timeout(HEAD_TIMEOUT).max_buf_size(REQUEST_HEAD_LIMIT).keep_alive(false);
     let (closing, closing_seen) = watch::channel(false);
     let mut connections = JoinSet::new();
+    let mut last_warning: Option<std::time::Instant> = None;
+    let mut warning_due = move || {
+        let due = last_warning.is_none_or(|at| at.elapsed() >= WARN_EVERY);
+        if due {
+            last_warning = Some(std::time::Instant::now());
+        }
+        due
+    };
     tokio::pin!(shutdown);
     let mut upkeep = tokio::time::interval(UPKEEP_PERIOD);
     upkeep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -82,11 +102,20 @@ pub async fn serve_metrics(listener: TcpListener, handle: MetricsHandle, shutdow
                 }
             }
             accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) if connections.len() >= max_connections => {
+                    drop(stream);
+                    metrics::counter!(CONNECTIONS_REFUSED).increment(1);
+                    if warning_due() {
+                        tracing::warn!(%peer, max_connections, "refusing a metrics connection: the cap is reached");
+                    }
+                }
                 Ok((stream, peer)) => {
                     connections.spawn(connection(stream, peer, http.clone(), app.clone(), closing_seen.clone()));
                 }
                 Err(error) => {
-                    tracing::warn!(%error, "metrics listener: accept failed");
+                    if warning_due() {
+                        tracing::warn!(%error, "metrics listener: accept failed");
+                    }
                     tokio::time::sleep(ACCEPT_BACKOFF).await;
                 }
             },

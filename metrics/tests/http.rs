@@ -9,6 +9,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+/// The servers' cap on connections open at once in these tests.
+const MAX_CONNECTIONS: usize = 16;
+
 #[derive(Debug)]
 struct Scrapes(metrics::Counter);
 
@@ -34,7 +37,7 @@ async fn start() -> Server {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr").to_string();
     let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(serve_metrics(listener, handle, async {
+    let task = tokio::spawn(serve_metrics(listener, handle, MAX_CONNECTIONS, async {
         let _ = stopped.await;
     }));
     Server { addr, stop, task }

@@ -23,9 +23,12 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{ArgGroup, Parser};
-use pageserver_agent_shell::{AgentShell, PeerAllowList, SecurityArgs, exit_code, parse_duration, shutdown_signal};
+use pageserver_agent_shell::{
+    AgentShell, GrpcLimits, PeerAllowList, SecurityArgs, exit_code, parse_duration, shutdown_signal,
+};
 use source_agent::memory::SUPPORTED_PAGE_SIZES;
-use source_agent::{HandoffListener, SourceAgent, SourceMemory, listen_for_handoff, serve_with_grace};
+use source_agent::pages_in_flight::PagesInFlightLimits;
+use source_agent::{HandoffListener, SourceAgent, SourceLimits, SourceMemory, listen_for_handoff, serve_with_grace};
 
 #[derive(Debug, Parser)]
 #[command(version, about = "Serves one VM's memory and dirty bitmaps to a post-copy migration target")]
@@ -61,6 +64,10 @@ struct Cli {
     shutdown_grace: Duration,
     #[command(flatten)]
     security: SecurityArgs,
+    #[command(flatten)]
+    grpc_limits: GrpcLimits,
+    #[command(flatten)]
+    pages_in_flight: PagesInFlightLimits,
 }
 
 /// `--page-size`: one of the sizes guest memory comes in.
@@ -117,11 +124,18 @@ async fn serve_until_stopped(cli: Cli) -> anyhow::Result<()> {
         .context("watching the TLS certificates")?;
     let (agent, _handoff_listener) = agent(&cli)?;
     let metrics = source_agent::metrics::install(agent.clone()).context("setting up metrics")?;
-    let shell = AgentShell::bind(&cli.listen, &cli.metrics_listen).await?;
+    let shell = AgentShell::bind(&cli.listen, &cli.metrics_listen, &cli.grpc_limits).await?;
     let grace = cli.shutdown_grace;
+    let limits = SourceLimits { grpc: cli.grpc_limits, pages_in_flight: cli.pages_in_flight };
+    tracing::info!(
+        stream_bytes = limits.pages_in_flight.get_pages_stream_bytes,
+        total_bytes = limits.pages_in_flight.get_pages_total_bytes,
+        stall_timeout = ?limits.pages_in_flight.get_pages_stall_timeout,
+        "GetPages limits"
+    );
     shell
-        .run_until(metrics, shutdown_signal(), |listener, shutdown| {
-            serve_with_grace(listener, agent, security, shutdown, grace)
+        .run_until(metrics, shutdown_signal(), |listener, shutdown| async move {
+            serve_with_grace(listener, agent, &limits, security, shutdown, grace).await
         })
         .await?;
     Ok(())

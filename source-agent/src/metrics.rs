@@ -13,6 +13,7 @@
 //! | `pageserver_source_paused` | gauge | (1 while the VM is paused, or gone, or a memory file) |
 //! | `pageserver_source_epoch` | gauge | (the newest complete dirty epoch) |
 //! | `pageserver_build_info` | gauge | `version`, `agent="source"` |
+//! | `pageserver_grpc_*`, `pageserver_metrics_connections_refused_total` | | the limits' refusals and connections: see [`pageserver_agent_shell::limit_metrics`] |
 //!
 //! Latencies are recorded once, lock- and allocation-free, into
 //! [`LatencyHistogram`]s: per RPC in the agent's [`RpcStats`] (by the
@@ -178,6 +179,7 @@ impl SourceCollector {
         describe_gauge!(PAUSED, "1 while the VM is paused (or its VMM is gone, or a memory file is served), else 0.");
         describe_gauge!(EPOCH, "The newest complete dirty epoch (0 before the memory is attached).");
         pageserver_metrics::register_build_info("source", env!("CARGO_PKG_VERSION"));
+        pageserver_agent_shell::limit_metrics::register();
         let _ = histogram!(DIRTY_SCAN_PAGES);
         Self {
             agent,

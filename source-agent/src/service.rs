@@ -57,33 +57,33 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use guest_memory::memfile::is_zero;
+use pageserver_agent_shell::ConnectionHandle;
 use pageserver_proto::bitmap::encode_chunks;
 use pageserver_proto::heat;
 use pageserver_proto::v1 as pb;
 use pageserver_proto::v1::page_server_server::PageServer;
 use pageserver_proto::{INCARNATION_HEADER, MAX_REQUEST_BYTES, MEMORY_ID_HEADER};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::agent::SourceAgent;
 use crate::dirty::DirtyError;
 use crate::memory::{PageRangeError, ReadError, SourceMemory};
 use crate::metrics::Rpc;
+use crate::pages_in_flight::{PagesInFlight, Reservation, Stalled, StreamBudget};
 use crate::wire::{page_range_code, read_error_code, regions_to_proto};
-
-/// Replies a `GetPages` stream may queue before it stops reading requests.
-const PAGES_REPLY_QUEUE: usize = 64;
 
 /// The PageServer implementation over one agent.
 #[derive(Debug, Clone)]
 pub struct PageService {
     agent: Arc<SourceAgent>,
+    pages_in_flight: PagesInFlight,
 }
 
 impl PageService {
-    pub fn new(agent: Arc<SourceAgent>) -> Self {
-        Self { agent }
+    pub fn new(agent: Arc<SourceAgent>, pages_in_flight: PagesInFlight) -> Self {
+        Self { agent, pages_in_flight }
     }
 
     fn memory(&self) -> Result<Arc<SourceMemory>, Status> {
@@ -225,16 +225,62 @@ fn pages_reply(memory: &SourceMemory, agent: &SourceAgent, request: &pb::PagesRe
     }
 }
 
+/// A reply queued for the client, with the room it takes in its stream's
+/// budget (none for the stream's last status).
+type Queued = (Result<pb::PagesReply, Status>, Option<OwnedSemaphorePermit>);
+type ReplySender = mpsc::UnboundedSender<Queued>;
+
 /// Ends a `GetPages` stream that the shutdown cuts (see [`crate::drain`]):
-/// UNAVAILABLE after the replies already queued (if the client has left room
-/// for it; otherwise the stream just ends).
-fn cut_stream(replies: &mpsc::Sender<Result<pb::PagesReply, Status>>, answered: u64) {
+/// UNAVAILABLE after the replies already queued.
+fn cut_stream(replies: &ReplySender, answered: u64) {
     tracing::warn!(answered, "cutting a GetPages stream: the source agent is shutting down and its grace is over");
     let status = Status::unavailable(format!(
         "the source agent is shutting down: this GetPages stream was cut at the end of its shutdown grace, after \
          {answered} requests answered; requests not answered were not read: send them again to its successor"
     ));
-    let _ = replies.try_send(Err(status));
+    let _ = replies.send((Err(status), None));
+}
+
+/// Stops serving a `GetPages` client that does not take its replies, and
+/// cuts its connection (which frees what HTTP/2 buffers for it).
+fn stalled_stream(
+    replies: &ReplySender,
+    connection: Option<&ConnectionHandle>,
+    budget: &StreamBudget,
+    answered: u64,
+    stalled: Stalled,
+) {
+    let why = format!(
+        "a GetPages client has taken no reply for {:?} with {} bytes of replies queued (--get-pages-stream-bytes), \
+         after {answered} requests answered",
+        stalled.0,
+        budget.queued_bytes()
+    );
+    let _ = replies.send((Err(Status::resource_exhausted(format!("{why}: stream and connection cut"))), None));
+    match connection {
+        Some(ConnectionHandle(connection)) => connection.cut(&why),
+        None => tracing::warn!("{why}: no longer served"),
+    }
+}
+
+/// The replies of one `GetPages` stream, as tonic sends them: each frees
+/// its room in the stream's budget once taken, and the stream's
+/// reservation of the total goes when the stream does.
+#[derive(Debug)]
+pub struct BudgetedReplies {
+    queued: mpsc::UnboundedReceiver<Queued>,
+    _reservation: Reservation,
+}
+
+impl Stream for BudgetedReplies {
+    type Item = Result<pb::PagesReply, Status>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        self.queued.poll_recv(cx).map(|queued| queued.map(|(reply, _room)| reply))
+    }
 }
 
 fn dirty_status(error: DirtyError) -> Status {
@@ -325,7 +371,7 @@ impl PageServer for PageService {
         self.page(request.into_inner()).map(|page| self.stamped(&memory, page)).map_err(|s| self.stamped_status(s))
     }
 
-    type GetPagesStream = ReceiverStream<Result<pb::PagesReply, Status>>;
+    type GetPagesStream = BudgetedReplies;
 
     async fn get_pages(
         &self,
@@ -334,10 +380,13 @@ impl PageServer for PageService {
         // Requests inside the stream are timed one by one, not the stream (a
         // stream refused as a whole is counted by the metrics layer).
         let memory = self.memory()?;
+        let (budget, reservation) = self.pages_in_flight.open_stream()?;
+        let connection = request.extensions().get::<ConnectionHandle>().cloned();
         let agent = self.agent.clone();
         let mut requests = request.into_inner();
-        let (replies, reply_stream) = mpsc::channel(PAGES_REPLY_QUEUE);
+        let (replies, queued) = mpsc::unbounded_channel();
         let cut = agent.drain.cut_signal();
+        let page_size = memory.page_size();
         tokio::spawn(async move {
             let _open = agent.drain.stream_opened();
             let mut cut = std::pin::pin!(cut);
@@ -358,23 +407,29 @@ impl PageServer for PageService {
                     Err(status) => {
                         agent.rpcs.reject(Rpc::GetPages);
                         tracing::warn!(%status, "GetPages request stream failed; ending the stream with its status");
-                        let _ = replies.send(Err(status)).await;
+                        let _ = replies.send((Err(status), None));
                         break;
                     }
                 };
-                let reply = answer_pages_request(&memory, &agent, &request);
-                tokio::select! {
+                // Room for the reply first: nothing is read for a client
+                // that does not take its replies.
+                let room = tokio::select! {
                     () = &mut cut => break cut_stream(&replies, answered),
-                    sent = replies.send(Ok(reply)) => {
-                        if sent.is_err() {
-                            break; // The client went away.
-                        }
-                    }
+                    room = budget.room_for(u64::from(request.count).saturating_mul(page_size)) => room,
+                };
+                let room = match room {
+                    Ok(room) => room,
+                    Err(stalled) => break stalled_stream(&replies, connection.as_ref(), &budget, answered, stalled),
+                };
+                let reply = answer_pages_request(&memory, &agent, &request);
+                if replies.send((Ok(reply), Some(room))).is_err() {
+                    break; // The client went away.
                 }
                 answered += 1;
             }
         });
-        Ok(self.stamped(&*self.memory()?, ReceiverStream::new(reply_stream)))
+        let replies = BudgetedReplies { queued, _reservation: reservation };
+        Ok(self.stamped(&*self.memory()?, replies))
     }
 
     type GetDirtyBitmapStream = tokio_stream::Iter<std::vec::IntoIter<Result<pb::DirtyBitmapChunk, Status>>>;

@@ -12,13 +12,15 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use common::{PAGE_SIZE, RunningServer, bitmap_chunks, page_pattern};
+use pageserver_agent_shell::GrpcLimits;
 use pageserver_agent_shell::PeerAllowList;
 use pageserver_proto::MAX_MESSAGE_BYTES;
 use pageserver_proto::v1::page_server_client::PageServerClient;
 use pageserver_proto::v1::{GetLayoutRequest, GetPageRequest, Page, PagesReply, PagesRequest};
 use source_agent::memory::PageRangeError;
 use source_agent::metrics::Rpc;
-use source_agent::{SourceAgent, SourceMemory, listen_for_handoff};
+use source_agent::pages_in_flight::PagesInFlightLimits;
+use source_agent::{SourceAgent, SourceLimits, SourceMemory, listen_for_handoff};
 use tokio::sync::{Barrier, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
@@ -38,13 +40,28 @@ fn write_memory_file(path: &std::path::Path) {
     std::fs::write(path, content).expect("write memory file");
 }
 
+/// Limits that admit [`STREAMS`] streams at once (the defaults refuse
+/// most of them with RESOURCE_EXHAUSTED: see the demo's tests/flood.rs),
+/// each holding one request's worth of replies.
+fn limits_for_many_streams() -> SourceLimits {
+    let stream_bytes = pageserver_proto::MAX_REQUEST_BYTES;
+    SourceLimits {
+        grpc: GrpcLimits { grpc_max_rpcs: 2 * STREAMS, ..GrpcLimits::default() },
+        pages_in_flight: PagesInFlightLimits {
+            get_pages_stream_bytes: stream_bytes,
+            get_pages_total_bytes: STREAMS as u64 * stream_bytes,
+            ..PagesInFlightLimits::default()
+        },
+    }
+}
+
 async fn serve_file() -> Served {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("guest.mem");
     write_memory_file(&path);
     let memory = SourceMemory::open_file(&path, PAGE_SIZE).expect("open memory file");
     let agent = Arc::new(SourceAgent::with_memory("test-vm", memory));
-    let server = RunningServer::start(agent.clone()).await;
+    let server = RunningServer::start_with_limits(agent.clone(), limits_for_many_streams()).await;
     Served { agent, server, _keep: Box::new(dir) }
 }
 
@@ -54,7 +71,7 @@ async fn serve_handoff() -> Served {
     let agent = Arc::new(SourceAgent::waiting_for_handoff("test-vm", &socket));
     let listener =
         listen_for_handoff(&socket, PeerAllowList::own_uid(), None, agent.clone()).expect("listen for the hand-off");
-    let server = RunningServer::start(agent.clone()).await;
+    let server = RunningServer::start_with_limits(agent.clone(), limits_for_many_streams()).await;
     let vmm = common::handed_off(&socket, PAGES).await;
     Served { agent, server, _keep: Box::new((dir, listener, vmm)) }
 }

@@ -22,7 +22,9 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use pageserver_agent_shell::exit::describe;
-use pageserver_agent_shell::{AgentShell, PeerAllowList, SecurityArgs, exit_code, parse_duration, shutdown_signal};
+use pageserver_agent_shell::{
+    AgentShell, GrpcLimits, PeerAllowList, SecurityArgs, exit_code, parse_duration, shutdown_signal,
+};
 use target_agent::agent::{TargetAgent, TargetConfig};
 use target_agent::pull_order::PullOrder;
 use target_agent::service::serve;
@@ -90,6 +92,8 @@ struct Args {
     #[command(flatten)]
     security: SecurityArgs,
     #[command(flatten)]
+    grpc_limits: GrpcLimits,
+    #[command(flatten)]
     hooks: target_agent::test_hooks::TestHooks,
 }
 
@@ -146,7 +150,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         });
         agent.handoff.bind().context("binding the hand-off socket (--handoff-socket)")?;
         let metrics = target_agent::metrics::install(agent.clone()).context("setting up metrics")?;
-        let shell = AgentShell::bind(&args.listen, &args.metrics_listen).await?;
+        let shell = AgentShell::bind(&args.listen, &args.metrics_listen, &args.grpc_limits).await?;
         tokio::spawn(agent.clone().run());
         let (stopped_tx, stopped_rx) = oneshot::channel();
         // Watched from now on, before the listening line.
@@ -158,8 +162,11 @@ fn run(args: Args) -> anyhow::Result<()> {
                 let _ = stopped_tx.send(shutdown::stop(&agent, args.shutdown_grace, shutdown_signal()).await);
             }
         };
+        let (limits, serving) = (args.grpc_limits, agent.clone());
         let served = shell
-            .run_until(metrics, stopping, |listener, shutdown| serve(listener, agent.clone(), security, shutdown))
+            .run_until(metrics, stopping, |listener, shutdown| async move {
+                serve(listener, serving, &limits, security, shutdown).await
+            })
             .await;
         // Without a signal the server stopped by itself: an error.
         let stopped = stopped_rx.await.unwrap_or_else(|_| Stopped::as_it_is(&agent));

@@ -24,6 +24,7 @@
 //! | `pageserver_target_stalled_seconds` | gauge | (seconds without progress in pre-copy or post-copy) |
 //! | `pageserver_target_faults_blocked` | gauge | `reason` (`outside_regions`, `install_failed`, `source_refused`, `source_unreachable`, `fault_loop_stopped`, `migration_failed`): faults that will never be resolved; each fails the migration |
 //! | `pageserver_build_info` | gauge | `version`, `agent="target"` |
+//! | `pageserver_grpc_*`, `pageserver_metrics_connections_refused_total` | | the limits' refusals and connections: see [`pageserver_agent_shell::limit_metrics`] |
 //!
 //! `state_known="false"`: the fault hit a page whose state was still
 //! `unknown` (before the final bitmap) and was fetched from the paused
@@ -172,6 +173,7 @@ impl TargetCollector {
              page), by reason; any of them fails the migration."
         );
         pageserver_metrics::register_build_info("target", env!("CARGO_PKG_VERSION"));
+        pageserver_agent_shell::limit_metrics::register();
         Self {
             faults: FAULT_SERIES.map(
                 |(kind, known)| counter!(FAULTS, "resolution" => kind.name(), "state_known" => known_label(known)),

@@ -3,7 +3,7 @@
 //!
 //! | the error | retried | until |
 //! |---|---|---|
-//! | the source cannot be reached, the stream broke, another source answers | after [`RECONNECT`] backoff, on a new connection | the source has been unreachable for the link's `unreachable_timeout` |
+//! | the source cannot be reached, the stream broke, another source answers, the source refused the call as a whole with RESOURCE_EXHAUSTED (at its limits) | after [`RECONNECT`] backoff, on a new connection | the source has been unreachable for the link's `unreachable_timeout` |
 //! | the source says its VM is not paused | every [`NOT_PAUSED_RETRY`] | the link's `pause_timeout` |
 //! | a refusal or a malformed reply | [`TRANSFER_RETRY`] | its attempts run out |
 //! | the source VM ran again after switchover, the layout changed | never | |

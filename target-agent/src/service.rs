@@ -11,7 +11,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use pageserver_agent_shell::{ControlAccess, GrpcSecurity};
+use pageserver_agent_shell::{ControlAccess, GrpcLimits, GrpcSecurity};
 use pageserver_proto::v1::migration_target_server::{MigrationTarget, MigrationTargetServer};
 use pageserver_proto::v1::{
     FaultsBlocked, GetStatusRequest, LatencySummary, MigrationPhase, MigrationStatus, PageCounts, SwitchoverReply,
@@ -118,15 +118,16 @@ impl MigrationTarget for TargetService {
     }
 }
 
-/// Serves the target agent's gRPC API on `listener` until `shutdown`, then
-/// finishes the calls under way.
+/// Serves the target agent's gRPC API on `listener`, under `limits`, until
+/// `shutdown`, then finishes the calls under way.
 pub async fn serve(
     listener: TcpListener,
     agent: Arc<TargetAgent>,
+    limits: &GrpcLimits,
     security: GrpcSecurity,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), pageserver_agent_shell::ServeError> {
-    use pageserver_agent_shell::{grpc_router, serve_router, set_health};
+    use pageserver_agent_shell::{ServerLimits, grpc_router, serve_router, set_health};
 
     let health_of = |phase: &Phase| match phase {
         Phase::Failed => ServingStatus::NotServing,
@@ -134,7 +135,9 @@ pub async fn serve(
     };
     let mut phase = agent.phase.subscribe();
     let initial = health_of(&phase.borrow_and_update());
-    let (router, health) = grpc_router(tonic::transport::Server::builder(), MIGRATION_TARGET_SERVICE, initial).await?;
+    let limits = ServerLimits::new(limits);
+    let (router, health) =
+        grpc_router(tonic::transport::Server::builder(), &limits, MIGRATION_TARGET_SERVICE, initial).await?;
     let following_the_phase = async move {
         while phase.changed().await.is_ok() {
             let serving = health_of(&phase.borrow_and_update());
@@ -142,7 +145,7 @@ pub async fn serve(
         }
     };
     let router = router.add_service(MigrationTargetServer::new(TargetService { agent, access: security.control }));
-    serve_router(router, listener, security.tls, shutdown, following_the_phase).await
+    serve_router(router, listener, &limits, security.tls, shutdown, following_the_phase).await
 }
 
 #[cfg(test)]

@@ -107,7 +107,12 @@ pub enum SourceError {
 impl SourceError {
     /// Whether the source answered: the call failed on its merits (a
     /// refusal, a precondition, a bad reply), not because the source could
-    /// not be reached or the connection broke.
+    /// not be reached or the connection broke. A call the source refused as
+    /// a whole with RESOURCE_EXHAUSTED (at its limit of RPCs, connections or
+    /// pages in flight, busy with other clients) is not an answer either:
+    /// it says nothing of the pages, so it is waited out like an outage
+    /// (reconnect backoff, up to the unreachable timeout), never counted as
+    /// a refusal that fails the migration after a few tries.
     pub fn source_answered(&self) -> bool {
         use tonic::Code;
         match self {
@@ -118,7 +123,12 @@ impl SourceError {
             | SourceError::WrongSource(_) => false,
             SourceError::Rpc { status, .. } => !matches!(
                 status.code(),
-                Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded | Code::Internal
+                Code::Unavailable
+                    | Code::Unknown
+                    | Code::Cancelled
+                    | Code::DeadlineExceeded
+                    | Code::Internal
+                    | Code::ResourceExhausted
             ),
             SourceError::Refused { .. }
             | SourceError::BadReply { .. }
@@ -493,4 +503,22 @@ pub async fn run_window<T, E>(
         unanswered.extend(in_flight.into_values());
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_source_at_its_limits_is_waited_out_like_an_outage() {
+        let shed = SourceError::Rpc {
+            rpc: "GetPages",
+            status: tonic::Status::resource_exhausted("this agent has 64 RPCs under way"),
+        };
+        assert!(!shed.source_answered(), "RESOURCE_EXHAUSTED is retried until the unreachable timeout");
+        assert!(!shed.is_fatal());
+        assert!(!shed.is_not_paused());
+        let refused = SourceError::Rpc { rpc: "GetPages", status: tonic::Status::out_of_range("past the region") };
+        assert!(refused.source_answered(), "a refusal on its merits is still an answer");
+    }
 }

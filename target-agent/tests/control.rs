@@ -40,12 +40,16 @@ async fn start(name: &str) -> Running {
     tokio::spawn(agent.clone().run());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
-    tokio::spawn(target_agent::service::serve(
-        listener,
-        agent,
-        pageserver_agent_shell::GrpcSecurity::loopback_plaintext(),
-        std::future::pending(),
-    ));
+    tokio::spawn(async move {
+        let limits = pageserver_agent_shell::GrpcLimits::default();
+        target_agent::service::serve(
+            listener,
+            agent,
+            &limits,
+            pageserver_agent_shell::GrpcSecurity::loopback_plaintext(),
+            std::future::pending(),
+        ).await
+    });
     let client = MigrationTargetClient::connect(format!("http://{addr}")).await.expect("connect");
     for _ in 0..200 {
         if socket.exists() {

@@ -45,7 +45,11 @@ async fn start_target(files: &TlsFiles, source_url: &str, socket: &Path) -> (Arc
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let address = listener.local_addr().expect("addr").to_string();
-    tokio::spawn(target_agent::service::serve(listener, agent.clone(), security, std::future::pending()));
+    let serving = agent.clone();
+    tokio::spawn(async move {
+        let limits = pageserver_agent_shell::GrpcLimits::default();
+        target_agent::service::serve(listener, serving, &limits, security, std::future::pending()).await
+    });
     (agent, address)
 }
 

@@ -25,6 +25,7 @@
 mod chaos_run;
 mod hosts;
 mod link_chaos;
+mod observer;
 mod options;
 mod waits;
 
@@ -37,6 +38,7 @@ use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
+pub use observer::{MigrationObserver, StartedAgent};
 pub use options::{MigrationError, MigrationOptions, PullOrder};
 
 use vmm_standin::StandinEvent;
@@ -273,6 +275,9 @@ impl Migration<'_> {
         paused: Instant,
     ) -> Result<(), MigrationError> {
         self.run_target_guest(watch, client).await?;
+        if let Some(observer) = &self.opts.observer {
+            observer.before_verify.notified().await;
+        }
         self.verify(watch).await?;
         self.complete(watch, client.clone(), paused).await?;
         self.report.target_health = self.target_health().await;
@@ -417,6 +422,7 @@ impl Migration<'_> {
         let socket = self.path("source.sock");
         self.source_agent_args = vec![format!("--handoff-socket={socket}"), format!("--vm={}", self.opts.vm_name)];
         self.source_agent_args.extend(self.tls_args(DemoTls::source_args));
+        self.source_agent_args.extend(self.opts.source_agent_flags.iter().cloned());
         let mut args = self.source_agent_args.clone();
         args.extend([
             format!("--listen={}", self.source_host.on_link()),
@@ -425,6 +431,10 @@ impl Migration<'_> {
         let agent = self.source_host.spawn("source-agent", &self.binaries.source_agent, &args, self.log_dir)?;
         let agent = self.children.source_agent.insert(agent);
         let addrs = agent.wait_listening(deadline(self.opts.phase_timeout)).await?;
+        if let (Some(observer), Some(pid)) = (&self.opts.observer, agent.id()) {
+            let started = StartedAgent { pid, grpc: addrs.grpc.clone(), metrics: addrs.metrics.clone() };
+            let _ = observer.source_agent.send(started);
+        }
         self.source_addrs = Some(addrs.clone());
         self.progress.say(format!(
             "source agent serving on {} (metrics: http://{}/metrics){}",

@@ -6,6 +6,7 @@ use std::time::Duration;
 use guest_memory::hugepages::HugePageError;
 use pageserver_metrics::ScrapeError;
 
+use super::observer::MigrationObserver;
 use crate::chaos::{ChaosEvent, ChaosKind, ChaosPhase};
 use crate::netns::NetError;
 use crate::process::ProcessError;
@@ -112,6 +113,10 @@ pub struct MigrationOptions {
     pub idle_until_complete: bool,
     /// The target agent's `--pull-order` (its default if unset).
     pub pull_order: Option<PullOrder>,
+    /// More flags for the source agent (its limits, say), on every start.
+    pub source_agent_flags: Vec<String>,
+    /// A test's view into the migration (see [`MigrationObserver`]).
+    pub observer: Option<MigrationObserver>,
     /// Two hosts on one machine: the source side and the target side each
     /// in a network namespace, joined by a veth link ([`crate::netns`]).
     pub two_hosts: bool,
@@ -163,6 +168,8 @@ impl Default for MigrationOptions {
             idle_until_complete: false,
             touch_after_final_bitmap: false,
             pull_order: None,
+            source_agent_flags: Vec::new(),
+            observer: None,
             two_hosts: false,
             link_rate_gbit: None,
             plaintext: false,

@@ -33,12 +33,20 @@ pub struct RunningServer {
 
 impl RunningServer {
     pub async fn start(agent: Arc<SourceAgent>) -> Self {
+        Self::start_with_limits(agent, source_agent::SourceLimits::default()).await
+    }
+
+    /// Like [`RunningServer::start`], under `limits`.
+    pub async fn start_with_limits(agent: Arc<SourceAgent>, limits: source_agent::SourceLimits) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind 127.0.0.1:0");
         let addr = listener.local_addr().expect("local addr");
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(serve(listener, agent, async {
-            let _ = stopped.await;
-        }));
+        let task = tokio::spawn(async move {
+            serve(listener, agent, &limits, async {
+                let _ = stopped.await;
+            })
+            .await
+        });
         Self { addr, stop: Some(stop), task }
     }
 
