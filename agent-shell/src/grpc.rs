@@ -29,9 +29,9 @@ use tower::{Layer, Service};
 
 use crate::connections::{ConnectionLimits, LimitedIncoming, OpenConnections};
 use crate::error::ServeError;
-use crate::tls_incoming::secured;
 use crate::limits::GrpcLimits;
 use crate::rpc_limit::RpcLimitLayer;
+use crate::tls_incoming::secured;
 
 /// One gRPC server's limits, and the connections it has open (shared by
 /// the accept loop, the RPC limit layer and the services that look up the

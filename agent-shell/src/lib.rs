@@ -51,8 +51,8 @@
 //! - `sys`: the one `unsafe` call (glibc's mmap threshold, so that freed
 //!   page buffers go back to the kernel). Every other file forbids `unsafe`.
 
-pub mod control_access;
 pub mod connections;
+pub mod control_access;
 pub mod duration;
 pub mod error;
 pub mod exit;
@@ -86,8 +86,8 @@ pub use handoff_peers::{PeerAllowList, PeerCredentials};
 pub use handoff_socket::{HANDOFF_READ_TIMEOUT, HandoffSocket};
 pub use limits::GrpcLimits;
 pub use logging::init_logging;
-pub use security::{GrpcSecurity, SecurityArgs, SecurityError};
 pub use rpc_limit::ConnectionHandle;
+pub use security::{GrpcSecurity, SecurityArgs, SecurityError};
 pub use shell::{AgentShell, Shutdown};
 pub use shutdown::shutdown_signal;
 pub use size::parse_bytes;

@@ -69,15 +69,11 @@ pub enum SecurityError {
     ControlNames(#[source] TlsError),
 }
 
-/// Whether `listen` (`HOST:PORT`) only ever binds loopback addresses.
-pub fn is_loopback(listen: &str) -> bool {
-    match listen.to_socket_addrs() {
-        Ok(addresses) => {
-            let addresses: Vec<_> = addresses.collect();
-            !addresses.is_empty() && addresses.iter().all(|address| address.ip().is_loopback())
-        }
-        Err(_) => false,
-    }
+/// Whether `listen` (`HOST:PORT`) binds loopback addresses only; `None`
+/// if it resolves to nothing (binding it will fail, with its own error).
+pub fn is_loopback(listen: &str) -> Option<bool> {
+    let addresses: Vec<_> = listen.to_socket_addrs().ok()?.collect();
+    (!addresses.is_empty()).then(|| addresses.iter().all(|address| address.ip().is_loopback()))
 }
 
 impl SecurityArgs {
@@ -110,10 +106,13 @@ impl SecurityArgs {
                 "serving gRPC WITHOUT TLS (--plaintext): no encryption, no client identities; \
                  control RPCs are accepted from loopback peers only"
             );
-        } else if is_loopback(listen) {
-            tracing::info!(%listen, "no TLS configured: serving plaintext on loopback only");
         } else {
-            return Err(SecurityError::NoTls { listen: listen.to_owned() });
+            match is_loopback(listen) {
+                Some(true) => tracing::info!(%listen, "no TLS configured: serving plaintext on loopback only"),
+                Some(false) => return Err(SecurityError::NoTls { listen: listen.to_owned() }),
+                // Binding it fails next, saying why.
+                None => {}
+            }
         }
         Ok(GrpcSecurity { tls: None, files: None, control: ControlAccess::LoopbackPeers })
     }

@@ -48,7 +48,8 @@ async fn start(name: &str) -> Running {
             &limits,
             pageserver_agent_shell::GrpcSecurity::loopback_plaintext(),
             std::future::pending(),
-        ).await
+        )
+        .await
     });
     let client = MigrationTargetClient::connect(format!("http://{addr}")).await.expect("connect");
     for _ in 0..200 {

@@ -37,7 +37,21 @@ fn bad_flags_are_refused_at_start() {
         1,
         "bad source address \"not a url\"",
     );
-    assert_refused(&run(&["--source", "ftp://host:1", "--handoff-socket", &socket]), 1, "only http is supported");
+    assert_refused(
+        &run(&["--source", "ftp://host:1", "--handoff-socket", &socket]),
+        1,
+        "scheme \"ftp\": write https://NAME:PORT or http://HOST:PORT",
+    );
+    assert_refused(
+        &run(&["--source", "https://127.0.0.1:9", "--handoff-socket", &socket]),
+        1,
+        "https needs this agent's certificates: give --tls-cert, --tls-key and --tls-ca",
+    );
+    assert_refused(
+        &run(&["--listen", "0.0.0.0:0", "--source", "http://127.0.0.1:9", "--handoff-socket", &socket]),
+        1,
+        "0.0.0.0:0 is reachable from other hosts and no TLS was configured",
+    );
     assert_refused(&with(&["--max-precopy-rounds", "0"]), 2, "invalid value '0' for '--max-precopy-rounds");
     assert_refused(&with(&["--shutdown-grace", "soon"]), 2, "invalid value 'soon' for '--shutdown-grace");
     assert_refused(&with(&["--source-unreachable-timeout=-1s"]), 2, "--source-unreachable-timeout");
