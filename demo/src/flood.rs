@@ -76,10 +76,14 @@ pub fn every_page(layout: &Layout) -> Vec<PagesRequest> {
 
 /// One stream asking for `requests`, reading every reply.
 async fn read_stream(mut client: PageServerClient<Channel>, requests: Vec<PagesRequest>) -> StreamEnd {
-    let mut replies = match client.get_pages(tokio_stream::iter(requests)).await {
-        Ok(response) => response.into_inner(),
-        Err(status) => return StreamEnd::of_status(&status),
-    };
+    match client.get_pages(tokio_stream::iter(requests)).await {
+        Ok(response) => read_to_end(response.into_inner()).await,
+        Err(status) => StreamEnd::of_status(&status),
+    }
+}
+
+/// Reads every reply of `replies`: how the stream ended.
+async fn read_to_end(mut replies: Streaming<PagesReply>) -> StreamEnd {
     let mut pages = 0u64;
     loop {
         match replies.message().await {
@@ -144,17 +148,9 @@ impl NeverReading {
     /// Reads it now: how the agent ended it (or the pages, if it served
     /// everything after all).
     pub async fn end(self) -> StreamEnd {
-        let mut replies = match self.replies {
-            Ok(replies) => replies,
-            Err(status) => return StreamEnd::of_status(&status),
-        };
-        let mut pages = 0u64;
-        loop {
-            match replies.message().await {
-                Ok(Some(reply)) => pages += reply.pages.len() as u64,
-                Ok(None) => return StreamEnd::Served { pages },
-                Err(status) => return StreamEnd::of_status(&status),
-            }
+        match self.replies {
+            Ok(replies) => read_to_end(replies).await,
+            Err(status) => StreamEnd::of_status(&status),
         }
     }
 }
