@@ -16,6 +16,7 @@
 //! | `kill-source-vmm` | (`switchover`, `postcopy`) SIGKILL the source VMM (it was paused) | the source agent still holds the VM's memory, which can no longer change, and serves it: completes, 0 mismatched |
 //! | `kill-source-side` | (`switchover`, `postcopy`) SIGKILL the source VMM and the source agent: the only copy of the stale pages is gone | the target fails after its `--source-unreachable-timeout`, the guest frozen, having seen no wrong page; the demo exits non-zero |
 //! | `switchover-before-pause` | (`switchover` only) `Switchover` is called before the source VM is paused | the target installs nothing read from the running VM, and fails after its `--pause-timeout` |
+//! | `rotate-certificates` | (mutual TLS, the default) both agents' certificates and keys are replaced by new ones from the same CA, then both get SIGHUP | the agents reload them for new connections; the connections under way go on; completes, 0 mismatched |
 //! | `link-down:MS` | (`--two-hosts`) the link goes down (`ip link set … down` on the target's end) for MS ms, then up | streams break, the target reconnects with backoff, vCPUs wait; completes, 0 mismatched; the target reports `source_up` false during the outage (recorded) |
 //! | `link-loss:PCT:MS` | (`--two-hosts`) PCT% of the TCP packets crossing the link are dropped, each way, for MS ms (nftables) | completes, 0 mismatched |
 //! | `link-reset` | (`--two-hosts`) every established connection to the source agent's port is reset (nftables `reject with tcp reset`) until the target has reconnected, or for at most 3 s | the target reconnects; completes, 0 mismatched |
@@ -61,6 +62,7 @@ pub enum ChaosKind {
     LinkDown { down: Duration },
     LinkLoss { percent: u8, lasting: Duration },
     LinkReset,
+    RotateCertificates,
 }
 
 impl ChaosKind {
@@ -95,6 +97,7 @@ impl fmt::Display for ChaosEvent {
             ChaosKind::LinkDown { down } => write!(f, "link-down:{}", down.as_millis())?,
             ChaosKind::LinkLoss { percent, lasting } => write!(f, "link-loss:{percent}:{}", lasting.as_millis())?,
             ChaosKind::LinkReset => write!(f, "link-reset")?,
+            ChaosKind::RotateCertificates => write!(f, "rotate-certificates")?,
         }
         write!(f, "@{}", self.phase.name())
     }
@@ -136,6 +139,7 @@ impl FromStr for ChaosEvent {
             "stop-source-agent" => ChaosKind::StopSourceAgent { stopped: millis(argument)? },
             "impostor-source-agent" => no_argument(ChaosKind::ImpostorSourceAgent)?,
             "kill-target-agent" => no_argument(ChaosKind::KillTargetAgent)?,
+            "rotate-certificates" => no_argument(ChaosKind::RotateCertificates)?,
             "kill-source-vmm" | "kill-source-side" if phase == ChaosPhase::Precopy => {
                 return Err(format!("{text:?}: the source VM must be paused first (@switchover or @postcopy)"));
             }
@@ -155,7 +159,7 @@ impl FromStr for ChaosEvent {
                 return Err(format!(
                     "{text:?}: unknown kind {other:?} (kill-source-agent, stop-source-agent:MS, \
                      impostor-source-agent, kill-target-agent, kill-source-vmm, kill-source-side, \
-                     switchover-before-pause, link-down:MS, link-loss:PCT:MS, link-reset)"
+                     switchover-before-pause, rotate-certificates, link-down:MS, link-loss:PCT:MS, link-reset)"
                 ));
             }
         };

@@ -65,7 +65,7 @@ struct Args {
     touch_after_resume: Vec<u64>,
     /// Faults to inject, KIND@PHASE, comma-separated: kill-source-agent,
     /// stop-source-agent:MS, impostor-source-agent, switchover-before-pause,
-    /// and with --two-hosts link-down:MS, link-loss:PCT:MS, link-reset; at
+    /// rotate-certificates (not with --plaintext), and with --two-hosts link-down:MS, link-loss:PCT:MS, link-reset; at
     /// precopy, switchover or postcopy (stand-in VMM only). See the README's
     /// "When things fail".
     #[arg(long, value_delimiter = ',')]

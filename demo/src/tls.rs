@@ -17,6 +17,9 @@ pub const ORCHESTRATOR_NAME: &str = "orchestrator.pageserver.demo";
 /// The certificates of one run.
 #[derive(Debug, Clone)]
 pub struct DemoTls {
+    ca: std::sync::Arc<Authority>,
+    /// The names the agents' certificates are valid for.
+    names: Vec<String>,
     source: TlsFiles,
     target: TlsFiles,
     /// The demo's own client identity.
@@ -42,17 +45,38 @@ impl DemoTls {
     /// `addresses` (IPs or DNS names) besides 127.0.0.1 and `localhost`.
     pub fn create(dir: &Path, addresses: &[String]) -> Result<Self, DemoTlsError> {
         let ca = Authority::new("pageserver demo CA").map_err(DemoTlsError::Generate)?;
-        let mut names = vec!["localhost", "127.0.0.1"];
-        names.extend(addresses.iter().map(String::as_str));
-        let write = |stem: &str, names: &[&str]| {
-            let issued = ca.issue(names, Validity::Current).map_err(DemoTlsError::Generate)?;
+        let mut names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
+        names.extend(addresses.iter().cloned());
+        let write = |stem: &str, names: &[String]| {
+            let names: Vec<&str> = names.iter().map(String::as_str).collect();
+            let issued = ca.issue(&names, Validity::Current).map_err(DemoTlsError::Generate)?;
             ca.write(dir, stem, &issued).map_err(|source| DemoTlsError::Write { dir: dir.to_owned(), source })
         };
         let source = write("source-agent", &names)?;
         let target = write("target-agent", &names)?;
-        let orchestrator = write("orchestrator", &[ORCHESTRATOR_NAME])?;
+        let orchestrator = write("orchestrator", &[ORCHESTRATOR_NAME.to_owned()])?;
         let orchestrator = ClientTls::load(orchestrator).map_err(DemoTlsError::Load)?;
-        Ok(Self { source, target, orchestrator })
+        Ok(Self { ca: std::sync::Arc::new(ca), names, source, target, orchestrator })
+    }
+
+    /// Replaces both agents' certificates and keys with new ones from the
+    /// same CA, each file by a rename (as cert-manager's rotation does):
+    /// an agent reads them at its next reload.
+    pub fn rotate(&self) -> Result<(), DemoTlsError> {
+        let names: Vec<&str> = self.names.iter().map(String::as_str).collect();
+        for files in [&self.source, &self.target] {
+            let issued = self.ca.issue(&names, Validity::Current).map_err(DemoTlsError::Generate)?;
+            let dir = files.cert.parent().unwrap_or(std::path::Path::new(".")).to_owned();
+            let write_error = |source| DemoTlsError::Write { dir: dir.clone(), source };
+            let partial = files.cert.with_extension("crt.partial");
+            std::fs::write(&partial, &issued.cert_pem).map_err(write_error)?;
+            // The key first: a reload between the two renames pairs the
+            // new key with the old certificate, fails, and keeps the old
+            // pair; the next reload takes the new one.
+            pageserver_tls::generate::write_private(&files.key, &issued.key_pem).map_err(write_error)?;
+            std::fs::rename(&partial, &files.cert).map_err(write_error)?;
+        }
+        Ok(())
     }
 
     /// The source agent's TLS flags.

@@ -41,6 +41,28 @@ fn assert_recovered_from_a_source_restart(r: &Report) {
     assert!(r.source_reconnects >= 1, "the target agent reconnected");
 }
 
+/// Certificates rotated under a running migration (new certificates and
+/// keys from the same CA, then SIGHUP, as a cert-manager renewal and a
+/// sidecar's reload do): both agents reload them, the connections under
+/// way go on, and every byte arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_rotated_during_a_migration_are_reloaded_and_every_byte_arrives() {
+    let logs = tempfile::tempdir().expect("a directory for the logs");
+    let events = "rotate-certificates@precopy,rotate-certificates@postcopy";
+    let opts = MigrationOptions { log_dir: Some(logs.path().to_owned()), ..options(64 * MIB) };
+    let r = migrate(MigrationOptions { chaos: chaos(events), hooks: hold_bitmap(300), ..opts }).await;
+    assert_eq!(r.transport, "mutual TLS");
+    assert_eq!(r.chaos.len(), 2, "both rotations fired: {:?}", r.chaos);
+    assert_every_byte_verified(&r);
+    // One reload per rotation on the source (its server side), two on the
+    // target (its server side, and its client side towards the source).
+    for (agent, reloads) in [("source-agent", 2), ("target-agent", 4)] {
+        let log = std::fs::read_to_string(logs.path().join(format!("{agent}.log"))).expect("the agent's log");
+        let seen = log.matches("TLS certificates reloaded").count();
+        assert!(seen >= reloads, "{agent} reloaded {seen} times, not {reloads}:\n{log}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_source_agent_killed_during_precopy_is_replaced_and_the_migration_completes() {
     let r = migrate_with("kill-source-agent@precopy", false).await;

@@ -116,11 +116,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 async fn serve_until_stopped(cli: Cli) -> anyhow::Result<()> {
     tracing::info!(vm = %cli.vm, "source agent starting");
     let security = cli.security.resolve(&cli.listen).context("--tls-cert, --tls-key, --tls-ca, --plaintext")?;
-    let _reloading = security
-        .tls
-        .as_ref()
-        .map(|tls| pageserver_tls::watch(vec![tls.reloading()], pageserver_tls::reloading::POLL_INTERVAL))
-        .transpose()
+    let reloading = security.tls.iter().map(|tls| tls.reloading()).collect();
+    let _reloading = pageserver_tls::watch(reloading, pageserver_tls::reloading::POLL_INTERVAL)
         .context("watching the TLS certificates")?;
     let (agent, _handoff_listener) = agent(&cli)?;
     let metrics = source_agent::metrics::install(agent.clone()).context("setting up metrics")?;

@@ -130,9 +130,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             .map(|tls| tls.reloading())
             .chain(source_tls.iter().map(|tls| tls.reloading()))
             .collect();
-        let _reloading = (!reloading.is_empty())
-            .then(|| pageserver_tls::watch(reloading, pageserver_tls::reloading::POLL_INTERVAL))
-            .transpose()
+        let _reloading = pageserver_tls::watch(reloading, pageserver_tls::reloading::POLL_INTERVAL)
             .context("watching the TLS certificates")?;
         let agent = TargetAgent::new(TargetConfig {
             source_url: args.source,

@@ -91,7 +91,9 @@ impl<C: Send + Sync> Reload for Reloading<C> {
 }
 
 /// Reloads `configs` whenever their files change (looked at every
-/// `poll`) and on SIGHUP, for as long as the returned task runs. Each
+/// `poll`) and on SIGHUP, for as long as the returned task runs. With no
+/// configs (an agent without TLS) SIGHUP is still caught, and only logged:
+/// an operator's `kill -HUP` never stops an agent. Each
 /// reload is logged and counted in `pageserver_tls_reloads_total{side,
 /// result}`; a failed one keeps the certificates in use. The SIGHUP handler
 /// is installed before this returns, so a SIGHUP sent after it is never the
@@ -108,7 +110,11 @@ pub fn watch(configs: Vec<Arc<dyn Reload>>, poll: Duration) -> std::io::Result<t
                     if signalled.is_none() {
                         return;
                     }
-                    tracing::info!("SIGHUP: reloading the TLS certificates");
+                    if configs.is_empty() {
+                        tracing::info!("SIGHUP: no TLS certificates to reload (plaintext)");
+                    } else {
+                        tracing::info!("SIGHUP: reloading the TLS certificates");
+                    }
                     true
                 }
             };

@@ -162,6 +162,15 @@ impl Migration<'_> {
             ChaosKind::LinkDown { down } => return self.link_down(watch, down).await,
             ChaosKind::LinkLoss { percent, lasting } => self.link_loss(watch, percent, lasting).await?,
             ChaosKind::LinkReset => self.link_reset(watch).await?,
+            ChaosKind::RotateCertificates => {
+                let tls = self.tls.as_ref().ok_or_else(|| failed("the agents run without TLS".to_owned()))?;
+                tls.rotate().map_err(|e| failed(pageserver_tls::error::chain(&e)))?;
+                running(&mut self.children.source_agent, "source agent")?.signal(Signal::HUP)?;
+                running(&mut self.children.target_agent, "target agent")?.signal(Signal::HUP)?;
+                "replaced both agents' certificates and keys with new ones from the same CA, then SIGHUP: new \
+                 connections use them, the ones made go on"
+                    .to_owned()
+            }
         };
         Ok(outcome.into())
     }

@@ -233,6 +233,9 @@ impl MigrationOptions {
     /// from the link but the source agent's gRPC.
     fn validate_network(&self) -> Result<(), MigrationError> {
         let invalid = |why: String| Err(MigrationError::InvalidOptions(why));
+        if self.plaintext && self.chaos.iter().any(|event| event.kind == ChaosKind::RotateCertificates) {
+            return invalid("chaos rotate-certificates needs mutual TLS: not with --plaintext".into());
+        }
         if !self.two_hosts {
             if let Some(event) = self.chaos.iter().find(|event| event.kind.needs_two_hosts()) {
                 return invalid(format!("chaos {event} acts on the link between two hosts: it needs --two-hosts"));
