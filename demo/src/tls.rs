@@ -14,6 +14,10 @@ use pageserver_tls::{ClientTls, TlsFiles};
 /// `--control-allow-name`.
 pub const ORCHESTRATOR_NAME: &str = "orchestrator.pageserver.demo";
 
+/// The file names (`STEM.crt`, `STEM.key`) of each agent's certificate.
+const SOURCE_STEM: &str = "source-agent";
+const TARGET_STEM: &str = "target-agent";
+
 /// The certificates of one run.
 #[derive(Debug, Clone)]
 pub struct DemoTls {
@@ -52,29 +56,22 @@ impl DemoTls {
             let issued = ca.issue(&names, Validity::Current).map_err(DemoTlsError::Generate)?;
             ca.write(dir, stem, &issued).map_err(|source| DemoTlsError::Write { dir: dir.to_owned(), source })
         };
-        let source = write("source-agent", &names)?;
-        let target = write("target-agent", &names)?;
+        let source = write(SOURCE_STEM, &names)?;
+        let target = write(TARGET_STEM, &names)?;
         let orchestrator = write("orchestrator", &[ORCHESTRATOR_NAME.to_owned()])?;
         let orchestrator = ClientTls::load(orchestrator).map_err(DemoTlsError::Load)?;
         Ok(Self { ca: std::sync::Arc::new(ca), names, source, target, orchestrator })
     }
 
     /// Replaces both agents' certificates and keys with new ones from the
-    /// same CA, each file by a rename (as cert-manager's rotation does):
-    /// an agent reads them at its next reload.
+    /// same CA ([`Authority::write`]): an agent reads them at its next
+    /// reload.
     pub fn rotate(&self) -> Result<(), DemoTlsError> {
         let names: Vec<&str> = self.names.iter().map(String::as_str).collect();
-        for files in [&self.source, &self.target] {
+        for (stem, files) in [(SOURCE_STEM, &self.source), (TARGET_STEM, &self.target)] {
             let issued = self.ca.issue(&names, Validity::Current).map_err(DemoTlsError::Generate)?;
-            let dir = files.cert.parent().unwrap_or(std::path::Path::new(".")).to_owned();
-            let write_error = |source| DemoTlsError::Write { dir: dir.clone(), source };
-            let partial = files.cert.with_extension("crt.partial");
-            std::fs::write(&partial, &issued.cert_pem).map_err(write_error)?;
-            // The key first: a reload between the two renames pairs the
-            // new key with the old certificate, fails, and keeps the old
-            // pair; the next reload takes the new one.
-            pageserver_tls::generate::write_private(&files.key, &issued.key_pem).map_err(write_error)?;
-            std::fs::rename(&partial, &files.cert).map_err(write_error)?;
+            let dir = files.cert.parent().unwrap_or(Path::new(".")).to_owned();
+            self.ca.write(&dir, stem, &issued).map_err(|source| DemoTlsError::Write { dir, source })?;
         }
         Ok(())
     }

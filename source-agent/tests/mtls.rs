@@ -17,7 +17,6 @@ use pageserver_test_support::TempDir;
 use pageserver_test_support::child::TestChild;
 use pageserver_test_support::grpcurl::{RPC_ERROR_BASE, find_grpcurl};
 use pageserver_test_support::refusal::{assert_refused, run_to_end};
-use pageserver_tls::client::Dial;
 use pageserver_tls::generate::{Authority, Issued, Validity};
 use pageserver_tls::{ClientTls, TlsFiles};
 use tonic::transport::Channel;
@@ -83,11 +82,7 @@ fn start_agent(files: &TlsFiles, dir: &Path) -> (TestChild, String) {
 /// is `name` (dialled at `address` whatever the name).
 async fn channel(address: &str, name: &str, client: &TlsFiles) -> Result<Channel, String> {
     let tls = ClientTls::load(client.clone()).map_err(|e| e.to_string())?;
-    let target = address.to_owned();
-    let dial: Dial = Arc::new(move |_| {
-        let target = target.clone();
-        Box::pin(async move { tokio::net::TcpStream::connect(target).await })
-    });
+    let dial = pageserver_tls::client::dial_address(address);
     let port = address.rsplit(':').next().expect("port");
     let endpoint = pageserver_tls::endpoint(&format!("https://{name}:{port}")).expect("endpoint");
     endpoint.connect_with_connector(pageserver_tls::connector(Some(tls), dial)).await.map_err(|e| describe(&e))
@@ -120,7 +115,7 @@ async fn channel_without_certificate(address: &str, ca: &Path) -> Result<Channel
 }
 
 fn describe(error: &(dyn std::error::Error + 'static)) -> String {
-    pageserver_tls::error::chain(error)
+    pageserver_agent_shell::exit::describe(error)
 }
 
 /// GetLayout over `channel` (a refused handshake may only show here: in

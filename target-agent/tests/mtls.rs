@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 use pageserver_agent_shell::{ControlAccess, GrpcSecurity};
 use pageserver_proto::v1::migration_target_client::MigrationTargetClient;
 use pageserver_proto::v1::{GetStatusRequest, MigrationPhase, MigrationStatus, SwitchoverRequest};
-use pageserver_tls::client::Dial;
 use pageserver_tls::generate::{Authority, Validity};
 use pageserver_tls::{ClientTls, ServerNames, ServerTls, TlsFiles};
 use target_agent::agent::{TargetAgent, TargetConfig};
@@ -54,11 +53,7 @@ async fn start_target(files: &TlsFiles, source_url: &str, socket: &Path) -> (Arc
 }
 
 async fn client(address: &str, files: &TlsFiles) -> MigrationTargetClient<Channel> {
-    let target = address.to_owned();
-    let dial: Dial = Arc::new(move |_| {
-        let target = target.clone();
-        Box::pin(async move { tokio::net::TcpStream::connect(target).await })
-    });
+    let dial = pageserver_tls::client::dial_address(address);
     let tls = ClientTls::load(files.clone()).expect("client TLS");
     let channel = pageserver_tls::endpoint(&format!("https://{address}"))
         .expect("endpoint")

@@ -110,6 +110,21 @@ pub fn endpoint(url: &str) -> Result<tonic::transport::Endpoint, tonic::transpor
     tonic::transport::Endpoint::from_shared(url)
 }
 
+/// Dials `address` (`HOST:PORT`) whatever the URI's host: the name the
+/// server's certificate must be valid for stays the URI's (a name that
+/// need not resolve, as when the certificate names a service).
+pub fn dial_address(address: &str) -> Dial {
+    let address = address.to_owned();
+    Arc::new(move |_: Uri| {
+        let address = address.clone();
+        Box::pin(async move {
+            let stream = TcpStream::connect(address).await?;
+            stream.set_nodelay(true)?;
+            Ok(stream)
+        })
+    })
+}
+
 type Connecting = Pin<Box<dyn Future<Output = io::Result<TokioIo<ClientStream>>> + Send>>;
 
 /// tonic's connector (`Endpoint::connect_with_connector`): `dial`, then

@@ -51,15 +51,3 @@ pub enum TlsError {
         source: rustls_pki_types::InvalidDnsNameError,
     },
 }
-
-/// `error` and its causes on one line, "outer: inner: innermost".
-pub fn chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut cause = error.source();
-    while let Some(inner) = cause {
-        text.push_str(": ");
-        text.push_str(&inner.to_string());
-        cause = inner.source();
-    }
-    text
-}

@@ -76,29 +76,32 @@ impl Authority {
     }
 
     /// Writes `issued` as `DIR/STEM.crt` and `DIR/STEM.key` (mode 0600) and
-    /// this CA as `DIR/ca.crt`: the files one side is given.
+    /// this CA as `DIR/ca.crt`: the files one side is given. Each file is
+    /// replaced by a rename, as cert-manager's rotation does, the key
+    /// first: an agent reloading between the two renames pairs the new key
+    /// with the old certificate, fails, keeps the old pair, and takes the
+    /// new one at its next reload.
     pub fn write(&self, dir: &Path, stem: &str, issued: &Issued) -> io::Result<TlsFiles> {
         let files = TlsFiles {
             cert: dir.join(format!("{stem}.crt")),
             key: dir.join(format!("{stem}.key")),
             ca: dir.join("ca.crt"),
         };
-        std::fs::write(&files.ca, &self.pem)?;
-        std::fs::write(&files.cert, &issued.cert_pem)?;
-        write_private(&files.key, &issued.key_pem)?;
+        replace(&files.ca, &self.pem, 0o644)?;
+        replace(&files.key, &issued.key_pem, 0o600)?;
+        replace(&files.cert, &issued.cert_pem, 0o644)?;
         Ok(files)
     }
 }
 
-/// Writes a private key readable by its owner only (replacing the file,
-/// as a rotation does).
-pub fn write_private(path: &Path, pem: &str) -> io::Result<()> {
-    let partial = path.with_extension("key.partial");
+/// Replaces `path` with `text` (a new file of `mode`, renamed over it).
+fn replace(path: &Path, text: &str, mode: u32) -> io::Result<()> {
+    let mut partial = path.as_os_str().to_owned();
+    partial.push(".partial");
     {
         use std::io::Write;
-        let mut file =
-            std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&partial)?;
-        file.write_all(pem.as_bytes())?;
+        let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&partial)?;
+        file.write_all(text.as_bytes())?;
     }
     std::fs::rename(partial, path)
 }

@@ -134,8 +134,8 @@ fn reload_one(config: &dyn Reload, force: bool) {
             metrics::counter!("pageserver_tls_reloads_total", "side" => side, "result" => "ok").increment(1);
         }
         Err(error) => {
-            tracing::error!(side, error = %crate::error::chain(&error),
-                "reloading the TLS certificates failed: the ones in use stay");
+            let error: &(dyn std::error::Error + 'static) = &error;
+            tracing::error!(side, error, "reloading the TLS certificates failed: the ones in use stay");
             metrics::counter!("pageserver_tls_reloads_total", "side" => side, "result" => "failed").increment(1);
         }
     }

@@ -164,7 +164,7 @@ impl Migration<'_> {
             ChaosKind::LinkReset => self.link_reset(watch).await?,
             ChaosKind::RotateCertificates => {
                 let tls = self.tls.as_ref().ok_or_else(|| failed("the agents run without TLS".to_owned()))?;
-                tls.rotate().map_err(|e| failed(pageserver_tls::error::chain(&e)))?;
+                tls.rotate().map_err(|e| failed(pageserver_agent_shell::exit::describe(&e)))?;
                 running(&mut self.children.source_agent, "source agent")?.signal(Signal::HUP)?;
                 running(&mut self.children.target_agent, "target agent")?.signal(Signal::HUP)?;
                 "replaced both agents' certificates and keys with new ones from the same CA, then SIGHUP: new \
