@@ -29,8 +29,6 @@ use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
-
 /// When an event fires.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ChaosPhase {
@@ -167,23 +165,9 @@ impl FromStr for ChaosEvent {
     }
 }
 
-/// What one event did, for the report.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct ChaosRecord {
-    /// The event as given (`kill-source-agent@postcopy`).
-    pub event: String,
-    /// Seconds since the migration started.
-    pub fired_at_s: f64,
-    /// The target agent's phase when it fired.
-    pub target_phase: String,
-    /// What was done and what recovered from it.
-    pub outcome: String,
-    /// For an outage of the link (`link-down`): whether a status poll
-    /// during the outage saw the target agent report its source down
-    /// (`source_up` false).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub source_down_seen: Option<bool>,
-}
+/// What one event did, for the report (defined with the report, which
+/// `pageserver-migrate` writes too).
+pub use pageserver_migrate::report::ChaosRecord;
 
 #[cfg(test)]
 mod tests {

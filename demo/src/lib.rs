@@ -28,18 +28,16 @@
 #![forbid(unsafe_code)]
 
 pub use guest_memory::hugepages;
+// What the demo shares with `pageserver-migrate`, which drives its QEMU
+// migrations: the status waits, the report, progress lines and the signals.
+pub use pageserver_migrate::{progress, report, resources, status_watch, stop_signal};
 pub mod chaos;
 pub mod flood;
 pub mod leftovers;
 pub mod migration;
 pub mod netns;
 pub mod process;
-pub mod progress;
 pub mod qemu;
-pub mod report;
-pub mod resources;
-pub mod status_watch;
-pub mod stop_signal;
 pub mod test_hooks;
 pub mod tls;
 

@@ -76,9 +76,13 @@ pub struct Binaries {
     pub vmm_standin: PathBuf,
     /// The LD_PRELOAD library for QEMU.
     pub vmm_shim: PathBuf,
+    /// `pageserver-migrate`, which drives QEMU migrations; only they need
+    /// it ([`Binaries::migrate`]).
+    pageserver_migrate: PathBuf,
 }
 
 const BINARY_NAMES: [&str; 4] = ["source-agent", "target-agent", "vmm-standin", "libpageserver_vmm_shim.so"];
+const MIGRATE_BINARY: &str = "pageserver-migrate";
 
 impl Binaries {
     fn in_dir(dir: &Path) -> Self {
@@ -87,7 +91,17 @@ impl Binaries {
             target_agent: dir.join(BINARY_NAMES[1]),
             vmm_standin: dir.join(BINARY_NAMES[2]),
             vmm_shim: dir.join(BINARY_NAMES[3]),
+            pageserver_migrate: dir.join(MIGRATE_BINARY),
         }
+    }
+
+    /// `pageserver-migrate`, if it is there.
+    pub fn migrate(&self) -> Result<&Path, ProcessError> {
+        if self.pageserver_migrate.is_file() {
+            return Ok(&self.pageserver_migrate);
+        }
+        let dir = self.pageserver_migrate.parent().unwrap_or(Path::new(".")).to_owned();
+        Err(ProcessError::Missing { binary: MIGRATE_BINARY, dir, from_env: std::env::var_os(BIN_DIR_ENV).is_some() })
     }
 
     fn missing(&self) -> Option<&'static str> {

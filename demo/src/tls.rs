@@ -26,8 +26,10 @@ pub struct DemoTls {
     names: Vec<String>,
     source: TlsFiles,
     target: TlsFiles,
-    /// The demo's own client identity.
+    /// The demo's own client identity…
     pub orchestrator: ClientTls,
+    /// …and its files, for `pageserver-migrate`.
+    orchestrator_files: TlsFiles,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -59,8 +61,9 @@ impl DemoTls {
         let source = write(SOURCE_STEM, &names)?;
         let target = write(TARGET_STEM, &names)?;
         let orchestrator = write("orchestrator", &[ORCHESTRATOR_NAME.to_owned()])?;
+        let orchestrator_files = orchestrator.clone();
         let orchestrator = ClientTls::load(orchestrator).map_err(DemoTlsError::Load)?;
-        Ok(Self { ca: std::sync::Arc::new(ca), names, source, target, orchestrator })
+        Ok(Self { ca: std::sync::Arc::new(ca), names, source, target, orchestrator, orchestrator_files })
     }
 
     /// Replaces both agents' certificates and keys with new ones from the
@@ -74,6 +77,11 @@ impl DemoTls {
             self.ca.write(&dir, stem, &issued).map_err(|source| DemoTlsError::Write { dir, source })?;
         }
         Ok(())
+    }
+
+    /// The orchestrator's certificate, key and CA files.
+    pub fn orchestrator_files(&self) -> &TlsFiles {
+        &self.orchestrator_files
     }
 
     /// The source agent's TLS flags.

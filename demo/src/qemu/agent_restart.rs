@@ -28,7 +28,6 @@ pub fn supported(event: &ChaosEvent) -> bool {
 
 /// The target agent a QEMU migration talks to; replaced by [`Qemus::fire_chaos`].
 pub(super) struct TargetAgent {
-    pub addr: String,
     pub client: MigrationTargetClient<Channel>,
     /// Its position in the children (for the kill).
     pub child: usize,
@@ -58,7 +57,7 @@ impl Qemus<'_> {
             let handed_off = self.wait_handed_over_again(*handoffs).await?;
             *handoffs = Some(handed_off);
             let client = self.target_client(&addr).await?;
-            *agent = TargetAgent { addr, client, child: children.len() - 1 };
+            *agent = TargetAgent { client, child: children.len() - 1 };
             let outcome = format!(
                 "SIGKILLed the target agent; a new one took the guest's memory over from the shim (hand-off \
                  {handed_off}) {:.0} ms later",

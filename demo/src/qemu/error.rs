@@ -53,6 +53,25 @@ pub enum QemuError {
     },
     #[error("`mount -t hugetlbfs` on {path} failed ({status}); mounting needs root", path = path.display())]
     MountFailed { path: PathBuf, status: ExitStatus },
+    #[error("the migration ({})", source.vm)]
+    Migrate {
+        #[source]
+        source: Box<pageserver_migrate::MigrateError>,
+    },
+    #[error("pageserver-migrate failed ({status}); its stderr:\n{stderr}")]
+    MigrateFailed { status: String, stderr: String },
+    #[error("pageserver-migrate's {path}", path = path.display())]
+    MigrateLog {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("pageserver-migrate's report {path}", path = path.display())]
+    MigrateReport {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
     #[error("picking a free port for QEMU's own migration stream: {0}")]
     MigrationPort(#[source] io::Error),
     #[error(transparent)]
@@ -72,10 +91,6 @@ pub enum QemuError {
         #[source]
         source: tonic::transport::Error,
     },
-    #[error("{call} on the {agent} agent failed: {status}")]
-    Rpc { agent: &'static str, call: &'static str, status: Box<tonic::Status> },
-    #[error("the target agent did not report the switchover within {after:?} of Switchover calls")]
-    SwitchoverUnseen { after: Duration },
     #[error(
         "timed out after {after:.1?}: the {qemu} guest's memory checker printed {seen} of {want} generations in {log}",
         log = log.display()
@@ -92,9 +107,4 @@ pub enum QemuError {
 /// Maps a QMP error of the `qemu` ("source" or "target") QEMU.
 pub(super) fn qmp(qemu: &'static str) -> impl FnOnce(QmpError) -> QemuError {
     move |source| QemuError::Qmp { qemu, source }
-}
-
-/// Maps a failed `call` to the `agent` ("source" or "target").
-pub(super) fn rpc(agent: &'static str, call: &'static str) -> impl FnOnce(tonic::Status) -> QemuError {
-    move |status| QemuError::Rpc { agent, call, status: Box::new(status) }
 }

@@ -8,9 +8,12 @@
 //! 1. source agent, source QEMU (shim role `source`); the guest boots and
 //!    its memory checker starts printing generations on the serial console;
 //! 2. target agent, target QEMU (`-incoming defer`, shim role `target`);
-//!    `migrate-incoming`; the target agent pre-copies until converged;
-//! 3. source: `migrate` with `pause-before-switchover`; at status
-//!    `pre-switchover` the source vCPUs are stopped: the source agent is told
+//! 3. `pageserver-migrate` (the product's binary; with chaos events, its
+//!    steps in this process, [`pageserver_migrate::migrate`], so that the
+//!    events fire between them): `migrate-incoming`; the target agent
+//!    pre-copies until converged; source: `migrate` with
+//!    `pause-before-switchover`; at status `pre-switchover` the source
+//!    vCPUs are stopped: the source agent is told
 //!    (`MigrationSource/SetPaused`), the target agent switches over (faults
 //!    served from now on: QEMU reads guest pages while loading device
 //!    state), then `migrate-continue`;
@@ -23,7 +26,7 @@
 //! - `agent_restart`: `--chaos kill-target-agent@PHASE`, the one chaos event
 //!   a QEMU migration rehearses (the shim's hand-off to a new agent);
 //! - [`error`]: why a run fails ([`QemuError`]);
-//! - [`qmp`]: a minimal QMP client;
+//! - [`qmp`]: a minimal QMP client (`pageserver-migrate`'s);
 //! - `command_line`: how each QEMU is started, with the VMM shim;
 //! - [`guest`]: the guest image, and its memory checker's verdict;
 //! - `hugetlbfs`: a hugetlbfs mount for the RAM files of hugetlbfs guests;
@@ -43,36 +46,36 @@ pub mod error;
 pub mod guest;
 mod hugetlbfs;
 pub mod native;
-pub mod qmp;
 mod ram_compare;
 pub mod report;
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use pageserver_proto::v1::migration_source_client::MigrationSourceClient;
+use pageserver_migrate::report::MigrateReport;
+use pageserver_migrate::{Hooks, MigrationPlan, Step};
 use pageserver_proto::v1::migration_target_client::MigrationTargetClient;
-use pageserver_proto::v1::{GetStatusRequest, MigrationPhase, SetPausedRequest, SwitchoverRequest};
 use serde_json::json;
 use tonic::transport::Channel;
 
 pub use agent_restart::supported as chaos_supported;
 pub use error::QemuError;
 pub use guest::GuestVerdict;
+pub use pageserver_migrate::qmp;
 pub use report::QemuReport;
 
 use crate::chaos::{ChaosEvent, ChaosPhase};
 use crate::process::{Binaries, ChildProcess, WorkDir};
 use crate::progress::Progress;
-use crate::report::Report;
-use crate::status_watch::{StatusError, StatusWatch, phase};
+use crate::status_watch::StatusWatch;
 use crate::test_hooks::AgentTestHooks;
 use crate::tls::DemoTls;
 use agent_restart::TargetAgent;
 use command_line::QemuLaunch;
-use error::{qmp, rpc};
-use guest::{GuestImage, checker_lines, qemu_installed, read_log, wait_generations};
+use error::qmp;
+use guest::{GuestImage, qemu_installed, wait_generations};
 use hugetlbfs::HugetlbfsMount;
 use qmp::Qmp;
 use ram_compare::compare_ram_files;
@@ -285,43 +288,6 @@ fn free_port() -> Result<u16, QemuError> {
     Ok(listener.local_addr().map_err(QemuError::MigrationPort)?.port())
 }
 
-/// How long the target agent has to report a Switchover in its status
-/// before it is asked again (the call is idempotent).
-const SWITCHOVER_SEEN_WITHIN: Duration = Duration::from_secs(2);
-
-/// `Switchover` until the target agent's status says it switched over (at
-/// least once: the call is idempotent), each call bounded, all of it within
-/// `timeout`. Once, in CI, a Switchover to a target agent that had just
-/// taken over from a killed one left the agent waiting for it and the demo
-/// waiting on the guest, for minutes; the agent logs each Switchover it
-/// gets, so a repeat shows where it went, and this never waits unbounded.
-async fn switch_over(
-    client: &mut MigrationTargetClient<Channel>,
-    watch: &StatusWatch,
-    timeout: Duration,
-) -> Result<(), QemuError> {
-    let deadline = Instant::now() + timeout;
-    let switched = |s: &crate::status_watch::PollState| {
-        s.latest.as_ref().is_some_and(|status| phase::of(status) >= MigrationPhase::Postcopy)
-    };
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match tokio::time::timeout(left, client.switchover(SwitchoverRequest::default())).await {
-            Ok(reply) => drop(reply.map_err(rpc("target", "Switchover"))?),
-            Err(_) => return Err(QemuError::SwitchoverUnseen { after: timeout }),
-        }
-        let left = deadline.saturating_duration_since(Instant::now());
-        match watch.wait_until("the switchover", SWITCHOVER_SEEN_WITHIN.min(left), switched).await {
-            Ok(_) => return Ok(()),
-            Err(StatusError::Timeout { .. }) if Instant::now() < deadline => {
-                eprintln!("pageserver-demo: the target agent does not report the switchover yet: asking again");
-            }
-            Err(StatusError::Timeout { .. }) => return Err(QemuError::SwitchoverUnseen { after: timeout }),
-            Err(other) => return Err(other.into()),
-        }
-    }
-}
-
 async fn migrate(q: &Qemus<'_>, children: &mut Vec<ChildProcess>) -> Result<QemuReport, QemuError> {
     let t = q.opts.timeout;
     // Source side.
@@ -334,7 +300,6 @@ async fn migrate(q: &Qemus<'_>, children: &mut Vec<ChildProcess>) -> Result<Qemu
     args.extend(q.tls.as_ref().map(DemoTls::source_args).unwrap_or_default());
     let source_addr = q.start_agent("source-agent", &q.binaries.source_agent, &args, children).await?;
     children.push(q.spawn_qemu("source", &source_sock)?);
-    let mut source_qmp = Qmp::connect(&q.qmp_socket("source"), t).await.map_err(qmp("source"))?;
     let source_serial = q.serial_log("source");
     wait_generations("source", &source_serial, 1, t).await?;
     q.progress.say(format!("source QEMU booted; its memory checker runs (source agent on {source_addr})"));
@@ -352,61 +317,52 @@ async fn migrate(q: &Qemus<'_>, children: &mut Vec<ChildProcess>) -> Result<Qemu
     let addr = q.start_agent("target-agent", &q.binaries.target_agent, &args, children).await?;
     let child = children.len() - 1;
     children.push(q.spawn_qemu("target", &target_sock)?);
-    let mut target_qmp = Qmp::connect(&q.qmp_socket("target"), t).await.map_err(qmp("target"))?;
-    let port = free_port()?;
-    target_qmp.set_capabilities(&[("x-ignore-shared", true)]).await.map_err(qmp("target"))?;
-    target_qmp
-        .execute("migrate-incoming", json!({ "uri": format!("tcp:127.0.0.1:{port}") }))
-        .await
-        .map_err(qmp("target"))?;
-    let migration_started = Instant::now();
+    q.progress.say(format!("target QEMU started, waiting for the migration (target agent on {addr})"));
 
-    let client = q.target_client(&addr).await?;
-    let mut target = TargetAgent { addr, client, child };
-    let (mut chaos, mut handoffs) = (Vec::new(), None);
-    q.fire_chaos(ChaosPhase::Precopy, &mut target, &args, children, &mut chaos, &mut handoffs).await?;
-    let mut watch = StatusWatch::start(target.client.clone());
-    let round_done = |round, dirty| q.progress.say(format!("pre-copy round {round}: {dirty} dirty pages"));
-    watch.wait_precopy_converged(t, round_done).await?;
-    q.progress.say(format!("target agent on {} pre-copied the guest's RAM", target.addr));
+    // The migration: pageserver-migrate, or its steps in this process
+    // when chaos events must fire between them.
+    let plan = MigrationPlan {
+        source_agent: crate::tls::url(q.tls.as_ref(), &source_addr),
+        target_agent: crate::tls::url(q.tls.as_ref(), &addr),
+        source_qmp: q.qmp_socket("source"),
+        target_qmp: q.qmp_socket("target"),
+        migration_uri: format!("tcp:127.0.0.1:{}", free_port()?),
+        step_timeout: t,
+        wait_postcopy: true,
+    };
+    let (migrated, target, chaos, handoffs) = if q.opts.chaos.is_empty() {
+        (run_pageserver_migrate(q, &plan).await?, q.target_client(&addr).await?, Vec::new(), None)
+    } else {
+        let client = q.target_client(&addr).await?;
+        let mut hooks = ChaosHooks {
+            q,
+            target: TargetAgent { client, child },
+            agent_args: &args,
+            children,
+            records: Vec::new(),
+            handoffs: None,
+        };
+        let tls = q.tls.as_ref().map(|tls| &tls.orchestrator);
+        let migrated =
+            pageserver_migrate::migrate(&plan, tls, &q.progress, &mut hooks, Box::pin(std::future::pending()))
+                .await
+                .map_err(|error| QemuError::Migrate { source: Box::new(error) })?;
+        let ChaosHooks { target, records, handoffs, .. } = hooks;
+        let report = MigrateReport {
+            migration: migrated.report,
+            migration_seconds: migrated.migration_seconds,
+            target_run_state: migrated.target_run_state,
+            failed_step: None,
+            vm_state: String::new(),
+        };
+        (report, target.client, records, handoffs)
+    };
+    let watch = StatusWatch::start(target.clone());
 
-    // Switchover.
-    source_qmp
-        .set_capabilities(&[("x-ignore-shared", true), ("pause-before-switchover", true)])
-        .await
-        .map_err(qmp("source"))?;
-    source_qmp.execute("migrate", json!({ "uri": format!("tcp:127.0.0.1:{port}") })).await.map_err(qmp("source"))?;
-    let pre_switchover = source_qmp.wait_migration_status("pre-switchover", t);
-    watch.unless_failed(async { pre_switchover.await.map_err(qmp("source")) }).await?;
-    let paused_at = Instant::now();
-    let source_lines_at_pause = checker_lines(&read_log(&source_serial)).len();
-    let mut control = crate::tls::channel(q.tls.as_ref(), &source_addr)
-        .await
-        .map(MigrationSourceClient::new)
-        .map_err(|source| QemuError::Connect { agent: "source", addr: source_addr.clone(), source })?;
-    control.set_paused(SetPausedRequest { paused: true }).await.map_err(rpc("source", "SetPaused"))?;
-    if q.fire_chaos(ChaosPhase::Switchover, &mut target, &args, children, &mut chaos, &mut handoffs).await? {
-        watch = StatusWatch::start(target.client.clone());
-    }
-    switch_over(&mut target.client, &watch, t).await?;
-    if q.fire_chaos(ChaosPhase::Postcopy, &mut target, &args, children, &mut chaos, &mut handoffs).await? {
-        watch = StatusWatch::start(target.client.clone());
-    }
-    source_qmp.execute("migrate-continue", json!({ "state": "pre-switchover" })).await.map_err(qmp("source"))?;
-    let completed = source_qmp.wait_migration_status("completed", t);
-    watch.unless_failed(async { completed.await.map_err(qmp("source")) }).await?;
-    let state = target_qmp.run_state().await.map_err(qmp("target"))?;
-    // QEMU gives no "first guest access" event: downtime here runs from the
-    // source's pre-switchover pause to the migration's completion with the
-    // target running.
-    let downtime_ms = paused_at.elapsed().as_secs_f64() * 1e3;
-    q.progress.say(format!(
-        "switched over in {downtime_ms:.1} ms; target QEMU is {state} (source checker had printed {source_lines_at_pause} generations)"
-    ));
-
-    let mut report = Report::default();
+    let mut report = migrated.migration;
     if q.opts.verify_bytes {
-        watch.wait_until("post-copy to complete", t, |s| s.complete_at.is_some()).await?;
+        // pageserver-migrate waited for post-copy to complete: every page
+        // is on the target, and the source's RAM is frozen since the pause.
         let compared = compare_ram_files(&q.ram_path("source"), &q.ram_path("target"))?;
         report.verified_pages = compared.compared;
         report.mismatched_pages = compared.differing;
@@ -415,6 +371,7 @@ async fn migrate(q: &Qemus<'_>, children: &mut Vec<ChildProcess>) -> Result<Qemu
             "compared the target's RAM with the source's at pause: {} pages, {} differ",
             compared.compared, compared.differing
         ));
+        let mut target_qmp = Qmp::connect(&q.qmp_socket("target"), t).await.map_err(qmp("target"))?;
         target_qmp.execute("cont", json!({})).await.map_err(qmp("target"))?;
     }
 
@@ -426,20 +383,78 @@ async fn migrate(q: &Qemus<'_>, children: &mut Vec<ChildProcess>) -> Result<Qemu
         "target guest: {} generations checked after switchover, {} bad words",
         verdict.generations_after_switchover, verdict.bad_words
     ));
-    watch.wait_until("post-copy to complete", t, |s| s.complete_at.is_some()).await?;
-    let completed_at = watch.current().complete_at.unwrap_or_else(Instant::now);
-    let migration_seconds = completed_at.saturating_duration_since(migration_started).as_secs_f64();
-    let status = target.client.get_status(GetStatusRequest {}).await.map_err(rpc("target", "GetStatus"))?.into_inner();
-    report.apply_status(&status);
-    report.page_size = status.page_size;
-    report.total_pages = status.total_pages;
     report.guest_bytes = q.opts.memory_mib << 20;
-    report.downtime_ms = downtime_ms;
     report.hugetlb = q.opts.hugetlb;
     report.total_seconds = q.progress.seconds();
     report.chaos = chaos;
     if let Some(handoffs) = handoffs {
         report.handoffs.insert("target".to_owned(), handoffs);
     }
-    Ok(QemuReport { migration: report, guest: verdict, migration_seconds })
+    Ok(QemuReport { migration: report, guest: verdict, migration_seconds: migrated.migration_seconds })
+}
+
+/// Runs `pageserver-migrate` for `plan`, its progress lines on stdout
+/// (unless quiet), its stderr in the work directory; returns its report.
+async fn run_pageserver_migrate(q: &Qemus<'_>, plan: &MigrationPlan) -> Result<MigrateReport, QemuError> {
+    let program = q.binaries.migrate()?;
+    let report_path = q.work.join("pageserver-migrate.json");
+    let log_path = q.work.join("pageserver-migrate.log");
+    let mut command = tokio::process::Command::new(program);
+    command
+        .arg(format!("--source-agent={}", plan.source_agent))
+        .arg(format!("--target-agent={}", plan.target_agent))
+        .arg(format!("--source-qmp={}", plan.source_qmp.display()))
+        .arg(format!("--target-qmp={}", plan.target_qmp.display()))
+        .arg(format!("--migration-uri={}", plan.migration_uri))
+        .arg(format!("--timeout={}s", plan.step_timeout.as_secs().max(1)))
+        .arg(format!("--report-json={}", report_path.display()));
+    match &q.tls {
+        Some(tls) => {
+            let files = tls.orchestrator_files();
+            command.arg(format!("--tls-cert={}", files.cert.display()));
+            command.arg(format!("--tls-key={}", files.key.display()));
+            command.arg(format!("--tls-ca={}", files.ca.display()));
+        }
+        None => drop(command.arg("--plaintext")),
+    }
+    let log =
+        std::fs::File::create(&log_path).map_err(|source| QemuError::MigrateLog { path: log_path.clone(), source })?;
+    command.stdout(if q.opts.quiet { Stdio::null() } else { Stdio::inherit() }).stderr(log).kill_on_drop(true);
+    q.progress.say(format!("running {}", program.display()));
+    let status = command.status().await.map_err(|source| QemuError::MigrateLog { path: program.to_owned(), source })?;
+    let stderr = std::fs::read_to_string(&log_path).unwrap_or_default();
+    if !status.success() {
+        return Err(QemuError::MigrateFailed { status: status.to_string(), stderr });
+    }
+    let text = std::fs::read_to_string(&report_path)
+        .map_err(|source| QemuError::MigrateLog { path: report_path.clone(), source })?;
+    serde_json::from_str(&text).map_err(|source| QemuError::MigrateReport { path: report_path, source })
+}
+
+/// The demo's chaos events between `pageserver-migrate`'s steps: each
+/// phase's `kill-target-agent` fires after the step that starts it.
+struct ChaosHooks<'a, 'q> {
+    q: &'a Qemus<'q>,
+    target: TargetAgent,
+    agent_args: &'a [String],
+    children: &'a mut Vec<ChildProcess>,
+    records: Vec<crate::chaos::ChaosRecord>,
+    handoffs: Option<u64>,
+}
+
+impl Hooks for ChaosHooks<'_, '_> {
+    async fn after(&mut self, step: Step) -> Result<Option<MigrationTargetClient<Channel>>, String> {
+        let phase = match step {
+            Step::StartIncoming => ChaosPhase::Precopy,
+            Step::PauseSource => ChaosPhase::Switchover,
+            Step::Switchover => ChaosPhase::Postcopy,
+            _ => return Ok(None),
+        };
+        let fired = self
+            .q
+            .fire_chaos(phase, &mut self.target, self.agent_args, self.children, &mut self.records, &mut self.handoffs)
+            .await
+            .map_err(|error| pageserver_agent_shell::exit::describe(&error))?;
+        Ok(fired.then(|| self.target.client.clone()))
+    }
 }

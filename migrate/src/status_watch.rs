@@ -269,7 +269,7 @@ impl StallReport {
         let stalled = Duration::from_secs_f64(status.seconds_since_progress.max(0.0));
         if self.due(stalled) {
             eprintln!(
-                "pageserver-demo: the target agent has made no progress for {:.1} s (phase {}, source {}, {} \
+                "the target agent has made no progress for {:.1} s (phase {}, source {}, {} \
                  reconnects)",
                 stalled.as_secs_f64(),
                 phase::of(status).label(),
@@ -277,17 +277,13 @@ impl StallReport {
                 status.source_reconnects
             );
         } else if stalled < STALL_REPORT_AFTER && self.reported_at.take().is_some() {
-            eprintln!("pageserver-demo: the target agent makes progress again");
+            eprintln!("the target agent makes progress again");
         }
     }
 
     fn silent(&mut self, for_: Duration, status: &tonic::Status) {
         if self.due(for_) {
-            eprintln!(
-                "pageserver-demo: the target agent has not answered for {:.1} s ({})",
-                for_.as_secs_f64(),
-                status.message()
-            );
+            eprintln!("the target agent has not answered for {:.1} s ({})", for_.as_secs_f64(), status.message());
         }
     }
 }

@@ -1,7 +1,7 @@
-//! SIGINT (a terminal) and SIGTERM (a supervisor, `kill`) end a demo run the
-//! same way: the migration stops with an error, its children are stopped
-//! and waited for, then its work directory is removed and its huge pages
-//! are given back. (SIGKILL allows none of that: see [`crate::leftovers`].)
+//! SIGINT (a terminal) and SIGTERM (a supervisor, `kill`) end a run the
+//! same way: the migration stops at the step it was in, as if that step had
+//! failed (`pageserver-migrate` then settles the VM; the demo also stops its
+//! children and removes its work directory).
 #![forbid(unsafe_code)]
 
 use tokio::signal::unix::{SignalKind, signal};
@@ -18,7 +18,7 @@ pub fn stop_signal() -> impl Future<Output = String> + Send + 'static {
                 _ = interrupt.recv() => "SIGINT".to_owned(),
             },
             (Err(error), _) | (_, Err(error)) => {
-                eprintln!("pageserver-demo: cannot watch SIGTERM and SIGINT ({error}); only SIGKILL stops this run");
+                eprintln!("cannot watch SIGTERM and SIGINT ({error}); only SIGKILL stops this run");
                 std::future::pending().await
             }
         }

@@ -163,9 +163,9 @@ pub struct Report {
     pub verify_seconds: f64,
     pub total_seconds: f64,
 
-    /// The chaos events fired ([`crate::chaos`]), in order.
+    /// The chaos events fired (the demo's `--chaos`), in order.
     #[serde(default)]
-    pub chaos: Vec<crate::chaos::ChaosRecord>,
+    pub chaos: Vec<ChaosRecord>,
     /// The target agent's connections to the source after its first.
     #[serde(default)]
     pub source_reconnects: u64,
@@ -206,6 +206,26 @@ pub struct Report {
     pub transport: String,
 }
 
+/// What `pageserver-migrate --report-json` writes: the migration's
+/// [`Report`] (the fields only a demo knows, its guest's accesses and the
+/// byte-for-byte verification, stay zero), and where the VM is.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct MigrateReport {
+    #[serde(flatten)]
+    pub migration: Report,
+    /// From the target's `migrate-incoming` to the target agent's post-copy
+    /// complete, s.
+    pub migration_seconds: f64,
+    /// The target QEMU's run state at the end (`running`; `paused` for a
+    /// QEMU started with `-S`); empty if the migration failed before.
+    pub target_run_state: String,
+    /// The step that failed, if one did (`failure` says why).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed_step: Option<String>,
+    /// Where the VM is: after a failure, the state it was left in.
+    pub vm_state: String,
+}
+
 /// The two hosts of a `--two-hosts` migration: their namespaces, their
 /// addresses on the link, and the link's queueing (as `tc` showed it).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -218,6 +238,24 @@ pub struct NetworkReport {
     pub link_rate_gbit: Option<f64>,
     pub source_qdisc: String,
     pub target_qdisc: String,
+}
+
+/// What one chaos event (the demo's `--chaos KIND@PHASE`) did, for the report.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ChaosRecord {
+    /// The event as given (`kill-source-agent@postcopy`).
+    pub event: String,
+    /// Seconds since the migration started.
+    pub fired_at_s: f64,
+    /// The target agent's phase when it fired.
+    pub target_phase: String,
+    /// What was done and what recovered from it.
+    pub outcome: String,
+    /// For an outage of the link (`link-down`): whether a status poll
+    /// during the outage saw the target agent report its source down
+    /// (`source_up` false).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_down_seen: Option<bool>,
 }
 
 impl Report {
