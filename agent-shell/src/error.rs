@@ -36,6 +36,12 @@ pub enum ServeError {
     Reflection(#[source] tonic_reflection::server::Error),
     #[error("the gRPC transport failed")]
     Transport(#[source] tonic::transport::Error),
+    #[error("binding the health port {address} (--health-listen)")]
+    HealthPort {
+        address: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Why a hand-off socket could not be bound (see

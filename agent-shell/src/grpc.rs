@@ -12,7 +12,7 @@
 #![forbid(unsafe_code)]
 
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use pageserver_proto::FILE_DESCRIPTOR_SET;
@@ -23,12 +23,14 @@ use tonic::service::Routes;
 use tonic::transport::Server;
 use tonic::transport::server::Router;
 use tonic_health::ServingStatus;
-use tonic_health::server::HealthReporter;
+use tonic_health::pb::health_server::HealthServer;
+use tonic_health::server::{HealthReporter, HealthService};
 use tower::layer::util::Stack;
 use tower::{Layer, Service};
 
 use crate::connections::{ConnectionLimits, LimitedIncoming, OpenConnections};
 use crate::error::ServeError;
+use crate::health_port::LIVENESS_SERVICE;
 use crate::limits::GrpcLimits;
 use crate::rpc_limit::RpcLimitLayer;
 use crate::tls_incoming::secured;
@@ -40,11 +42,14 @@ use crate::tls_incoming::secured;
 pub struct ServerLimits {
     limits: GrpcLimits,
     open: Arc<OpenConnections>,
+    /// The health service [`grpc_router`] made, for `--health-listen`
+    /// ([`crate::health_port`]), which [`serve_router`] starts.
+    health: Arc<OnceLock<HealthServer<HealthService>>>,
 }
 
 impl ServerLimits {
     pub fn new(limits: &GrpcLimits) -> Self {
-        Self { limits: limits.clone(), open: Arc::new(OpenConnections::default()) }
+        Self { limits: limits.clone(), open: Arc::new(OpenConnections::default()), health: Arc::default() }
     }
 
     pub fn limits(&self) -> &GrpcLimits {
@@ -80,8 +85,13 @@ pub async fn grpc_router<L: Clone>(
         .max_concurrent_streams(grpc.grpc_max_streams_per_connection)
         .timeout(grpc.grpc_unary_timeout)
         .layer(RpcLimitLayer::new(grpc.grpc_max_rpcs, limits.open.clone()));
-    let (reporter, health) = tonic_health::server::health_reporter();
+    // One reporter, and a service of it for each port that serves health
+    // (this one, and `--health-listen`'s).
+    let reporter = HealthReporter::new();
+    let health = HealthServer::new(HealthService::from_health_reporter(reporter.clone()));
     set_health(&reporter, service, initial).await;
+    reporter.set_service_status(LIVENESS_SERVICE, ServingStatus::Serving).await;
+    let _ = limits.health.set(health.clone());
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
@@ -108,12 +118,14 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// `limits`, until `shutdown` completes and the calls under way have
 /// finished: over mutual TLS with `tls` ([`crate::tls_incoming`]), else in
 /// the clear. `health` (the agent's driver of its health reporter) runs
-/// alongside, for as long as the server does.
+/// alongside, for as long as the server does, and so does the health port
+/// on `health_listen` ([`crate::health_port`]), if given.
 pub async fn serve_router<L, ResponseBody>(
     router: Router<L>,
     listener: TcpListener,
     limits: &ServerLimits,
     tls: Option<ServerTls>,
+    health_listen: Option<&str>,
     shutdown: impl Future<Output = ()>,
     health: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError>
@@ -125,6 +137,10 @@ where
     ResponseBody: http_body::Body<Data = Bytes> + Send + 'static,
     ResponseBody::Error: Into<BoxError>,
 {
+    let health_port = match (health_listen, limits.health.get()) {
+        (Some(listen), Some(service)) => Some(crate::health_port::start(listen, service.clone()).await?),
+        _ => None,
+    };
     let health = tokio::spawn(health);
     let connection_limits = ConnectionLimits {
         max_connections: limits.limits.grpc_max_connections,
@@ -136,5 +152,8 @@ where
         None => router.serve_with_incoming_shutdown(incoming, shutdown).await,
     };
     health.abort();
+    if let Some(port) = health_port {
+        port.abort();
+    }
     served.map_err(ServeError::Transport)
 }

@@ -61,6 +61,7 @@ pub mod grpc;
 pub mod handoff_group;
 pub mod handoff_peers;
 pub mod handoff_socket;
+pub mod health_port;
 pub mod limit_metrics;
 pub mod limits;
 mod listening;

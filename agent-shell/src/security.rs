@@ -44,6 +44,13 @@ pub struct SecurityArgs {
         requires = "tls_cert"
     )]
     pub control_allow_name: Vec<String>,
+    /// Also serve gRPC health, and nothing else, in the clear on this
+    /// address (e.g. 0.0.0.0:50052): for probes without a client
+    /// certificate, such as the kubelet's. Service `liveness` is SERVING
+    /// while the agent runs; `""` and the agent's service say what the
+    /// main port's health says.
+    #[arg(long, env = "PAGESERVER_HEALTH_LISTEN", value_name = "HOST:PORT")]
+    pub health_listen: Option<String>,
 }
 
 /// What the flags resolve to.
@@ -54,6 +61,8 @@ pub struct GrpcSecurity {
     /// The files, for a client this agent makes with the same identity.
     pub files: Option<TlsFiles>,
     pub control: ControlAccess,
+    /// `--health-listen`.
+    pub health_listen: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -98,6 +107,7 @@ impl SecurityArgs {
                 tls: Some(tls),
                 files: Some(files),
                 control: ControlAccess::CertificateNames(names),
+                health_listen: self.health_listen.clone(),
             });
         }
         if self.plaintext {
@@ -114,7 +124,12 @@ impl SecurityArgs {
                 None => {}
             }
         }
-        Ok(GrpcSecurity { tls: None, files: None, control: ControlAccess::LoopbackPeers })
+        Ok(GrpcSecurity {
+            tls: None,
+            files: None,
+            control: ControlAccess::LoopbackPeers,
+            health_listen: self.health_listen.clone(),
+        })
     }
 
     /// The client side of the same identity (the target agent dialling its
@@ -128,6 +143,6 @@ impl GrpcSecurity {
     /// Plaintext, control from loopback: what an in-process test server
     /// on 127.0.0.1 gets.
     pub fn loopback_plaintext() -> Self {
-        Self { tls: None, files: None, control: ControlAccess::LoopbackPeers }
+        Self { tls: None, files: None, control: ControlAccess::LoopbackPeers, health_listen: None }
     }
 }

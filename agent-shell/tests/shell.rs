@@ -67,7 +67,7 @@ async fn serves_until_shutdown_and_stops_metrics_after_grpc() {
         // the agent's own health driver (which here never runs).
         let limits = ServerLimits::new(&GrpcLimits::default());
         let (router, _reporter) = grpc_router(Server::builder(), &limits, SERVICE, ServingStatus::NotServing).await?;
-        let served = serve_router(router, listener, &limits, None, shutdown, std::future::pending()).await;
+        let served = serve_router(router, listener, &limits, None, None, shutdown, std::future::pending()).await;
         // The gRPC server has finished: metrics must still answer.
         let scraped = pageserver_metrics::scrape(&metrics.to_string()).await.expect("metrics after gRPC");
         let _ = grpc_done.send(scraped);

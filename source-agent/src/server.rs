@@ -105,5 +105,6 @@ pub async fn serve_secured(
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let router = router.add_service(page_server).add_service(control);
-    serve_router(router, listener, &server_limits, security.tls, shutdown, serving_once_attached).await
+    let health_listen = security.health_listen.as_deref();
+    serve_router(router, listener, &server_limits, security.tls, health_listen, shutdown, serving_once_attached).await
 }

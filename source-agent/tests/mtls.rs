@@ -20,6 +20,9 @@ use pageserver_test_support::refusal::{assert_refused, run_to_end};
 use pageserver_tls::generate::{Authority, Issued, Validity};
 use pageserver_tls::{ClientTls, TlsFiles};
 use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
 
 const BINARY: &str = env!("CARGO_BIN_EXE_source-agent");
 const ORCHESTRATOR: &str = "orchestrator.test";
@@ -56,6 +59,11 @@ impl Pki {
 
 /// A source agent serving an 8-page file over mutual TLS with `files`.
 fn start_agent(files: &TlsFiles, dir: &Path) -> (TestChild, String) {
+    start_agent_with(files, dir, &[])
+}
+
+/// [`start_agent`] with `extra` flags.
+fn start_agent_with(files: &TlsFiles, dir: &Path, extra: &[&str]) -> (TestChild, String) {
     let memory = dir.join("guest.mem");
     std::fs::write(&memory, vec![7u8; 8 * 4096]).expect("write");
     let mut command = Command::new(BINARY);
@@ -71,6 +79,7 @@ fn start_agent(files: &TlsFiles, dir: &Path) -> (TestChild, String) {
         "--control-allow-name".as_ref(),
         ORCHESTRATOR.as_ref(),
     ]);
+    command.args(extra);
     let mut agent = TestChild::spawn("source-agent", command);
     let line = agent.line().unwrap_or_else(|| panic!("no listening line; stderr:\n{}", agent.stderr()));
     let event: serde_json::Value = serde_json::from_str(&line).expect("a JSON line");
@@ -226,6 +235,42 @@ async fn grpcurl_needs_the_files() {
     ]);
     assert_eq!(code, RPC_ERROR_BASE + tonic::Code::PermissionDenied as i32, "{out}");
     assert!(out.contains("PermissionDenied"), "{out}");
+}
+
+#[tokio::test]
+async fn the_health_port_serves_health_only_in_the_clear() {
+    let pki = Pki::new();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port").local_addr().expect("addr").port();
+    let health = format!("127.0.0.1:{port}");
+    let (_agent, address) = start_agent_with(&pki.agent(), pki.dir.path(), &["--health-listen", &health]);
+    // The port is bound as the gRPC server starts, just after the agent's
+    // listening line: wait for it (a hang guard only).
+    let endpoint = Channel::from_shared(format!("http://{health}")).expect("uri");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let channel = loop {
+        match endpoint.connect().await {
+            Ok(channel) => break channel,
+            Err(error) if Instant::now() < deadline => drop(error),
+            Err(error) => panic!("the health port {health} never answered: {error}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let mut client = HealthClient::new(channel.clone());
+    for service in ["", "liveness", "pageserver.v1.PageServer"] {
+        let reply = client.check(HealthCheckRequest { service: service.to_owned() }).await;
+        let status = reply.unwrap_or_else(|status| panic!("{service:?}: {status}")).into_inner().status();
+        assert_eq!(status, ServingStatus::Serving, "{service:?}");
+    }
+    // Nothing else: no pages, no control, no reflection.
+    let refused = PageServerClient::new(channel.clone()).get_layout(GetLayoutRequest {}).await;
+    assert_eq!(refused.map(drop).map_err(|status| status.code()), Err(tonic::Code::Unimplemented));
+    let refused = MigrationSourceClient::new(channel).set_paused(SetPausedRequest { paused: true }).await;
+    assert_eq!(refused.map(drop).map_err(|status| status.code()), Err(tonic::Code::Unimplemented));
+    let (code, out) = grpcurl(&["-plaintext", &health, "list"]);
+    assert_ne!(code, 0, "reflection answered on the health port: {out}");
+    // The main port still wants a certificate.
+    let (code, out) = grpcurl(&["-plaintext", &address, "list"]);
+    assert_ne!(code, 0, "grpcurl in plaintext got into the main port: {out}");
 }
 
 /// Replaces `live`'s three files with `new`'s, each by a rename (as a

@@ -145,7 +145,8 @@ pub async fn serve(
         }
     };
     let router = router.add_service(MigrationTargetServer::new(TargetService { agent, access: security.control }));
-    serve_router(router, listener, &limits, security.tls, shutdown, following_the_phase).await
+    let health_listen = security.health_listen.as_deref();
+    serve_router(router, listener, &limits, security.tls, health_listen, shutdown, following_the_phase).await
 }
 
 #[cfg(test)]

@@ -41,6 +41,7 @@ async fn start_target(files: &TlsFiles, source_url: &str, socket: &Path) -> (Arc
         tls: Some(ServerTls::load(files.clone()).expect("server TLS")),
         files: Some(files.clone()),
         control: ControlAccess::CertificateNames(ServerNames::parse(&[ORCHESTRATOR]).expect("names")),
+        health_listen: None,
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let address = listener.local_addr().expect("addr").to_string();
