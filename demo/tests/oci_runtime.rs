@@ -584,12 +584,7 @@ fn both_agents_migrate_a_guest_in_containers_made_from_their_manifests() {
     }
     let run = migrate_in_containers("allowed", |seccomp| seccomp);
     let report = run.dir.report(&run.output);
-    assert!(
-        run.output.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&run.output.stderr),
-        run.dir.all_logs()
-    );
+    assert!(run.output.status.success(), "{}\n{}", String::from_utf8_lossy(&run.output.stderr), run.dir.all_logs());
     assert_every_byte_verified(&report);
 
     let mut names: Vec<&str> = run.agents.values().map(|(name, _)| name.as_str()).collect();
