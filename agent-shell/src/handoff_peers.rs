@@ -50,9 +50,12 @@ impl PeerAllowList {
     /// its uid is on the list; otherwise (or if the kernel cannot say) why
     /// it is refused. The refusal's message is meant for the peer's reply.
     pub fn check(&self, connection: &UnixStream) -> Result<PeerCredentials, PeerRefused> {
-        let credentials =
-            rustix::net::sockopt::socket_peercred(connection).map_err(|e| PeerRefused::Unknown(e.into()))?;
-        let peer = PeerCredentials { uid: credentials.uid.as_raw(), pid: credentials.pid.as_raw_pid() };
+        // nix, not rustix: rustix's `UCred` holds the pid as a non-zero `Pid`,
+        // and the kernel says 0 for a peer in another pid namespace (a VMM in
+        // another container of the pod), which rustix turned into an error.
+        let credentials = nix::sys::socket::getsockopt(connection, nix::sys::socket::sockopt::PeerCredentials)
+            .map_err(|e| PeerRefused::Unknown(e.into()))?;
+        let peer = PeerCredentials { uid: credentials.uid(), pid: credentials.pid() };
         if self.uids.contains(&peer.uid) {
             Ok(peer)
         } else {

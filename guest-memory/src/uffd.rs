@@ -81,7 +81,7 @@ pub enum UffdError {
         #[source]
         source: io::Error,
     },
-    #[error("creating a userfaultfd with features {features:#x}: {source}")]
+    #[error("creating a userfaultfd with features {features:#x}: {source}{errno}", errno = create_errno(source))]
     Create {
         features: u64,
         #[source]
@@ -115,6 +115,19 @@ pub enum UffdError {
         #[source]
         source: userfaultfd::Error,
     },
+}
+
+/// The crate's system error says only "System error": its errno, and for
+/// EPERM what usually refuses the call where nothing else would.
+fn create_errno(source: &userfaultfd::Error) -> String {
+    match source {
+        userfaultfd::Error::SystemError(errno) if *errno as i32 == libc::EPERM => format!(
+            ": {errno}: the userfaultfd system call was refused (a seccomp profile without \"userfaultfd\"? \
+             deploy/seccomp/pageserver-agent.json allows it)"
+        ),
+        userfaultfd::Error::SystemError(errno) => format!(": {errno}"),
+        _ => String::new(),
+    }
 }
 
 impl UffdError {
