@@ -7,7 +7,7 @@ built here (no container engine):
 - every package the build stage `apt-get install`s exists in Debian's
   package lists (apt-cache show; this machine runs the same release);
 - every `-p PACKAGE` of its `cargo build` is a workspace package (read
-  from the members' Cargo.toml; PENDING lists the announced ones);
+  from the members' Cargo.toml);
 - what the runtime stage copies is what that build produces: each
   binary package's binary, the cdylib's lib<name>.so, at the paths the
   manifests use; and it runs as USER 65532:65532.
@@ -21,7 +21,6 @@ import tomllib
 
 # Announced, not in the workspace yet: reported, not failed. Remove an
 # entry once its package is in the workspace (then it is checked as any other).
-PENDING = {"pageserver-migrate"}
 # Where the manifests expect things (deploy/kustomize, the Job).
 WANTED = {
     "/usr/local/bin/source-agent",
@@ -98,9 +97,6 @@ def main(dockerfile, root):
     for pkg in cargo_packages:
         if pkg in packages:
             built |= products(pkg, *packages[pkg])
-        elif pkg in PENDING:
-            notes.append("%s is not a workspace package yet (PENDING): assumed to build binary %s" % (pkg, pkg))
-            built.add(pkg)
         else:
             errors.append("cargo build -p %s: no such package in the workspace (%s)" % (pkg, ", ".join(sorted(packages))))
 
