@@ -15,6 +15,7 @@ use pageserver_agent_shell::exit::describe;
 use pageserver_agent_shell::parse_duration;
 use pageserver_migrate::plan::dry_run;
 use pageserver_migrate::progress::Progress;
+use pageserver_migrate::qmp::QmpAddress;
 use pageserver_migrate::report::MigrateReport;
 use pageserver_migrate::stop_signal::stop_signal;
 use pageserver_migrate::{MigrationPlan, NoHooks, migrate};
@@ -31,17 +32,25 @@ struct Args {
     /// The target agent's gRPC URL.
     #[arg(long, env = "PAGESERVER_TARGET_AGENT", value_name = "URL")]
     target_agent: String,
-    /// The source QEMU's QMP socket (`-qmp unix:PATH,server=on,wait=off`).
-    #[arg(long, value_name = "PATH")]
-    source_qmp: PathBuf,
-    /// The target QEMU's QMP socket; that QEMU runs with `-incoming defer`
-    /// and the VMM shim as role `target`.
-    #[arg(long, value_name = "PATH")]
-    target_qmp: PathBuf,
-    /// QEMU's own migration stream (device state only): the address the
-    /// target QEMU listens on and the source QEMU dials, `tcp:HOST:PORT`.
+    /// The source QEMU's QMP: a Unix socket (PATH or unix:PATH; `-qmp
+    /// unix:PATH,server=on,wait=off`), or tls:HOST:PORT (a QMP chardev with
+    /// tls-creds-x509 and verify-peer=on: this orchestrator's certificate is
+    /// the client's, and QEMU's must be valid for HOST).
+    #[arg(long, value_name = "ADDRESS")]
+    source_qmp: QmpAddress,
+    /// The target QEMU's QMP (as --source-qmp); that QEMU runs with
+    /// `-incoming defer` and the VMM shim as role `target`.
+    #[arg(long, value_name = "ADDRESS")]
+    target_qmp: QmpAddress,
+    /// QEMU's own migration stream (device state only), as the source QEMU
+    /// dials it: `tcp:HOST:PORT`.
     #[arg(long, value_name = "URI", value_parser = parse_migration_uri)]
     migration_uri: String,
+    /// What the target QEMU listens on (`migrate-incoming`), when not
+    /// --migration-uri: e.g. tcp:0.0.0.0:4445 while the source dials the
+    /// target pod's Service name.
+    #[arg(long, value_name = "URI", value_parser = parse_migration_uri)]
+    incoming_uri: Option<String>,
     /// This orchestrator's client certificate (PEM): its name must be in
     /// both agents' --control-allow-name.
     #[arg(long, env = "PAGESERVER_TLS_CERT", value_name = "PATH", requires_all = ["tls_key", "tls_ca"])]
@@ -107,6 +116,11 @@ fn check_urls(args: &Args) -> Result<(), String> {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
+    let qmp_over_tls = [&args.source_qmp, &args.target_qmp].into_iter().any(|a| matches!(a, QmpAddress::Tls { .. }));
+    if qmp_over_tls && args.tls_cert.is_none() {
+        eprintln!("Error: a QMP over TLS (tls:HOST:PORT) needs --tls-cert, --tls-key and --tls-ca");
+        return ExitCode::from(2);
+    }
     if let Err(message) = check_urls(&args) {
         eprintln!("Error: {message}");
         return ExitCode::from(2);
@@ -117,6 +131,7 @@ async fn main() -> ExitCode {
         source_qmp: args.source_qmp.clone(),
         target_qmp: args.target_qmp.clone(),
         migration_uri: args.migration_uri.clone(),
+        incoming_uri: args.incoming_uri.clone(),
         step_timeout: args.timeout,
         wait_postcopy: !args.no_wait_postcopy,
     };

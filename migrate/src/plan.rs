@@ -4,8 +4,9 @@
 #![forbid(unsafe_code)]
 
 use std::fmt;
-use std::path::PathBuf;
 use std::time::Duration;
+
+use crate::qmp::QmpAddress;
 
 /// Where everything is.
 #[derive(Debug, Clone)]
@@ -15,19 +16,29 @@ pub struct MigrationPlan {
     pub source_agent: String,
     /// The target agent's gRPC URL.
     pub target_agent: String,
-    /// The source QEMU's QMP socket (a Unix socket).
-    pub source_qmp: PathBuf,
-    /// The target QEMU's QMP socket; that QEMU was started with
-    /// `-incoming defer` and the VMM shim (role `target`).
-    pub target_qmp: PathBuf,
-    /// QEMU's own migration stream (the device state), as the target QEMU
-    /// listens on it and the source QEMU dials it: `tcp:HOST:PORT`.
+    /// The source QEMU's QMP.
+    pub source_qmp: QmpAddress,
+    /// The target QEMU's QMP; that QEMU was started with `-incoming defer`
+    /// and the VMM shim (role `target`).
+    pub target_qmp: QmpAddress,
+    /// QEMU's own migration stream (the device state), as the source QEMU
+    /// dials it: `tcp:HOST:PORT`.
     pub migration_uri: String,
+    /// What the target QEMU listens on (`migrate-incoming`), if not
+    /// `migration_uri` (e.g. `tcp:0.0.0.0:4445` behind a Service's name).
+    pub incoming_uri: Option<String>,
     /// The longest each step may take.
     pub step_timeout: Duration,
     /// Wait, after the VM runs on the target, until the target agent holds
     /// every page (post-copy complete) before reporting.
     pub wait_postcopy: bool,
+}
+
+impl MigrationPlan {
+    /// The target QEMU's `migrate-incoming` URI.
+    pub fn incoming(&self) -> &str {
+        self.incoming_uri.as_deref().unwrap_or(&self.migration_uri)
+    }
 }
 
 /// The steps, in the order they run.
@@ -90,15 +101,16 @@ impl Step {
 
     /// What the step does, with the plan's addresses.
     pub fn describe(self, plan: &MigrationPlan) -> String {
-        let (sq, tq) = (plan.source_qmp.display(), plan.target_qmp.display());
+        let (sq, tq) = (&plan.source_qmp, &plan.target_qmp);
         let (sa, ta, uri) = (&plan.source_agent, &plan.target_agent, &plan.migration_uri);
+        let incoming = plan.incoming();
         match self {
             Step::CheckVmms => {
                 format!("QMP {sq}: the source VM is running; QMP {tq}: the target QEMU waits for an incoming migration")
             }
             Step::CheckAgents => format!("GetStatus on the target agent {ta} and the source agent {sa}"),
             Step::StartIncoming => {
-                format!("QMP {tq}: migrate-set-capabilities x-ignore-shared; migrate-incoming {uri}")
+                format!("QMP {tq}: migrate-set-capabilities x-ignore-shared; migrate-incoming {incoming}")
             }
             Step::AwaitPrecopy => format!("wait until the target agent {ta} reports pre-copy converged"),
             Step::StartMigrate => {
@@ -160,9 +172,10 @@ mod tests {
         MigrationPlan {
             source_agent: "https://source.example:50051".into(),
             target_agent: "https://target.example:50051".into(),
-            source_qmp: "/run/vm/source.qmp".into(),
-            target_qmp: "/run/vm/target.qmp".into(),
-            migration_uri: "tcp:10.0.0.2:4444".into(),
+            source_qmp: "/run/vm/source.qmp".parse().expect("a path"),
+            target_qmp: "tls:target.example:4444".parse().expect("tls:HOST:PORT"),
+            migration_uri: "tcp:10.0.0.2:4445".into(),
+            incoming_uri: Some("tcp:0.0.0.0:4445".into()),
             step_timeout: Duration::from_secs(60),
             wait_postcopy: true,
         }
@@ -183,8 +196,13 @@ mod tests {
         for step in Step::ALL {
             assert!(text.contains(step.name()), "{step} missing from:\n{text}");
         }
-        for needle in ["/run/vm/source.qmp", "/run/vm/target.qmp", "tcp:10.0.0.2:4444", "https://target.example:50051"]
-        {
+        for needle in [
+            "/run/vm/source.qmp",
+            "tls:target.example:4444",
+            "migrate tcp:10.0.0.2:4445",
+            "migrate-incoming tcp:0.0.0.0:4445",
+            "https://target.example:50051",
+        ] {
             assert!(text.contains(needle), "{needle} missing from:\n{text}");
         }
     }

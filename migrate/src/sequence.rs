@@ -138,10 +138,10 @@ async fn run(
     // never make it fails with the socket's error, not the step's timeout.
     let patience = (t / 4).min(QMP_SOCKET_PATIENCE);
     let (source_state, target_state) = bounded(step, t, stop, async {
-        let mut source = Qmp::connect(&plan.source_qmp, patience).await.map_err(qmp("source"))?;
+        let mut source = Qmp::connect(&plan.source_qmp, tls, patience).await.map_err(qmp("source"))?;
         let source_state = source.run_state().await.map_err(qmp("source"))?;
         done.source_qmp = Some(source);
-        let mut target = Qmp::connect(&plan.target_qmp, patience).await.map_err(qmp("target"))?;
+        let mut target = Qmp::connect(&plan.target_qmp, tls, patience).await.map_err(qmp("target"))?;
         let target_state = target.run_state().await.map_err(qmp("target"))?;
         done.target_qmp = Some(target);
         Ok((source_state, target_state))
@@ -205,12 +205,12 @@ async fn run(
     bounded(step, t, stop, async {
         let target_qmp = done.target_qmp.as_mut().expect("connected in check-vmms");
         target_qmp.set_capabilities(&[("x-ignore-shared", true)]).await.map_err(qmp("target"))?;
-        target_qmp.execute("migrate-incoming", json!({ "uri": plan.migration_uri })).await.map_err(qmp("target"))?;
+        target_qmp.execute("migrate-incoming", json!({ "uri": plan.incoming() })).await.map_err(qmp("target"))?;
         Ok(())
     })
     .await?;
     let incoming_at = Instant::now();
-    say(step, format!("the target QEMU listens on {}", plan.migration_uri));
+    say(step, format!("the target QEMU listens on {}", plan.incoming()));
     if let Some(client) = hooks.after(step).await.map_err(|message| (step, StepError::Hook { step, message }))? {
         (target, watch) = (client.clone(), StatusWatch::start(client));
     }

@@ -324,9 +324,10 @@ async fn migrate(q: &Qemus<'_>, children: &mut Vec<ChildProcess>) -> Result<Qemu
     let plan = MigrationPlan {
         source_agent: crate::tls::url(q.tls.as_ref(), &source_addr),
         target_agent: crate::tls::url(q.tls.as_ref(), &addr),
-        source_qmp: q.qmp_socket("source"),
-        target_qmp: q.qmp_socket("target"),
+        source_qmp: q.qmp_socket("source").into(),
+        target_qmp: q.qmp_socket("target").into(),
         migration_uri: format!("tcp:127.0.0.1:{}", free_port()?),
+        incoming_uri: None,
         step_timeout: t,
         wait_postcopy: true,
     };
@@ -371,7 +372,7 @@ async fn migrate(q: &Qemus<'_>, children: &mut Vec<ChildProcess>) -> Result<Qemu
             "compared the target's RAM with the source's at pause: {} pages, {} differ",
             compared.compared, compared.differing
         ));
-        let mut target_qmp = Qmp::connect(&q.qmp_socket("target"), t).await.map_err(qmp("target"))?;
+        let mut target_qmp = Qmp::connect(&q.qmp_socket("target").into(), None, t).await.map_err(qmp("target"))?;
         target_qmp.execute("cont", json!({})).await.map_err(qmp("target"))?;
     }
 
@@ -403,8 +404,8 @@ async fn run_pageserver_migrate(q: &Qemus<'_>, plan: &MigrationPlan) -> Result<M
     command
         .arg(format!("--source-agent={}", plan.source_agent))
         .arg(format!("--target-agent={}", plan.target_agent))
-        .arg(format!("--source-qmp={}", plan.source_qmp.display()))
-        .arg(format!("--target-qmp={}", plan.target_qmp.display()))
+        .arg(format!("--source-qmp={}", plan.source_qmp))
+        .arg(format!("--target-qmp={}", plan.target_qmp))
         .arg(format!("--migration-uri={}", plan.migration_uri))
         .arg(format!("--timeout={}s", plan.step_timeout.as_secs().max(1)))
         .arg(format!("--report-json={}", report_path.display()));

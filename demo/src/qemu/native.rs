@@ -66,11 +66,11 @@ pub async fn run_native_postcopy(opts: &QemuOptions) -> Result<NativeReport, Qem
 async fn migrate_natively(q: &Qemus<'_>, children: &mut Vec<ChildProcess>) -> Result<NativeReport, QemuError> {
     let t = q.opts.timeout;
     children.push(q.spawn_native_qemu("source")?);
-    let mut source = Qmp::connect(&q.qmp_socket("source"), t).await.map_err(qmp("source"))?;
+    let mut source = Qmp::connect(&q.qmp_socket("source").into(), None, t).await.map_err(qmp("source"))?;
     wait_generations("source", &q.serial_log("source"), 1, t).await?;
     q.progress.say("source QEMU booted (QEMU's own post-copy, no agents)");
     children.push(q.spawn_native_qemu("target")?);
-    let mut target = Qmp::connect(&q.qmp_socket("target"), t).await.map_err(qmp("target"))?;
+    let mut target = Qmp::connect(&q.qmp_socket("target").into(), None, t).await.map_err(qmp("target"))?;
     source.set_capabilities(&[("postcopy-ram", true)]).await.map_err(qmp("source"))?;
     target.set_capabilities(&[("postcopy-ram", true), ("postcopy-blocktime", true)]).await.map_err(qmp("target"))?;
     let uri = format!("tcp:127.0.0.1:{}", free_port()?);
