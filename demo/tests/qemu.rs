@@ -6,7 +6,7 @@
 //! Needs root, `qemu-system-x86_64`, and the guest image from
 //! `guest/build.sh` (`scripts/test` installs and builds both).
 
-use pageserver_demo::qemu::{QemuOptions, QemuReport, run_qemu_migration};
+use pageserver_demo::qemu::{QemuError, QemuOptions, QemuReport, run_qemu_migration};
 use pageserver_demo::test_hooks::AgentTestHooks;
 
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -87,4 +87,25 @@ async fn qemu_guest_survives_its_target_agent_killed() {
         assert_eq!(r.guest.bad_words, 0, "{phase}");
         assert_eq!(r.migration.faults_blocked_total(), 0, "{phase}: {:?}", r.migration.faults_blocked);
     }
+}
+
+/// `pageserver-migrate` refused SetPaused (the source agent lets another
+/// certificate name steer) after the source QEMU paused at pre-switchover:
+/// it must cancel the migration, tell the source agent the VM runs again,
+/// resume the source VM and say so; the source guest's own checker then
+/// goes on, without a bad word.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migration_refused_at_the_pause_is_cancelled_and_the_guest_runs_on_at_the_source() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let opts = QemuOptions { quiet: true, refuse_orchestrator_on_source: true, ..QemuOptions::default() };
+    let error = run_qemu_migration(&opts).await.expect_err("SetPaused was refused: the migration cannot complete");
+    let QemuError::RolledBack { vm_state, stderr, source_generations_after, source_bad_words } = error else {
+        panic!("not cancelled and resumed on the source: {error}");
+    };
+    assert!(stderr.contains("Error: step pause-source failed: SetPaused on the source agent failed"), "{stderr}");
+    assert!(stderr.contains("not-the-orchestrator.pageserver.demo"), "the refusal names the allowed name: {stderr}");
+    assert!(stderr.contains("VM: the migration was cancelled and the VM runs on the source again"), "{stderr}");
+    assert!(vm_state.contains("runs on the source again"), "{vm_state}");
+    assert!(source_generations_after >= 2, "the source guest did not run on: {source_generations_after}");
+    assert_eq!(source_bad_words, 0, "the source guest saw bad memory after the cancellation");
 }

@@ -15,7 +15,9 @@ pub enum VmState {
     RunningOnSourceUntouched,
     /// The migration was cancelled and the VM runs on the source again;
     /// the target QEMU never got the device state and can be discarded.
-    ResumedOnSource,
+    /// `warning`: what still needs doing (the source agent could not be
+    /// told the VM runs again).
+    ResumedOnSource { warning: Option<String> },
     /// The VM runs on the target; the source must stay paused for good.
     RunningOnTarget,
     /// Paused on both sides, the source's memory frozen and intact: the
@@ -27,13 +29,21 @@ pub enum VmState {
     Unknown { detail: String },
 }
 
+/// How [`VmState::ResumedOnSource`] reads (and begins).
+pub const RESUMED_ON_SOURCE: &str =
+    "the migration was cancelled and the VM runs on the source again; the target QEMU can be discarded";
+
 impl std::fmt::Display for VmState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             VmState::RunningOnSourceUntouched => f.write_str("the VM runs on the source, untouched"),
-            VmState::ResumedOnSource => f.write_str(
-                "the migration was cancelled and the VM runs on the source again; the target QEMU can be discarded",
-            ),
+            VmState::ResumedOnSource { warning } => {
+                f.write_str(RESUMED_ON_SOURCE)?;
+                match warning {
+                    Some(warning) => write!(f, "; {warning}"),
+                    None => Ok(()),
+                }
+            }
             VmState::RunningOnTarget => {
                 f.write_str("the VM runs on the target; the source QEMU is paused and must NOT be resumed")
             }

@@ -249,8 +249,16 @@ async fn run(
     let step = Step::PauseSource;
     bounded(step, t, stop, async {
         let source = done.source.as_mut().expect("connected in check-agents");
+        // Paused unless the agent answered that it refused: a call that
+        // failed on the way may have reached it.
         done.source_agent_paused = true;
-        source.set_paused(SetPausedRequest { paused: true }).await.map_err(rpc("source", "SetPaused"))?;
+        let reply = source.set_paused(SetPausedRequest { paused: true }).await;
+        if let Err(status) = &reply
+            && refused(status.code())
+        {
+            done.source_agent_paused = false;
+        }
+        reply.map_err(rpc("source", "SetPaused"))?;
         Ok(())
     })
     .await?;
@@ -310,6 +318,16 @@ async fn run(
     report.transport = if tls.is_some() { "mutual TLS" } else { "plaintext" }.to_owned();
     let migration_seconds = end.saturating_duration_since(incoming_at).as_secs_f64();
     Ok(Migrated { report, migration_seconds, target_run_state })
+}
+
+/// Whether a call that failed with `code` was refused by the server
+/// (nothing done), rather than lost on the way or cut short.
+fn refused(code: tonic::Code) -> bool {
+    use tonic::Code::*;
+    matches!(
+        code,
+        PermissionDenied | Unauthenticated | InvalidArgument | FailedPrecondition | Unimplemented | ResourceExhausted
+    )
 }
 
 /// `Switchover` until the target agent's status says it switched over (at

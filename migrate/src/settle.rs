@@ -56,14 +56,11 @@ async fn cancel(done: &mut Done, timeout: Duration, progress: &Progress) -> VmSt
     let Some(qmp) = done.source_qmp.as_mut() else {
         return VmState::Unknown { detail: "the source QEMU's QMP was never connected".to_owned() };
     };
+    let warning = (!agent_note.is_empty()).then(|| agent_note.trim_start_matches("; ").to_owned());
     match cancel_on_source(qmp, done.source_run_state_before.as_deref(), timeout).await {
         Ok(state) if state == "running" || Some(state.as_str()) == done.source_run_state_before.as_deref() => {
             progress.say(format!("migration cancelled; the source QEMU is {state}{agent_note}"));
-            if agent_note.is_empty() {
-                VmState::ResumedOnSource
-            } else {
-                VmState::Unknown { detail: format!("the source QEMU is {state}{agent_note}") }
-            }
+            VmState::ResumedOnSource { warning }
         }
         Ok(state) => VmState::Unknown {
             detail: format!("the migration was cancelled but the source QEMU is {state}{agent_note}"),

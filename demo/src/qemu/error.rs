@@ -59,7 +59,12 @@ pub enum QemuError {
         source: Box<pageserver_migrate::MigrateError>,
     },
     #[error("pageserver-migrate failed ({status}); its stderr:\n{stderr}")]
-    MigrateFailed { status: String, stderr: String },
+    MigrateFailed { status: String, stderr: String, vm_state: String },
+    #[error(
+        "pageserver-migrate failed and {vm_state}: the source guest checked {source_generations_after} more \
+         generations, {source_bad_words} bad words; its stderr:\n{stderr}"
+    )]
+    RolledBack { vm_state: String, stderr: String, source_generations_after: u64, source_bad_words: u64 },
     #[error("pageserver-migrate's {path}", path = path.display())]
     MigrateLog {
         path: PathBuf,

@@ -104,6 +104,12 @@ pub struct QemuOptions {
     /// The agents without TLS (`--plaintext`); by default mutual TLS with
     /// throwaway certificates ([`crate::tls`]).
     pub plaintext: bool,
+    /// For a test of a failed migration: the source agent lets another
+    /// certificate name steer, so `pageserver-migrate`'s SetPaused is refused
+    /// after the source QEMU paused at pre-switchover; the migration must be
+    /// cancelled, and the guest must go on running on the source
+    /// ([`QemuError::RolledBack`]). Needs TLS.
+    pub refuse_orchestrator_on_source: bool,
 }
 
 impl Default for QemuOptions {
@@ -119,6 +125,7 @@ impl Default for QemuOptions {
             timeout: Duration::from_secs(120),
             chaos: Vec::new(),
             plaintext: false,
+            refuse_orchestrator_on_source: false,
         }
     }
 }
@@ -298,6 +305,11 @@ async fn migrate(q: &Qemus<'_>, children: &mut Vec<ChildProcess>) -> Result<Qemu
         format!("--handoff-socket={}", source_sock.display()),
     ];
     args.extend(q.tls.as_ref().map(DemoTls::source_args).unwrap_or_default());
+    if q.opts.refuse_orchestrator_on_source {
+        for arg in args.iter_mut().filter(|arg| arg.starts_with("--control-allow-name=")) {
+            *arg = "--control-allow-name=not-the-orchestrator.pageserver.demo".to_owned();
+        }
+    }
     let source_addr = q.start_agent("source-agent", &q.binaries.source_agent, &args, children).await?;
     children.push(q.spawn_qemu("source", &source_sock)?);
     let source_serial = q.serial_log("source");
@@ -332,7 +344,15 @@ async fn migrate(q: &Qemus<'_>, children: &mut Vec<ChildProcess>) -> Result<Qemu
         wait_postcopy: true,
     };
     let (migrated, target, chaos, handoffs) = if q.opts.chaos.is_empty() {
-        (run_pageserver_migrate(q, &plan).await?, q.target_client(&addr).await?, Vec::new(), None)
+        let migrated = match run_pageserver_migrate(q, &plan).await {
+            Err(QemuError::MigrateFailed { vm_state, stderr, .. })
+                if vm_state.starts_with(pageserver_migrate::error::RESUMED_ON_SOURCE) =>
+            {
+                return Err(source_ran_on(q, vm_state, stderr).await);
+            }
+            other => other?,
+        };
+        (migrated, q.target_client(&addr).await?, Vec::new(), None)
     } else {
         let client = q.target_client(&addr).await?;
         let mut hooks = ChaosHooks {
@@ -425,11 +445,36 @@ async fn run_pageserver_migrate(q: &Qemus<'_>, plan: &MigrationPlan) -> Result<M
     let status = command.status().await.map_err(|source| QemuError::MigrateLog { path: program.to_owned(), source })?;
     let stderr = std::fs::read_to_string(&log_path).unwrap_or_default();
     if !status.success() {
-        return Err(QemuError::MigrateFailed { status: status.to_string(), stderr });
+        // The report says where the VM was left (written after failures too).
+        let written = std::fs::read_to_string(&report_path).ok();
+        let report: Option<MigrateReport> = written.and_then(|text| serde_json::from_str(&text).ok());
+        let vm_state = report.map(|report| report.vm_state).unwrap_or_default();
+        return Err(QemuError::MigrateFailed { status: status.to_string(), stderr, vm_state });
     }
     let text = std::fs::read_to_string(&report_path)
         .map_err(|source| QemuError::MigrateLog { path: report_path.clone(), source })?;
     serde_json::from_str(&text).map_err(|source| QemuError::MigrateReport { path: report_path, source })
+}
+
+/// After `pageserver-migrate` cancelled a migration and resumed the source
+/// VM: the source guest's checker must print two more generations without
+/// a bad word.
+async fn source_ran_on(q: &Qemus<'_>, vm_state: String, stderr: String) -> QemuError {
+    let serial = q.serial_log("source");
+    let before = guest::checker_lines(&guest::read_log(&serial)).len();
+    match wait_generations("source", &serial, before as u64 + 2, q.opts.timeout).await {
+        Ok(lines) => {
+            let after = &lines[before.min(lines.len())..];
+            q.progress.say(format!("the source guest runs on: {} generations after the failure", after.len()));
+            QemuError::RolledBack {
+                vm_state,
+                stderr,
+                source_generations_after: after.len() as u64,
+                source_bad_words: after.iter().map(|line| line.bad).sum(),
+            }
+        }
+        Err(error) => error,
+    }
 }
 
 /// The demo's chaos events between `pageserver-migrate`'s steps: each
