@@ -46,6 +46,7 @@ use std::time::{Duration, Instant};
 
 use common::assert_every_byte_verified;
 use demo_process::DemoDir;
+use pageserver_test_support::manifests::{self, Container};
 use serde_json::{Value, json};
 
 /// The agents, by the name of their container and of their binary.
@@ -88,60 +89,14 @@ struct Policy {
     profile: PathBuf,
 }
 
-/// Finds the container `name` in every document of kustomize's output and
-/// prints its effective securityContext as JSON (PyYAML: the manifests are
-/// YAML, and kubectl offers no client-side JSON rendering of a kustomization).
-const FIND_CONTAINER: &str = r#"
-import json, sys, yaml
-name, found = sys.argv[1], []
-def walk(node):
-    if isinstance(node, dict):
-        if isinstance(node.get("containers"), list):
-            pod = node.get("securityContext") or {}
-            for c in (node.get("initContainers") or []) + node["containers"]:
-                if c.get("name") == name:
-                    found.append({**pod, **(c.get("securityContext") or {})})
-        for v in node.values():
-            walk(v)
-    elif isinstance(node, list):
-        for v in node:
-            walk(v)
-for doc in yaml.safe_load_all(sys.stdin):
-    walk(doc)
-if len(found) != 1:
-    sys.exit(f"{len(found)} containers named {name!r} in the rendered manifests, not 1")
-print(json.dumps(found[0]))
-"#;
-
 /// The policy of `container` from `kubectl kustomize deploy/kustomize/overlays/OVERLAY`.
 fn policy_of(overlay: &str, container: &str) -> Policy {
     let dir = repo().join("deploy/kustomize/overlays").join(overlay);
-    let rendered = Command::new("kubectl")
-        .arg("kustomize")
-        .arg(&dir)
-        .output()
-        .unwrap_or_else(|e| panic!("running kubectl (scripts/setup installs it): {e}"));
-    assert!(
-        rendered.status.success(),
-        "kubectl kustomize {}: {}",
-        dir.display(),
-        String::from_utf8_lossy(&rendered.stderr)
-    );
-    let mut python = Command::new("python3")
-        .args(["-c", FIND_CONTAINER, container])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("running python3");
-    python.stdin.take().expect("stdin").write_all(&rendered.stdout).expect("writing the manifests to python3");
-    let out = python.wait_with_output().expect("python3");
-    assert!(
-        out.status.success(),
-        "finding {container} in the {overlay} overlay: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let context: Value = serde_json::from_slice(&out.stdout).expect("python3's JSON");
+    let documents = manifests::rendered(&repo(), &dir);
+    let found: Vec<Container> =
+        manifests::containers(&documents).into_iter().filter(|found| found.name() == container).collect();
+    assert_eq!(found.len(), 1, "containers named {container} in the {overlay} overlay");
+    let context: Value = found[0].security.clone();
     let what = format!("the {container} container's securityContext ({overlay} overlay): {context}");
     let id = |key: &str| {
         let id = context[key].as_u64().unwrap_or_else(|| panic!("no {key} in {what}"));

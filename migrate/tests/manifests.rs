@@ -10,9 +10,9 @@
 //! own in target/deploy-check/venv) and python3 with PyYAML.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
-use std::io::Write;
+use pageserver_test_support::manifests::{self, Container};
 
 /// The repository's root.
 fn root() -> PathBuf {
@@ -24,42 +24,10 @@ fn bin_dir() -> PathBuf {
     Path::new(env!("CARGO_BIN_EXE_pageserver-migrate")).parent().expect("target/release").to_owned()
 }
 
-fn kubectl() -> PathBuf {
-    let venv = root().join("target/deploy-check/venv/bin/kubectl");
-    if venv.is_file() { venv } else { PathBuf::from("kubectl") }
-}
-
-/// The containers of `kubectl kustomize deploy/kustomize/DIR`, as JSON.
-fn containers(dir: &str) -> Vec<serde_json::Value> {
-    let path = root().join("deploy/kustomize").join(dir);
-    let rendered = Command::new(kubectl())
-        .arg("kustomize")
-        .arg(&path)
-        .output()
-        .unwrap_or_else(|e| panic!("running kubectl (scripts/setup installs it): {e}"));
-    assert!(rendered.status.success(), "kubectl kustomize {dir}: {}", String::from_utf8_lossy(&rendered.stderr));
-    let mut python = Command::new("python3")
-        .args(["-c", "import json, sys, yaml; json.dump([d for d in yaml.safe_load_all(sys.stdin) if d], sys.stdout)"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("running python3");
-    python.stdin.take().expect("stdin").write_all(&rendered.stdout).expect("writing to python3");
-    let out = python.wait_with_output().expect("python3");
-    assert!(out.status.success(), "python3 with PyYAML could not read the manifests");
-    let documents: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).expect("JSON");
-    let mut found = Vec::new();
-    for document in documents {
-        let spec = match document["kind"].as_str() {
-            Some("Pod") => &document["spec"],
-            Some("Job") => &document["spec"]["template"]["spec"],
-            _ => continue,
-        };
-        for list in ["initContainers", "containers"] {
-            found.extend(spec[list].as_array().into_iter().flatten().cloned());
-        }
-    }
-    found
+/// The containers of `kubectl kustomize deploy/kustomize/DIR`.
+fn containers(dir: &str) -> Vec<Container> {
+    let documents = manifests::rendered(&root(), &root().join("deploy/kustomize").join(dir));
+    manifests::containers(&documents)
 }
 
 #[test]
@@ -67,11 +35,11 @@ fn the_binaries_take_every_flag_the_manifests_give_them() {
     let mut checked = Vec::new();
     for dir in ["overlays/source", "overlays/target", "job"] {
         for container in containers(dir) {
-            let command = container["command"][0].as_str().unwrap_or_default().to_owned();
+            let command = container.spec["command"][0].as_str().unwrap_or_default().to_owned();
             if !["source-agent", "target-agent", "pageserver-migrate"].contains(&command.as_str()) {
                 continue;
             }
-            let args: Vec<String> = container["args"]
+            let args: Vec<String> = container.spec["args"]
                 .as_array()
                 .into_iter()
                 .flatten()

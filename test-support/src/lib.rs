@@ -17,6 +17,8 @@
 //! - [`foreign_peer`]: a hand-off attempt by another user (the test binary
 //!   run again as `nobody`), for the agents' peer-credential check;
 //! - [`grpcurl`]: the real grpcurl, found;
+//! - [`manifests`]: the Kubernetes manifests rendered by `kubectl kustomize`,
+//!   as JSON, and their containers with the securityContext of each;
 //! - [`child`]: [`TestChild`], a process with piped stdin, stdout lines on a
 //!   channel and stderr in a log file, killed when dropped;
 //! - [`temp_dir`]: [`TempDir`], a scratch directory under /dev/shm;
@@ -34,6 +36,7 @@ pub mod foreign_peer;
 pub mod grpcurl;
 pub mod handoff_listener;
 pub mod huge_pages;
+pub mod manifests;
 pub mod refusal;
 pub mod socket_access;
 pub mod temp_dir;
