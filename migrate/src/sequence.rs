@@ -176,12 +176,8 @@ async fn run(
     })
     .await?;
     let mut watch = StatusWatch::start(target.clone());
-    let copying = |s: &PollState| {
-        s.latest.as_ref().is_some_and(|status| {
-            matches!(phase::of(status), MigrationPhase::Precopy | MigrationPhase::PrecopyConverged)
-                || phase::of(status) > MigrationPhase::PrecopyConverged
-        })
-    };
+    // Pre-copying, or further (refused below): past waiting for the hand-off.
+    let copying = |s: &PollState| s.latest.as_ref().is_some_and(|status| phase::of(status) >= MigrationPhase::Precopy);
     let state =
         bounded(step, t, stop, async { Ok(watch.wait_until("the target agent's pre-copy", t, copying).await?) })
             .await?;

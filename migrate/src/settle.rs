@@ -43,20 +43,20 @@ async fn cancel(done: &mut Done, timeout: Duration, progress: &Progress) -> VmSt
     // writes. If it cannot be told, the VM still resumes (it owns its
     // memory); only a later migration from this agent would be wrong, so
     // the message says to restart it.
-    let mut agent_note = String::new();
+    let mut warning = None;
     if done.source_agent_paused
         && let Some(source) = done.source.as_mut()
         && let Err(status) = source.set_paused(SetPausedRequest { paused: false }).await
     {
-        agent_note = format!(
-            "; the source agent could not be told the VM runs again ({}): restart it before migrating this VM again",
+        warning = Some(format!(
+            "the source agent could not be told the VM runs again ({}): restart it before migrating this VM again",
             status.message()
-        );
+        ));
     }
+    let agent_note = warning.as_ref().map(|warning| format!("; {warning}")).unwrap_or_default();
     let Some(qmp) = done.source_qmp.as_mut() else {
         return VmState::Unknown { detail: "the source QEMU's QMP was never connected".to_owned() };
     };
-    let warning = (!agent_note.is_empty()).then(|| agent_note.trim_start_matches("; ").to_owned());
     match cancel_on_source(qmp, done.source_run_state_before.as_deref(), timeout).await {
         Ok(state) if state == "running" || Some(state.as_str()) == done.source_run_state_before.as_deref() => {
             progress.say(format!("migration cancelled; the source QEMU is {state}{agent_note}"));

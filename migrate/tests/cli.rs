@@ -82,30 +82,28 @@ fn urls_must_match_the_transport() {
     let mut args = plaintext_args(dir.path());
     args.retain(|arg| arg != "--plaintext");
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let out = migrate(&args);
-    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
-    assert!(text(&out.stderr).contains("http (no TLS) needs --plaintext"), "{}", text(&out.stderr));
-
-    let out = migrate(&[
-        "--source-agent=https://a:1",
-        "--target-agent=https://b:2",
-        "--source-qmp=/s",
-        "--target-qmp=/t",
-        "--migration-uri=tcp:h:1",
-    ]);
-    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
-    assert!(text(&out.stderr).contains("https needs --tls-cert"), "{}", text(&out.stderr));
-
-    let out = migrate(&[
-        "--source-agent=http://a:1",
-        "--target-agent=http://b:2",
-        "--source-qmp=/s",
-        "--target-qmp=/t",
-        "--migration-uri=unix:/tmp/x",
-        "--plaintext",
-    ]);
-    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
-    assert!(text(&out.stderr).contains("expected tcp:HOST:PORT"), "{}", text(&out.stderr));
+    let flags = |agents: &str, uri: &str| {
+        let mut flags = vec![
+            format!("--source-agent={agents}://a:1"),
+            format!("--target-agent={agents}://b:2"),
+            "--source-qmp=/s".to_owned(),
+            "--target-qmp=/t".to_owned(),
+            format!("--migration-uri={uri}"),
+        ];
+        flags.extend((agents == "http").then(|| "--plaintext".to_owned()));
+        flags
+    };
+    let cases = [
+        (args.iter().map(|arg| arg.to_string()).collect(), "http (no TLS) needs --plaintext"),
+        (flags("https", "tcp:h:1"), "https needs --tls-cert"),
+        (flags("http", "unix:/tmp/x"), "expected tcp:HOST:PORT"),
+    ];
+    for (flags, refusal) in cases {
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        let out = migrate(&flags);
+        assert_eq!(out.status.code(), Some(2), "{flags:?}: {}", text(&out.stderr));
+        assert!(text(&out.stderr).contains(refusal), "{flags:?}: {}", text(&out.stderr));
+    }
 }
 
 #[test]
